@@ -1,0 +1,41 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+# Both create (or refresh) the project's own virtual environment in .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+EXTRAS ?= dev
+PROTO_SRC := proto/q8kv/v1/kvcache.proto
+
+.PHONY: venv run test lint proto bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+## Start the server (numpy backend where no GPU is found). Flags: make run ARGS="--port 50052"
+run: venv
+	$(BIN)/q8kv-server $(ARGS)
+
+## ruff + the whole test suite (GPU tests skip themselves without CUDA).
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## Regenerate the checked-in stubs from proto/ (tests fail when they are stale).
+proto: venv
+	$(BIN)/python -m q8kv.server.protogen
+
+bench: venv
+	$(BIN)/python benchmarks/service_latency.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

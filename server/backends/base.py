@@ -1,0 +1,134 @@
+"""The interface every backend implements, and the page layout they share.
+
+The cache of all sessions lives in one pool of fixed-size pages, held by the backend as two
+arrays (codes and scales are kept apart so the codes stay 16-byte aligned for wide loads):
+
+    codes  : int8    [num_pages, page_code_bytes]
+    scales : float32 [num_pages, page_code_bytes // 32]
+
+A page belongs to one (session, layer) and holds ``T = tokens_per_page`` consecutive tokens
+of K and V for every kv head of that layer. Inside a page, for kind 0 = K and 1 = V:
+
+    codes [page, ((kind * KVH + head) * T + slot) * D + dim]
+    scales[page, ((kind * KVH + head) * T + slot) * (D // 32) + block]
+
+Token ``t`` of a layer lives in page ``page_ids[t // T]`` at slot ``t % T``. T is the
+largest power of two with ``2 * KVH * D * T <= page_code_bytes`` (a shift, not a division,
+in the kernels). The rest of a page, if any, is unused.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+QBLOCK = 32  # values per quantization block (one float32 scale each)
+BYTES_PER_BLOCK = QBLOCK + 4  # 32 int8 codes + 1 float32 scale
+DEFAULT_PAGE_CODE_BYTES = 64 * 1024
+
+
+def tokens_per_page(page_code_bytes: int, num_kv_heads: int, head_dim: int) -> int:
+    """Tokens of one layer (K and V, all kv heads) that fit a page; 0 if not even one."""
+    per_token = 2 * num_kv_heads * head_dim
+    if per_token > page_code_bytes:
+        return 0
+    t = 1
+    while t * 2 * per_token <= page_code_bytes:
+        t *= 2
+    return t
+
+
+def page_bytes(page_code_bytes: int) -> int:
+    """Device bytes of one page: its codes plus its float32 scales."""
+    return page_code_bytes + page_code_bytes // QBLOCK * 4
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """How one session's layer sits in the pages; the same for all layers of a session."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tokens_per_page: int
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head (GQA group size)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def blocks(self) -> int:
+        """Quantization blocks per head vector."""
+        return self.head_dim // QBLOCK
+
+
+@dataclass
+class AttendItem:
+    """One (session, layer) of an AppendAndAttend batch, ready for the device.
+
+    ``page_ids`` covers ``start + n`` tokens (the caller has already reserved the pages for
+    the new ones). q is [n, H, D], k and v are [n, KVH, D], each float32, float16 or
+    ml_dtypes.bfloat16, C-contiguous and finite (validated before they get here).
+    """
+
+    layout: LayerLayout
+    softmax_scale: float
+    page_ids: np.ndarray  # int32 [ceil((start + n) / T)]
+    start: int  # tokens in the layer before this append
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.q.shape[0])
+
+
+class Backend(ABC):
+    """Owns the page pool on one device and runs the math on it.
+
+    Called from one worker thread only (the engine's), so implementations need no locks.
+    """
+
+    name: str = "abstract"
+
+    def __init__(self, num_pages: int, page_code_bytes: int = DEFAULT_PAGE_CODE_BYTES) -> None:
+        if page_code_bytes % (QBLOCK * 16) != 0:
+            raise ValueError(f"page_code_bytes must be a multiple of 512, got {page_code_bytes}")
+        self.num_pages = num_pages
+        self.page_code_bytes = page_code_bytes
+
+    @property
+    def device_name(self) -> str:
+        """What the work runs on, for logs and build info (e.g. 'cpu', 'NVIDIA H100')."""
+        return "cpu"
+
+    @abstractmethod
+    def append_and_attend(self, items: Sequence[AttendItem]) -> list[np.ndarray]:
+        """Quantize every item's k/v into its pages at [start, start + n), then attend.
+
+        Items run as if one after the other: an item sees what earlier items of the same
+        (session, layer) appended (their start already counts those tokens). Returns one
+        float32 [n, H, D] array per item, in order.
+        """
+
+    @abstractmethod
+    def dequantize(
+        self, layout: LayerLayout, page_ids: np.ndarray, start: int, end: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of tokens [start, end) as float32 [KVH, end - start, D]."""
+
+    @abstractmethod
+    def read_pages(self, page_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw page contents (codes int8 [p, page_code_bytes], scales float32 [p, ...])."""
+
+    @abstractmethod
+    def write_pages(self, page_ids: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
+        """Overwrite whole pages with raw contents from ``read_pages`` (snapshots, import)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device memory (tests create many backends)."""

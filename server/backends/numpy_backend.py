@@ -1,0 +1,109 @@
+"""The reference backend: the page pool in host memory, the math in vectorized numpy.
+
+It runs everywhere (CI uses it) and is what the GPU kernels are tested against. No Python
+loop runs per token or per head; the only loop is over the items of a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import q8
+from .base import QBLOCK, AttendItem, Backend, LayerLayout
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+
+    def __init__(self, num_pages: int, page_code_bytes: int = 64 * 1024) -> None:
+        super().__init__(num_pages, page_code_bytes)
+        # np.zeros maps untouched memory lazily, so a large budget costs nothing until used.
+        self.codes = np.zeros((num_pages, page_code_bytes), dtype=np.int8)
+        self.scales = np.zeros((num_pages, page_code_bytes // QBLOCK), dtype=np.float32)
+
+    # -- page addressing -------------------------------------------------------------------
+
+    @staticmethod
+    def _slot_offsets(layout: LayerLayout, page_ids: np.ndarray, start: int, end: int):
+        """Page and slot of each token in [start, end)."""
+        t = np.arange(start, end)
+        return page_ids[t // layout.tokens_per_page], t % layout.tokens_per_page
+
+    def _flat_index(self, layout: LayerLayout, pages, slots, width: int, row_bytes: int):
+        """Flat indices [2, n, KVH, width] into a pool viewed as 1-D, for K (0) and V (1).
+
+        ``width`` is D for codes or D/32 for scales; ``row_bytes`` the pool's row length.
+        """
+        kvh, t = layout.num_kv_heads, layout.tokens_per_page
+        kind = np.arange(2)[:, None, None, None]
+        head = np.arange(kvh)[None, None, :, None]
+        col = np.arange(width)[None, None, None, :]
+        row = ((kind * kvh + head) * t + slots[None, :, None, None]) * width + col
+        return pages[None, :, None, None].astype(np.int64) * row_bytes + row
+
+    def _gather(self, layout: LayerLayout, page_ids: np.ndarray, start: int, end: int):
+        """Codes int8 [2, KVH, end-start, D] and scales [2, KVH, end-start, D/32]."""
+        kvh, t, d = layout.num_kv_heads, layout.tokens_per_page, layout.head_dim
+        first, last = start // t, -(-end // t)
+        pages = page_ids[first:last]
+        used_c, used_s = 2 * kvh * t * d, 2 * kvh * t * (d // QBLOCK)
+        codes = self.codes[pages, :used_c].reshape(len(pages), 2, kvh, t, d)
+        scales = self.scales[pages, :used_s].reshape(len(pages), 2, kvh, t, d // QBLOCK)
+        lo, hi = start - first * t, end - first * t
+
+        def tokens_major(a: np.ndarray) -> np.ndarray:
+            a = a.transpose(1, 2, 0, 3, 4)
+            return a.reshape(2, kvh, len(pages) * t, a.shape[-1])[:, :, lo:hi]
+
+        return tokens_major(codes), tokens_major(scales)
+
+    # -- Backend ---------------------------------------------------------------------------
+
+    def _append(self, item: AttendItem) -> None:
+        layout = item.layout
+        pages, slots = self._slot_offsets(layout, item.page_ids, item.start, item.start + item.n)
+        kv = np.stack([item.k, item.v]).astype(np.float32)  # [2, n, KVH, D]
+        codes, scales = q8.quantize(kv)
+        ci = self._flat_index(layout, pages, slots, layout.head_dim, self.page_code_bytes)
+        si = self._flat_index(layout, pages, slots, layout.blocks, self.scales.shape[1])
+        self.codes.reshape(-1)[ci] = codes
+        self.scales.reshape(-1)[si] = scales
+
+    def _attend(self, item: AttendItem) -> np.ndarray:
+        layout, n, start = item.layout, item.n, item.start
+        kvh, g, d = layout.num_kv_heads, layout.group, layout.head_dim
+        total = start + n
+        codes, scales = self._gather(layout, item.page_ids, 0, total)
+        keys, values = q8.dequantize(codes, scales)  # each [KVH, total, D]
+        # Rows of one kv head's query matrix are (group member, new token): [KVH, G*n, D].
+        q = item.q.astype(np.float32).reshape(n, kvh, g, d).transpose(1, 2, 0, 3)
+        q = q.reshape(kvh, g * n, d)
+        scores = (q @ keys.transpose(0, 2, 1)) * np.float32(item.softmax_scale)
+        # Causal among the new tokens: new token i sees cache positions [0, start + i].
+        token = np.arange(g * n) % n
+        visible = np.arange(total)[None, :] <= (start + token)[:, None]
+        scores = np.where(visible[None], scores, np.float32(-np.inf))
+        scores -= scores.max(axis=-1, keepdims=True)
+        weights = np.exp(scores, dtype=np.float32)
+        weights /= weights.sum(axis=-1, keepdims=True)
+        out = (weights @ values).reshape(kvh, g, n, d).transpose(2, 0, 1, 3)
+        return np.ascontiguousarray(out.reshape(n, kvh * g, d), dtype=np.float32)
+
+    def append_and_attend(self, items: Sequence[AttendItem]) -> list[np.ndarray]:
+        for item in items:
+            self._append(item)
+        return [self._attend(item) for item in items]
+
+    def dequantize(self, layout, page_ids, start, end):
+        codes, scales = self._gather(layout, page_ids, start, end)
+        values = q8.dequantize(codes, scales)
+        return np.ascontiguousarray(values[0]), np.ascontiguousarray(values[1])
+
+    def read_pages(self, page_ids):
+        return self.codes[page_ids].copy(), self.scales[page_ids].copy()
+
+    def write_pages(self, page_ids, codes, scales):
+        self.codes[page_ids] = codes
+        self.scales[page_ids] = scales

@@ -1,0 +1,44 @@
+"""The Q8 block format in numpy: the definition every backend must match bit for bit.
+
+Per block of 32 values along head_dim, in float32: ``d = max|x| / 127``, ``id = 1/d`` (0
+where d = 0), ``q = roundf(x * id)`` (half away from zero, as C ``roundf``) clamped to
+[-127, 127]; the value read back is ``q * d``. These are GGML's Q8_0 codes (GGML keeps d
+as fp16; we keep float32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import QBLOCK
+
+
+def roundf(y: np.ndarray) -> np.ndarray:
+    """C ``roundf`` on float32: nearest integer, ties away from zero.
+
+    ``floor(|y| + 0.5)`` is wrong in float32 (0.49999997 + 0.5 rounds up to 1.0), so round
+    half-to-even and move the exact ties away from zero instead.
+    """
+    trunc = np.trunc(y)
+    tie = np.abs(y - trunc) == np.float32(0.5)  # exact for |y| < 2**23
+    return np.where(tie, trunc + np.sign(y), np.rint(y))
+
+
+def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float values [..., D] -> (int8 codes [..., D], float32 scales [..., D // 32])."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[-1] % QBLOCK:
+        raise ValueError(f"last dimension must be a multiple of {QBLOCK}, got {x.shape[-1]}")
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // QBLOCK, QBLOCK)
+    d = np.max(np.abs(blocks), axis=-1) / np.float32(127.0)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1.0) / d).astype(np.float32)
+    codes = np.clip(roundf(blocks * inv[..., None]), -127, 127).astype(np.int8)
+    return codes.reshape(x.shape), d.astype(np.float32)
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """(int8 codes [..., D], float32 scales [..., D // 32]) -> float32 [..., D]."""
+    blocks = codes.reshape(*codes.shape[:-1], codes.shape[-1] // QBLOCK, QBLOCK)
+    values = blocks.astype(np.float32) * scales[..., None]
+    return values.reshape(codes.shape)
