@@ -1,0 +1,68 @@
+"""Tensors on the wire: raw little-endian row-major bytes + dtype + shape (as KServe v2).
+
+Shared by the client and the server so both sides agree byte for byte. Decoding never
+copies: the array is a read-only view of the message's bytes.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from q8kv.v1 import kvcache_pb2 as pb
+
+NUMPY_DTYPES: dict[int, np.dtype] = {
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.FLOAT16: np.dtype("<f2"),
+    pb.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+}
+WIRE_DTYPES: dict[np.dtype, int] = {v: k for k, v in NUMPY_DTYPES.items()}
+DTYPE_NAMES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
+
+
+class TensorError(ValueError):
+    """A tensor message that cannot be decoded; the message names the field."""
+
+
+def wire_dtype(dtype: np.dtype | str | int) -> int:
+    """A numpy dtype, a name ('float16') or a pb.DType value -> the pb.DType value."""
+    if isinstance(dtype, int) and not isinstance(dtype, bool):
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    try:
+        return WIRE_DTYPES[np.dtype(dtype)]
+    except (KeyError, TypeError):
+        raise TensorError(f"dtype: expected float32, float16 or bfloat16, got {dtype}") from None
+
+
+def encode(array: np.ndarray, dtype: np.dtype | str | int | None = None) -> pb.Tensor:
+    """numpy array -> Tensor message, cast to ``dtype`` if given (default: the array's)."""
+    array = np.asarray(array)
+    code = wire_dtype(array.dtype if dtype is None else dtype)
+    target = NUMPY_DTYPES[code]
+    data = np.ascontiguousarray(array, dtype=target)
+    return pb.Tensor(dtype=code, shape=list(data.shape), data=data.tobytes())
+
+
+def decode(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:
+    """Tensor message -> read-only numpy view of its bytes; TensorError names ``field``."""
+    dtype = NUMPY_DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise TensorError(
+            f"{field}.dtype: expected FLOAT32, FLOAT16 or BFLOAT16, got "
+            f"{pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype}"
+        )
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise TensorError(f"{field}.shape: expected non-negative dimensions, got {list(shape)}")
+    count = 1
+    for d in shape:
+        count *= d
+    expected = count * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise TensorError(
+            f"{field}.data: expected {expected} bytes for shape {list(shape)} of "
+            f"{pb.DType.Name(tensor.dtype)}, got {len(tensor.data)}"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)

@@ -1,0 +1,137 @@
+"""Server configuration: command-line flags, each with a ``Q8KV_*`` environment fallback.
+
+Precedence: flag > environment > default. The defaults serve: ``q8kv-server`` with no flags
+listens on 0.0.0.0:50051 with the GPU backend where one is found, numpy otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'4GiB', '512M', '65536' -> bytes (KiB/MiB/GiB are powers of 1024, K/M/G of 1000)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size like 4GiB or 512MB, got {text!r}")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    prefix = unit[:1] if unit[:1] in "kmgt" else ""
+    base = 1024 ** "kmgt".index(prefix) * 1024 if prefix and "i" in unit else _UNITS[prefix]
+    return int(number * base)
+
+
+def parse_budget(text: str) -> int | None:
+    """A memory budget: a size, or 'auto' (None: the backend's free memory decides)."""
+    return None if str(text).strip().lower() == "auto" else parse_size(text)
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    backend: str = "auto"
+    memory_budget: int | None = None  # bytes; None = auto
+    page_bytes: int = 64 * 1024
+    max_sessions: int = 4096
+    session_ttl: float = 3600.0
+    evict_idle_seconds: float = 0.0
+    max_message_bytes: int = 512 * 1024 * 1024
+    max_batch_items: int = 64
+    max_queue_delay_us: int = 0
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+
+# flag name -> (type, help). The environment variable is Q8KV_<NAME IN CAPITALS>.
+_FLAGS: dict[str, tuple[object, str]] = {
+    "host": (str, "address to listen on"),
+    "port": (int, "gRPC port (0: pick a free one and log it)"),
+    "backend": (str, "auto | numpy | cupy (auto: cupy where a GPU is found)"),
+    "memory_budget": (
+        parse_budget,
+        "bytes for the page pool (e.g. 8GiB); auto: 80%% of free GPU memory, or 2GiB on CPU",
+    ),
+    "page_bytes": (parse_size, "code bytes per cache page (multiple of 512)"),
+    "max_sessions": (int, "most live sessions; more get RESOURCE_EXHAUSTED"),
+    "session_ttl": (float, "default idle seconds before a session expires (0: never)"),
+    "evict_idle_seconds": (
+        float,
+        "when the pool is full, evict least recently used sessions idle this long (0: never)",
+    ),
+    "max_message_bytes": (parse_size, "largest gRPC message in or out"),
+    "max_batch_items": (int, "most (session, layer) items the engine runs in one launch"),
+    "max_queue_delay_us": (int, "how long the engine waits to fill a batch (0: no wait)"),
+    "grace_seconds": (float, "on SIGTERM/SIGINT, how long in-flight calls may finish"),
+    "log_level": (str, "DEBUG | INFO | WARNING | ERROR"),
+    "log_format": (str, "text | json (one object per line)"),
+}
+
+
+def _env_name(name: str) -> str:
+    return "Q8KV_" + name.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="q8kv-server",
+        description="q8kv: per-session LLM KV caches in Q8 on the GPU, attention over gRPC.",
+        epilog="Every flag falls back to the environment variable Q8KV_<FLAG> (e.g. Q8KV_PORT).",
+    )
+    defaults = Config()
+    for name, (kind, help_text) in _FLAGS.items():
+        default = getattr(defaults, name)
+        shown = "auto" if default is None else default
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            default=None,
+            help=f"{help_text} [env {_env_name(name)}, default {shown}]",
+        )
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: dict | None = None) -> Config:
+    """Flags, then Q8KV_* variables, then defaults. Bad values exit with a usage message."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    environ = os.environ if environ is None else environ
+    values = {}
+    for field in fields(Config):
+        value = getattr(args, field.name)
+        if value is None and _env_name(field.name) in environ:
+            kind = _FLAGS[field.name][0]
+            raw = environ[_env_name(field.name)]
+            try:
+                value = kind(raw)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"{_env_name(field.name)}={raw!r}: {exc}")
+        if value is not None:
+            values[field.name] = value
+    config = Config(**values)
+    _check(config, parser)
+    return config
+
+
+def _check(config: Config, parser: argparse.ArgumentParser) -> None:
+    if config.backend not in ("auto", "numpy", "cupy"):
+        parser.error(f"--backend: expected auto, numpy or cupy, got {config.backend!r}")
+    if not 0 <= config.port <= 65535:
+        parser.error(f"--port: expected 0..65535, got {config.port}")
+    if config.page_bytes <= 0 or config.page_bytes % 512:
+        parser.error(f"--page-bytes: expected a positive multiple of 512, got {config.page_bytes}")
+    if config.log_format not in ("text", "json"):
+        parser.error(f"--log-format: expected text or json, got {config.log_format!r}")
+    for name in ("max_sessions", "max_batch_items", "max_message_bytes"):
+        if getattr(config, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')}: expected > 0, got {getattr(config, name)}")
+    if config.memory_budget is not None and config.memory_budget <= 0:
+        parser.error(f"--memory-budget: expected > 0 or auto, got {config.memory_budget}")

@@ -1,0 +1,278 @@
+"""The engine owns the device: one worker thread runs every operation that touches the
+cache, in arrival order, so no lock is ever held across a kernel and the calls on one
+session apply in the order they came.
+
+AppendAndAttend requests queued while the device is busy are coalesced into one backend
+call (the dynamic batcher), up to ``max_batch_items`` items, optionally waiting up to
+``max_queue_delay_us`` for more. Each request stays all-or-nothing: one that fails
+validation fails alone; if the device call fails, every request of the batch is rolled back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .backends.base import AttendItem, Backend
+from .cache import LayerCache, Session, SessionStore
+from .errors import DeadlineExceeded, InvalidArgument, ServiceError, Unavailable
+
+log = logging.getLogger("q8kv.engine")
+
+
+@dataclass
+class AppendRequest:
+    """One item of an AppendAndAttend call, decoded and checked for dtype and finiteness."""
+
+    session_id: str
+    layer: int
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+
+
+@dataclass
+class EngineObserver:
+    """Hooks for metrics; every one runs on the worker thread and must be cheap."""
+
+    on_batch: Callable[[int, float], None] = lambda items, seconds: None  # items, device s
+    on_queue_wait: Callable[[float], None] = lambda seconds: None
+    on_append: Callable[[Session, int], None] = lambda session, tokens: None
+
+
+@dataclass
+class _Job:
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.monotonic)
+
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        def settle() -> None:
+            if self.future.done():  # the caller went away (cancelled, deadline)
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(settle)
+
+
+@dataclass
+class _Call(_Job):
+    fn: Callable[[], Any] = lambda: None
+
+
+@dataclass
+class _Append(_Job):
+    items: Sequence[AppendRequest] = ()
+    tenant: str = ""
+    deadline: float | None = None  # time.monotonic() by which the work must start
+
+
+@dataclass
+class _Prepared:
+    """What one accepted item changed, so it can be undone."""
+
+    item: AttendItem
+    session: Session
+    layer: LayerCache
+    old_length: int
+    added_pages: list[int]
+
+
+class Engine:
+    def __init__(
+        self,
+        backend: Backend,
+        store: SessionStore,
+        max_batch_items: int = 64,
+        max_queue_delay_us: int = 0,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.backend = backend
+        self.store = store
+        self.max_batch_items = max_batch_items
+        self.max_queue_delay = max_queue_delay_us / 1e6
+        self.observer = observer or EngineObserver()
+        self._jobs: deque[_Job | None] = deque()
+        self._ready = threading.Condition()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="q8kv-engine", daemon=True)
+
+    # -- public, called from the event loop ------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the worker, in order with every other operation."""
+        loop = asyncio.get_running_loop()
+        return await self._submit(_Call(future=loop.create_future(), loop=loop, fn=fn))
+
+    async def append_and_attend(
+        self, items: Sequence[AppendRequest], tenant: str = "", deadline: float | None = None
+    ) -> list[tuple[np.ndarray, int]]:
+        """(float32 output [n, H, D], new layer length) for each item, in order."""
+        loop = asyncio.get_running_loop()
+        job = _Append(
+            future=loop.create_future(), loop=loop, items=items, tenant=tenant, deadline=deadline
+        )
+        return await self._submit(job)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the queued work, then end the worker thread."""
+        with self._ready:
+            self._accepting = False
+            self._jobs.append(None)
+            self._ready.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    async def _submit(self, job: _Job) -> Any:
+        with self._ready:
+            if not self._accepting:
+                raise Unavailable("server: shutting down, not accepting new work")
+            self._jobs.append(job)
+            self._ready.notify()
+        return await job.future
+
+    # -- the worker --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._jobs:
+                    self._ready.wait()
+                job = self._jobs.popleft()
+            if job is None:
+                return
+            if isinstance(job, _Call):
+                self._run_call(job)
+            else:
+                self._run_appends(self._collect_batch(job))
+
+    def _collect_batch(self, first: _Append) -> list[_Append]:
+        """Take the append jobs queued right behind ``first`` (never past another kind of
+        job, so order holds), waiting up to max_queue_delay for more to arrive."""
+        batch, count = [first], len(first.items)
+        wait_until = time.monotonic() + self.max_queue_delay
+        with self._ready:
+            while count < self.max_batch_items:
+                if not self._jobs:
+                    remaining = wait_until - time.monotonic()
+                    if remaining <= 0 or not self._ready.wait(remaining):
+                        break
+                    continue
+                nxt = self._jobs[0]
+                if not isinstance(nxt, _Append) or count + len(nxt.items) > self.max_batch_items:
+                    break
+                batch.append(self._jobs.popleft())
+                count += len(nxt.items)
+        return batch
+
+    def _run_call(self, job: _Call) -> None:
+        try:
+            job.resolve(job.fn())
+        except ServiceError as exc:
+            job.resolve(error=exc)
+        except Exception as exc:  # a bug: log it, answer INTERNAL, keep serving
+            log.exception("engine call failed")
+            job.resolve(error=exc)
+
+    def _run_appends(self, batch: list[_Append]) -> None:
+        accepted: list[tuple[_Append, list[_Prepared]]] = []
+        now = time.monotonic()
+        for job in batch:
+            self.observer.on_queue_wait(now - job.enqueued)
+            if job.deadline is not None and now > job.deadline:
+                job.resolve(error=DeadlineExceeded("deadline: expired before the work ran"))
+                continue
+            try:
+                accepted.append((job, self._prepare(job)))
+            except ServiceError as exc:
+                job.resolve(error=exc)
+        if not accepted:
+            return
+        items = [p.item for _, prepared in accepted for p in prepared]
+        started = time.perf_counter()
+        try:
+            outputs = self.backend.append_and_attend(items)
+        except Exception as exc:
+            log.exception("device call failed; rolling back %d requests", len(accepted))
+            for job, prepared in reversed(accepted):
+                self._roll_back(prepared)
+                job.resolve(error=exc)
+            return
+        self.observer.on_batch(len(items), time.perf_counter() - started)
+        position = 0
+        for job, prepared in accepted:
+            results = []
+            for p in prepared:
+                results.append((outputs[position], p.old_length + p.item.n))
+                position += 1
+                self.observer.on_append(p.session, p.item.n)
+            job.resolve(results)
+
+    def _prepare(self, job: _Append) -> list[_Prepared]:
+        """Check every item against its session, reserve pages and advance lengths; on the
+        first failure undo this job's earlier items and raise."""
+        done: list[_Prepared] = []
+        try:
+            for index, request in enumerate(job.items):
+                done.append(self._prepare_item(index, request, job.tenant))
+        except ServiceError:
+            self._roll_back(done)
+            raise
+        return done
+
+    def _prepare_item(self, index: int, request: AppendRequest, tenant: str) -> _Prepared:
+        session = self.store.get(request.session_id, tenant)
+        # Touch first: a session in this batch must not look idle to eviction below.
+        session.touch()
+        layer = session.layer(request.layer)
+        g = session.geometry
+        n = request.q.shape[0] if request.q.ndim == 3 else -1
+        prefix = f"items[{index}]"
+        _check_shape(f"{prefix}.q", request.q.shape, (n, g.num_heads, g.head_dim))
+        _check_shape(f"{prefix}.k", request.k.shape, (n, g.num_kv_heads, g.head_dim))
+        _check_shape(f"{prefix}.v", request.v.shape, (n, g.num_kv_heads, g.head_dim))
+        if n < 1:
+            raise InvalidArgument(f"{prefix}.q.shape[0]: expected >= 1 tokens, got {n}")
+        old_length = layer.length
+        added = self.store.reserve(session, layer, old_length + n)
+        layer.length = old_length + n
+        item = AttendItem(
+            layout=session.layout,
+            softmax_scale=session.softmax_scale,
+            page_ids=layer.page_table(),
+            start=old_length,
+            q=request.q,
+            k=request.k,
+            v=request.v,
+        )
+        return _Prepared(item, session, layer, old_length, added)
+
+    def _roll_back(self, prepared: list[_Prepared]) -> None:
+        for p in reversed(prepared):
+            p.layer.length = p.old_length
+            self.store.unreserve(p.layer, p.added_pages)
+
+
+def _check_shape(field_name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(actual) != tuple(expected):
+        shown = ["n" if i == 0 else str(d) for i, d in enumerate(expected)]
+        raise InvalidArgument(
+            f"{field_name}.shape: expected [{', '.join(shown)}] with n = {expected[0]} "
+            f"(q.shape[0]), got {list(actual)}"
+            if expected[0] >= 0
+            else f"{field_name}.shape: expected 3 dimensions, got {list(actual)}"
+        )

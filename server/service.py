@@ -1,0 +1,247 @@
+"""The gRPC servicer: decode and validate requests, hand the work to the engine, map errors
+to status codes. Nothing here touches the cache directly: every read or change of it runs
+on the engine's worker, in order."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+
+from q8kv.client import codec
+from q8kv.v1 import kvcache_pb2 as pb
+from q8kv.v1 import kvcache_pb2_grpc
+
+from .cache import Geometry, Session, SessionStore
+from .engine import AppendRequest, Engine
+from .errors import InvalidArgument, OutOfRange, ServiceError
+from .logs import event
+
+log = logging.getLogger("q8kv.service")
+
+# Who is calling; the auth layer replaces this (no auth: every caller is tenant "").
+TenantOf = Callable[[grpc.aio.ServicerContext], str]
+
+
+def _no_tenant(context: grpc.aio.ServicerContext) -> str:
+    return ""
+
+
+def handles_errors(method):
+    """Answer a ServiceError with its status code and message; anything else is a bug:
+    log it and answer INTERNAL without the details (they may hold internals)."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except ServiceError as exc:
+            event(log, "rpc_error", rpc=method.__name__, code=exc.code.name, detail=exc.message)
+            await context.abort(exc.code, exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("rpc_failed", extra={"q8kv_fields": {"rpc": method.__name__}})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+
+    return wrapper
+
+
+def session_info(session: Session, store: SessionStore) -> pb.SessionInfo:
+    g = session.geometry
+    return pb.SessionInfo(
+        session_id=session.id,
+        geometry=pb.Geometry(
+            num_layers=g.num_layers,
+            num_heads=g.num_heads,
+            num_kv_heads=g.num_kv_heads,
+            head_dim=g.head_dim,
+            max_len=g.max_len,
+        ),
+        softmax_scale=session.softmax_scale,
+        layer_lengths=[layer.length for layer in session.layers],
+        cache_bytes=session.tokens * g.token_bytes(),
+        reserved_bytes=session.pages_held * store.pool.page_bytes,
+        ttl_seconds=session.ttl_seconds,
+        created_at=session.created_at,
+        last_used_at=session.last_used_at,
+    )
+
+
+def decode_items(items) -> list[AppendRequest]:
+    """Decode every item's tensors without copying; reject what no session could take."""
+    if not items:
+        raise InvalidArgument("items: expected at least 1 item, got 0")
+    decoded = []
+    for index, item in enumerate(items):
+        prefix = f"items[{index}]"
+        tensors = {}
+        for name in ("q", "k", "v"):
+            try:
+                array = codec.decode(getattr(item, name), f"{prefix}.{name}")
+            except codec.TensorError as exc:
+                raise InvalidArgument(str(exc)) from None
+            if array.ndim != 3:
+                raise InvalidArgument(
+                    f"{prefix}.{name}.shape: expected 3 dimensions [n, heads, head_dim], "
+                    f"got {list(array.shape)}"
+                )
+            if not np.isfinite(array).all():
+                bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+                raise InvalidArgument(
+                    f"{prefix}.{name}: expected finite values, got {bad} NaN/Inf of "
+                    f"{array.size}"
+                )
+            tensors[name] = array
+        if not item.session_id:
+            raise InvalidArgument(f"{prefix}.session_id: expected a session id, got ''")
+        decoded.append(AppendRequest(item.session_id, item.layer, **tensors))
+    return decoded
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
+    def __init__(self, engine: Engine, tenant_of: TenantOf = _no_tenant) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.tenant_of = tenant_of
+
+    async def _info(self, session_id: str, tenant: str) -> pb.SessionInfo:
+        return await self.engine.call(
+            lambda: session_info(self.store.get(session_id, tenant), self.store)
+        )
+
+    @handles_errors
+    async def CreateSession(self, request, context):
+        g = request.geometry
+        geometry = Geometry(g.num_layers, g.num_heads, g.num_kv_heads, g.head_dim, g.max_len)
+        scale = request.softmax_scale if request.HasField("softmax_scale") else None
+        tenant = self.tenant_of(context)
+
+        def create() -> pb.SessionInfo:
+            session = self.store.create(
+                geometry, request.session_id, request.ttl_seconds, scale, tenant
+            )
+            return session_info(session, self.store)
+
+        info = await self.engine.call(create)
+        event(
+            log, "session_created", session=info.session_id, layers=g.num_layers,
+            heads=g.num_heads, kv_heads=g.num_kv_heads, head_dim=g.head_dim, max_len=g.max_len,
+        )
+        return pb.CreateSessionResponse(session=info)
+
+    @handles_errors
+    async def GetSession(self, request, context):
+        return pb.GetSessionResponse(
+            session=await self._info(request.session_id, self.tenant_of(context))
+        )
+
+    @handles_errors
+    async def ListSessions(self, request, context):
+        if request.page_size < 0:
+            raise InvalidArgument(f"page_size: expected >= 0, got {request.page_size}")
+        tenant = self.tenant_of(context)
+
+        def page() -> pb.ListSessionsResponse:
+            ids = sorted(s.id for s in self.store if s.tenant == tenant)
+            ids = [i for i in ids if i > request.page_token]
+            size = request.page_size or len(ids)
+            chosen, more = ids[:size], len(ids) > size
+            return pb.ListSessionsResponse(
+                sessions=[session_info(self.store.get(i, tenant), self.store) for i in chosen],
+                next_page_token=chosen[-1] if more and chosen else "",
+            )
+
+        return await self.engine.call(page)
+
+    @handles_errors
+    async def DeleteSession(self, request, context):
+        freed = await self.engine.call(
+            lambda: self.store.delete(request.session_id, self.tenant_of(context))
+        )
+        event(log, "session_deleted", session=request.session_id, freed_bytes=freed)
+        return pb.DeleteSessionResponse(freed_bytes=freed)
+
+    @handles_errors
+    async def TruncateSession(self, request, context):
+        tenant = self.tenant_of(context)
+
+        def truncate() -> pb.SessionInfo:
+            session = self.store.get(request.session_id, tenant)
+            self.store.truncate(session, request.length)
+            return session_info(session, self.store)
+
+        return pb.TruncateSessionResponse(session=await self.engine.call(truncate))
+
+    async def _append_and_attend(self, items, context) -> list[pb.AttendResult]:
+        requests = decode_items(items)
+        results = await self.engine.append_and_attend(
+            requests, tenant=self.tenant_of(context), deadline=deadline_of(context)
+        )
+        return [
+            pb.AttendResult(output=codec.encode(out, request.q.dtype), length=length)
+            for request, (out, length) in zip(requests, results, strict=True)
+        ]
+
+    @handles_errors
+    async def AppendAndAttend(self, request, context):
+        return pb.AppendAndAttendResponse(
+            results=await self._append_and_attend(request.items, context)
+        )
+
+    async def AppendAndAttendStream(self, request_iterator, context):
+        """Each message is one AppendAndAttend; an error answers that message alone."""
+        async for message in request_iterator:
+            try:
+                results = await self._append_and_attend(message.items, context)
+                yield pb.AppendAndAttendStreamResponse(
+                    request_id=message.request_id, results=results
+                )
+            except ServiceError as exc:
+                yield pb.AppendAndAttendStreamResponse(
+                    request_id=message.request_id,
+                    error_code=exc.code.value[0],
+                    error_message=exc.message,
+                )
+            except Exception:
+                log.exception("rpc_failed", extra={"q8kv_fields": {"rpc": "AppendAndAttendStream"}})
+                yield pb.AppendAndAttendStreamResponse(
+                    request_id=message.request_id,
+                    error_code=grpc.StatusCode.INTERNAL.value[0],
+                    error_message="internal error (logged by the server)",
+                )
+
+    @handles_errors
+    async def Dequantize(self, request, context):
+        tenant = self.tenant_of(context)
+
+        def read():
+            session = self.store.get(request.session_id, tenant)
+            layer = session.layer(request.layer)
+            end = request.end if request.HasField("end") else layer.length
+            for name, value in (("end", end), ("start", request.start)):
+                if value > layer.length:
+                    raise OutOfRange(
+                        f"{name}: expected <= the layer's length {layer.length}, got {value}"
+                    )
+            if not 0 <= request.start <= end:
+                raise InvalidArgument(
+                    f"start: expected 0 <= start <= end ({end}), got {request.start}"
+                )
+            k, v = self.engine.backend.dequantize(
+                session.layout, layer.page_table(), request.start, end
+            )
+            return k, v, layer.length
+
+        k, v, length = await self.engine.call(read)
+        return pb.DequantizeResponse(k=codec.encode(k), v=codec.encode(v), length=length)
+
