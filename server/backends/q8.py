@@ -3,7 +3,8 @@
 Per block of 32 values along head_dim, in float32: ``d = max|x| / 127``, ``id = 1/d`` (0
 where d = 0), ``q = roundf(x * id)`` (half away from zero, as C ``roundf``) clamped to
 [-127, 127]; the value read back is ``q * d``. These are GGML's Q8_0 codes (GGML keeps d
-as fp16; we keep float32).
+as fp16; we keep float32). Where 1/d overflows float32 (max|x| < ~3.7e-37, undefined
+behaviour in GGML's C), the codes are ``roundf(x / d)`` instead.
 """
 
 from __future__ import annotations
@@ -31,9 +32,16 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"last dimension must be a multiple of {QBLOCK}, got {x.shape[-1]}")
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // QBLOCK, QBLOCK)
     d = np.max(np.abs(blocks), axis=-1) / np.float32(127.0)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):
         inv = np.where(d == 0, np.float32(0), np.float32(1.0) / d).astype(np.float32)
-    codes = np.clip(roundf(blocks * inv[..., None]), -127, 127).astype(np.int8)
+    # Where max|x| < ~3.7e-37, d is subnormal and 1/d overflows to inf: x * id would give
+    # +-127 for every nonzero value and NaN for zeros (undefined in GGML's C too). Divide by
+    # d there instead, so |q * d - x| <= d / 2 still holds. Normal blocks are unaffected.
+    huge = np.isinf(inv)
+    y = blocks * np.where(huge, np.float32(0), inv)[..., None]
+    if huge.any():
+        y = np.where(huge[..., None], blocks / np.where(huge, d, np.float32(1))[..., None], y)
+    codes = np.clip(roundf(y), -127, 127).astype(np.int8)
     return codes.reshape(x.shape), d.astype(np.float32)
 
 
