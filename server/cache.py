@@ -32,9 +32,6 @@ class Geometry:
         """Q8 bytes (codes + scales, K and V) of one token of one layer."""
         return 2 * self.num_kv_heads * self.head_dim // QBLOCK * BYTES_PER_BLOCK
 
-    def fp32_token_bytes(self) -> int:
-        return 2 * self.num_kv_heads * self.head_dim * 4
-
 
 class PagePool:
     """Which pages are free. Pages are handed out whole and returned whole."""
@@ -166,6 +163,9 @@ class SessionStore:
         self.default_ttl = default_ttl
         self.evict_idle_seconds = evict_idle_seconds
         self._sessions: dict[str, Session] = {}
+        # Scalars (K and V, every head and dim) of all cached tokens, kept current on every
+        # change so the memory gauges cost O(1) to read.
+        self.cached_values = 0
         self.listeners: list[EvictionListener] = []  # called as (session, reason) on eviction
 
     def __len__(self) -> int:
@@ -246,7 +246,8 @@ class SessionStore:
         for layer in session.layers:
             freed += len(layer.pages)
             self.pool.give_back(layer.pages)
-            layer.pages, layer.length = [], 0
+            self.set_length(session, layer, 0)
+            layer.pages = []
         del self._sessions[session.id]
         return freed * self.pool.page_bytes
 
@@ -259,10 +260,16 @@ class SessionStore:
                 keep = -(-length // tpp)
                 self.pool.give_back(layer.pages[keep:])
                 del layer.pages[keep:]
-                layer.length = length
+                self.set_length(session, layer, length)
         session.touch()
 
     # -- appends ---------------------------------------------------------------------------
+
+    def set_length(self, session: Session, layer: LayerCache, length: int) -> None:
+        """The one place a layer's length changes, so the byte counters stay exact."""
+        g = session.geometry
+        self.cached_values += (length - layer.length) * 2 * g.num_kv_heads * g.head_dim
+        layer.length = length
 
     def reserve(self, session: Session, layer: LayerCache, new_length: int) -> list[int]:
         """Make the layer's page table cover ``new_length`` tokens; returns the pages added
@@ -324,7 +331,10 @@ class SessionStore:
 
     def cache_bytes(self) -> int:
         """Q8 bytes of every cached token (codes + scales), page waste not included."""
-        return sum(s.tokens * s.geometry.token_bytes() for s in self._sessions.values())
+        return self.cached_values // QBLOCK * BYTES_PER_BLOCK
 
     def fp32_equivalent_bytes(self) -> int:
-        return sum(s.tokens * s.geometry.fp32_token_bytes() for s in self._sessions.values())
+        return self.cached_values * 4
+
+    def fp16_equivalent_bytes(self) -> int:
+        return self.cached_values * 2

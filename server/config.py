@@ -46,6 +46,8 @@ class Config:
     max_batch_items: int = 64
     max_queue_delay_us: int = 0
     grace_seconds: float = 10.0
+    metrics_port: int = 9464
+    quant_error_sample_rate: float = 0.01
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -70,6 +72,11 @@ _FLAGS: dict[str, tuple[object, str]] = {
     "max_batch_items": (int, "most (session, layer) items the engine runs in one launch"),
     "max_queue_delay_us": (int, "how long the engine waits to fill a batch (0: no wait)"),
     "grace_seconds": (float, "on SIGTERM/SIGINT, how long in-flight calls may finish"),
+    "metrics_port": (int, "Prometheus /metrics HTTP port on --host (-1: metrics off)"),
+    "quant_error_sample_rate": (
+        float,
+        "fraction of appended items whose quantization error is measured (0..1)",
+    ),
     "log_level": (str, "DEBUG | INFO | WARNING | ERROR"),
     "log_format": (str, "text | json (one object per line)"),
 }
@@ -128,6 +135,12 @@ def _check(config: Config, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--port: expected 0..65535, got {config.port}")
     if config.page_bytes <= 0 or config.page_bytes % 512:
         parser.error(f"--page-bytes: expected a positive multiple of 512, got {config.page_bytes}")
+    if not -1 <= config.metrics_port <= 65535:
+        parser.error(f"--metrics-port: expected -1..65535, got {config.metrics_port}")
+    if not 0 <= config.quant_error_sample_rate <= 1:
+        parser.error(
+            f"--quant-error-sample-rate: expected 0..1, got {config.quant_error_sample_rate}"
+        )
     if config.log_format not in ("text", "json"):
         parser.error(f"--log-format: expected text or json, got {config.log_format!r}")
     for name in ("max_sessions", "max_batch_items", "max_message_bytes"):

@@ -249,7 +249,7 @@ class Engine:
             raise InvalidArgument(f"{prefix}.q.shape[0]: expected >= 1 tokens, got {n}")
         old_length = layer.length
         added = self.store.reserve(session, layer, old_length + n)
-        layer.length = old_length + n
+        self.store.set_length(session, layer, old_length + n)
         item = AttendItem(
             layout=session.layout,
             softmax_scale=session.softmax_scale,
@@ -263,7 +263,7 @@ class Engine:
 
     def _roll_back(self, prepared: list[_Prepared]) -> None:
         for p in reversed(prepared):
-            p.layer.length = p.old_length
+            self.store.set_length(p.session, p.layer, p.old_length)
             self.store.unreserve(p.layer, p.added_pages)
 
 

@@ -22,6 +22,7 @@ from .cache import PagePool, SessionStore
 from .config import Config, load_config
 from .engine import Engine
 from .logs import event, setup_logging
+from .metrics import Metrics
 from .service import KVCacheService
 
 log = logging.getLogger("q8kv.server")
@@ -70,37 +71,54 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.engine = build_engine(config)
-        self.health = health.HealthServicer()
+        self.metrics: Metrics | None = None
+        interceptors = []
+        on_items = None
+        if config.metrics_port >= 0:
+            self.metrics = Metrics(
+                self.engine.store, self.engine.backend, config.quant_error_sample_rate
+            )
+            self.engine.observer = self.metrics.engine_observer()
+            interceptors.append(self.metrics.interceptor())
+            on_items = self.metrics.sample_quantization
+        self.health = health.aio.HealthServicer()
         options = [
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.grpc = grpc.aio.server(options=options)
+        self.grpc = grpc.aio.server(interceptors=interceptors, options=options)
         kvcache_pb2_grpc.add_KVCacheServiceServicer_to_server(
-            KVCacheService(self.engine), self.grpc
+            KVCacheService(self.engine, on_items=on_items), self.grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
         self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        self.metrics_port: int | None = None
+        self._metrics_http = None
         self._sweeper: asyncio.Task | None = None
 
-    def _set_health(self, status: int) -> None:
+    async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
-            self.health.set(name, status)
+            await self.health.set(name, status)
 
     async def start(self) -> None:
         self.engine.start()
         await self.grpc.start()
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.metrics is not None:
+            self._metrics_http, _ = self.metrics.serve_http(
+                self.config.host, self.config.metrics_port
+            )
+            self.metrics_port = self._metrics_http.server_port
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep())
         backend = self.engine.backend
         event(
-            log, "listening", host=self.config.host, port=self.port, backend=backend.name,
-            device=backend.device_name, pages=backend.num_pages,
-            page_bytes=self.engine.store.pool.page_bytes,
+            log, "listening", host=self.config.host, port=self.port,
+            metrics_port=self.metrics_port, backend=backend.name, device=backend.device_name,
+            pages=backend.num_pages, page_bytes=self.engine.store.pool.page_bytes,
             budget_bytes=backend.num_pages * self.engine.store.pool.page_bytes,
             max_sessions=self.config.max_sessions, session_ttl=self.config.session_ttl,
         )
@@ -115,12 +133,14 @@ class Server:
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.grace_seconds if grace is None else grace
         event(log, "draining", grace_seconds=grace)
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._sweeper:
             self._sweeper.cancel()
         await self.grpc.stop(grace)
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, grace)
         self.engine.backend.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
         event(log, "stopped")
 
 

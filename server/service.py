@@ -109,10 +109,17 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
-    def __init__(self, engine: Engine, tenant_of: TenantOf = _no_tenant) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tenant_of: TenantOf = _no_tenant,
+        on_items: Callable[[list[AppendRequest]], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.store = engine.store
         self.tenant_of = tenant_of
+        # Sees every decoded AppendAndAttend request (the quantization-error sampler).
+        self.on_items = on_items or (lambda requests: None)
 
     async def _info(self, session_id: str, tenant: str) -> pb.SessionInfo:
         return await self.engine.call(
@@ -184,6 +191,7 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
 
     async def _append_and_attend(self, items, context) -> list[pb.AttendResult]:
         requests = decode_items(items)
+        self.on_items(requests)
         results = await self.engine.append_and_attend(
             requests, tenant=self.tenant_of(context), deadline=deadline_of(context)
         )

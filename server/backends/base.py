@@ -20,7 +20,7 @@ in the kernels). The rest of a page, if any, is unused.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +101,9 @@ class Backend(ABC):
             raise ValueError(f"page_code_bytes must be a multiple of 512, got {page_code_bytes}")
         self.num_pages = num_pages
         self.page_code_bytes = page_code_bytes
+        # Called as on_kernel(kernel, launch_seconds, device_seconds) after each kernel;
+        # the metrics layer replaces it.
+        self.on_kernel: Callable[[str, float, float], None] = lambda kernel, launch, device: None
 
     @property
     def device_name(self) -> str:

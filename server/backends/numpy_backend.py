@@ -6,6 +6,7 @@ loop runs per token or per head; the only loop is over the items of a batch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -91,15 +92,28 @@ class NumpyBackend(Backend):
         out = (weights @ values).reshape(kvh, g, n, d).transpose(2, 0, 1, 3)
         return np.ascontiguousarray(out.reshape(n, kvh * g, d), dtype=np.float32)
 
+    def _timed(self, kernel: str, started: float) -> None:
+        # On the CPU, enqueueing and running are one: both figures are the op's wall time.
+        elapsed = time.perf_counter() - started
+        self.on_kernel(kernel, elapsed, elapsed)
+
     def append_and_attend(self, items: Sequence[AttendItem]) -> list[np.ndarray]:
+        started = time.perf_counter()
         for item in items:
             self._append(item)
-        return [self._attend(item) for item in items]
+        self._timed("quantize_append", started)
+        started = time.perf_counter()
+        outputs = [self._attend(item) for item in items]
+        self._timed("attention", started)
+        return outputs
 
     def dequantize(self, layout, page_ids, start, end):
+        started = time.perf_counter()
         codes, scales = self._gather(layout, page_ids, start, end)
         values = q8.dequantize(codes, scales)
-        return np.ascontiguousarray(values[0]), np.ascontiguousarray(values[1])
+        k, v = np.ascontiguousarray(values[0]), np.ascontiguousarray(values[1])
+        self._timed("dequantize", started)
+        return k, v
 
     def read_pages(self, page_ids):
         return self.codes[page_ids].copy(), self.scales[page_ids].copy()
