@@ -118,7 +118,7 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         self.engine = engine
         self.store = engine.store
         self.tenant_of = tenant_of
-        # Sees every decoded AppendAndAttend request (the quantization-error sampler).
+        # Sees the items of every AppendAndAttend that landed (the quantization-error sampler).
         self.on_items = on_items or (lambda requests: None)
 
     async def _info(self, session_id: str, tenant: str) -> pb.SessionInfo:
@@ -191,10 +191,10 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
 
     async def _append_and_attend(self, items, context) -> list[pb.AttendResult]:
         requests = decode_items(items)
-        self.on_items(requests)
         results = await self.engine.append_and_attend(
             requests, tenant=self.tenant_of(context), deadline=deadline_of(context)
         )
+        self.on_items(requests)  # only appends that landed (their shapes are checked)
         return [
             pb.AttendResult(output=codec.encode(out, request.q.dtype), length=length)
             for request, (out, length) in zip(requests, results, strict=True)

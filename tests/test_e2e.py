@@ -1,0 +1,442 @@
+"""End to end: the client against a real q8kv-server on a loopback port.
+
+Outputs are checked against the float64 reference on the dequantized cache (the service's
+own Dequantize), rel. L2 < 1e-5 for float32 wire; float16/bfloat16 outputs against the
+reference rounded to the wire dtype's precision.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pytest
+from reference import attention_ref, rel_l2
+
+from q8kv.client import Client, Q8KVError, codec
+from q8kv.v1 import kvcache_pb2 as pb
+from q8kv.v1 import kvcache_pb2_grpc
+
+GEOM = dict(num_layers=3, num_heads=8, num_kv_heads=2, head_dim=64, max_len=512)
+
+
+def tokens(rng, n, heads, dim=64, dtype=np.float32):
+    return (rng.standard_normal((n, heads, dim)) * rng.uniform(0.5, 2.0)).astype(dtype)
+
+
+def qkv(rng, n, geom=GEOM, dtype=np.float32):
+    return (
+        tokens(rng, n, geom["num_heads"], geom["head_dim"], dtype),
+        tokens(rng, n, geom["num_kv_heads"], geom["head_dim"], dtype),
+        tokens(rng, n, geom["num_kv_heads"], geom["head_dim"], dtype),
+    )
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.address, timeout=30.0) as c:
+        yield c
+
+
+def check_attention(session, layer, q, out, start, scale=None, tol=1e-5):
+    keys, values = session.dequantize(layer)
+    scale = scale if scale is not None else 1.0 / np.sqrt(q.shape[-1])
+    ref = attention_ref(q, keys, values, start, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert np.isfinite(out.astype(np.float32)).all()
+    assert rel_l2(out, ref) < tol, rel_l2(out, ref)
+
+
+def snapshot(session, layers=range(GEOM["num_layers"])):
+    """Everything a failed call must leave unchanged: lengths and dequantized K/V."""
+    info = session.info()
+    return info.layer_lengths, [session.dequantize(layer) for layer in layers]
+
+
+def assert_unchanged(session, before):
+    lengths, caches = snapshot(session)
+    assert lengths == before[0]
+    for (k0, v0), (k1, v1) in zip(before[1], caches, strict=True):
+        np.testing.assert_array_equal(k0, k1)
+        np.testing.assert_array_equal(v0, v1)
+
+
+# -- every RPC ---------------------------------------------------------------------------
+
+
+def test_session_lifecycle(client):
+    sid = f"life-{uuid.uuid4().hex[:8]}"
+    s = client.create_session(**GEOM, session_id=sid, ttl_seconds=120, softmax_scale=0.5)
+    assert s.id == sid
+    info = s.info()
+    assert info.layer_lengths == [0, 0, 0]
+    assert info.softmax_scale == pytest.approx(0.5)
+    assert info.ttl_seconds == 120
+    assert (info.num_heads, info.num_kv_heads, info.head_dim) == (8, 2, 64)
+    assert client.get_session(sid).info().id == sid
+    assert sid in [i.id for i in client.list_sessions()]
+    rng = np.random.default_rng(1)
+    q, k, v = qkv(rng, 5)
+    out = s.append_and_attend(1, q, k, v)
+    check_attention(s, 1, q, out, start=0, scale=0.5)
+    assert s.info().layer_lengths == [0, 5, 0]
+    assert s.info().cache_bytes == 5 * 2 * 2 * 64 // 32 * 36
+    s.truncate(2)
+    assert s.info().layer_lengths == [0, 2, 0]
+    assert s.delete() > 0
+    with pytest.raises(Q8KVError) as err:
+        s.info()
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_server_made_ids_are_uuid4(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = kvcache_pb2_grpc.KVCacheServiceStub(channel)
+        reply = stub.CreateSession(
+            pb.CreateSessionRequest(geometry=pb.Geometry(**GEOM)), timeout=10
+        )
+        assert uuid.UUID(reply.session.session_id).version == 4
+        stub.DeleteSession(pb.DeleteSessionRequest(session_id=reply.session.session_id))
+
+
+def test_list_sessions_pages(client):
+    made = [client.create_session(**GEOM, session_id=f"page-{i:02d}") for i in range(5)]
+    ids = [i.id for i in client.list_sessions(page_size=2)]
+    assert [s.id for s in made] == [i for i in ids if i.startswith("page-")]
+    assert len(ids) == len(set(ids))
+    for s in made:
+        s.delete()
+
+
+@pytest.mark.parametrize("n_steps", [[1, 1, 1], [7, 1, 33], [33, 17]])
+def test_decode_and_prefill_match_reference(client, n_steps):
+    s = client.create_session(**GEOM)
+    rng = np.random.default_rng(sum(n_steps))
+    start = 0
+    for n in n_steps:
+        q, k, v = qkv(rng, n)
+        out = s.append_and_attend(2, q, k, v)
+        check_attention(s, 2, q, out, start)
+        start += n
+    assert s.info().layer_lengths == [0, 0, start]
+    s.delete()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_half_precision_wire(client, dtype):
+    s = client.create_session(**GEOM)
+    rng = np.random.default_rng(7)
+    q, k, v = qkv(rng, 9, dtype=dtype)
+    out = s.append_and_attend(0, q, k, v)
+    assert out.dtype == np.dtype(dtype)
+    keys, values = s.dequantize(0)
+    ref = attention_ref(q, keys, values, 0, 1 / 8)
+    # The output is the float32 result rounded once to the wire dtype.
+    tol = 2e-3 if dtype == np.float16 else 1e-2
+    assert rel_l2(out, ref) < tol
+    s.delete()
+
+
+def test_dequantize_range(client):
+    s = client.create_session(**GEOM)
+    rng = np.random.default_rng(3)
+    q, k, v = qkv(rng, 40)
+    s.append_and_attend(0, q, k, v)
+    keys, values = s.dequantize(0)
+    assert keys.shape == (2, 40, 64) and keys.dtype == np.float32
+    # Q8 round trip: |x - q*d| <= d/2 <= max|block| / 254.
+    bound = np.abs(k.transpose(1, 0, 2)).reshape(2, 40, 2, 32).max(-1, keepdims=True) / 254
+    err = np.abs(keys - k.transpose(1, 0, 2)).reshape(2, 40, 2, 32)
+    assert (err <= bound * 1.0001 + 1e-30).all()
+    k_mid, v_mid = s.dequantize(0, start=10, end=25)
+    np.testing.assert_array_equal(k_mid, keys[:, 10:25])
+    np.testing.assert_array_equal(v_mid, values[:, 10:25])
+    s.delete()
+
+
+def test_batch_across_sessions_equals_separate_calls(client):
+    rng = np.random.default_rng(11)
+    a, b = client.create_session(**GEOM), client.create_session(**GEOM)
+    prefill = [qkv(rng, 20), qkv(rng, 3)]
+    a.append_and_attend(0, *prefill[0])
+    b.append_and_attend(1, *prefill[1])
+    step_a, step_b, step_a2 = qkv(rng, 1), qkv(rng, 2), qkv(rng, 1)
+    results = client.append_and_attend_batch(
+        [(a, 0, *step_a), (b.id, 1, *step_b), (a, 0, *step_a2)], with_lengths=True
+    )
+    assert [r.length for r in results] == [21, 5, 22]
+    keys, values = a.dequantize(0)
+    # Items apply in order: the second item on `a` sees the first one's token.
+    np.testing.assert_allclose(
+        results[0].output, attention_ref(step_a[0], keys, values, 20, 1 / 8), rtol=0, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        results[2].output, attention_ref(step_a2[0], keys, values, 21, 1 / 8), rtol=0, atol=1e-5
+    )
+    check_attention(b, 1, step_b[0], results[1].output, start=3)
+    a.delete()
+    b.delete()
+
+
+def test_several_layers_keep_their_own_lengths(client):
+    s = client.create_session(**GEOM)
+    rng = np.random.default_rng(5)
+    for layer, n in [(0, 3), (1, 70), (2, 1), (0, 2)]:
+        s.append_and_attend(layer, *qkv(rng, n))
+    assert s.info().layer_lengths == [5, 70, 1]
+    s.truncate(4)
+    assert s.info().layer_lengths == [4, 4, 1]
+    q, k, v = qkv(rng, 3)
+    out = s.append_and_attend(1, q, k, v)
+    check_attention(s, 1, q, out, start=4)
+    s.delete()
+
+
+# -- bad input: a clear error, and nothing changes ----------------------------------------
+
+
+def _raw_item(sid, layer, q, k, v, replace=None):
+    """An AttendItem as raw protobuf, with tensors from ``replace`` {name: pb.Tensor}."""
+    item = pb.AttendItem(
+        session_id=sid, layer=layer, q=codec.encode(q), k=codec.encode(k), v=codec.encode(v)
+    )
+    for name, tensor in (replace or {}).items():
+        getattr(item, name).CopyFrom(tensor)
+    return item
+
+
+def _bad_items(sid, rng):
+    q, k, v = qkv(rng, 2)
+    nan_k = k.copy()
+    nan_k[1, 0, 5] = np.nan
+    inf_q = q.copy()
+    inf_q[0, 3, 0] = np.inf
+    short = codec.encode(k)
+    short.data = short.data[:-4]
+    bad_dtype = codec.encode(k)
+    bad_dtype.dtype = 7
+    return {
+        "q heads": (_raw_item(sid, 0, q[:, :4], k, v), "INVALID_ARGUMENT", "items[0].q.shape"),
+        "k tokens": (_raw_item(sid, 0, q, k[:1], v), "INVALID_ARGUMENT", "items[0].k.shape"),
+        "bytes": (_raw_item(sid, 0, q, k, v, {"k": short}), "INVALID_ARGUMENT", "items[0].k.data"),
+        "dtype": (_raw_item(sid, 0, q, k, v, {"k": bad_dtype}), "INVALID_ARGUMENT", "k.dtype"),
+        "nan": (_raw_item(sid, 0, q, nan_k, v), "INVALID_ARGUMENT", "1 NaN/Inf"),
+        "inf": (_raw_item(sid, 0, inf_q, k, v), "INVALID_ARGUMENT", "items[0].q"),
+        "layer": (_raw_item(sid, 3, q, k, v), "INVALID_ARGUMENT", "layer: expected 0..2"),
+        "unknown": (_raw_item("no-such", 0, q, k, v), "NOT_FOUND", "no-such"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["q heads", "k tokens", "bytes", "dtype", "nan", "inf", "layer", "unknown"]
+)
+def test_bad_append_changes_nothing(client, server, case):
+    rng = np.random.default_rng(21)
+    s = client.create_session(**GEOM)
+    s.append_and_attend(0, *qkv(rng, 6))
+    before = snapshot(s)
+    item, code, needle = _bad_items(s.id, rng)[case]
+    good = _raw_item(s.id, 0, *qkv(rng, 1))
+    with grpc.insecure_channel(server.address) as channel:
+        stub = kvcache_pb2_grpc.KVCacheServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            # A good item before the bad one: all or nothing, so it must not land either.
+            stub.AppendAndAttend(pb.AppendAndAttendRequest(items=[good, item]), timeout=10)
+    assert err.value.code().name == code
+    assert needle.replace("items[0]", "items[1]") in err.value.details()
+    assert_unchanged(s, before)
+    s.delete()
+
+
+def test_append_past_max_len_is_out_of_range(client):
+    s = client.create_session(**{**GEOM, "max_len": 10})
+    rng = np.random.default_rng(2)
+    s.append_and_attend(0, *qkv(rng, 8))
+    before = snapshot(s)
+    with pytest.raises(Q8KVError) as err:
+        s.append_and_attend(0, *qkv(rng, 3))
+    assert err.value.code == grpc.StatusCode.OUT_OF_RANGE
+    assert "max_len 10" in err.value.message and "11" in err.value.message
+    assert_unchanged(s, before)
+    s.delete()
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"head_dim": 48}, "geometry.head_dim: expected a multiple of 32, got 48"),
+        ({"num_heads": 6, "num_kv_heads": 4}, "geometry.num_heads: expected a multiple of"),
+        ({"num_layers": 0}, "geometry.num_layers: expected 1..4096, got 0"),
+        ({"max_len": -5}, "geometry.max_len: expected 1..16777216, got -5"),
+    ],
+)
+def test_bad_geometry(client, change, needle):
+    with pytest.raises(Q8KVError) as err:
+        client.create_session(**{**GEOM, **change})
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in err.value.message
+
+
+def test_duplicate_id_and_bad_reads(client):
+    s = client.create_session(**GEOM, session_id="dup-1")
+    rng = np.random.default_rng(4)
+    s.append_and_attend(0, *qkv(rng, 4))
+    before = snapshot(s)
+    with pytest.raises(Q8KVError) as err:
+        client.create_session(**GEOM, session_id="dup-1")
+    assert err.value.code == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(Q8KVError) as err:
+        s.dequantize(0, start=0, end=5)
+    assert err.value.code == grpc.StatusCode.OUT_OF_RANGE
+    assert "end: expected <= the layer's length 4, got 5" in err.value.message
+    with pytest.raises(Q8KVError) as err:
+        s.truncate(-1)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(Q8KVError) as err:
+        client.create_session(**GEOM, session_id="bad id with spaces")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert_unchanged(s, before)
+    s.delete()
+
+
+def test_budget_and_session_limit(start_server):
+    # 4 pages of 4 KiB codes: T = 4096 / (2 * 2 * 64) = 16 tokens a page.
+    srv = start_server("--memory-budget", str(4 * 4608), "--page-bytes", "4096",
+                       "--max-sessions", "2")
+    rng = np.random.default_rng(9)
+    with Client(srv.address, timeout=10) as c:
+        a = c.create_session(**GEOM)
+        a.append_and_attend(0, *qkv(rng, 48))  # 3 pages
+        before = snapshot(a)
+        b = c.create_session(**GEOM)
+        with pytest.raises(Q8KVError) as err:
+            b.append_and_attend(0, *qkv(rng, 17))  # needs 2 pages, 1 is free
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "memory budget: needed 2 free pages" in err.value.message
+        assert b.info().layer_lengths == [0, 0, 0]
+        assert_unchanged(a, before)
+        with pytest.raises(Q8KVError) as err:
+            c.create_session(**GEOM)
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "maximum of 2 sessions" in err.value.message
+        b.append_and_attend(0, *qkv(rng, 16))  # exactly the last page still fits
+        a.delete()
+        c.create_session(**GEOM)  # deleting frees a session slot
+
+
+def test_ttl_expiry(client):
+    s = client.create_session(**GEOM, ttl_seconds=0.5)
+    s.append_and_attend(0, *qkv(np.random.default_rng(0), 2))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            s.info()
+        except Q8KVError as err:
+            assert err.code == grpc.StatusCode.NOT_FOUND
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("session with a 0.5 s TTL still alive after 10 s")
+
+
+# -- concurrency --------------------------------------------------------------------------
+
+
+def test_concurrent_clients_on_one_session_append_each_token_once(server):
+    geom = {**GEOM, "num_layers": 1, "max_len": 4096}
+    with Client(server.address, timeout=30) as c:
+        s = c.create_session(**geom)
+    rng = np.random.default_rng(99)
+    per_thread, threads = 25, 8
+    # Each token's k carries a unique marker value, so the cache shows who landed where.
+    ks = [
+        [tokens(rng, 1, 2) for _ in range(per_thread)] for _ in range(threads)
+    ]
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            with Client(server.address, timeout=30) as c:
+                handle = c.get_session(s.id)
+                for k in ks[index]:
+                    q = tokens(rng, 1, 8)
+                    handle.append_and_attend(0, q, k, k)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors, errors
+    with Client(server.address, timeout=30) as c:
+        handle = c.get_session(s.id)
+        assert handle.info().layer_lengths == [threads * per_thread]
+        keys, _ = handle.dequantize(0)
+        # Every sent token is in the cache exactly once (compare as quantized rows).
+        got = sorted(map(bytes, np.ascontiguousarray(keys.transpose(1, 0, 2)).view(np.uint8)
+                         .reshape(threads * per_thread, -1)))
+        from q8kv.server.backends import q8
+
+        sent = np.concatenate([np.concatenate(t) for t in ks])  # [N, 2, 64]
+        expected = q8.dequantize(*q8.quantize(sent)).astype(np.float32)
+        want = sorted(map(bytes, np.ascontiguousarray(expected).view(np.uint8)
+                          .reshape(threads * per_thread, -1)))
+        assert got == want
+        handle.delete()
+
+
+def test_concurrent_clients_on_different_sessions(server):
+    results: dict[int, float] = {}
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            rng = np.random.default_rng(index)
+            with Client(server.address, timeout=30) as c:
+                s = c.create_session(**GEOM)
+                start = 0
+                worst = 0.0
+                for n in (5, 1, 1, 1, 3):
+                    q, k, v = qkv(rng, n)
+                    out = s.append_and_attend(1, q, k, v)
+                    keys, values = s.dequantize(1)
+                    worst = max(worst, rel_l2(out, attention_ref(q, keys, values, start, 1 / 8)))
+                    start += n
+                results[index] = worst
+                s.delete()
+        except BaseException as exc:
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 8 and max(results.values()) < 1e-5
+
+
+# -- health, reflection ------------------------------------------------------------------
+
+
+def test_health_serving(client):
+    assert client.health() == "SERVING"
+    assert client.health("q8kv.v1.KVCacheService") == "SERVING"
+
+
+def test_reflection_lists_the_service(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        reply = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=10)))
+        names = {s.name for s in reply.list_services_response.service}
+        assert "q8kv.v1.KVCacheService" in names
+        assert "grpc.health.v1.Health" in names
