@@ -43,6 +43,7 @@ class Config:
     session_ttl: float = 3600.0
     evict_idle_seconds: float = 0.0
     max_message_bytes: int = 512 * 1024 * 1024
+    batching: str = "on"
     max_batch_items: int = 64
     max_queue_delay_us: int = 0
     grace_seconds: float = 10.0
@@ -69,6 +70,7 @@ _FLAGS: dict[str, tuple[object, str]] = {
         "when the pool is full, evict least recently used sessions idle this long (0: never)",
     ),
     "max_message_bytes": (parse_size, "largest gRPC message in or out"),
+    "batching": (str, "on | off: coalesce concurrent AppendAndAttend calls into one launch"),
     "max_batch_items": (int, "most (session, layer) items the engine runs in one launch"),
     "max_queue_delay_us": (int, "how long the engine waits to fill a batch (0: no wait)"),
     "grace_seconds": (float, "on SIGTERM/SIGINT, how long in-flight calls may finish"),
@@ -141,6 +143,8 @@ def _check(config: Config, parser: argparse.ArgumentParser) -> None:
         parser.error(
             f"--quant-error-sample-rate: expected 0..1, got {config.quant_error_sample_rate}"
         )
+    if config.batching not in ("on", "off"):
+        parser.error(f"--batching: expected on or off, got {config.batching!r}")
     if config.log_format not in ("text", "json"):
         parser.error(f"--log-format: expected text or json, got {config.log_format!r}")
     for name in ("max_sessions", "max_batch_items", "max_message_bytes"):

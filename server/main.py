@@ -62,7 +62,9 @@ def build_engine(config: Config) -> Engine:
     store.listeners.append(
         lambda session, reason: event(log, "session_evicted", session=session.id, reason=reason)
     )
-    return Engine(backend, store, config.max_batch_items, config.max_queue_delay_us)
+    # Batching off: every request is its own device call (for comparison benchmarks).
+    batch_items = config.max_batch_items if config.batching == "on" else 0
+    return Engine(backend, store, batch_items, config.max_queue_delay_us)
 
 
 class Server:
