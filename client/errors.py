@@ -1,0 +1,55 @@
+"""The one exception the client raises: Q8KVError, carrying a gRPC status code.
+
+Failed RPCs are converted here and nowhere else (``from_rpc_error``), so every caller
+catches one type. Bad input the client can see before sending (a dtype it cannot encode,
+a malformed batch item) raises the same type with INVALID_ARGUMENT, the code the server
+would have answered with: callers need not tell the two apart.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class Q8KVError(Exception):
+    """A q8kv call failed. ``code`` is a ``grpc.StatusCode``; ``message`` the details.
+
+    ``request_id`` is set for a failed message of an AppendAndAttendStream (the stream
+    itself stays usable); it is None otherwise.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: int | None = None) -> None:
+        # args = (code, message, request_id) keeps the exception picklable (multiprocessing).
+        super().__init__(code, message, request_id)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    def __repr__(self) -> str:
+        extra = "" if self.request_id is None else f", request_id={self.request_id}"
+        return f"Q8KVError({self.code.name}, {self.message!r}{extra})"
+
+
+def invalid_argument(message: str) -> Q8KVError:
+    """A client-side validation failure, reported as the server would report it."""
+    return Q8KVError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def from_rpc_error(error: grpc.RpcError) -> Q8KVError:
+    """grpc.RpcError (sync or aio) -> Q8KVError with the status code and the details."""
+    code = error.code() if callable(getattr(error, "code", None)) else None
+    details = error.details() if callable(getattr(error, "details", None)) else None
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    return Q8KVError(code, details or str(error) or code.name)
+
+
+_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    """An integer status code (as in a stream response's ``error_code``) -> grpc.StatusCode."""
+    return _CODES_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)

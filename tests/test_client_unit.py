@@ -1,0 +1,641 @@
+"""Client unit tests that need no q8kv server: codec, errors, metadata, request building,
+batch normalisation, the stream bookkeeping, and the health probe (against a bare gRPC
+health server in-process)."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import uuid
+from concurrent import futures
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from q8kv.client import AsyncClient, AttendResult, Client, Q8KVError, SessionInfo
+from q8kv.client import channel as ch
+from q8kv.client import health as health_probe
+from q8kv.client import messages as m
+from q8kv.client.codec import TensorError, decode, encode
+from q8kv.client.errors import from_rpc_error, status_code
+from q8kv.v1 import kvcache_pb2 as pb
+
+DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
+rng = np.random.default_rng(0)
+
+
+def rand(shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# --- codec ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 8, 64), (7, 2, 128), (0, 4, 32), (3,)])
+def test_codec_round_trip(dtype, shape):
+    x = rand(shape, dtype)
+    t = encode(x)
+    assert t.dtype == {np.float32: pb.FLOAT32, np.float16: pb.FLOAT16}.get(dtype, pb.BFLOAT16)
+    assert list(t.shape) == list(shape)
+    assert len(t.data) == x.size * np.dtype(dtype).itemsize
+    y = decode(t, "q")
+    assert y.dtype == np.dtype(dtype) and y.shape == shape
+    np.testing.assert_array_equal(y.view(np.uint8), x.view(np.uint8))
+
+
+def test_codec_is_little_endian_row_major_and_takes_views():
+    x = np.arange(24, dtype="<f4").reshape(2, 3, 4).transpose(1, 0, 2)  # strided view
+    t = encode(x)
+    assert t.data == np.ascontiguousarray(x, dtype="<f4").tobytes()
+    np.testing.assert_array_equal(decode(t), x)
+
+
+def test_codec_cast_on_request():
+    x = rand((2, 4, 32))
+    t = encode(x, "bfloat16")
+    assert t.dtype == pb.BFLOAT16
+    np.testing.assert_array_equal(decode(t), x.astype(ml_dtypes.bfloat16))
+    assert encode(x, np.float16).dtype == pb.FLOAT16
+    assert encode(x, pb.FLOAT32).dtype == pb.FLOAT32
+
+
+def test_decode_is_a_read_only_view():
+    y = decode(encode(rand((2, 2, 32))))
+    assert not y.flags.writeable
+
+
+@pytest.mark.parametrize("bad", [pb.DTYPE_UNSPECIFIED, 7])
+def test_decode_bad_dtype_names_the_field(bad):
+    t = pb.Tensor(dtype=bad, shape=[1], data=b"\0\0\0\0")
+    with pytest.raises(TensorError, match=r"^items\[0\]\.q\.dtype: expected FLOAT32"):
+        decode(t, "items[0].q")
+
+
+def test_decode_negative_shape_names_the_field():
+    t = pb.Tensor(dtype=pb.FLOAT32, shape=[-1, 4], data=b"")
+    with pytest.raises(TensorError, match=r"^k\.shape: expected non-negative.*\[-1, 4\]"):
+        decode(t, "k")
+
+
+@pytest.mark.parametrize("dtype,itemsize", [(pb.FLOAT32, 4), (pb.FLOAT16, 2), (pb.BFLOAT16, 2)])
+def test_decode_byte_length_mismatch_names_expected_and_actual(dtype, itemsize):
+    t = pb.Tensor(dtype=dtype, shape=[2, 3], data=b"\0" * (6 * itemsize - 1))
+    with pytest.raises(TensorError) as info:
+        decode(t, "v")
+    msg = str(info.value)
+    assert msg.startswith("v.data: expected ") and f"{6 * itemsize} bytes" in msg
+    assert f"got {6 * itemsize - 1}" in msg
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int32, np.int8, np.complex64, bool])
+def test_encode_rejects_dtypes_the_wire_lacks(dtype):
+    with pytest.raises(TensorError, match="dtype: expected float32, float16 or bfloat16"):
+        encode(np.zeros((1, 1, 32), dtype=dtype))
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+def test_q8kv_error_str_code_message_and_pickle():
+    err = from_rpc_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, "session 'x': not found"))
+    assert isinstance(err, Q8KVError)
+    assert err.code is grpc.StatusCode.NOT_FOUND
+    assert err.message == "session 'x': not found"
+    assert str(err) == "NOT_FOUND: session 'x': not found"
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.code, again.message, str(again)) == (err.code, err.message, str(err))
+
+
+def test_from_rpc_error_without_details():
+    err = from_rpc_error(FakeRpcError(None, None))
+    assert err.code is grpc.StatusCode.UNKNOWN and str(err).startswith("UNKNOWN: ")
+
+
+def test_status_code_from_integer():
+    assert status_code(3) is grpc.StatusCode.INVALID_ARGUMENT
+    assert status_code(8) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_code(999) is grpc.StatusCode.UNKNOWN
+
+
+# --- channel, metadata ---------------------------------------------------------------
+
+
+def test_metadata():
+    assert ch.base_metadata(None) == ()
+    base = ch.base_metadata("s3cret")
+    assert base == (("authorization", "Bearer s3cret"),)
+    assert ch.call_metadata(base) == base
+    assert ch.call_metadata(base, "abc") == base + (("x-session-id", "abc"),)
+    assert ch.call_metadata((), "abc") == (("x-session-id", "abc"),)
+    for key, _ in ch.call_metadata(base, "abc"):
+        assert key == key.lower()  # gRPC rejects upper-case metadata keys
+
+
+def test_channel_options_defaults_and_overrides():
+    opts = dict(ch.channel_options())
+    assert opts["grpc.max_send_message_length"] == 512 * 1024 * 1024
+    assert opts["grpc.max_receive_message_length"] == 512 * 1024 * 1024
+    assert opts["grpc.keepalive_time_ms"] >= 10_000
+    opts = dict(ch.channel_options(1024, None, [("grpc.primary_user_agent", "x")]))
+    assert opts["grpc.max_receive_message_length"] == 1024
+    assert "grpc.keepalive_time_ms" not in opts and opts["grpc.primary_user_agent"] == "x"
+
+
+def test_channel_credentials(tmp_path):
+    assert ch.channel_credentials(None) is None
+    assert ch.channel_credentials(False) is None
+    assert isinstance(ch.channel_credentials(True), grpc.ChannelCredentials)
+    pem = tmp_path / "ca.pem"
+    pem.write_bytes(b"-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
+    assert isinstance(ch.channel_credentials(pem), grpc.ChannelCredentials)
+    assert isinstance(ch.channel_credentials(str(pem)), grpc.ChannelCredentials)
+    mtls = ch.channel_credentials((None, pem, pem))
+    assert isinstance(mtls, grpc.ChannelCredentials)
+    with pytest.raises(FileNotFoundError):
+        ch.channel_credentials(tmp_path / "missing.pem")
+    with pytest.raises(TypeError, match="tls: expected"):
+        ch.channel_credentials(("a", "b"))
+
+
+# --- request building ----------------------------------------------------------------
+
+GEOMETRY = dict(num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, max_len=4096)
+
+
+def test_create_request_makes_a_uuid4_when_no_id_is_given():
+    a, b = m.create_request(**GEOMETRY), m.create_request(**GEOMETRY)
+    assert uuid.UUID(a.session_id).version == 4 and a.session_id != b.session_id
+    assert not a.HasField("softmax_scale") and a.ttl_seconds == 0.0
+    g = a.geometry
+    assert (g.num_layers, g.num_heads, g.num_kv_heads, g.head_dim, g.max_len) == (2, 8, 2, 64, 4096)
+
+
+def test_create_request_keeps_given_values():
+    r = m.create_request(**GEOMETRY, session_id="user-7:conv.3", ttl_seconds=60, softmax_scale=0.5)
+    assert r.session_id == "user-7:conv.3" and r.ttl_seconds == 60.0
+    assert r.HasField("softmax_scale") and r.softmax_scale == 0.5
+    r = m.create_request(**GEOMETRY, softmax_scale=0.0)  # 0 is a value, not "unset"
+    assert r.HasField("softmax_scale")
+
+
+def test_create_request_rejects_non_integers():
+    with pytest.raises(Q8KVError, match="^INVALID_ARGUMENT: head_dim: expected an integer"):
+        m.create_request(**{**GEOMETRY, "head_dim": 64.0})
+    r = m.create_request(**{**GEOMETRY, "num_layers": np.int64(3)})
+    assert r.geometry.num_layers == 3
+
+
+class Handle:
+    def __init__(self, sid):
+        self.id = sid
+
+
+def test_batch_items_take_handles_ids_and_messages():
+    q, k, v = rand((1, 8, 64), np.float16), rand((1, 2, 64)), rand((1, 2, 64), ml_dtypes.bfloat16)
+    ready = m.attend_item("c", 0, q, k, v)
+    items = m.batch_items([(Handle("a"), 1, q, k, v), ["b", np.int32(0), q, k, v], ready])
+    assert [i.session_id for i in items] == ["a", "b", "c"]
+    assert [i.layer for i in items] == [1, 0, 0]
+    # each tensor keeps its own dtype: q's for q, k's for k, v's for v
+    assert (items[0].q.dtype, items[0].k.dtype, items[0].v.dtype) == (
+        pb.FLOAT16,
+        pb.FLOAT32,
+        pb.BFLOAT16,
+    )
+    np.testing.assert_array_equal(decode(items[1].v), v)
+    assert items[2] is ready
+    assert m.batch_items([]) == []
+    assert len(m.batch_items(iter([("a", 0, q, k, v)]))) == 1  # any iterable
+
+
+@pytest.mark.parametrize(
+    "item,pattern",
+    [
+        (("a", 0, "q", "k"), r"items\[1\]: expected \(session, .*\), got tuple of length 4"),
+        ("abcde", r"items\[1\]: expected \(session, layer, q, k, v\), got str"),
+        (42, r"items\[1\]: expected \(session, layer, q, k, v\), got int"),
+        ((None, 0, 1, 2, 3), r"items\[1\]\.session: expected a session handle or a non-empty id"),
+        (("", 0, 1, 2, 3), r"items\[1\]\.session: expected"),
+        (("a", 1.5, 1, 2, 3), r"items\[1\]\.layer: expected an integer, got 1.5"),
+    ],
+)
+def test_batch_items_bad_shape_of_item(item, pattern):
+    good = ("a", 0, rand((1, 8, 64)), rand((1, 2, 64)), rand((1, 2, 64)))
+    with pytest.raises(Q8KVError, match=pattern) as info:
+        m.batch_items([good, item])
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_batch_items_bad_dtype_names_the_field(which):
+    t = {"q": rand((1, 8, 64)), "k": rand((1, 2, 64)), "v": rand((1, 2, 64))}
+    t[which] = t[which].astype(np.float64)
+    with pytest.raises(Q8KVError) as info:
+        m.batch_items([("a", 0, t["q"], t["k"], t["v"]), ("b", 0, t["q"], t["k"], t["v"])])
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert str(info.value).startswith(f"INVALID_ARGUMENT: items[0].{which}.dtype: expected")
+    assert "float64" in str(info.value)
+
+
+def test_decode_results_and_count():
+    out = rand((2, 8, 64), np.float16)
+    results = m.decode_results([pb.AttendResult(output=encode(out), length=18)])
+    assert results == [AttendResult(results[0].output, 18)]
+    o, length = results[0]
+    np.testing.assert_array_equal(o, out) and length == 18
+    bad = pb.AttendResult(output=pb.Tensor(dtype=pb.FLOAT32, shape=[2], data=b"x"))
+    with pytest.raises(Q8KVError, match=r"^INTERNAL: results\[0\]\.output\.data"):
+        m.decode_results([bad])
+    with pytest.raises(Q8KVError, match="expected 2 .* got 1"):
+        m.check_result_count(2, 1)
+
+
+def test_dequantize_request_end_optional():
+    r = m.dequantize_request("s", 1)
+    assert (r.session_id, r.layer, r.start, r.HasField("end")) == ("s", 1, 0, False)
+    r = m.dequantize_request("s", 1, 4, 0)
+    assert r.HasField("end") and r.end == 0 and r.start == 4
+
+
+def test_session_info_from_proto():
+    msg = pb.SessionInfo(
+        session_id="s",
+        geometry=pb.Geometry(num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, max_len=9),
+        softmax_scale=0.125,
+        layer_lengths=[3, 0],
+        cache_bytes=100,
+        reserved_bytes=4096,
+        ttl_seconds=60,
+        created_at=1.5,
+        last_used_at=2.5,
+    )
+    info = SessionInfo.from_proto(msg)
+    assert info == SessionInfo("s", 2, 8, 2, 64, 9, 0.125, [3, 0], 100, 4096, 60.0, 1.5, 2.5)
+
+
+# --- the clients against fake stubs: metadata and deadlines on every call ---------------
+
+
+def _info(sid="s1"):
+    return pb.SessionInfo(session_id=sid, geometry=pb.Geometry(num_layers=2), layer_lengths=[0, 0])
+
+
+class FakeUnary:
+    """Records each call's request and keyword arguments; answers with ``reply(request)``."""
+
+    def __init__(self, log, name, reply, is_async=False):
+        self.log, self.name, self.reply, self.is_async = log, name, reply, is_async
+
+    def __call__(self, request, **kwargs):
+        self.log.append((self.name, request, kwargs))
+        result = self.reply(request)
+        if not self.is_async:
+            if isinstance(result, Exception):
+                raise result
+            return result
+
+        async def answer():
+            if isinstance(result, Exception):
+                raise result
+            return result
+
+        return answer()
+
+
+def _attend_reply(request):
+    return pb.AppendAndAttendResponse(
+        results=[
+            pb.AttendResult(output=encode(decode(i.q)), length=int(decode(i.q).shape[0]) + 16)
+            for i in request.items
+        ]
+    )
+
+
+class FakeStub:
+    def __init__(self, log, is_async=False):
+        pages = {
+            "": pb.ListSessionsResponse(sessions=[_info("a")], next_page_token="p2"),
+            "p2": pb.ListSessionsResponse(sessions=[_info("b")]),
+        }
+        replies = {
+            "CreateSession": lambda r: pb.CreateSessionResponse(session=_info(r.session_id)),
+            "GetSession": lambda r: (
+                pb.GetSessionResponse(session=_info(r.session_id))
+                if r.session_id != "gone"
+                else FakeRpcError(grpc.StatusCode.NOT_FOUND, "session 'gone': not found")
+            ),
+            "ListSessions": lambda r: pages[r.page_token],
+            "DeleteSession": lambda r: pb.DeleteSessionResponse(freed_bytes=65536),
+            "TruncateSession": lambda r: pb.TruncateSessionResponse(session=_info(r.session_id)),
+            "AppendAndAttend": _attend_reply,
+            "Dequantize": lambda r: pb.DequantizeResponse(
+                k=encode(np.zeros((2, 3, 64), np.float32)),
+                v=encode(np.ones((2, 3, 64), np.float32)),
+                length=3,
+            ),
+            "Check": lambda r: health_pb2.HealthCheckResponse(status=1),
+        }
+        for name, reply in replies.items():
+            setattr(self, name, FakeUnary(log, name, reply, is_async))
+
+
+def _session_header(kwargs):
+    return dict(kwargs["metadata"]).get("x-session-id")
+
+
+def test_sync_client_sets_metadata_and_deadline_on_every_call():
+    log = []
+    with Client("127.0.0.1:1", timeout=2.5, token="tok") as c:
+        c._stub = c._health = FakeStub(log)
+        s = c.create_session(**GEOMETRY)
+        sid = s.id
+        assert uuid.UUID(sid).version == 4
+        q, kv = rand((1, 8, 64), np.float16), rand((1, 2, 64))
+        out = s.append_and_attend(0, q, kv, kv)
+        assert out.dtype == np.float16 and out.shape == (1, 8, 64)
+        assert s.append_and_attend(1, q, kv, kv, with_length=True).length == 17
+        s.dequantize(0, start=1)
+        s.truncate(0)
+        s.info()
+        assert s.length(1) == 0
+        assert s.delete() == 65536
+        outs = c.append_and_attend_batch([("other", 0, q, kv, kv), (s, 1, q, kv, kv)])
+        assert len(outs) == 2 and all(isinstance(o, np.ndarray) for o in outs)
+        pairs = c.append_and_attend_batch([(s, 1, q, kv, kv)], with_lengths=True)
+        assert pairs[0].length == 17
+        assert c.append_and_attend_batch([]) == []
+        assert [i.id for i in c.list_sessions(page_size=1)] == ["a", "b"]
+        assert c.health() == "SERVING"
+        assert c.get_session("x1").id == "x1"
+        with pytest.raises(Q8KVError) as info:
+            c.get_session("gone")
+        assert info.value.code is grpc.StatusCode.NOT_FOUND
+        assert str(info.value) == "NOT_FOUND: session 'gone': not found"
+
+    for name, request, kwargs in log:
+        assert kwargs["timeout"] == 2.5
+        assert ("authorization", "Bearer tok") in kwargs["metadata"]
+        if name in ("ListSessions", "Check"):
+            assert _session_header(kwargs) is None
+        elif name == "AppendAndAttend":
+            assert _session_header(kwargs) == request.items[0].session_id  # the first item's
+        else:
+            assert _session_header(kwargs) == request.session_id
+    assert [r.page_token for n, r, _ in log if n == "ListSessions"] == ["", "p2"]
+    assert [r.page_size for n, r, _ in log if n == "ListSessions"] == [1, 1]
+    assert log[0][1].session_id == sid and _session_header(log[0][2]) == sid
+    assert sum(n == "AppendAndAttend" for n, _, _ in log) == 4
+
+
+def test_sync_client_without_token_sends_no_authorization():
+    log = []
+    with Client("127.0.0.1:1", timeout=None) as c:
+        c._stub = FakeStub(log)
+        c.create_session(**GEOMETRY, session_id="mine")
+    ((name, request, kwargs),) = log
+    assert request.session_id == "mine" and kwargs["timeout"] is None
+    assert kwargs["metadata"] == (("x-session-id", "mine"),)
+
+
+def test_async_client_mirrors_the_sync_one():
+    async def main():
+        log = []
+        async with AsyncClient("127.0.0.1:1", timeout=3.0, token="tok") as c:
+            c._stub = c._health = FakeStub(log, is_async=True)
+            s = await c.create_session(**GEOMETRY)
+            q, kv = rand((2, 8, 64), ml_dtypes.bfloat16), rand((2, 2, 64))
+            out = await s.append_and_attend(0, q, kv, kv)
+            assert out.dtype == ml_dtypes.bfloat16 and out.shape == (2, 8, 64)
+            res = await c.append_and_attend_batch([("z", 0, q, kv, kv)], with_lengths=True)
+            assert res[0].length == 18
+            k, v = await s.dequantize(1)
+            assert k.shape == v.shape == (2, 3, 64)
+            await s.truncate(1)
+            assert await s.length(0) == 0
+            assert await s.delete() == 65536
+            assert [i.id for i in await c.list_sessions()] == ["a", "b"]
+            assert await c.health() == "SERVING"
+            with pytest.raises(Q8KVError, match="^NOT_FOUND"):
+                await c.get_session("gone")
+            return s.id, log
+
+    sid, log = asyncio.run(main())
+    assert uuid.UUID(sid).version == 4
+    for name, request, kwargs in log:
+        assert kwargs["timeout"] == 3.0
+        assert ("authorization", "Bearer tok") in kwargs["metadata"]
+        if name == "AppendAndAttend":
+            assert _session_header(kwargs) == request.items[0].session_id
+        elif name not in ("ListSessions", "Check"):
+            assert _session_header(kwargs) == request.session_id
+
+
+# --- AppendAndAttendStream: request building and matching by request_id --------------
+
+
+def _stream_response(request, fail_layer=None):
+    if any(i.layer == fail_layer for i in request.items):
+        return pb.AppendAndAttendStreamResponse(
+            request_id=request.request_id, error_code=11, error_message="layer 5: past max_len"
+        )
+    return pb.AppendAndAttendStreamResponse(
+        request_id=request.request_id, results=_attend_reply(request).results
+    )
+
+
+def test_stream_book_builds_requests_and_matches_ids():
+    book = m.StreamBook()
+    q, kv = rand((1, 8, 64)), rand((1, 2, 64))
+    rid, req = book.build([("s", 0, q, kv, kv), ("t", 1, q, kv, kv)])
+    assert rid == 1 and req.request_id == 1 and [i.session_id for i in req.items] == ["s", "t"]
+    with pytest.raises(Q8KVError, match=r"items\[0\]\.q\.dtype"):
+        book.build([("s", 0, q.astype(np.float64), kv, kv)])
+    rid2, _ = book.build([("s", 0, q, kv, kv)])
+    assert rid2 == 2  # a failed build spends no id
+    book.sent(rid)
+    book.sent(rid2)
+    assert book.wanted(None) == 1 and book.wanted(2) == 2
+    with pytest.raises(Q8KVError, match="request_id: 9 is not outstanding"):
+        book.wanted(9)
+    assert book.take(1) is None
+    book.arrived[2] = pb.AppendAndAttendStreamResponse(
+        request_id=2, error_code=11, error_message="past max_len"
+    )
+    book.arrived[1] = _stream_response(req)
+    with pytest.raises(Q8KVError) as info:
+        book.take(2)
+    assert info.value.code is grpc.StatusCode.OUT_OF_RANGE and info.value.request_id == 2
+    assert str(info.value) == "OUT_OF_RANGE: past max_len"
+    assert [r.length for r in book.take(1)] == [17, 17]
+    assert book.pending == []
+    with pytest.raises(Q8KVError, match="no request outstanding"):
+        book.wanted(None)
+
+
+class FakeSyncStreamCall:
+    """Answers requests in pairs, the second first, to exercise matching by request_id."""
+
+    def __init__(self, requests):
+        self.requests, self.cancelled = requests, False
+        self.responses = self._answer()
+
+    def _answer(self):
+        held = None
+        for request in self.requests:
+            if held is None and request.items[0].layer != 5:
+                held = request
+                continue
+            yield _stream_response(request, fail_layer=5)
+            if held is not None:
+                yield _stream_response(held)
+                held = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.responses)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_sync_stream_matches_out_of_order_answers_and_survives_an_error():
+    calls = []
+
+    class Stub:
+        def AppendAndAttendStream(self, requests, **kwargs):
+            calls.append(kwargs)
+            call = FakeSyncStreamCall(requests)
+            calls.append(call)
+            return call
+
+    with Client("127.0.0.1:1", token="tok") as c:
+        c._stub = Stub()
+        q, kv = rand((1, 8, 64), np.float16), rand((1, 2, 64))
+        with c.stream() as st:
+            a = st.send([("first", 0, q, kv, kv)])
+            b = st.send([("second", 0, q, kv, kv), ("third", 1, q, kv, kv)])
+            assert (a, b) == (1, 2)
+            outs = st.recv(a)  # answered after b: b's answer is kept for later
+            assert len(outs) == 1 and outs[0].dtype == np.float16
+            assert [r.length for r in st.recv(with_lengths=True)] == [17, 17]
+            with pytest.raises(Q8KVError) as info:
+                st.attend([("first", 5, q, kv, kv)])
+            assert info.value.code is grpc.StatusCode.OUT_OF_RANGE
+            assert info.value.request_id == 3
+            # the stream is still usable after a failed message
+            st.send([("first", 0, q, kv, kv)])
+            assert len(st.attend([("first", 5 - 4, q, kv, kv)])) == 1
+            assert len(st.recv()) == 1
+        with pytest.raises(Q8KVError, match="already closed"):
+            st.send([("first", 0, q, kv, kv)])
+    kwargs = calls[0]
+    assert ("x-session-id", "first") in kwargs["metadata"]  # routed by the first item
+    assert ("authorization", "Bearer tok") in kwargs["metadata"]
+    assert calls[1].cancelled is False  # closed cleanly: nothing outstanding
+
+
+class FakeAioStreamCall:
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.written = []
+
+    async def write(self, request):
+        self.written.append(request)
+        await self.queue.put(_stream_response(request, fail_layer=5))
+
+    async def done_writing(self):
+        await self.queue.put(grpc.aio.EOF)
+
+    async def read(self):
+        return await self.queue.get()
+
+    def cancel(self):
+        self.cancelled = True
+        self.queue.put_nowait(grpc.aio.EOF)
+
+
+def test_async_stream_concurrent_attends_and_per_message_errors():
+    async def main():
+        seen = {}
+
+        class Stub:
+            def AppendAndAttendStream(self, **kwargs):
+                seen["kwargs"] = kwargs
+                seen["call"] = FakeAioStreamCall()
+                return seen["call"]
+
+        async with AsyncClient("127.0.0.1:1") as c:
+            c._stub = Stub()
+            q, kv = rand((1, 8, 64)), rand((1, 2, 64))
+            async with c.stream(session_id="route-me") as st:
+                outs = await asyncio.gather(
+                    *(st.attend([(f"s{i}", 0, q, kv, kv)], with_lengths=True) for i in range(8))
+                )
+                assert all(o[0].length == 17 for o in outs)
+                with pytest.raises(Q8KVError) as info:
+                    await st.attend([("s0", 5, q, kv, kv)])
+                assert info.value.code is grpc.StatusCode.OUT_OF_RANGE
+                assert info.value.request_id == 9
+                rid = await st.send([("s0", 0, q, kv, kv)])
+                assert (await st.recv(rid))[0].shape == (1, 8, 64)
+                with pytest.raises(Q8KVError, match="no request outstanding"):
+                    await st.recv()
+            assert seen["call"].cancelled is False
+            assert [w.request_id for w in seen["call"].written] == list(range(1, 11))
+            return seen["kwargs"]
+
+    kwargs = asyncio.run(main())
+    assert kwargs["metadata"] == (("x-session-id", "route-me"),)
+
+
+# --- the health probe ------------------------------------------------------------------
+
+
+@pytest.fixture
+def health_server():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(None)
+
+
+def test_health_probe(health_server, capsys):
+    address, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert health_probe.main([address, "-v"]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+    with Client(address, timeout=5) as c:
+        assert c.health() == "SERVING"
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert health_probe.main([address]) == 1
+    assert "NOT_SERVING" in capsys.readouterr().err
+    with Client(address, timeout=5) as c:
+        assert c.health() == "NOT_SERVING"
+    assert health_probe.main([address, "--service", "nope"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_health_probe_unreachable(capsys):
+    assert health_probe.main(["127.0.0.1:1", "--timeout", "2"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
