@@ -157,8 +157,14 @@ class Engine:
                 return
             if isinstance(job, _Call):
                 self._run_call(job)
-            else:
-                self._run_appends(self._collect_batch(job))
+                continue
+            batch = self._collect_batch(job)
+            try:
+                self._run_appends(batch)
+            except Exception as exc:  # a bug: answer INTERNAL, but never let the worker die
+                log.exception("append batch failed")
+                for pending in batch:
+                    pending.resolve(error=exc)  # no-op for jobs already answered
 
     def _collect_batch(self, first: _Append) -> list[_Append]:
         """Take the append jobs queued right behind ``first`` (never past another kind of
@@ -198,7 +204,9 @@ class Engine:
                 continue
             try:
                 accepted.append((job, self._prepare(job)))
-            except ServiceError as exc:
+            except Exception as exc:
+                if not isinstance(exc, ServiceError):
+                    log.exception("request failed in validation")
                 job.resolve(error=exc)
         if not accepted:
             return
@@ -229,7 +237,7 @@ class Engine:
         try:
             for index, request in enumerate(job.items):
                 done.append(self._prepare_item(index, request, job.tenant))
-        except ServiceError:
+        except Exception:
             self._roll_back(done)
             raise
         return done
