@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -157,8 +158,14 @@ class SessionStore:
         max_sessions: int,
         default_ttl: float = 0.0,
         evict_idle_seconds: float = 0.0,
+        tenant_max_sessions: int = 0,
+        tenant_max_pages: int = 0,
     ) -> None:
         self.pool = pool
+        self.tenant_max_sessions = tenant_max_sessions  # 0: no limit
+        self.tenant_max_pages = tenant_max_pages  # 0: no limit
+        self.tenant_sessions: Counter[str] = Counter()
+        self.tenant_pages: Counter[str] = Counter()
         self.max_sessions = max_sessions
         self.default_ttl = default_ttl
         self.evict_idle_seconds = evict_idle_seconds
@@ -205,6 +212,10 @@ class SessionStore:
             raise ResourceExhausted(
                 f"sessions: the server holds its maximum of {self.max_sessions} sessions"
             )
+        if 0 < self.tenant_max_sessions <= self.tenant_sessions[tenant]:
+            raise ResourceExhausted(
+                f"sessions: this tenant holds its maximum of {self.tenant_max_sessions} sessions"
+            )
         layout = LayerLayout(
             num_heads=geometry.num_heads,
             num_kv_heads=geometry.num_kv_heads,
@@ -227,6 +238,7 @@ class SessionStore:
             layers=[LayerCache() for _ in range(geometry.num_layers)],
         )
         self._sessions[session_id] = session
+        self.tenant_sessions[tenant] += 1
         return session
 
     def get(self, session_id: str, tenant: str = "") -> Session:
@@ -245,10 +257,11 @@ class SessionStore:
         freed = 0
         for layer in session.layers:
             freed += len(layer.pages)
-            self.pool.give_back(layer.pages)
+            self._give_back(session, layer.pages)
             self.set_length(session, layer, 0)
             layer.pages = []
         del self._sessions[session.id]
+        self.tenant_sessions[session.tenant] -= 1
         return freed * self.pool.page_bytes
 
     def truncate(self, session: Session, length: int) -> None:
@@ -258,7 +271,7 @@ class SessionStore:
         for layer in session.layers:
             if layer.length > length:
                 keep = -(-length // tpp)
-                self.pool.give_back(layer.pages[keep:])
+                self._give_back(session, layer.pages[keep:])
                 del layer.pages[keep:]
                 self.set_length(session, layer, length)
         session.touch()
@@ -282,16 +295,27 @@ class SessionStore:
         needed = -(-new_length // session.layout.tokens_per_page) - len(layer.pages)
         if needed <= 0:
             return []
+        held = self.tenant_pages[session.tenant]
+        if 0 < self.tenant_max_pages < held + needed:
+            raise ResourceExhausted(
+                f"tenant memory: needed {needed} more pages of {self.pool.page_bytes} bytes, "
+                f"the tenant holds {held} of its {self.tenant_max_pages}"
+            )
         if needed > self.pool.free_pages:
             self.make_room(needed, keep=session)
         added = self.pool.take(needed)
         layer.pages.extend(added)
+        self.tenant_pages[session.tenant] += needed
         return added
 
-    def unreserve(self, layer: LayerCache, added: list[int]) -> None:
+    def unreserve(self, session: Session, layer: LayerCache, added: list[int]) -> None:
         if added:
             del layer.pages[len(layer.pages) - len(added) :]
-            self.pool.give_back(added)
+            self._give_back(session, added)
+
+    def _give_back(self, session: Session, pages: list[int]) -> None:
+        self.pool.give_back(pages)
+        self.tenant_pages[session.tenant] -= len(pages)
 
     # -- eviction --------------------------------------------------------------------------
 

@@ -47,6 +47,15 @@ class Config:
     max_batch_items: int = 64
     max_queue_delay_us: int = 0
     grace_seconds: float = 10.0
+    max_items_per_call: int = 1024
+    max_tokens_per_call: int = 65536
+    tenant_max_sessions: int = 0
+    tenant_max_bytes: int = 0
+    auth_tokens_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    snapshot_dir: str | None = None
     metrics_port: int = 9464
     quant_error_sample_rate: float = 0.01
     log_level: str = "INFO"
@@ -74,6 +83,22 @@ _FLAGS: dict[str, tuple[object, str]] = {
     "max_batch_items": (int, "most (session, layer) items the engine runs in one launch"),
     "max_queue_delay_us": (int, "how long the engine waits to fill a batch (0: no wait)"),
     "grace_seconds": (float, "on SIGTERM/SIGINT, how long in-flight calls may finish"),
+    "max_items_per_call": (int, "most (session, layer) items in one AppendAndAttend"),
+    "max_tokens_per_call": (int, "most new tokens, summed over items, in one AppendAndAttend"),
+    "tenant_max_sessions": (int, "most live sessions per tenant (0: no limit)"),
+    "tenant_max_bytes": (parse_size, "most pool bytes per tenant (0: no limit)"),
+    "auth_tokens_file": (
+        str,
+        "file of 'token tenant' lines, reloaded on SIGHUP; with it (or Q8KV_AUTH_TOKENS) "
+        "every call but health needs 'authorization: Bearer <token>'",
+    ),
+    "tls_cert": (str, "PEM certificate chain: serve TLS (with --tls-key)"),
+    "tls_key": (str, "PEM private key of --tls-cert"),
+    "tls_client_ca": (str, "PEM CA bundle: require client certificates it signed (mTLS)"),
+    "snapshot_dir": (
+        str,
+        "on SIGTERM write every session here (checksummed, atomic); load them at start",
+    ),
     "metrics_port": (int, "Prometheus /metrics HTTP port on --host (-1: metrics off)"),
     "quant_error_sample_rate": (
         float,
@@ -143,11 +168,21 @@ def _check(config: Config, parser: argparse.ArgumentParser) -> None:
         parser.error(
             f"--quant-error-sample-rate: expected 0..1, got {config.quant_error_sample_rate}"
         )
+    if bool(config.tls_cert) != bool(config.tls_key):
+        parser.error("--tls-cert and --tls-key: expected both or neither, got one")
+    if config.tls_client_ca and not config.tls_cert:
+        parser.error("--tls-client-ca: expected with --tls-cert/--tls-key (mTLS needs TLS)")
+    for name in ("tenant_max_sessions", "tenant_max_bytes"):
+        if getattr(config, name) < 0:
+            parser.error(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(config, name)}")
     if config.batching not in ("on", "off"):
         parser.error(f"--batching: expected on or off, got {config.batching!r}")
     if config.log_format not in ("text", "json"):
         parser.error(f"--log-format: expected text or json, got {config.log_format!r}")
-    for name in ("max_sessions", "max_batch_items", "max_message_bytes"):
+    for name in (
+        "max_sessions", "max_batch_items", "max_message_bytes", "max_items_per_call",
+        "max_tokens_per_call",
+    ):
         if getattr(config, name) <= 0:
             parser.error(f"--{name.replace('_', '-')}: expected > 0, got {getattr(config, name)}")
     if config.memory_budget is not None and config.memory_budget <= 0:

@@ -272,7 +272,7 @@ class Engine:
     def _roll_back(self, prepared: list[_Prepared]) -> None:
         for p in reversed(prepared):
             self.store.set_length(p.session, p.layer, p.old_length)
-            self.store.unreserve(p.layer, p.added_pages)
+            self.store.unreserve(p.session, p.layer, p.added_pages)
 
 
 def _check_shape(field_name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> None:

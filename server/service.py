@@ -8,6 +8,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -16,9 +17,10 @@ from q8kv.client import codec
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 
+from . import transfer
 from .cache import Geometry, Session, SessionStore
 from .engine import AppendRequest, Engine
-from .errors import InvalidArgument, OutOfRange, ServiceError
+from .errors import FailedPrecondition, InvalidArgument, OutOfRange, ServiceError
 from .logs import event
 
 log = logging.getLogger("q8kv.service")
@@ -72,10 +74,25 @@ def session_info(session: Session, store: SessionStore) -> pb.SessionInfo:
     )
 
 
-def decode_items(items) -> list[AppendRequest]:
+@dataclass(frozen=True)
+class CallLimits:
+    max_items: int = 1024
+    max_tokens: int = 65536
+
+
+def decode_items(items, limits: CallLimits = CallLimits()) -> list[AppendRequest]:
     """Decode every item's tensors without copying; reject what no session could take."""
     if not items:
         raise InvalidArgument("items: expected at least 1 item, got 0")
+    if len(items) > limits.max_items:
+        raise InvalidArgument(
+            f"items: expected at most {limits.max_items} items per call, got {len(items)}"
+        )
+    new_tokens = sum(item.k.shape[0] if item.k.shape else 0 for item in items)
+    if new_tokens > limits.max_tokens:
+        raise InvalidArgument(
+            f"items: expected at most {limits.max_tokens} new tokens per call, got {new_tokens}"
+        )
     decoded = []
     for index, item in enumerate(items):
         prefix = f"items[{index}]"
@@ -114,7 +131,9 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         engine: Engine,
         tenant_of: TenantOf = _no_tenant,
         on_items: Callable[[list[AppendRequest]], None] | None = None,
+        limits: CallLimits = CallLimits(),
     ) -> None:
+        self.limits = limits
         self.engine = engine
         self.store = engine.store
         self.tenant_of = tenant_of
@@ -190,7 +209,7 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         return pb.TruncateSessionResponse(session=await self.engine.call(truncate))
 
     async def _append_and_attend(self, items, context) -> list[pb.AttendResult]:
-        requests = decode_items(items)
+        requests = decode_items(items, self.limits)
         results = await self.engine.append_and_attend(
             requests, tenant=self.tenant_of(context), deadline=deadline_of(context)
         )
@@ -252,4 +271,51 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
 
         k, v, length = await self.engine.call(read)
         return pb.DequantizeResponse(k=codec.encode(k), v=codec.encode(v), length=length)
+
+    async def ExportSession(self, request, context):
+        """Header, then each layer read in its own engine call (appends to other sessions
+        keep flowing between them), then the checksum."""
+        tenant = self.tenant_of(context)
+        try:
+            header = await self.engine.call(
+                lambda: transfer.header_of(self.store.get(request.session_id, tenant))
+            )
+            checksum = transfer.Checksum()
+            first = pb.SessionChunk(header=header)
+            checksum.add(first)
+            yield first
+            for index, length in enumerate(header.layer_lengths):
+                for tokens in await self.engine.call(
+                    functools.partial(self._export_layer, request.session_id, tenant, index,
+                                      length)
+                ):
+                    chunk = pb.SessionChunk(tokens=tokens)
+                    checksum.add(chunk)
+                    yield chunk
+            yield checksum.trailer()
+        except ServiceError as exc:
+            event(log, "rpc_error", rpc="ExportSession", code=exc.code.name, detail=exc.message)
+            await context.abort(exc.code, exc.message)
+
+    def _export_layer(self, session_id: str, tenant: str, index: int, length: int):
+        session = self.store.get(session_id, tenant)
+        if session.layers[index].length < length:
+            raise FailedPrecondition(
+                f"session_id: {session_id!r} was truncated during the export (layer {index} "
+                f"has {session.layers[index].length} tokens, the header said {length})"
+            )
+        return transfer.layer_chunks(self.engine.backend, session, index, length)
+
+    @handles_errors
+    async def ImportSession(self, request_iterator, context):
+        chunks = [chunk async for chunk in request_iterator]
+        imported = transfer.assemble(chunks)
+        tenant = self.tenant_of(context)
+        info = await self.engine.call(
+            lambda: session_info(
+                transfer.install(self.store, self.engine.backend, imported, tenant), self.store
+            )
+        )
+        event(log, "session_imported", session=info.session_id, tokens=sum(info.layer_lengths))
+        return pb.ImportSessionResponse(session=info)
 

@@ -133,5 +133,56 @@ class Backend(ABC):
     def write_pages(self, page_ids: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
         """Overwrite whole pages with raw contents from ``read_pages`` (snapshots, import)."""
 
+    # -- token-major access (export, import, snapshots), built on the raw page copies ------
+
+    def read_tokens(
+        self, layout: LayerLayout, page_ids: np.ndarray, start: int, end: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Codes int8 [2, KVH, end-start, D] and scales float32 [2, KVH, end-start, D/32]
+        of tokens [start, end): the cache without its page layout."""
+        t = layout.tokens_per_page
+        first, last = start // t, -(-end // t)
+        codes, scales = self.read_pages(np.asarray(page_ids[first:last], dtype=np.int32))
+        lo, hi = start - first * t, end - first * t
+        return (
+            _pages_to_tokens(codes, layout, layout.head_dim)[:, :, lo:hi],
+            _pages_to_tokens(scales, layout, layout.blocks)[:, :, lo:hi],
+        )
+
+    def write_tokens(
+        self,
+        layout: LayerLayout,
+        page_ids: np.ndarray,
+        start: int,
+        codes: np.ndarray,
+        scales: np.ndarray,
+    ) -> None:
+        """Store raw Q8 tokens (as ``read_tokens`` returns them) at [start, start + n)."""
+        t, n = layout.tokens_per_page, codes.shape[2]
+        first, last = start // t, -(-(start + n) // t)
+        pages = np.asarray(page_ids[first:last], dtype=np.int32)
+        page_codes, page_scales = self.read_pages(pages)  # keep what else the pages hold
+        lo = start - first * t
+        for pool, tokens, width in (
+            (page_codes, codes, layout.head_dim),
+            (page_scales, scales, layout.blocks),
+        ):
+            view = _pages_to_tokens(pool, layout, width)  # a copy, token-major
+            view[:, :, lo : lo + n] = tokens
+            used = 2 * layout.num_kv_heads * t * width
+            pool[:, :used] = (
+                view.reshape(2, layout.num_kv_heads, len(pages), t, width)
+                .transpose(2, 0, 1, 3, 4)
+                .reshape(len(pages), used)
+            )
+        self.write_pages(pages, page_codes, page_scales)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device memory (tests create many backends)."""
+
+
+def _pages_to_tokens(pages: np.ndarray, layout: LayerLayout, width: int) -> np.ndarray:
+    """Rows of whole pages [P, row] -> token-major [2, KVH, P * T, width] (a copy)."""
+    kvh, t = layout.num_kv_heads, layout.tokens_per_page
+    used = pages[:, : 2 * kvh * t * width].reshape(len(pages), 2, kvh, t, width)
+    return used.transpose(1, 2, 0, 3, 4).reshape(2, kvh, len(pages) * t, width)

@@ -44,22 +44,6 @@ class NumpyBackend(Backend):
         row = ((kind * kvh + head) * t + slots[None, :, None, None]) * width + col
         return pages[None, :, None, None].astype(np.int64) * row_bytes + row
 
-    def _gather(self, layout: LayerLayout, page_ids: np.ndarray, start: int, end: int):
-        """Codes int8 [2, KVH, end-start, D] and scales [2, KVH, end-start, D/32]."""
-        kvh, t, d = layout.num_kv_heads, layout.tokens_per_page, layout.head_dim
-        first, last = start // t, -(-end // t)
-        pages = page_ids[first:last]
-        used_c, used_s = 2 * kvh * t * d, 2 * kvh * t * (d // QBLOCK)
-        codes = self.codes[pages, :used_c].reshape(len(pages), 2, kvh, t, d)
-        scales = self.scales[pages, :used_s].reshape(len(pages), 2, kvh, t, d // QBLOCK)
-        lo, hi = start - first * t, end - first * t
-
-        def tokens_major(a: np.ndarray) -> np.ndarray:
-            a = a.transpose(1, 2, 0, 3, 4)
-            return a.reshape(2, kvh, len(pages) * t, a.shape[-1])[:, :, lo:hi]
-
-        return tokens_major(codes), tokens_major(scales)
-
     # -- Backend ---------------------------------------------------------------------------
 
     def _append(self, item: AttendItem) -> None:
@@ -76,7 +60,7 @@ class NumpyBackend(Backend):
         layout, n, start = item.layout, item.n, item.start
         kvh, g, d = layout.num_kv_heads, layout.group, layout.head_dim
         total = start + n
-        codes, scales = self._gather(layout, item.page_ids, 0, total)
+        codes, scales = self.read_tokens(layout, item.page_ids, 0, total)
         keys, values = q8.dequantize(codes, scales)  # each [KVH, total, D]
         # Rows of one kv head's query matrix are (group member, new token): [KVH, G*n, D].
         q = item.q.astype(np.float32).reshape(n, kvh, g, d).transpose(1, 2, 0, 3)
@@ -109,7 +93,7 @@ class NumpyBackend(Backend):
 
     def dequantize(self, layout, page_ids, start, end):
         started = time.perf_counter()
-        codes, scales = self._gather(layout, page_ids, start, end)
+        codes, scales = self.read_tokens(layout, page_ids, start, end)
         values = q8.dequantize(codes, scales)
         k, v = np.ascontiguousarray(values[0]), np.ascontiguousarray(values[1])
         self._timed("dequantize", started)

@@ -211,3 +211,63 @@ class DequantizeResponse(_message.Message):
     v: Tensor
     length: int
     def __init__(self, k: _Optional[_Union[Tensor, _Mapping]] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ..., length: _Optional[int] = ...) -> None: ...
+
+class ExportSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SessionChunk(_message.Message):
+    __slots__ = ("header", "tokens", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: SessionHeader
+    tokens: TokenChunk
+    trailer: SessionTrailer
+    def __init__(self, header: _Optional[_Union[SessionHeader, _Mapping]] = ..., tokens: _Optional[_Union[TokenChunk, _Mapping]] = ..., trailer: _Optional[_Union[SessionTrailer, _Mapping]] = ...) -> None: ...
+
+class SessionHeader(_message.Message):
+    __slots__ = ("format_version", "session_id", "geometry", "softmax_scale", "ttl_seconds", "layer_lengths", "tenant")
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    SOFTMAX_SCALE_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    format_version: int
+    session_id: str
+    geometry: Geometry
+    softmax_scale: float
+    ttl_seconds: float
+    layer_lengths: _containers.RepeatedScalarFieldContainer[int]
+    tenant: str
+    def __init__(self, format_version: _Optional[int] = ..., session_id: _Optional[str] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., softmax_scale: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., layer_lengths: _Optional[_Iterable[int]] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class TokenChunk(_message.Message):
+    __slots__ = ("layer", "start", "count", "codes", "scales")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    start: int
+    count: int
+    codes: bytes
+    scales: bytes
+    def __init__(self, layer: _Optional[int] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., codes: _Optional[bytes] = ..., scales: _Optional[bytes] = ...) -> None: ...
+
+class SessionTrailer(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: bytes
+    def __init__(self, sha256: _Optional[bytes] = ...) -> None: ...
+
+class ImportSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...

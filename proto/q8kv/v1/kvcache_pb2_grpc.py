@@ -74,6 +74,16 @@ class KVCacheServiceStub:
                 request_serializer=q8kv_dot_v1_dot_kvcache__pb2.DequantizeRequest.SerializeToString,
                 response_deserializer=q8kv_dot_v1_dot_kvcache__pb2.DequantizeResponse.FromString,
                 _registered_method=True)
+        self.ExportSession = channel.unary_stream(
+                '/q8kv.v1.KVCacheService/ExportSession',
+                request_serializer=q8kv_dot_v1_dot_kvcache__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=q8kv_dot_v1_dot_kvcache__pb2.SessionChunk.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.stream_unary(
+                '/q8kv.v1.KVCacheService/ImportSession',
+                request_serializer=q8kv_dot_v1_dot_kvcache__pb2.SessionChunk.SerializeToString,
+                response_deserializer=q8kv_dot_v1_dot_kvcache__pb2.ImportSessionResponse.FromString,
+                _registered_method=True)
 
 
 class KVCacheServiceServicer:
@@ -135,6 +145,22 @@ class KVCacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportSession(self, request, context):
+        """Streams a session's Q8 cache out (header, chunks of tokens per layer, checksum), to
+        drain a replica or move load. The session stays; delete it once imported elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request_iterator, context):
+        """Recreates an exported session, bit for bit, owned by the caller's tenant. Nothing is
+        created unless every chunk arrived and the checksum matches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVCacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +203,16 @@ def add_KVCacheServiceServicer_to_server(servicer, server):
                     servicer.Dequantize,
                     request_deserializer=q8kv_dot_v1_dot_kvcache__pb2.DequantizeRequest.FromString,
                     response_serializer=q8kv_dot_v1_dot_kvcache__pb2.DequantizeResponse.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=q8kv_dot_v1_dot_kvcache__pb2.ExportSessionRequest.FromString,
+                    response_serializer=q8kv_dot_v1_dot_kvcache__pb2.SessionChunk.SerializeToString,
+            ),
+            'ImportSession': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=q8kv_dot_v1_dot_kvcache__pb2.SessionChunk.FromString,
+                    response_serializer=q8kv_dot_v1_dot_kvcache__pb2.ImportSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +431,60 @@ class KVCacheService:
             '/q8kv.v1.KVCacheService/Dequantize',
             q8kv_dot_v1_dot_kvcache__pb2.DequantizeRequest.SerializeToString,
             q8kv_dot_v1_dot_kvcache__pb2.DequantizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/q8kv.v1.KVCacheService/ExportSession',
+            q8kv_dot_v1_dot_kvcache__pb2.ExportSessionRequest.SerializeToString,
+            q8kv_dot_v1_dot_kvcache__pb2.SessionChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/q8kv.v1.KVCacheService/ImportSession',
+            q8kv_dot_v1_dot_kvcache__pb2.SessionChunk.SerializeToString,
+            q8kv_dot_v1_dot_kvcache__pb2.ImportSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

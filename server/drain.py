@@ -1,0 +1,68 @@
+"""Graceful shutdown: once draining, new calls get UNAVAILABLE from us (a clear message,
+before gRPC's own shutdown could cancel them), and the server waits for the calls in
+flight to finish. The health service is exempt: it must keep answering NOT_SERVING."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from .interceptors import handler_kind, rebuild
+
+EXEMPT_PREFIX = "/grpc.health.v1.Health/"
+
+
+class DrainInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Start draining; True if every call in flight finished within ``timeout``."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(EXEMPT_PREFIX):
+            return handler
+        kind = handler_kind(handler)
+        inner = getattr(handler, kind)
+        drain = self
+
+        async def unary(request, context):
+            if drain.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server: shutting down")
+            drain._enter()
+            try:
+                return await inner(request, context)
+            finally:
+                drain._leave()
+
+        async def streaming(request, context):
+            if drain.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server: shutting down")
+            drain._enter()
+            try:
+                async for response in inner(request, context):
+                    yield response
+            finally:
+                drain._leave()
+
+        return rebuild(handler, streaming if kind.endswith("_stream") else unary)
