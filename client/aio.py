@@ -146,6 +146,35 @@ class AsyncClient:
         request = m.dequantize_request(sid, layer, start, end)
         return m.decode_dequantize(await self._call(self._stub.Dequantize, request, sid))
 
+    async def export_session(self, session: Any) -> list[pb.SessionChunk]:
+        """As Client.export_session."""
+        sid = m.session_id_of(session)
+        request = pb.ExportSessionRequest(session_id=sid)
+        call = self._stub.ExportSession(
+            request,
+            timeout=self.timeout,
+            metadata=call_metadata(self._metadata, sid),
+            wait_for_ready=self.wait_for_ready,
+        )
+        try:
+            return [chunk async for chunk in call]
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def import_session(self, chunks: Iterable[pb.SessionChunk]) -> AsyncSession:
+        """As Client.import_session."""
+        sent, sid = m.import_chunks(chunks)
+        try:
+            response = await self._stub.ImportSession(
+                iter(sent),
+                timeout=self.timeout,
+                metadata=call_metadata(self._metadata, sid),
+                wait_for_ready=self.wait_for_ready,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return AsyncSession(self, m.imported_session_id(response))
+
     # --- attention ---------------------------------------------------------------------
 
     async def append_and_attend_batch(
@@ -220,6 +249,9 @@ class AsyncSession:
 
     async def delete(self) -> int:
         return await self.client.delete_session(self.id)
+
+    async def export(self) -> list[pb.SessionChunk]:
+        return await self.client.export_session(self.id)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, AsyncSession) and other.id == self.id

@@ -203,3 +203,30 @@ class StreamBook:
             return None
         self.pending.remove(request_id)
         return stream_results(response)
+
+
+# --- ExportSession / ImportSession -----------------------------------------------------
+
+
+def import_chunks(chunks: Iterable[pb.SessionChunk]) -> tuple[list[pb.SessionChunk], str | None]:
+    """Chunks to send to ImportSession, checked for type, and the header's session id (for
+    routing: the router must send the import where the id hashes to)."""
+    out: list[pb.SessionChunk] = []
+    for i, chunk in enumerate(chunks):
+        if not isinstance(chunk, pb.SessionChunk):
+            raise invalid_argument(
+                f"chunks[{i}]: expected a SessionChunk, got {type(chunk).__name__}"
+            )
+        out.append(chunk)
+    if not out:
+        raise invalid_argument("chunks: expected a header, token chunks and a trailer, got none")
+    first = out[0]
+    session_id = first.header.session_id if first.WhichOneof("part") == "header" else None
+    return out, session_id or None
+
+
+def imported_session_id(response: pb.ImportSessionResponse) -> str:
+    sid = response.session.session_id
+    if not sid:
+        raise Q8KVError(grpc.StatusCode.INTERNAL, "session.session_id: expected an id, got ''")
+    return sid

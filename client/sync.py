@@ -143,6 +143,38 @@ class Client:
         request = m.dequantize_request(sid, layer, start, end)
         return m.decode_dequantize(self._call(self._stub.Dequantize, request, sid))
 
+    def export_session(self, session: Any) -> list[pb.SessionChunk]:
+        """A session's Q8 cache as chunks (header, tokens per layer, checksum trailer), for
+        ``import_session`` on another server. The session stays here."""
+        sid = m.session_id_of(session)
+        request = pb.ExportSessionRequest(session_id=sid)
+        try:
+            return list(
+                self._stub.ExportSession(
+                    request,
+                    timeout=self.timeout,
+                    metadata=call_metadata(self._metadata, sid),
+                    wait_for_ready=self.wait_for_ready,
+                )
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def import_session(self, chunks: Iterable[pb.SessionChunk]) -> Session:
+        """Recreate an exported session here, owned by this caller's tenant; nothing is
+        created unless every chunk arrived and the checksum matches."""
+        sent, sid = m.import_chunks(chunks)
+        try:
+            response = self._stub.ImportSession(
+                iter(sent),
+                timeout=self.timeout,
+                metadata=call_metadata(self._metadata, sid),
+                wait_for_ready=self.wait_for_ready,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return Session(self, m.imported_session_id(response))
+
     # --- attention ---------------------------------------------------------------------
 
     def append_and_attend_batch(
@@ -221,6 +253,10 @@ class Session:
     def delete(self) -> int:
         """Delete the session; returns the bytes freed."""
         return self.client.delete_session(self.id)
+
+    def export(self) -> list[pb.SessionChunk]:
+        """As Client.export_session."""
+        return self.client.export_session(self.id)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Session) and other.id == self.id
