@@ -127,13 +127,18 @@ class Metrics:
             "grpc_server_msg_sent", "Stream messages sent by the server",
             ["grpc_type", "grpc_service", "grpc_method"], registry=r,
         )
+        self._kernels: dict[str, tuple] = {}
         backend.on_kernel = self.observe_kernel
 
     # -- hooks -------------------------------------------------------------------------------
 
     def observe_kernel(self, kernel: str, launch_seconds: float, device_seconds: float) -> None:
-        self.launch.labels(kernel).observe(launch_seconds)
-        self.device.labels(kernel).observe(device_seconds)
+        children = self._kernels.get(kernel)
+        if children is None:  # resolve labels once per kernel: labels() costs microseconds
+            children = self._kernels[kernel] = (self.launch.labels(kernel),
+                                                self.device.labels(kernel))
+        children[0].observe(launch_seconds)
+        children[1].observe(device_seconds)
 
     def engine_observer(self) -> EngineObserver:
         return EngineObserver(
@@ -174,6 +179,37 @@ _WRAP = {
     "stream_unary": grpc.stream_unary_rpc_method_handler,
     "stream_stream": grpc.stream_stream_rpc_method_handler,
 }
+# context.code() gives a StatusCode, or on some paths its numeric value.
+_CODE_NAMES: dict = {c: c.name for c in grpc.StatusCode} | {
+    c.value[0]: c.name for c in grpc.StatusCode
+}
+
+
+class _MethodMetrics:
+    """The labelled children of one method, resolved once (``labels()`` costs microseconds
+    per call, which the decode-step round trip notices)."""
+
+    def __init__(self, m: Metrics, kind: str, service: str, method: str) -> None:
+        labels = (_RPC_TYPES[kind], service, method)
+        self.labels = labels
+        self.handled_family = m.rpc_handled
+        self.started = m.rpc_started.labels(*labels)
+        self.seconds = m.rpc_seconds.labels(*labels)
+        self.received = m.msg_received.labels(*labels)
+        self.sent = m.msg_sent.labels(*labels)
+        self.handled: dict[str, Counter] = {}
+
+    def finish(self, context, started: float, failed: BaseException | None) -> None:
+        code = context.code()
+        if code is None:
+            name = "OK" if failed is None else "UNKNOWN"
+        else:
+            name = _CODE_NAMES.get(code, "UNKNOWN")
+        child = self.handled.get(name)
+        if child is None:
+            child = self.handled[name] = self.handled_family.labels(*self.labels, name)
+        child.inc()
+        self.seconds.observe(time.perf_counter() - started)
 
 
 class _RpcMetrics(grpc.aio.ServerInterceptor):
@@ -181,35 +217,35 @@ class _RpcMetrics(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
+        self._methods: dict[tuple[str, str], _MethodMetrics] = {}
+
+    def _method(self, path: str, kind: str) -> _MethodMetrics:
+        found = self._methods.get((path, kind))
+        if found is None:
+            service, _, method = path.lstrip("/").rpartition("/")
+            found = self._methods[(path, kind)] = _MethodMetrics(self.m, kind, service, method)
+        return found
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        kind = next(k for k in _RPC_TYPES if getattr(handler, k) is not None)
-        labels = (_RPC_TYPES[kind], service, method)
-        inner = getattr(handler, kind)
-        m = self.m
-
-        def finish(context, started: float, failed: BaseException | None) -> None:
-            code = context.code()
-            if code is None:
-                code = grpc.StatusCode.OK if failed is None else grpc.StatusCode.UNKNOWN
-            if isinstance(code, int):  # some paths store the numeric value
-                code = next(c for c in grpc.StatusCode if c.value[0] == code)
-            m.rpc_handled.labels(*labels, code.name).inc()
-            m.rpc_seconds.labels(*labels).observe(time.perf_counter() - started)
+        if handler.unary_unary is not None:
+            kind, inner = "unary_unary", handler.unary_unary
+        else:
+            kind = next(k for k in _RPC_TYPES if getattr(handler, k) is not None)
+            inner = getattr(handler, kind)
+        mm = self._method(handler_call_details.method, kind)
 
         async def counted_requests(requests):
             async for request in requests:
-                m.msg_received.labels(*labels).inc()
+                mm.received.inc()
                 yield request
 
         if kind.endswith("_stream"):
 
             async def behavior(request, context):
-                m.rpc_started.labels(*labels).inc()
+                mm.started.inc()
                 started, failed = time.perf_counter(), None
                 if kind == "stream_stream":
                     request = counted_requests(request)
@@ -219,22 +255,22 @@ class _RpcMetrics(grpc.aio.ServerInterceptor):
                         result = await result
                     if hasattr(result, "__aiter__"):
                         async for response in result:
-                            m.msg_sent.labels(*labels).inc()
+                            mm.sent.inc()
                             yield response
                     else:
                         for response in result:
-                            m.msg_sent.labels(*labels).inc()
+                            mm.sent.inc()
                             yield response
                 except BaseException as exc:
                     failed = exc
                     raise
                 finally:
-                    finish(context, started, failed)
+                    mm.finish(context, started, failed)
 
         else:
 
             async def behavior(request, context):
-                m.rpc_started.labels(*labels).inc()
+                mm.started.inc()
                 started, failed = time.perf_counter(), None
                 try:
                     result = inner(request, context)
@@ -243,7 +279,7 @@ class _RpcMetrics(grpc.aio.ServerInterceptor):
                     failed = exc
                     raise
                 finally:
-                    finish(context, started, failed)
+                    mm.finish(context, started, failed)
 
         return _WRAP[kind](
             behavior,
