@@ -1,0 +1,408 @@
+"""q8kv-loadtest: a load generator for q8kv that behaves like model runners (in the manner of
+ghz). See ``q8kv-loadtest --help``; the load itself is described in loadtest_run.py.
+
+    q8kv-loadtest 127.0.0.1:50051 --concurrency 16 --duration 30s --prefill 512 --steps 64
+    q8kv-loadtest 127.0.0.1:50051 -n 2000 --streaming --verify 0.1 --output json
+
+Exit status: 0 all calls succeeded and every verified output matched; 1 a call failed, an
+output mismatched or the server stopped answering; 2 the run could not start (bad flag,
+unreachable target, sessions could not be created); 130 interrupted (Ctrl-C) without
+failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from . import loadtest_report as report_mod
+from .aio import AsyncClient
+from .errors import Q8KVError
+from .loadtest_run import CallFailed, LoadSpec, Orchestrator, Shared, delete_sessions
+from .loadtest_stats import Recorder
+from .loadtest_verify import DEFAULT_TOLERANCE
+
+# A run is always bounded: one of --duration / --requests is required, and both are capped.
+MAX_DURATION_S = 24 * 3600.0
+MAX_REQUESTS = 100_000_000
+MAX_CONCURRENCY = 4096
+MAX_VERIFY_COPY_BYTES = 8 * 1024**3  # the local float32 copy --verify keeps
+PROBE_TIMEOUT_S = 5.0
+
+EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '2m', '500ms', '1h', '10' (seconds) -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a duration like 30s, 2m or 500ms, got {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="q8kv-loadtest",
+        description="Load-test a q8kv server the way model runners use it: virtual "
+        "orchestrators own sessions, prefill a prompt (one call per layer), then decode "
+        "token by token, layer by layer. Reports throughput, latency, errors and, with "
+        "--verify, wrong answers.",
+        epilog="Exit status: 0 ok; 1 failed calls, mismatches or the server went away; 2 the "
+        "run could not start; 130 interrupted.",
+    )
+    p.add_argument("target", help="host:port of the q8kv server (or router)")
+    g = p.add_argument_group("sessions (one per orchestrator x --batch)")
+    g.add_argument("--layers", type=int, default=1, help="layers per session [1]")
+    g.add_argument("--heads", type=int, default=8, help="query heads H [8]")
+    g.add_argument("--kv-heads", type=int, default=2, help="kv heads KVH, divides H [2]")
+    g.add_argument("--head-dim", type=int, default=128, help="head dim D, multiple of 32 [128]")
+    g.add_argument("--dtype", choices=("float16", "float32"), default="float32",
+                   help="wire dtype of q/k/v and of the outputs [float32]")
+    g.add_argument("--prefill", type=int, default=64,
+                   help="prompt tokens per sequence, one call per layer [64]")
+    g.add_argument("--steps", type=int, default=16,
+                   help="decode steps per sequence, one call per layer each [16]")
+    g.add_argument("--batch", type=int, default=1,
+                   help="sessions per orchestrator, sent together as one call's items [1]")
+    g = p.add_argument_group("load")
+    g.add_argument("-c", "--concurrency", type=int, default=4,
+                   help="virtual orchestrators running at once [4]")
+    g.add_argument("--connections", type=int, default=1,
+                   help="gRPC channels the orchestrators are spread over [1]")
+    g.add_argument("-z", "--duration", type=parse_duration,
+                   help=f"stop after this long (e.g. 30s, 2m; at most {MAX_DURATION_S:g}s)")
+    g.add_argument("-n", "--requests", type=int,
+                   help=f"stop after this many AppendAndAttend calls (at most {MAX_REQUESTS})")
+    g.add_argument("-r", "--rate", type=float,
+                   help="open loop: start calls at this many per second overall "
+                   "(default: closed loop, each orchestrator calls again at once)")
+    g.add_argument("--streaming", action="store_true",
+                   help="one AppendAndAttendStream per orchestrator instead of unary calls")
+    g.add_argument("--untimed-prefill", action="store_true",
+                   help="run every session's first prefill before the clock starts (not in "
+                   "the latency/throughput figures): a decode benchmark at a given length")
+    g.add_argument("--timeout", type=parse_duration, default=20.0,
+                   help="deadline of each call [20s]")
+    g.add_argument("--seed", type=int, default=0, help="random data seed [0]")
+    g = p.add_argument_group("connection")
+    g.add_argument("--token", help="bearer token (or env Q8KV_TOKEN)")
+    g.add_argument("--tls", metavar="CA_PATH",
+                   help="use TLS, trusting this CA bundle ('system' for the system roots)")
+    g = p.add_argument_group("checks and report")
+    g.add_argument("--verify", type=float, default=0.0, metavar="FRACTION",
+                   help="recompute this fraction of calls locally (float64 reference on the "
+                   "exact Q8 cache) and count mismatches [0]")
+    g.add_argument("--tolerance", type=float,
+                   help="relative L2 error allowed by --verify [1e-4 for float32, 1e-2 for "
+                   "float16]")
+    g.add_argument("--metrics-url",
+                   help="the server's /metrics URL: adds memory saved and compression ratio")
+    g.add_argument("-O", "--output", choices=("text", "json", "csv"), default="text",
+                   help="report format; csv: one row per call [text]")
+    g.add_argument("-o", "--output-file", help="write the report here instead of stdout")
+    g.add_argument("--plot", metavar="FILE.png",
+                   help="draw latency over time and the histogram (needs matplotlib)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LoadSpec:
+    """Flags -> LoadSpec, or exit 2 with a message naming the flag."""
+    def positive(name: str, minimum: int = 1) -> None:
+        value = getattr(args, name)
+        if value < minimum:
+            parser.error(f"--{name.replace('_', '-')}: expected >= {minimum}, got {value}")
+
+    for name in ("layers", "heads", "kv_heads", "head_dim", "batch", "concurrency",
+                 "connections"):
+        positive(name)
+    positive("prefill", 0)
+    positive("steps", 0)
+    if args.head_dim % 32:
+        parser.error(f"--head-dim: expected a multiple of 32, got {args.head_dim}")
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads: expected a multiple of --kv-heads {args.kv_heads}, "
+                     f"got {args.heads}")
+    if args.prefill + args.steps < 1:
+        parser.error("--prefill/--steps: a sequence needs at least one token")
+    if args.concurrency > MAX_CONCURRENCY:
+        parser.error(f"--concurrency: expected <= {MAX_CONCURRENCY}, got {args.concurrency}")
+    if args.duration is None and args.requests is None:
+        parser.error("a run must be bounded: give --duration (e.g. 30s) or --requests")
+    if args.duration is not None and not 0 < args.duration <= MAX_DURATION_S:
+        parser.error(f"--duration: expected > 0 and <= {MAX_DURATION_S:g}s, "
+                     f"got {args.duration:g}s")
+    if args.requests is not None and not 0 < args.requests <= MAX_REQUESTS:
+        parser.error(f"--requests: expected 1..{MAX_REQUESTS}, got {args.requests}")
+    if args.rate is not None and not 0 < args.rate <= 1e7:
+        parser.error(f"--rate: expected > 0 calls/s, got {args.rate:g}")
+    if not 0 < args.timeout <= 3600:
+        parser.error(f"--timeout: expected > 0 and <= 3600s, got {args.timeout:g}s")
+    if not 0 <= args.verify <= 1:
+        parser.error(f"--verify: expected a fraction in [0, 1], got {args.verify:g}")
+    if args.tolerance is not None and not args.tolerance > 0:
+        parser.error(f"--tolerance: expected > 0, got {args.tolerance:g}")
+    if args.tls not in (None, "system") and not os.path.isfile(args.tls):
+        parser.error(f"--tls: CA bundle {args.tls!r} is not a readable file")
+    if args.plot and (missing := report_mod.matplotlib_missing()):
+        parser.error(missing)
+    sessions = args.concurrency * args.batch
+    copy_bytes = (sessions * args.layers * (args.prefill + args.steps) * args.kv_heads
+                  * args.head_dim * 4 * 2)
+    if args.verify > 0 and copy_bytes > MAX_VERIFY_COPY_BYTES:
+        parser.error(f"--verify: the local copy of {sessions} sessions would take "
+                     f"{copy_bytes / 1024**3:.1f} GiB (at most "
+                     f"{MAX_VERIFY_COPY_BYTES / 1024**3:.0f}); use fewer sessions or tokens")
+    return LoadSpec(
+        target=args.target, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+        head_dim=args.head_dim, dtype=args.dtype, prefill=args.prefill, steps=args.steps,
+        batch=args.batch, concurrency=args.concurrency, connections=args.connections,
+        duration=args.duration, requests=args.requests, rate=args.rate,
+        streaming=args.streaming, token=args.token or os.environ.get("Q8KV_TOKEN") or None,
+        tls=args.tls, timeout=args.timeout, verify=args.verify,
+        tolerance=args.tolerance or DEFAULT_TOLERANCE[args.dtype],
+        untimed_prefill=args.untimed_prefill, seed=args.seed,
+    )
+
+
+class SetupError(Exception):
+    """The run could not start; the message says why."""
+
+
+@dataclass
+class Outcome:
+    shared: Shared
+    duration: float
+    interrupted: bool
+    server: dict[str, Any] | None
+    sessions_left: int
+
+
+class Runner:
+    """One run: probe, set up, load (with the progress bar), clean up."""
+
+    def __init__(self, spec: LoadSpec, metrics_url: str | None, show_progress: bool) -> None:
+        self.spec = spec
+        self.metrics_url = metrics_url
+        self.show_progress = show_progress
+        self.shared = Shared(spec, Recorder(spec.seed))
+        self.interrupts = 0
+        self._cancellable: list[asyncio.Task] = []
+
+    def interrupt(self) -> None:
+        """Ctrl-C: stop the load (in-flight calls are cancelled, not counted) and report.
+        Another Ctrl-C skips deleting the sessions."""
+        self.interrupts += 1
+        self.shared.stopped = True
+        if self.interrupts == 1:
+            print("\nq8kv-loadtest: interrupted; stopping (Ctrl-C again to skip deleting "
+                  "the sessions)", file=sys.stderr)
+        for task in self._cancellable:
+            task.cancel()
+
+    async def _cancellable_run(self, *coros: Any) -> list[Any]:
+        """Run ``coros`` as tasks that Ctrl-C cancels; returns their results or exceptions."""
+        tasks = [asyncio.ensure_future(c) for c in coros]
+        self._cancellable = tasks
+        try:
+            return await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._cancellable = []
+
+    async def _scrape(self) -> tuple[dict[str, float] | None, str | None]:
+        if not self.metrics_url:
+            return None, None
+        try:
+            return await asyncio.to_thread(report_mod.scrape, self.metrics_url), None
+        except report_mod.MetricsError as exc:
+            return None, str(exc)
+
+    async def _probe(self, client: AsyncClient) -> None:
+        """Fail fast with a clear message when the target cannot be reached."""
+        try:
+            await asyncio.wait_for(client.health(), PROBE_TIMEOUT_S)
+        except TimeoutError:
+            raise SetupError(f"cannot reach {self.spec.target}: no answer within "
+                             f"{PROBE_TIMEOUT_S:g}s") from None
+        except Q8KVError as exc:
+            if exc.code == grpc.StatusCode.UNIMPLEMENTED:  # no health service: go on
+                return
+            raise SetupError(f"cannot reach {self.spec.target}: {exc}") from None
+
+    async def run(self) -> Outcome:
+        spec, shared = self.spec, self.shared
+        tls: Any = True if spec.tls == "system" else spec.tls
+        clients = [
+            AsyncClient(spec.target, timeout=spec.timeout, token=spec.token, tls=tls)
+            for _ in range(spec.connections)
+        ]
+        orchestrators = [
+            Orchestrator(i, clients[i % len(clients)], shared) for i in range(spec.concurrency)
+        ]
+        try:
+            await self._probe(clients[0])
+            before, metrics_error = await self._scrape()
+            await self._setup(orchestrators)
+            duration = await self._load(orchestrators)
+            for o in orchestrators:
+                await o.close_stream()
+            after, error = await self._scrape()
+            server = report_mod.server_section(before, after, error or metrics_error)
+            sessions_left = await self._clean_up(clients[0])
+            return Outcome(shared, duration, self.interrupts > 0, server, sessions_left)
+        finally:
+            for client in clients:
+                with contextlib.suppress(Exception):
+                    await client.close()
+
+    async def _setup(self, orchestrators: list[Orchestrator]) -> None:
+        semaphore = asyncio.Semaphore(64)
+
+        async def limited(coro: Any) -> None:
+            async with semaphore:
+                await coro
+
+        steps = [("creating sessions", lambda o: o.create())]
+        if self.spec.untimed_prefill and self.spec.prefill:
+            steps.append(("prefilling (untimed)", lambda o: o.first_prefill()))
+        for what, step in steps:
+            results = await self._cancellable_run(*(limited(step(o)) for o in orchestrators))
+            failures = [r for r in results if isinstance(r, BaseException)]
+            if self.interrupts:
+                return
+            if failures:
+                first = failures[0]
+                first = first.error if isinstance(first, CallFailed) else first
+                if not isinstance(first, Q8KVError):
+                    raise first
+                with contextlib.suppress(Exception):
+                    await delete_sessions(orchestrators[0].client, self.shared)
+                raise SetupError(f"{what} on {self.spec.target} failed: {first}")
+
+    async def _load(self, orchestrators: list[Orchestrator]) -> float:
+        spec, shared = self.spec, self.shared
+        shared.t0 = shared.next_slot = time.perf_counter()
+        if spec.duration is not None:
+            shared.deadline = shared.t0 + spec.duration
+        if self.interrupts:
+            return 0.0
+        skip = spec.untimed_prefill
+        ticker = asyncio.ensure_future(self._progress()) if self.show_progress else None
+        try:
+            results = await self._cancellable_run(*(o.run(skip) for o in orchestrators))
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+        duration = time.perf_counter() - shared.t0
+        for r in results:  # a bug in an orchestrator: surface it
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                raise r
+        return duration
+
+    async def _clean_up(self, client: AsyncClient) -> int:
+        if self.interrupts > 1:
+            return len(self.shared.sessions)
+        (left,) = await self._cancellable_run(delete_sessions(client, self.shared))
+        return left if isinstance(left, int) else len(self.shared.sessions)
+
+    async def _progress(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        spec, shared = self.spec, self.shared
+        rec = shared.recorder
+        window: deque[tuple[float, int]] = deque(maxlen=11)
+        columns = (
+            TextColumn("[bold]q8kv-loadtest[/]"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, transient=True) as progress:
+            task = progress.add_task("load", total=1.0, stats="")
+            while True:
+                now = time.perf_counter()
+                window.append((now, rec.count))
+                (t_old, c_old), (t_new, c_new) = window[0], window[-1]
+                rate = (c_new - c_old) / (t_new - t_old) if t_new > t_old else 0.0
+                done = 0.0
+                if spec.duration:
+                    done = max(done, (now - shared.t0) / spec.duration)
+                if spec.requests:
+                    done = max(done, shared.issued / spec.requests)
+                errors = rec.count - rec.ok
+                stats = f"{rec.count} calls  {rate:,.0f}/s  errors {errors}"
+                if spec.verify:
+                    stats += f"  mismatches {shared.mismatches}"
+                progress.update(task, completed=min(done, 1.0), stats=stats)
+                await asyncio.sleep(0.1)
+
+
+async def _main(spec: LoadSpec, args: argparse.Namespace) -> int:
+    show = not args.quiet and sys.stdout.isatty()
+    runner = Runner(spec, args.metrics_url, show)
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+        loop.add_signal_handler(signal.SIGINT, runner.interrupt)
+    try:
+        outcome = await runner.run()
+    except SetupError as exc:
+        print(f"q8kv-loadtest: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    report = report_mod.build(
+        spec, outcome.shared, outcome.duration, interrupted=outcome.interrupted,
+        server=outcome.server, sessions_left=outcome.sessions_left,
+    )
+    rendered = report_mod.render(args.output, report, outcome.shared)
+    if args.output_file:
+        with open(args.output_file, "w") as f:
+            f.write(rendered)
+    else:
+        sys.stdout.write(rendered)
+        sys.stdout.flush()
+    if args.plot:
+        report_mod.plot(args.plot, report, outcome.shared)
+    if report["aborted"]:
+        print(f"q8kv-loadtest: {report['aborted']}", file=sys.stderr)
+    if report["errors"] or report["mismatches"] or report["aborted"]:
+        if report["errors"] and not report["aborted"]:
+            print(f"q8kv-loadtest: {report['errors']} of {report['count']} calls failed",
+                  file=sys.stderr)
+        if report["mismatches"]:
+            print(f"q8kv-loadtest: {report['mismatches']} verified outputs mismatched",
+                  file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_INTERRUPTED if outcome.interrupted else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    spec = check_args(args, parser)
+    try:
+        return asyncio.run(_main(spec, args))
+    except KeyboardInterrupt:  # Ctrl-C before the handler was installed, or after it left
+        return EXIT_INTERRUPTED
+    except OSError as exc:  # e.g. --output-file in a missing folder
+        print(f"q8kv-loadtest: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
