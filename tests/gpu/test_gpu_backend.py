@@ -1,0 +1,279 @@
+"""The CuPy backend against the numpy reference and a float64 computation.
+
+Tolerances (written here, checked below):
+- quantize-append: codes and scales bit-identical to the numpy backend (all three dtypes,
+  including exact .5 ties and all-zero blocks).
+- dequantize: exactly equal to the numpy backend (``code * scale`` in float32 both sides).
+- attention: relative L2 error ``||out - ref|| / ||ref||`` at most 1e-5, against the numpy
+  backend's output AND against float64 attention over the same dequantized cache.
+- read_pages / write_pages: exact round trip.
+
+Every input is fresh random data (never zeros); the device output buffer and the split
+partials are poisoned with NaN before every launch, so an unwritten element fails.
+Geometries: D = 64/128/256, H/KVH = 1/4/8, n = 1 and 17, cache lengths from 1 to 33,000
+crossing page and split boundaries, batches of mixed lengths and of one (session, layer)
+twice. Every test is marked ``gpu`` and the module skips where CuPy or a CUDA device is
+missing.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from q8kv.server.backends import cuda_available
+from q8kv.server.backends.base import AttendItem, LayerLayout, tokens_per_page
+from q8kv.server.backends.numpy_backend import NumpyBackend
+
+pytest.importorskip("cupy", reason="CuPy is not installed: GPU backend tests skipped")
+if not cuda_available():
+    pytest.skip("no CUDA device visible to CuPy: GPU tests skipped", allow_module_level=True)
+
+from q8kv.server.backends.cupy_backend import CupyBackend  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+TOL = 1e-5
+DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a64)), "non-finite output (unwritten element?)"
+    return float(np.linalg.norm(a64 - b64) / np.linalg.norm(b64))
+
+
+class Pair:
+    """A numpy reference backend and a GPU backend over pools of the same shape."""
+
+    def __init__(self, num_pages: int, page_code_bytes: int, rng: np.random.Generator):
+        self.ref = NumpyBackend(num_pages, page_code_bytes)
+        self.gpu = CupyBackend(num_pages, page_code_bytes)
+        self.gpu.poison_outputs = True
+        self.pcb = page_code_bytes
+        self.free = list(rng.permutation(num_pages))  # scattered pages, as a real pool
+
+    def layout(self, h: int, kvh: int, d: int) -> LayerLayout:
+        return LayerLayout(h, kvh, d, tokens_per_page(self.pcb, kvh, d))
+
+    def pages(self, layout: LayerLayout, tokens: int) -> np.ndarray:
+        count = -(-tokens // layout.tokens_per_page)
+        ids, self.free = self.free[:count], self.free[count:]
+        assert len(ids) == count, "test pool too small"
+        return np.asarray(ids, np.int32)
+
+    def prefill(self, layout, page_ids, length, rng, dtype=np.float32) -> None:
+        """Put ``length`` random tokens in both caches (numpy quantizes, pages are copied)."""
+        if length == 0:
+            return
+        h, kvh, d = layout.num_heads, layout.num_kv_heads, layout.head_dim
+        for s in range(0, length, 4096):
+            e = min(length, s + 4096)
+            k = rand(rng, (e - s, kvh, d), dtype)
+            v = rand(rng, (e - s, kvh, d), dtype)
+            q = rand(rng, (e - s, h, d), dtype)
+            self.ref._append(AttendItem(layout, 1.0, page_ids, s, q, k, v))
+        used = page_ids[: -(-length // layout.tokens_per_page)]
+        self.gpu.write_pages(used, *self.ref.read_pages(used))
+
+    def close(self) -> None:
+        self.gpu.close()
+
+
+def rand(rng: np.random.Generator, shape, dtype, spread: int = 2) -> np.ndarray:
+    """Normal values times 2^[-spread, spread) per row, so blocks have varied scales.
+
+    Queries use spread 0: with row scales up to 4 on both q and k, scores reach ~30 and
+    float32 rounding of the scores alone moves the softmax by ~1e-5 in any implementation.
+    """
+    x = rng.standard_normal(shape, dtype=np.float32)
+    if spread:
+        x *= np.exp2(rng.integers(-spread, spread, size=shape[:-1] + (1,))).astype(np.float32)
+    return x.astype(dtype)
+
+
+def attend64(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, scale: float):
+    """Causal attention in float64: q [n, H, D]; keys/values [KVH, >= start + n, D]."""
+    n, h, _ = q.shape
+    g = h // keys.shape[0]
+    total = start + n
+    k64 = keys[:, :total].astype(np.float64)
+    v64 = values[:, :total].astype(np.float64)
+    q64 = q.astype(np.float64)
+    hidden = np.arange(total)[None, :] > (start + np.arange(n))[:, None]
+    out = np.empty(q.shape, np.float64)
+    for head in range(h):
+        s = (q64[:, head] @ k64[head // g].T) * scale
+        s[hidden] = -np.inf
+        s -= s.max(axis=1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(axis=1, keepdims=True)
+        out[:, head] = p @ v64[head // g]
+    return out
+
+
+def run_and_check(pair: Pair, items: list[AttendItem], final_pages: list[tuple]) -> None:
+    """Run both backends on ``items``; check codes, outputs vs numpy and vs float64."""
+    out_gpu = pair.gpu.append_and_attend(items)
+    out_ref = pair.ref.append_and_attend(items)
+    for it, og, orf in zip(items, out_gpu, out_ref, strict=True):
+        assert og.shape == orf.shape and og.dtype == np.float32
+        err_ref = rel_l2(og, orf)
+        keys, values = pair.ref.dequantize(it.layout, it.page_ids, 0, it.start + it.n)
+        ref64 = attend64(it.q.astype(np.float32), keys, values, it.start, it.softmax_scale)
+        err64 = rel_l2(og, ref64)
+        where = f"start={it.start} n={it.n} layout={it.layout}"
+        msg = f"vs numpy {err_ref:.2e}, vs float64 {err64:.2e} ({where})"
+        assert err_ref <= TOL and err64 <= TOL, msg
+    for page_ids in final_pages:
+        gc, gs = pair.gpu.read_pages(page_ids)
+        rc, rs = pair.ref.read_pages(page_ids)
+        np.testing.assert_array_equal(gc, rc)
+        np.testing.assert_array_equal(gs.view(np.int32), rs.view(np.int32))
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+def test_append_codes_bit_identical(dtype, rng):
+    pair = Pair(512, 8192, rng)
+    try:
+        items, pages = [], []
+        for h, kvh, d, n, start in [
+            (4, 4, 64, 17, 0),
+            (8, 2, 128, 1, 5),
+            (8, 1, 256, 40, 3),
+            (2, 2, 32, 9, 30),
+        ]:
+            lay = pair.layout(h, kvh, d)
+            ids = pair.pages(lay, start + n)
+            pair.prefill(lay, ids, start, rng, dtype)
+            k, v = rand(rng, (n, kvh, d), dtype), rand(rng, (n, kvh, d), dtype)
+            # Exact ties (x * id = k + 0.5 with d = 1) and an all-zero block.
+            tie = np.array([127, 0.5, -0.5, 1.5, -2.5, 3.5, -126.5, 0] * 4, np.float32)
+            k[0, 0, :32] = tie.astype(dtype)
+            v[-1, -1, -32:] = 0
+            q = rand(rng, (n, h, d), dtype, spread=0)
+            items.append(AttendItem(lay, d**-0.5, ids, start, q, k, v))
+            pages.append(ids)
+        run_and_check(pair, items, pages)
+    finally:
+        pair.close()
+
+
+def _case(pair, rng, h, kvh, d, lengths, n, dtype, scale=None):
+    """One batch: a session per length, each appending n tokens after ``length``."""
+    lay = pair.layout(h, kvh, d)
+    items, pages = [], []
+    for length in lengths:
+        ids = pair.pages(lay, length + n)
+        pair.prefill(lay, ids, length, rng, dtype)
+        q = rand(rng, (n, h, d), dtype, spread=0)
+        k, v = rand(rng, (n, kvh, d), dtype), rand(rng, (n, kvh, d), dtype)
+        items.append(AttendItem(lay, scale or d**-0.5, ids, length, q, k, v))
+        pages.append(ids)
+    return items, pages
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("h,kvh", [(4, 4), (8, 2), (16, 2)], ids=["mha", "g4", "g8"])
+@pytest.mark.parametrize("n", [1, 17])
+def test_attention_mixed_lengths(d, h, kvh, n, rng):
+    pair = Pair(4096, 8192, rng)
+    try:
+        dtype = DTYPES[(d // 64 + h + n) % 3]
+        t = pair.layout(h, kvh, d).tokens_per_page
+        lengths = [0, 1, t - 1, t, t + 1, 3 * t + 5, 700, 2049]
+        items, pages = _case(pair, rng, h, kvh, d, lengths, n, dtype)
+        run_and_check(pair, items, pages)
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("waves", [0.01, 2, 1000], ids=["one-split", "default", "max-splits"])
+def test_attention_split_counts(waves, rng):
+    pair = Pair(4096, 8192, rng)
+    try:
+        pair.gpu.split_waves = waves
+        items, pages = _case(pair, rng, 8, 2, 128, [5, 63, 64, 65, 1500, 4100], 1, np.float16)
+        run_and_check(pair, items, pages)
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("h,kvh,n", [(32, 8, 1), (32, 8, 17), (8, 1, 1)])
+def test_attention_long_context(h, kvh, n, rng):
+    """33,000 tokens (past 32K), default page size, one session filling the GPU alone."""
+    pair = Pair(-(-33100 // 32) * 2 + 64, 64 * 1024, rng)
+    try:
+        items, pages = _case(pair, rng, h, kvh, 128, [33000 - n], n, ml_dtypes.bfloat16)
+        run_and_check(pair, items, pages)
+    finally:
+        pair.close()
+
+
+def test_same_layer_twice_in_one_batch(rng):
+    """Two appends to one (session, layer) in one batch: the second sees the first."""
+    pair = Pair(1024, 8192, rng)
+    try:
+        lay = pair.layout(8, 2, 128)
+        ids = pair.pages(lay, 300 + 17 + 1)
+        pair.prefill(lay, ids, 300, rng)
+        items = []
+        start = 300
+        for n in (17, 1):
+            q, k, v = (rand(rng, (n, x, 128), np.float32, s) for x, s in ((8, 0), (2, 2), (2, 2)))
+            items.append(AttendItem(lay, 0.1, ids, start, q, k, v))
+            start += n
+        other, other_pages = _case(pair, rng, 8, 2, 128, [40], 1, np.float32)
+        run_and_check(pair, [items[0], other[0], items[1]], [ids, *other_pages])
+    finally:
+        pair.close()
+
+
+def test_dequantize_exact(rng):
+    pair = Pair(1024, 8192, rng)
+    try:
+        lay = pair.layout(8, 4, 64)
+        ids = pair.pages(lay, 1000)
+        pair.prefill(lay, ids, 1000, rng, np.float16)
+        for start, end in [(0, 1000), (7, 993), (31, 33), (500, 500)]:
+            gk, gv = pair.gpu.dequantize(lay, ids, start, end)
+            rk, rv = pair.ref.dequantize(lay, ids, start, end)
+            assert gk.shape == rk.shape == (4, end - start, 64)
+            np.testing.assert_array_equal(gk, rk)
+            np.testing.assert_array_equal(gv, rv)
+    finally:
+        pair.close()
+
+
+def test_read_write_pages_round_trip(rng):
+    pair = Pair(64, 4096, rng)
+    try:
+        ids = np.array([3, 17, 0, 63], np.int32)
+        codes = rng.integers(-127, 128, size=(4, 4096), dtype=np.int8)
+        scales = rng.random((4, 4096 // 32), dtype=np.float32)
+        pair.gpu.write_pages(ids, codes, scales)
+        c, s = pair.gpu.read_pages(ids)
+        np.testing.assert_array_equal(c, codes)
+        np.testing.assert_array_equal(s, scales)
+        c2, s2 = pair.gpu.read_pages(ids[::-1])
+        np.testing.assert_array_equal(c2, codes[::-1])
+        np.testing.assert_array_equal(s2, scales[::-1])
+    finally:
+        pair.close()
+
+
+def test_device_helpers():
+    free = CupyBackend.free_device_bytes()
+    assert free > 0
+    backend = CupyBackend(4, 4096)
+    try:
+        assert backend.device_name and backend.device_name != "cpu"
+        assert backend.append_and_attend([]) == []
+    finally:
+        backend.close()
