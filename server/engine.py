@@ -63,7 +63,14 @@ class _Job:
             else:
                 self.future.set_result(result)
 
-        self.loop.call_soon_threadsafe(settle)
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:  # the worker thread has no running loop
+            on_loop = False
+        if on_loop:
+            settle()
+        else:
+            self.loop.call_soon_threadsafe(settle)
 
 
 @dataclass
@@ -106,6 +113,10 @@ class Engine:
         self._jobs: deque[_Job | None] = deque()
         self._ready = threading.Condition()
         self._accepting = True
+        self._busy = False  # a job is running, on the worker or inline on the event loop
+        # When nothing is queued or running, run a job right on the event loop: two thread
+        # hand-offs cost more than a small job. Off when a queue delay asks to wait for more.
+        self.inline_when_idle = max_queue_delay_us == 0
         self._thread = threading.Thread(target=self._run, name="q8kv-engine", daemon=True)
 
     # -- public, called from the event loop ------------------------------------------------
@@ -141,8 +152,20 @@ class Engine:
         with self._ready:
             if not self._accepting:
                 raise Unavailable("server: shutting down, not accepting new work")
-            self._jobs.append(job)
-            self._ready.notify()
+            inline = self.inline_when_idle and not self._jobs and not self._busy
+            if inline:
+                self._busy = True
+            else:
+                self._jobs.append(job)
+                self._ready.notify()
+        if inline:
+            try:
+                self._execute(job)
+            finally:
+                with self._ready:
+                    self._busy = False
+                    if self._jobs:  # wake the worker only when it has something to do
+                        self._ready.notify()
         return await job.future
 
     # -- the worker --------------------------------------------------------------------------
@@ -150,21 +173,29 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._ready:
-                while not self._jobs:
+                while not self._jobs or self._busy:
                     self._ready.wait()
                 job = self._jobs.popleft()
-            if job is None:
-                return
-            if isinstance(job, _Call):
-                self._run_call(job)
-                continue
-            batch = self._collect_batch(job)
+                if job is None:
+                    return
+                self._busy = True
             try:
-                self._run_appends(batch)
-            except Exception as exc:  # a bug: answer INTERNAL, but never let the worker die
-                log.exception("append batch failed")
-                for pending in batch:
-                    pending.resolve(error=exc)  # no-op for jobs already answered
+                self._execute(job)
+            finally:
+                with self._ready:
+                    self._busy = False
+
+    def _execute(self, job: _Job) -> None:
+        if isinstance(job, _Call):
+            self._run_call(job)
+            return
+        batch = self._collect_batch(job)
+        try:
+            self._run_appends(batch)
+        except Exception as exc:  # a bug: answer INTERNAL, but never let the worker die
+            log.exception("append batch failed")
+            for pending in batch:
+                pending.resolve(error=exc)  # no-op for jobs already answered
 
     def _collect_batch(self, first: _Append) -> list[_Append]:
         """Take the append jobs queued right behind ``first`` (never past another kind of

@@ -107,7 +107,7 @@ def decode_items(items, limits: CallLimits = CallLimits()) -> list[AppendRequest
                     f"{prefix}.{name}.shape: expected 3 dimensions [n, heads, head_dim], "
                     f"got {list(array.shape)}"
                 )
-            if not np.isfinite(array).all():
+            if not codec.all_finite(array):
                 bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
                 raise InvalidArgument(
                     f"{prefix}.{name}: expected finite values, got {bad} NaN/Inf of "
