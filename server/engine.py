@@ -27,6 +27,8 @@ from .errors import DeadlineExceeded, InvalidArgument, ServiceError, Unavailable
 
 log = logging.getLogger("q8kv.engine")
 
+INLINE_AFTER_IDLE_SECONDS = 250e-6
+
 
 @dataclass
 class AppendRequest:
@@ -114,9 +116,13 @@ class Engine:
         self._ready = threading.Condition()
         self._accepting = True
         self._busy = False  # a job is running, on the worker or inline on the event loop
-        # When nothing is queued or running, run a job right on the event loop: two thread
-        # hand-offs cost more than a small job. Off when a queue delay asks to wait for more.
+        # A job that finds the device idle for a while (light load: nothing to batch with)
+        # runs right on the event loop: two thread hand-offs cost more than a decode step.
+        # Under load jobs follow each other closely and go to the worker, so requests that
+        # arrive meanwhile queue up and are batched. Off when a queue delay is asked for.
         self.inline_when_idle = max_queue_delay_us == 0
+        self.inline_after_idle = INLINE_AFTER_IDLE_SECONDS
+        self._idle_since = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="q8kv-engine", daemon=True)
 
     # -- public, called from the event loop ------------------------------------------------
@@ -152,7 +158,12 @@ class Engine:
         with self._ready:
             if not self._accepting:
                 raise Unavailable("server: shutting down, not accepting new work")
-            inline = self.inline_when_idle and not self._jobs and not self._busy
+            inline = (
+                self.inline_when_idle
+                and not self._jobs
+                and not self._busy
+                and time.monotonic() - self._idle_since >= self.inline_after_idle
+            )
             if inline:
                 self._busy = True
             else:
@@ -164,6 +175,8 @@ class Engine:
             finally:
                 with self._ready:
                     self._busy = False
+                    self._idle_since = time.monotonic()
+                    self._idle_since = time.monotonic()
                     if self._jobs:  # wake the worker only when it has something to do
                         self._ready.notify()
         return await job.future
@@ -184,6 +197,7 @@ class Engine:
             finally:
                 with self._ready:
                     self._busy = False
+                    self._idle_since = time.monotonic()
 
     def _execute(self, job: _Job) -> None:
         if isinstance(job, _Call):
