@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     for name, (kind, help_text) in _FLAGS.items():
         default = getattr(defaults, name)
-        shown = "auto" if default is None else default
+        shown = default if default is not None else ("auto" if name == "memory_budget" else "unset")
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,

@@ -44,3 +44,14 @@ def test_bad_values_exit_with_a_clear_message(argv, env, needle, capsys) -> None
         load_config(argv, environ=env)
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_readme_documents_every_flag() -> None:
+    from dataclasses import fields
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [
+        f.name for f in fields(Config) if "--" + f.name.replace("_", "-") not in readme
+    ]
+    assert not missing, f"README.md's flag table lacks {missing}"
