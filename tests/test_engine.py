@@ -1,8 +1,10 @@
 """The engine (server/engine.py): batching, all-or-nothing appends, rollback, ordering.
 
-Each test runs a real Engine (worker thread) over a NumpyBackend inside ``asyncio.run``. To
-force requests to coalesce into one batch, the worker is held on an ``engine.call`` that
-waits on a threading.Event while the requests are queued, then released.
+Each test runs a real Engine (worker thread) over a NumpyBackend inside ``asyncio.run``,
+once with no queue delay (an idle engine may run a job inline on the event loop) and once
+with a queue delay (every job goes through the worker's batcher). To force requests to
+coalesce into one batch, the engine is held busy by an ``engine.call`` that waits on a
+threading.Event while the requests are queued, then released.
 """
 
 from __future__ import annotations
@@ -74,14 +76,26 @@ class Harness:
         return await self.engine.append_and_attend(list(requests), **kwargs)
 
     async def coalesced(self, *jobs: Callable[[], Awaitable[Any]]) -> list[Any]:
-        """Start every job while the worker is held, release it, and gather the results
-        (exceptions returned, not raised)."""
-        gate = threading.Event()
-        hold = asyncio.ensure_future(self.engine.call(lambda: gate.wait(TIMEOUT)))
-        tasks = [asyncio.ensure_future(job()) for job in jobs]
-        await asyncio.sleep(0.02)  # every task has queued its job behind the hold
-        gate.set()
-        await hold
+        """Start every job while the engine is held busy, release it, and gather the results
+        (exceptions returned, not raised).
+
+        The hold is submitted from another thread: an idle engine may run a job inline on
+        the submitting event loop, and this loop must stay free to queue the jobs."""
+        gate, started = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            started.set()
+            gate.wait(TIMEOUT)
+
+        holder = threading.Thread(target=lambda: asyncio.run(self.engine.call(hold)))
+        holder.start()
+        try:
+            assert await asyncio.to_thread(started.wait, TIMEOUT)
+            tasks = [asyncio.ensure_future(job()) for job in jobs]
+            await asyncio.sleep(0.02)  # every task has queued its job behind the hold
+        finally:
+            gate.set()
+            await asyncio.to_thread(holder.join, TIMEOUT)
         return await asyncio.gather(*tasks, return_exceptions=True)
 
     async def snapshot(self) -> tuple[dict, int, int]:
@@ -116,6 +130,12 @@ class Harness:
         assert out.dtype == np.float32 and out.shape == request.q.shape
         assert np.all(np.isfinite(out))
         assert rel_l2(out, want) < 1e-5
+
+
+@pytest.fixture(params=[0, 200], ids=["no-delay", "queue-delay"])
+def queue_delay_us(request: pytest.FixtureRequest) -> int:
+    """max_queue_delay_us of the engine under test."""
+    return request.param
 
 
 def run(
@@ -157,7 +177,7 @@ def assert_same_state(before: tuple[dict, int, int], after: tuple[dict, int, int
 # -- the happy path ----------------------------------------------------------------------
 
 
-def test_append_returns_outputs_and_lengths() -> None:
+def test_append_returns_outputs_and_lengths(queue_delay_us: int) -> None:
     """Each item returns (float32 output, new length); outputs match the reference, and the
     cache holds exactly the quantized k/v appended."""
 
@@ -176,10 +196,10 @@ def test_append_returns_outputs_and_lengths() -> None:
         want_k = dequantize_ref(*quantize_ref(np.concatenate(ks))).transpose(1, 0, 2)
         np.testing.assert_array_equal(state[s.id][0][2], want_k.astype(np.float32))
 
-    run(body, seed=1)
+    run(body, seed=1, max_queue_delay_us=queue_delay_us)
 
 
-def test_same_layer_twice_in_one_request() -> None:
+def test_same_layer_twice_in_one_request(queue_delay_us: int) -> None:
     """Items of one request on the same (session, layer) apply in order: the second sees
     the first's tokens, the first does not see the second's."""
 
@@ -193,10 +213,10 @@ def test_same_layer_twice_in_one_request() -> None:
             await h.check_output(req, out, length)
         assert h.batches[-1] == 4
 
-    run(body, seed=2)
+    run(body, seed=2, max_queue_delay_us=queue_delay_us)
 
 
-def test_truncate_then_append() -> None:
+def test_truncate_then_append(queue_delay_us: int) -> None:
     """After a truncate run on the worker, appends continue from the cut and attend over
     the kept prefix (unchanged) plus the new tokens."""
 
@@ -215,7 +235,7 @@ def test_truncate_then_append() -> None:
         np.testing.assert_array_equal(after[s.id][0][2][:, :21], state[s.id][0][2][:, :21])
         np.testing.assert_array_equal(after[s.id][1][2], state[s.id][1][2])
 
-    run(body, seed=3)
+    run(body, seed=3, max_queue_delay_us=queue_delay_us)
 
 
 # -- failures change nothing -------------------------------------------------------------
@@ -269,7 +289,7 @@ FAILURES = {
 
 
 @pytest.mark.parametrize("kind", list(FAILURES))
-def test_failed_request_changes_nothing(kind: str) -> None:
+def test_failed_request_changes_nothing(kind: str, queue_delay_us: int) -> None:
     """A request whose third item fails (its first two are valid and take new pages, one of
     them twice on the same layer) changes no length, page, cached value or free count, and
     the engine keeps serving."""
@@ -291,10 +311,10 @@ def test_failed_request_changes_nothing(kind: str) -> None:
         assert length == 7
         await h.check_output(req, out, length)
 
-    run(body, seed=10, num_pages=8)
+    run(body, seed=10, num_pages=8, max_queue_delay_us=queue_delay_us)
 
 
-def test_other_tenant_fails_like_unknown_session() -> None:
+def test_other_tenant_fails_like_unknown_session(queue_delay_us: int) -> None:
     """An item naming another tenant's session is NOT_FOUND and changes nothing."""
 
     async def body(h: Harness) -> None:
@@ -305,10 +325,10 @@ def test_other_tenant_fails_like_unknown_session() -> None:
             await h.append(h.request(mine, 0, 4), tenant="bob")
         assert_same_state(before, await h.snapshot())
 
-    run(body, seed=11)
+    run(body, seed=11, max_queue_delay_us=queue_delay_us)
 
 
-def test_failing_request_in_a_batch_fails_alone() -> None:
+def test_failing_request_in_a_batch_fails_alone(queue_delay_us: int) -> None:
     """Requests coalesced into one batch: the failing ones get their own error and change
     nothing; the others succeed with correct outputs, in one backend call."""
 
@@ -333,10 +353,10 @@ def test_failing_request_in_a_batch_fails_alone() -> None:
         assert [layer.length for layer in b.layers] == [1, 200]
         assert [length for _, length in results[2]] == [1, 19]
 
-    run(body, seed=12)
+    run(body, seed=12, max_queue_delay_us=queue_delay_us)
 
 
-def test_backend_exception_rolls_back_the_whole_batch() -> None:
+def test_backend_exception_rolls_back_the_whole_batch(queue_delay_us: int) -> None:
     """If the device call fails, every request of the batch gets the error and every
     session is as before (lengths, pages, cached values, free pages); the same requests
     then succeed."""
@@ -363,10 +383,10 @@ def test_backend_exception_rolls_back_the_whole_batch() -> None:
                 await h.check_output(req, out, length)
         assert [layer.length for layer in a.layers] == [39, 1]
 
-    run(body, seed=13, backend_cls=FailingBackend)
+    run(body, seed=13, backend_cls=FailingBackend, max_queue_delay_us=queue_delay_us)
 
 
-def test_unexpected_error_in_a_request_fails_it_alone() -> None:
+def test_unexpected_error_in_a_request_fails_it_alone(queue_delay_us: int) -> None:
     """An item that breaks validation in an unexpected way (not a ServiceError) fails its
     request, leaves the cache as before, and does not stop the worker."""
 
@@ -384,13 +404,13 @@ def test_unexpected_error_in_a_request_fails_it_alone() -> None:
         assert length == 4
         await h.check_output(req, out, length)
 
-    run(body, seed=14)
+    run(body, seed=14, max_queue_delay_us=queue_delay_us)
 
 
 # -- deadlines ---------------------------------------------------------------------------
 
 
-def test_expired_deadline_appends_nothing() -> None:
+def test_expired_deadline_appends_nothing(queue_delay_us: int) -> None:
     """A request whose deadline passed before the worker reached it is DEADLINE_EXCEEDED
     and appends nothing; a request in the same batch without a deadline runs."""
 
@@ -410,13 +430,13 @@ def test_expired_deadline_appends_nothing() -> None:
         await h.check_output(fine, out, length)
         assert [layer.length for layer in s.layers] == [5, 2]
 
-    run(body, seed=15)
+    run(body, seed=15, max_queue_delay_us=queue_delay_us)
 
 
 # -- ordering and batching ---------------------------------------------------------------
 
 
-def test_per_session_order_is_arrival_order() -> None:
+def test_per_session_order_is_arrival_order(queue_delay_us: int) -> None:
     """Concurrent single-token appends on one session land in the order they were made
     (lengths 1..N, the cache holds their k in that order), held or not."""
 
@@ -439,10 +459,10 @@ def test_per_session_order_is_arrival_order() -> None:
         for req, res in zip(reqs[-3:], own[-3:], strict=True):
             await h.check_output(req, *res[0])
 
-    run(body, seed=16)
+    run(body, seed=16, max_queue_delay_us=queue_delay_us)
 
 
-def test_batches_respect_max_batch_items() -> None:
+def test_batches_respect_max_batch_items(queue_delay_us: int) -> None:
     """Queued requests coalesce up to max_batch_items items per backend call."""
 
     async def body(h: Harness) -> None:
@@ -454,7 +474,7 @@ def test_batches_respect_max_batch_items() -> None:
         assert h.batches == [4, 2, 3]
         assert [s.layers[0].length for s in sessions] == [2, 2, 2]
 
-    run(body, seed=17, max_batch_items=4)
+    run(body, seed=17, max_batch_items=4, max_queue_delay_us=queue_delay_us)
 
 
 def test_stopped_engine_rejects_new_work() -> None:
