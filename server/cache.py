@@ -169,7 +169,9 @@ class SessionStore:
         self.max_sessions = max_sessions
         self.default_ttl = default_ttl
         self.evict_idle_seconds = evict_idle_seconds
-        self._sessions: dict[str, Session] = {}
+        # Keyed by (tenant, id): each tenant has its own namespace of ids, so one tenant
+        # can neither see nor block (ALREADY_EXISTS) an id another tenant uses.
+        self._sessions: dict[tuple[str, str], Session] = {}
         # Scalars (K and V, every head and dim) of all cached tokens, kept current on every
         # change so the memory gauges cost O(1) to read.
         self.cached_values = 0
@@ -202,7 +204,7 @@ class SessionStore:
             )
         if session_id:
             validate_session_id(session_id)
-            if session_id in self._sessions:
+            if (tenant, session_id) in self._sessions:
                 raise AlreadyExists(f"session_id: {session_id!r} already exists")
         else:
             session_id = str(uuid.uuid4())
@@ -237,14 +239,14 @@ class SessionStore:
             ttl_seconds=ttl_seconds or self.default_ttl,
             layers=[LayerCache() for _ in range(geometry.num_layers)],
         )
-        self._sessions[session_id] = session
+        self._sessions[(tenant, session_id)] = session
         self.tenant_sessions[tenant] += 1
         return session
 
     def get(self, session_id: str, tenant: str = "") -> Session:
-        session = self._sessions.get(session_id)
+        session = self._sessions.get((tenant, session_id))
         # Another tenant's session answers exactly like one that does not exist.
-        if session is None or session.tenant != tenant:
+        if session is None:
             raise NotFound(f"session_id: no session {session_id!r}")
         return session
 
@@ -260,7 +262,7 @@ class SessionStore:
             self._give_back(session, layer.pages)
             self.set_length(session, layer, 0)
             layer.pages = []
-        del self._sessions[session.id]
+        del self._sessions[(session.tenant, session.id)]
         self.tenant_sessions[session.tenant] -= 1
         return freed * self.pool.page_bytes
 

@@ -13,11 +13,17 @@ from pathlib import Path
 
 from . import transfer
 from .backends.base import Backend
-from .cache import SessionStore
+from .cache import Session, SessionStore
 from .errors import ServiceError
 from .logs import event
 
 log = logging.getLogger("q8kv.snapshots")
+
+
+def file_stem(session: Session) -> str:
+    """``<id>``, or ``<tenant>~<id>``: ids are per tenant, so two tenants may share one
+    ('~' is in neither alphabet, so no two (tenant, id) pairs share a name)."""
+    return f"{session.tenant}~{session.id}" if session.tenant else session.id
 
 
 def save_all(store: SessionStore, backend: Backend, directory: Path) -> int:
@@ -27,7 +33,7 @@ def save_all(store: SessionStore, backend: Backend, directory: Path) -> int:
     for session in store:
         try:
             transfer.write_snapshot(
-                directory, session.id, transfer.session_chunks(backend, session)
+                directory, file_stem(session), transfer.session_chunks(backend, session)
             )
             saved += 1
         except OSError as exc:
