@@ -20,7 +20,13 @@ from q8kv.v1 import kvcache_pb2_grpc
 from . import transfer
 from .cache import Geometry, Session, SessionStore
 from .engine import AppendRequest, Engine
-from .errors import FailedPrecondition, InvalidArgument, OutOfRange, ServiceError
+from .errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    OutOfRange,
+    ResourceExhausted,
+    ServiceError,
+)
 from .logs import event
 
 log = logging.getLogger("q8kv.service")
@@ -308,7 +314,17 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
 
     @handles_errors
     async def ImportSession(self, request_iterator, context):
-        chunks = [chunk async for chunk in request_iterator]
+        # Bounded by the pool: a stream larger than every page could hold is refused
+        # before it fills the host's memory.
+        limit = self.store.pool.num_pages * self.store.pool.page_bytes
+        chunks, received = [], 0
+        async for chunk in request_iterator:
+            received += chunk.ByteSize()
+            if received > limit:
+                raise ResourceExhausted(
+                    f"chunks: expected at most {limit} bytes (the memory budget), got more"
+                )
+            chunks.append(chunk)
         imported = transfer.assemble(chunks)
         tenant = self.tenant_of(context)
         info = await self.engine.call(
