@@ -1,0 +1,99 @@
+"""The deployment topology on loopback, no Docker: nginx with the project's own
+deploy/nginx.conf (rendered for loopback ports) in front of two real q8kv-server processes.
+
+Sessions are created through the router with client-made ids; each replica's own
+ListSessions then shows where they went. Every call of a session must reach the same
+replica (a call that reached the other one would have failed with NOT_FOUND, and the
+router's access log names the upstream of every call), both replicas must hold sessions,
+and the outputs must match a float64 attention over the replica's own Dequantize.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import grpc
+import numpy as np
+import pytest
+import routing
+from conftest import free_port
+from routing import GEO, check_step
+
+from q8kv.client import Client, Q8KVError
+
+pytestmark = pytest.mark.skipif(routing.NGINX is None, reason="nginx is not installed")
+
+SESSIONS = 50
+PREFILL = 5
+
+
+@pytest.fixture
+def topology(start_server, tmp_path):
+    replicas = [start_server("--memory-budget", "64MiB") for _ in range(2)]
+    router = routing.Router(tmp_path / "nginx", free_port(), [r.address for r in replicas])
+    yield router, replicas
+    router.stop()
+
+
+def test_router_affinity_outputs_and_replica_death(topology):
+    router, replicas = topology
+    rng = np.random.default_rng(7)
+
+    def tensors(n: int):
+        return routing.tensors(rng, n)
+
+    with Client(router.address, timeout=10) as client:
+        sessions = [client.create_session(**GEO) for _ in range(SESSIONS)]
+        sent: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
+        # Prefill both layers, then two decode steps, interleaving sessions.
+        for n in (PREFILL, 1, 1):
+            for s in sessions:
+                for layer in range(GEO["num_layers"]):
+                    check_step(s, layer, *tensors(n), sent[s.id, layer])
+
+        # Where each session lives, from the replicas' own session lists.
+        held = []
+        for r in replicas:
+            with Client(r.address, timeout=10) as direct:
+                held.append({info.id: info for info in direct.list_sessions()})
+        ids = {s.id for s in sessions}
+        assert not held[0].keys() & held[1].keys(), "a session exists on both replicas"
+        assert held[0].keys() | held[1].keys() == ids
+        assert held[0] and held[1], f"one replica got every session: {[len(x) for x in held]}"
+        # Every append of every session landed on its replica: the lengths add up there.
+        for owner in held:
+            for info in owner.values():
+                assert info.layer_lengths == [PREFILL + 2] * GEO["num_layers"]
+
+        # The router's own record: one upstream per session id, the replica that holds it.
+        upstreams: dict[str, set[str]] = defaultdict(set)
+        for line in router.access_log():
+            m = re.search(r"sid=(\S+) upstream=(\S+)", line)
+            if m and m.group(1) != "-":
+                upstreams[m.group(1)].add(m.group(2))
+        assert upstreams.keys() == ids
+        for sid, addrs in upstreams.items():
+            owner = replicas[0] if sid in held[0] else replicas[1]
+            assert addrs == {owner.address}, (sid, addrs)
+
+        # One replica dies. Its sessions get a clear error naming them; the others go on.
+        dead, alive = replicas[0], replicas[1]
+        assert dead.stop() is not None
+        lost = [s for s in sessions if s.id in held[0]]
+        kept = [s for s in sessions if s.id in held[1]]
+        for s in lost:
+            with pytest.raises(Q8KVError) as err:
+                s.append_and_attend(0, *tensors(1))
+            # The router skips the dead replica; the survivor does not know the id.
+            assert err.value.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+            if err.value.code == grpc.StatusCode.NOT_FOUND:
+                assert s.id in err.value.message
+        for s in kept:
+            check_step(s, 0, *tensors(1), sent[s.id, 0])
+
+        # The client's recovery path: re-create the lost session under its id, re-prefill.
+        again = client.create_session(**GEO, session_id=lost[0].id)
+        check_step(again, 0, *tensors(PREFILL), [])
+        with Client(alive.address, timeout=10) as direct:
+            assert lost[0].id in {info.id for info in direct.list_sessions()}
