@@ -59,10 +59,12 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
             if drain.draining:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "server: shutting down")
             drain._enter()
-            try:
-                async for response in inner(request, context):
-                    yield response
-            finally:
-                drain._leave()
+            # Leave when the RPC ends, however it ends. A generator abandoned at its
+            # `yield` (the client cancelled or went away while a response was being written)
+            # is never resumed, so a `finally` here ran only when it was garbage-collected:
+            # until then every shutdown waited the whole grace for a call long gone.
+            context.add_done_callback(lambda _: drain._leave())
+            async for response in inner(request, context):
+                yield response
 
         return rebuild(handler, streaming if kind.endswith("_stream") else unary)
