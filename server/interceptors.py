@@ -27,3 +27,74 @@ def rebuild(handler: grpc.RpcMethodHandler, behavior: Callable) -> grpc.RpcMetho
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+class _Undecodable:
+    """Stands in for a request message whose bytes did not parse."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception:  # protobuf's DecodeError (and anything else it raises)
+            return _Undecodable(len(data))
+
+    return parse
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Bytes that are not a valid request message get INVALID_ARGUMENT. Without this,
+    grpc.aio answers UNKNOWN with the parser's exception text."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        kind = handler_kind(handler)
+        inner = getattr(handler, kind)
+        method = handler_call_details.method
+
+        async def refuse(context, request) -> None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request: expected a serialized request message of {method}, got "
+                f"{request.size} bytes that do not parse",
+            )
+
+        async def checked(request_iterator, context):
+            async for request in request_iterator:
+                if isinstance(request, _Undecodable):
+                    await refuse(context, request)
+                yield request
+
+        if kind == "unary_unary":
+            async def behavior(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(context, request)
+                return await inner(request, context)
+        elif kind == "unary_stream":
+            async def behavior(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(context, request)
+                async for response in inner(request, context):
+                    yield response
+        elif kind == "stream_unary":
+            async def behavior(request_iterator, context):
+                return await inner(checked(request_iterator, context), context)
+        else:
+            async def behavior(request_iterator, context):
+                async for response in inner(checked(request_iterator, context), context):
+                    yield response
+
+        return _BUILDERS[kind](
+            behavior,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )

@@ -27,6 +27,7 @@ from .cache import PagePool, SessionStore
 from .config import Config, load_config
 from .drain import DrainInterceptor
 from .engine import Engine
+from .interceptors import DecodeGuard
 from .logs import event, setup_logging
 from .metrics import Metrics
 from .service import CallLimits, KVCacheService
@@ -97,6 +98,7 @@ class Server:
         if self.tokens.enabled:  # inside the metrics one, so refusals are counted too
             interceptors.append(AuthInterceptor(self.tokens))
         interceptors.append(self.drain)
+        interceptors.append(DecodeGuard())  # innermost: its deserializer is the one used
         self.health = health.aio.HealthServicer()
         options = [
             ("grpc.max_send_message_length", config.max_message_bytes),
