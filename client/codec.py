@@ -17,6 +17,7 @@ NUMPY_DTYPES: dict[int, np.dtype] = {
     pb.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
 }
 WIRE_DTYPES: dict[np.dtype, int] = {v: k for k, v in NUMPY_DTYPES.items()}
+MAX_RANK = 64  # numpy's limit
 DTYPE_NAMES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
 
 
@@ -65,7 +66,13 @@ def decode(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:
             f"{field}.data: expected {expected} bytes for shape {list(shape)} of "
             f"{pb.DType.Name(tensor.dtype)}, got {len(tensor.data)}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    except ValueError:  # zero elements, but a dimension or a rank numpy cannot hold
+        raise TensorError(
+            f"{field}.shape: expected at most {MAX_RANK} dimensions whose product of nonzero "
+            f"ones fits in memory, got {list(shape)}"
+        ) from None
 
 
 # Exponent bits of each wire dtype: a value is NaN or Inf exactly when all of them are set.
