@@ -247,7 +247,12 @@ class SessionStore:
         session = self._sessions.get((tenant, session_id))
         # Another tenant's session answers exactly like one that does not exist.
         if session is None:
-            raise NotFound(f"session_id: no session {session_id!r}")
+            # No id that long exists; echoing it whole could exceed the client's limit on
+            # the size of the status message (16 KiB), failing the call with another code.
+            shown = session_id if len(session_id) <= MAX_SESSION_ID_LEN else (
+                session_id[:40] + f"... ({len(session_id)} characters)"
+            )
+            raise NotFound(f"session_id: no session {shown!r}")
         return session
 
     def delete(self, session_id: str, tenant: str = "") -> int:
