@@ -1,0 +1,69 @@
+"""Issue 6, deadlines: a call whose deadline passes while it waits in the engine's queue
+(behind a big prefill of another session) appends nothing; one with time to spare, queued
+behind the same work, lands."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from q8kv.client import Client, Q8KVError
+
+BIG = dict(num_layers=1, num_heads=32, num_kv_heads=8, head_dim=128, max_len=4096)
+SMALL = dict(num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, max_len=64)
+PREFILL = 1536  # numpy backend: about 2.5 s of attention on one core
+
+
+def test_deadline_expired_in_the_queue_appends_nothing(start_server):
+    srv = start_server("--batching", "on")
+    rng = np.random.default_rng(0)
+    with Client(srv.address, timeout=120) as c:
+        big = c.create_session(**BIG)
+        small = c.create_session(**SMALL)
+        spare = c.create_session(**SMALL)
+        q = rng.standard_normal((PREFILL, 32, 128)).astype(np.float32)
+        k = rng.standard_normal((PREFILL, 8, 128)).astype(np.float32)
+        busy = {}
+
+        def prefill() -> None:
+            started = time.monotonic()
+            big.append_and_attend(0, q, k, k)
+            busy["seconds"] = time.monotonic() - started
+
+        worker = threading.Thread(target=prefill)
+        worker.start()
+        time.sleep(0.4)  # the prefill has reached the engine and holds its worker
+        tq = rng.standard_normal((1, 8, 64)).astype(np.float32)
+        tk = rng.standard_normal((1, 2, 64)).astype(np.float32)
+        late_result = {}
+
+        def patient() -> None:  # queued behind the prefill too, with time to spare
+            with Client(srv.address, timeout=120) as c2:
+                late_result["length"] = c2.session(spare.id).append_and_attend(
+                    1, tq, tk, tk, with_length=True
+                ).length
+
+        waiter = threading.Thread(target=patient)
+        waiter.start()
+        with Client(srv.address, timeout=0.3) as hurried:
+            sent = time.monotonic()
+            with pytest.raises(Q8KVError) as err:
+                hurried.session(small.id).append_and_attend(0, tq, tk, tk)
+            assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - sent < 2.0
+        worker.join(120)
+        waiter.join(120)
+        # The test means something only if the prefill outlasted the short deadline.
+        assert busy["seconds"] > 0.4 + 0.3 + 0.3, busy
+        assert late_result == {"length": 1}
+        assert small.info().layer_lengths == [0, 0]
+        keys, values = small.dequantize(0)
+        assert keys.shape == (2, 0, 64) and values.shape == (2, 0, 64)
+        # The session is fine for the next call: the rejected item left no trace.
+        out = small.append_and_attend(0, tq, tk, tk, with_length=True)
+        assert out.length == 1
+        assert big.info().layer_lengths == [PREFILL]
