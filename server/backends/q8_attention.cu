@@ -384,35 +384,56 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   if (!last_s) return;
   __threadfence();
   const int ufirst = unit - split;
-  float* wsm = red;  // [GT][nsplit] weights, then [GT] sums (nsplit <= MAX_SPLITS)
-  float* lsum = red + GT * nsplit;
+  // (max, sum) of every split into shared memory at once, then one warp per row reduces.
+  float* wm = red;                   // [GT][nsplit] maxima, then merge weights
+  float* wl = red + GT * nsplit;     // [GT][nsplit] sums
+  float* lsum = wl + GT * nsplit;    // [GT]
   for (int idx = tid; idx < GT * nsplit; idx += NT) {
     const int r = idx / nsplit, s = idx - r * nsplit;
-    wsm[idx] = __ldcg(part_ml + ((long long)(ufirst + s) * GT + r) * 2);
+    const float2 ml = __ldcg(reinterpret_cast<const float2*>(part_ml) + (long long)(ufirst + s) * GT + r);
+    wm[idx] = ml.x;
+    wl[idx] = ml.y;
   }
   __syncthreads();
-  if (tid < GT) {
+  for (int r = warp; r < GT; r += NWARPS) {
     float M = NEG_INF;
-    for (int s = 0; s < nsplit; ++s) M = fmaxf(M, wsm[tid * nsplit + s]);
+    for (int s = lane; s < nsplit; s += 32) M = fmaxf(M, wm[r * nsplit + s]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
     float L = 0.0f;
-    for (int s = 0; s < nsplit; ++s) {
-      const float e = sexp2(wsm[tid * nsplit + s], M);
-      wsm[tid * nsplit + s] = e;
-      L += __ldcg(part_ml + ((long long)(ufirst + s) * GT + tid) * 2 + 1) * e;
+    for (int s = lane; s < nsplit; s += 32) {
+      const float e = sexp2(wm[r * nsplit + s], M);
+      wm[r * nsplit + s] = e;
+      L += wl[r * nsplit + s] * e;
     }
-    lsum[tid] = L;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
+    if (lane == 0) lsum[r] = L;
   }
   __syncthreads();
-  for (int idx = tid; idx < GT * D; idx += NT) {
+  // Every thread sums its outputs over the splits with many loads in flight.
+  constexpr int PER = (GT * D + NT - 1) / NT;
+  float A[PER];
+#pragma unroll
+  for (int k = 0; k < PER; ++k) A[k] = 0.0f;
+  const float* pbase = part + (long long)ufirst * GT * D;
+#pragma unroll 8
+  for (int s = 0; s < nsplit; ++s) {
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+      const int idx = tid + k * NT;
+      if (idx < GT * D) A[k] += __ldcg(pbase + (long long)s * GT * D + idx) * wm[(idx / D) * nsplit + s];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int idx = tid + k * NT;
+    if (idx >= GT * D) continue;
     const int r = idx / D, d = idx - r * D;
     const int row = row0 + r;
     if (row >= nrows) continue;
-    float A = 0.0f;
-    const float* pp = part + ((long long)ufirst * GT + r) * D + d;
-#pragma unroll 8
-    for (int s = 0; s < nsplit; ++s) A += __ldcg(pp + (long long)s * GT * D) * wsm[r * nsplit + s];
     const int i = row / G, head = kvh * G + row % G;
-    outp[((long long)i * H_ + head) * D + d] = A / lsum[r];
+    outp[((long long)i * H_ + head) * D + d] = A[k] / lsum[r];
   }
   if (tid == 0) *counter = 0;  // ready for the next launch
 }
