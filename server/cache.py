@@ -110,12 +110,12 @@ class Session:
         return self.layers[index]
 
 
-def validate_geometry(g: Geometry, page_code_bytes: int) -> None:
+def validate_geometry(g: Geometry, page_code_bytes: int, max_head_dim: int = 1024) -> None:
     checks = (
         ("num_layers", g.num_layers, 1, 4096),
         ("num_heads", g.num_heads, 1, 1024),
         ("num_kv_heads", g.num_kv_heads, 1, 1024),
-        ("head_dim", g.head_dim, QBLOCK, 1024),
+        ("head_dim", g.head_dim, QBLOCK, max_head_dim),
         ("max_len", g.max_len, 1, 1 << 24),
     )
     for name, value, low, high in checks:
@@ -160,8 +160,10 @@ class SessionStore:
         evict_idle_seconds: float = 0.0,
         tenant_max_sessions: int = 0,
         tenant_max_pages: int = 0,
+        max_head_dim: int = 1024,
     ) -> None:
         self.pool = pool
+        self.max_head_dim = max_head_dim  # what the backend's kernels take
         self.tenant_max_sessions = tenant_max_sessions  # 0: no limit
         self.tenant_max_pages = tenant_max_pages  # 0: no limit
         self.tenant_sessions: Counter[str] = Counter()
@@ -193,7 +195,7 @@ class SessionStore:
         softmax_scale: float | None = None,
         tenant: str = "",
     ) -> Session:
-        validate_geometry(geometry, self.pool.page_code_bytes)
+        validate_geometry(geometry, self.pool.page_code_bytes, self.max_head_dim)
         if not (ttl_seconds >= 0 and math.isfinite(ttl_seconds)):
             raise InvalidArgument(f"ttl_seconds: expected a finite value >= 0, got {ttl_seconds}")
         if softmax_scale is not None and not (

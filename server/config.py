@@ -69,7 +69,8 @@ _FLAGS: dict[str, tuple[object, str]] = {
     "backend": (str, "auto | numpy | cupy (auto: cupy where a GPU is found)"),
     "memory_budget": (
         parse_budget,
-        "bytes for the page pool (e.g. 8GiB); auto: 80%% of free GPU memory, or 2GiB on CPU",
+        "bytes for the page pool (e.g. 8GiB); auto: 90%% of free GPU memory less 512MiB, "
+        "or 2GiB on CPU",
     ),
     "page_bytes": (parse_size, "code bytes per cache page (multiple of 512)"),
     "max_sessions": (int, "most live sessions; more get RESOURCE_EXHAUSTED"),

@@ -46,7 +46,8 @@ def _budget_bytes(config: Config, backend_name: str) -> int:
     if backend_name == "cupy":
         from .backends.cupy_backend import CupyBackend
 
-        return int(CupyBackend.free_device_bytes() * 0.8)
+        # Headroom for per-call buffers and the kernels' first compile.
+        return max(0, int(CupyBackend.free_device_bytes() * 0.9) - 512 * 1024**2)
     return CPU_DEFAULT_BUDGET
 
 
@@ -68,6 +69,7 @@ def build_engine(config: Config) -> Engine:
         evict_idle_seconds=config.evict_idle_seconds,
         tenant_max_sessions=config.tenant_max_sessions,
         tenant_max_pages=config.tenant_max_bytes // page_bytes(config.page_bytes),
+        max_head_dim=backend.max_head_dim,
     )
     store.listeners.append(
         lambda session, reason: event(log, "session_evicted", session=session.id, reason=reason)

@@ -95,6 +95,7 @@ class Backend(ABC):
     """
 
     name: str = "abstract"
+    max_head_dim: int = 1024  # the largest head_dim the kernels take
 
     def __init__(self, num_pages: int, page_code_bytes: int = DEFAULT_PAGE_CODE_BYTES) -> None:
         if page_code_bytes % (QBLOCK * 16) != 0:

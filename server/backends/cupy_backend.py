@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,7 @@ def _grow(arr: cp.ndarray | None, size: int, dtype, zero: bool = False) -> cp.nd
 
 class CupyBackend(Backend):
     name = "cupy"
+    max_head_dim = 256  # the attention kernel keeps a head's q slice in registers
 
     def __init__(
         self,
@@ -160,6 +162,8 @@ class CupyBackend(Backend):
             if mod is None:
                 mod = cp.RawModule(code=_source("q8_pages.cu"), options=("--std=c++17",))
                 _PAGES_MODULES[dev_id] = mod
+            # Reused CUDA events around each kernel: device time for the metrics.
+            self._marks = [cp.cuda.Event() for _ in range(3)]
             self._append_k = mod.get_function("q8_append")
             self._dequant_k = mod.get_function("q8_dequantize")
         self._attn = _ATTN_KERNELS.setdefault(dev_id, {})
@@ -465,9 +469,20 @@ class CupyBackend(Backend):
         with self._device:
             batch = self.prepare(items)
             self.upload(batch)
+            marks = self._marks
+            marks[0].record(self._stream)
+            started = time.perf_counter()
             self.launch_append(batch)
+            appended = time.perf_counter()
+            marks[1].record(self._stream)
             self.launch_attention(batch)
-            return self.download(batch)
+            attended = time.perf_counter()
+            marks[2].record(self._stream)
+            outputs = self.download(batch)  # synchronizes: the events below are complete
+        elapsed = cp.cuda.get_elapsed_time
+        self.on_kernel("quantize_append", appended - started, elapsed(marks[0], marks[1]) / 1e3)
+        self.on_kernel("attention", attended - appended, elapsed(marks[1], marks[2]) / 1e3)
+        return outputs
 
     def dequantize_device(self, layout: LayerLayout, page_ids, start: int, end: int) -> cp.ndarray:
         """K and V of tokens [start, end) as a device float32 array [2, KVH, end-start, D].
@@ -502,9 +517,17 @@ class CupyBackend(Backend):
     def dequantize(
         self, layout: LayerLayout, page_ids: np.ndarray, start: int, end: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        out = self.dequantize_device(layout, np.asarray(page_ids, dtype=np.int32), start, end)
+        marks = self._marks
         with self._device:
+            marks[0].record(self._stream)
+        started = time.perf_counter()
+        out = self.dequantize_device(layout, np.asarray(page_ids, dtype=np.int32), start, end)
+        launched = time.perf_counter()
+        with self._device:
+            marks[1].record(self._stream)
             host = out.get(stream=self._stream)
+        seconds = cp.cuda.get_elapsed_time(marks[0], marks[1]) / 1e3
+        self.on_kernel("dequantize", launched - started, seconds)
         return np.ascontiguousarray(host[0]), np.ascontiguousarray(host[1])
 
     def read_pages(self, page_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -52,13 +52,15 @@ extern "C" __global__ void q8_append(const int* __restrict__ meta, int nitems, i
   for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(x[j]));
   const float d = amax / 127.0f;
   const float id = d == 0.0f ? 0.0f : 1.0f / d;
+  // Where 1/d overflows (max|x| < ~3.7e-37, d subnormal) divide by d instead, as q8.py does.
+  const bool tiny = isinf(id);
   unsigned packed[8];
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     unsigned w = 0;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      float q = roundf(__fmul_rn(x[4 * j + k], id));
+      float q = roundf(tiny ? __fdiv_rn(x[4 * j + k], d) : __fmul_rn(x[4 * j + k], id));
       q = fminf(fmaxf(q, -127.0f), 127.0f);
       w |= ((unsigned)((int)q) & 0xffu) << (8 * k);
     }
