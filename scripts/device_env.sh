@@ -13,6 +13,11 @@ mkdir -p /tmp/q8kv-src/q8kv
 ln -sfn "$REPO_ROOT/server" /tmp/q8kv-src/q8kv/server
 ln -sfn "$REPO_ROOT/client" /tmp/q8kv-src/q8kv/client
 ln -sfn "$REPO_ROOT/proto/q8kv/v1" /tmp/q8kv-src/q8kv/v1
+# Package metadata, so importlib.metadata.version("q8kv") answers as after a pip install.
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)
+mkdir -p "/tmp/q8kv-src/q8kv-${version}.dist-info"
+printf 'Metadata-Version: 2.1\nName: q8kv\nVersion: %s\n' "$version" \
+  > "/tmp/q8kv-src/q8kv-${version}.dist-info/METADATA"
 export PYTHONPATH=/tmp/q8kv-src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 set +e

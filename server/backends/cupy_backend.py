@@ -160,7 +160,12 @@ class CupyBackend(Backend):
             self.scales = cp.zeros((num_pages, page_code_bytes // QBLOCK), dtype=cp.float32)
             mod = _PAGES_MODULES.get(dev_id)
             if mod is None:
-                mod = cp.RawModule(code=_source("q8_pages.cu"), options=("--std=c++17",))
+                # IEEE on purpose: subnormal scales must survive (no flush to zero) and the
+                # divisions round correctly, or the codes stop matching q8.py bit for bit.
+                mod = cp.RawModule(
+                    code=_source("q8_pages.cu"),
+                    options=("--std=c++17", "--ftz=false", "--prec-div=true", "--fmad=false"),
+                )
                 _PAGES_MODULES[dev_id] = mod
             # Reused CUDA events around each kernel: device time for the metrics.
             self._marks = [cp.cuda.Event() for _ in range(3)]
