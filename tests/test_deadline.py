@@ -4,8 +4,10 @@ behind the same work, lands."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -16,6 +18,20 @@ from q8kv.client import Client, Q8KVError
 BIG = dict(num_layers=1, num_heads=32, num_kv_heads=8, head_dim=128, max_len=4096)
 SMALL = dict(num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, max_len=64)
 PREFILL = 1536  # numpy backend: about 2.5 s of attention on one core
+
+
+def wait_started(url: str, method: str, count: int, timeout: float = 30.0) -> None:
+    pattern = re.compile(
+        r'^grpc_server_started_total\{[^}]*grpc_method="' + method + r'"[^}]*\} ([0-9.]+)$',
+        re.MULTILINE,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = pattern.search(urllib.request.urlopen(url, timeout=5).read().decode())
+        if match and float(match.group(1)) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{method} not started {count} times within {timeout}s")
 
 
 def test_deadline_expired_in_the_queue_appends_nothing(start_server):
@@ -36,7 +52,10 @@ def test_deadline_expired_in_the_queue_appends_nothing(start_server):
 
         worker = threading.Thread(target=prefill)
         worker.start()
-        time.sleep(0.4)  # the prefill has reached the engine and holds its worker
+        # Wait until the server has the prefill (its RPC started), then for the decode and
+        # validation of its 30 MB to finish: from then on it holds the engine's worker.
+        wait_started(srv.metrics_url, "AppendAndAttend", 1)
+        time.sleep(0.5)
         tq = rng.standard_normal((1, 8, 64)).astype(np.float32)
         tk = rng.standard_normal((1, 2, 64)).astype(np.float32)
         late_result = {}
@@ -58,7 +77,7 @@ def test_deadline_expired_in_the_queue_appends_nothing(start_server):
         worker.join(120)
         waiter.join(120)
         # The test means something only if the prefill outlasted the short deadline.
-        assert busy["seconds"] > 0.4 + 0.3 + 0.3, busy
+        assert busy["seconds"] > 0.5 + 0.3 + 0.2, busy
         assert late_result == {"length": 1}
         assert small.info().layer_lengths == [0, 0]
         keys, values = small.dequantize(0)
