@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(json.dumps(row), flush=True)
+        print(f"split_waves sweep {batch}x{length}: {q8['split_waves_sweep_us']}", flush=True)
 
     result = {
         "device": name,

@@ -38,12 +38,19 @@ _NWARPS = 4
 _NSTAGES = int(os.environ.get("Q8KV_NSTAGES", "3"))
 _UBMAX = int(os.environ.get("Q8KV_UBMAX", "2"))
 _MINBLOCKS = int(os.environ.get("Q8KV_MINBLOCKS", "3"))
-_STAGE_CODE_TARGET = 16384
+_STAGE_CODE_TARGET = int(os.environ.get("Q8KV_STAGE_BYTES", "16384"))
 _MAXP = 512  # page ids per split held in shared memory (MAXP in q8_attention.cu)
 # Splits per row tile, bounded so the last block's merge stays short (48 x 8 kv heads fills
 # one wave of an H100 at batch 1).
 _MAX_SPLITS = int(os.environ.get("Q8KV_MAX_SPLITS", "48"))
 _SMEM_PER_SM = 228 * 1024
+# The tensor-core attention kernel (q8_attention_tc.cu); Q8KV_TC=0 selects the CUDA-core
+# one (q8_attention.cu), kept for comparison.
+_TC = os.environ.get("Q8KV_TC", "1") != "0"
+_TC_MINBLOCKS = int(os.environ.get("Q8KV_TC_MINBLOCKS", "2"))
+# Two 32 KiB stages (128 tokens at D = 128): 1% faster than three of 16 KiB at 64 x 16384.
+_TC_NSTAGES = int(os.environ.get("Q8KV_TC_NSTAGES", "2"))
+_TC_STAGE_CODE_TARGET = int(os.environ.get("Q8KV_TC_STAGE_BYTES", "32768"))
 
 
 def _source(name: str) -> str:
@@ -54,7 +61,10 @@ def _source(name: str) -> str:
 
 
 def _tokens_per_stage(head_dim: int, dpl: int) -> int:
-    """TOK in q8_attention.cu, for split sizing."""
+    """TOK in q8_attention.cu (q8_attention_tc.cu for dpl 0), for split sizing."""
+    if dpl == 0:
+        per = max(1, (_TC_STAGE_CODE_TARGET // (2 * head_dim)) // (_NWARPS * 16))
+        return per * _NWARPS * 16
     nact = head_dim // dpl
     lpt = 1 << max(0, (nact - 1).bit_length())
     tpw = 32 // lpt
@@ -63,7 +73,11 @@ def _tokens_per_stage(head_dim: int, dpl: int) -> int:
 
 
 def _tile(rows: int, group: int) -> tuple[int, int]:
-    """(dims per lane, rows per tile) for a item with ``rows`` = n * group query rows."""
+    """(dims per lane, rows per tile) for a item with ``rows`` = n * group query rows.
+
+    dims per lane 0 is the tensor-core kernel (8 rows per tile, any head_dim)."""
+    if _TC:
+        return 0, 8
     if rows >= 8:
         return 8, 8
     if rows >= 3:
@@ -211,6 +225,7 @@ class CupyBackend(Backend):
         key = (head_dim, dpl, gt)
         k = self._attn.get(key)
         if k is None:
+            tc = dpl == 0
             opts = (
                 "--std=c++17",
                 f"-DHEAD_DIM={head_dim}",
@@ -223,12 +238,20 @@ class CupyBackend(Backend):
                 # 168 registers fit GT <= 4 rows at 16 dims per lane without spills.
                 f"-DMINBLOCKS={_MINBLOCKS if gt * dpl <= 64 else 1}",
             )
+            if tc:
+                opts = opts[:5] + (
+                    f"-DNSTAGES={_TC_NSTAGES}",
+                    f"-DSTAGE_CODE_TARGET={_TC_STAGE_CODE_TARGET}",
+                    f"-DMINBLOCKS={_TC_MINBLOCKS if head_dim <= 128 else 1}",
+                )
             with self._device:
-                mod = cp.RawModule(code=_source("q8_attention.cu"), options=opts)
+                name = "q8_attention_tc.cu" if tc else "q8_attention.cu"
+                mod = cp.RawModule(code=_source(name), options=opts)
                 fn = mod.get_function("q8_attend")
             tok = _tokens_per_stage(head_dim, dpl)
-            stage = 2 * tok * head_dim + 2 * tok * (head_dim // QBLOCK) * 4
-            smem = _NSTAGES * stage
+            row = head_dim + 16 if tc else head_dim  # padded smem rows in the tc kernel
+            stage = 2 * tok * row + 2 * tok * (head_dim // QBLOCK) * 4
+            smem = (_TC_NSTAGES if tc else _NSTAGES) * stage
             fn.max_dynamic_shared_size_bytes = smem
             threads = 32 * _NWARPS
             regs_per_warp = -(-fn.num_regs * 32 // 256) * 256

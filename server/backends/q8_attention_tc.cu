@@ -1,0 +1,504 @@
+// Fused paged attention over the Q8 cache on tensor cores: decode and causal prefill, one
+// launch per batch. Same work units, pipeline, split partials and last-block merge as
+// q8_attention.cu (the CUDA-core version); only the per-tile math differs.
+//
+// Per warp and 16-token tile:
+// - QK^T on int8 tensor cores (mma m16n8k32 s8, one 32-value scale block per k-slice): the
+//   K codes are the B operand exactly as stored (ldmatrix, no conversion); q (pre-scaled by
+//   softmax_scale * log2(e)) is split once per block into three int8 digits with one scale
+//   per row, q = qsc * (d0 + d1/128 + d2/16384) (error < 2.5e-7 of the row's max |q|), so
+//   3 exact int32 products per block; the K scale applies per (token, block) to the sum.
+// - online softmax in float32 on the accumulator fragment (rows = query rows, 8 per tile),
+//   exp2, rescaling the output only when a row's max grows.
+// - PV^T on tf32 tensor cores (mma m16n8k8, fp32 accumulate): O^T[dims, rows] +=
+//   V^T[dims, tokens] P'^T[tokens, rows] with P' = p * v_scale[token, block] split into
+//   tf32 hi + lo halves (~22 bits, float32 range), V codes exact in tf32.
+// Rows per tile GT = 8 (the N of both products); a row is one (new token, query head).
+#include "q8_common.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef GT
+#define GT 8
+#endif
+#ifndef NWARPS
+#define NWARPS 4
+#endif
+#ifndef NSTAGES
+#define NSTAGES 3
+#endif
+#ifndef STAGE_CODE_TARGET
+#define STAGE_CODE_TARGET 16384
+#endif
+#ifndef MINBLOCKS
+#define MINBLOCKS 1
+#endif
+#define MAXP 512  // page ids of one split held in shared memory
+#define NEG_INF __int_as_float(0xff800000)
+
+constexpr int D = HEAD_DIM;
+constexpr int NT = 32 * NWARPS;
+constexpr int NB = D / 32;   // scale blocks per head vector
+constexpr int RS = D + 16;   // padded smem row (bytes): ldmatrix and V loads conflict-free
+constexpr int U0 = (STAGE_CODE_TARGET / (2 * D)) / (NWARPS * 16);
+constexpr int U = U0 < 1 ? 1 : U0;     // 16-token tiles per warp per stage
+constexpr int TOK = U * NWARPS * 16;   // tokens per stage
+constexpr int PIECES = D / 16;         // 16-byte pieces per head vector
+constexpr int STAGE_CODE_BYTES = 2 * TOK * RS;
+constexpr int STAGE_BYTES = STAGE_CODE_BYTES + 2 * TOK * NB * 4;
+static_assert(D % 32 == 0 && D <= 256, "head_dim not supported");
+static_assert(GT == 8, "the tensor-core kernel serves 8 rows per tile");
+static_assert(NT >= PIECES, "head_dim too large for the copy mapping");
+static_assert(NWARPS * GT * (D + 2) * 4 <= NSTAGES * STAGE_BYTES, "reduction scratch too big");
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+  int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+  int n = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;  // x <= 0 here; flushing results below 2^-126 to zero is harmless
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+// exp2(x - m), 0 where x is -inf (a masked or empty score), never NaN.
+__device__ __forceinline__ float sexp2(float x, float m) {
+  return x == NEG_INF ? 0.0f : fast_exp2(x - m);
+}
+
+__device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2,
+                                        unsigned& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr)
+               : "memory");
+}
+// D = A * B (int8 m16n8k32, rows 8..15 of A zero: only d0, d1 are returned).
+__device__ __forceinline__ void imma(int& d0, int& d1, unsigned a0, unsigned a2, unsigned b0,
+                                     unsigned b1) {
+  int d2, d3;
+  asm(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%10,%10,%10};\n"
+      : "=r"(d0), "=r"(d1), "=r"(d2), "=r"(d3)
+      : "r"(a0), "r"(0), "r"(a2), "r"(0), "r"(b0), "r"(b1), "r"(0));
+}
+// C += A * B (tf32 m16n8k8, fp32 accumulate).
+__device__ __forceinline__ void tmma(float* c, float a0, float a1, float a2, float a3, float b0,
+                                     float b1) {
+  asm(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(__float_as_uint(a0)), "r"(__float_as_uint(a1)), "r"(__float_as_uint(a2)),
+        "r"(__float_as_uint(a3)), "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)));
+}
+// 4 int8 codes packed in w -> 4 exact floats.
+__device__ __forceinline__ void i8x4(unsigned w, float* f) {
+  const unsigned x = w ^ 0x80808080u;  // bias to unsigned
+  f[0] = __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7440)) - 8388736.0f;
+  f[1] = __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7441)) - 8388736.0f;
+  f[2] = __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7442)) - 8388736.0f;
+  f[3] = __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7443)) - 8388736.0f;
+}
+__device__ __forceinline__ unsigned pack4(int a, int b, int c, int d) {
+  return (unsigned)(a & 0xff) | ((unsigned)(b & 0xff) << 8) | ((unsigned)(c & 0xff) << 16) |
+         ((unsigned)(d & 0xff) << 24);
+}
+
+extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
+    const int* __restrict__ meta, int nitems, const int* __restrict__ ptab,
+    const unsigned char* __restrict__ inbuf, const signed char* __restrict__ codes,
+    const float* __restrict__ scales, int page_code_bytes, float* __restrict__ out,
+    float* __restrict__ part, float* __restrict__ part_ml, int* __restrict__ counters) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int pages_s[MAXP];
+  __shared__ int last_s;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, c = lane & 3;  // mma group (row / column) and thread in group
+  const int unit = blockIdx.x;
+  const int* im = meta + find_item(meta, nitems, M_UNIT, unit) * META_STRIDE;
+  const int nsplit = im[M_NSPLIT], RT = im[M_RT], G = im[M_G], n = im[M_N], H = im[M_H];
+  const int KVH = im[M_KVH], logT = im[M_LOGT], start = im[M_START], chunk = im[M_CHUNK];
+  const int ul = unit - im[M_UNIT];
+  const int split = ul % nsplit;
+  const int rest = ul / nsplit;  // kvh * RT + rt
+  const int rt = rest % RT, kvh = rest / RT;
+  const int nrows = n * G, row0 = rt * GT;
+  const int last_row = min(row0 + GT, nrows) - 1;
+  const int range_end = start + last_row / G + 1;  // exclusive, for the tile's last row
+  const int pos0 = split * chunk;
+  const int pos1 = min(pos0 + chunk, range_end);
+  const int T = 1 << logT;
+
+  // Page ids of [pos0, pos1) first, so every cp.async below is independent of them.
+  const int pfirst = pos0 >> logT;
+  const int np = pos1 > pos0 ? ((pos1 - 1) >> logT) - pfirst + 1 : 0;
+  const int* pt = ptab + im[M_PT];
+  for (int j = tid; j < np; j += NT) pages_s[j] = pt[pfirst + j];
+
+  // Row g of the tile (pad rows repeat the last row; they are not written): its causal
+  // limit, and q as three int8 digits per value with one scale per row. Thread (g, c) holds
+  // the A fragment of row g: dims 32b + 4c + [0, 4) and 32b + 16 + 4c + [0, 4).
+  unsigned qd[NB][3][2];
+  float qsc;
+  int lim;
+  {
+    const float qs = __int_as_float(im[M_SCALE]);
+    const int dt = im[M_DT];
+    const unsigned char* qb = inbuf + im[M_Q];
+    const int row = min(row0 + g, last_row);
+    const int i = row / G, head = kvh * G + row % G;
+    lim = start + i;
+    const long long e = ((long long)i * H + head) * D;
+    float qv[NB][2][4];
+    float amax = 0.0f;
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          qv[b][h][j] = load_in(qb, dt, e + 32 * b + 16 * h + 4 * c + j) * qs;
+          amax = fmaxf(amax, fabsf(qv[b][h][j]));
+        }
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    qsc = amax * (1.0f / (127.0f * 16384.0f));  // score = qsc * (16384 A0 + 128 A1 + A2)
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        int d0[4], d1[4], d2[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float r0 = qv[b][h][j] * inv;
+          const float f0 = fminf(fmaxf(rintf(r0), -127.0f), 127.0f);
+          const float r1 = (r0 - f0) * 128.0f;
+          const float f1 = fminf(fmaxf(rintf(r1), -127.0f), 127.0f);
+          const float r2 = (r1 - f1) * 128.0f;
+          const float f2 = fminf(fmaxf(rintf(r2), -127.0f), 127.0f);
+          d0[j] = (int)f0;
+          d1[j] = (int)f1;
+          d2[j] = (int)f2;
+        }
+        qd[b][0][h] = pack4(d0[0], d0[1], d0[2], d0[3]);
+        qd[b][1][h] = pack4(d1[0], d1[1], d1[2], d1[3]);
+        qd[b][2][h] = pack4(d2[0], d2[1], d2[2], d2[3]);
+      }
+  }
+  __syncthreads();
+
+  const long long cstride = page_code_bytes, sstride = page_code_bytes >> 5;
+  const int nst = pos1 > pos0 ? (pos1 - pos0 + TOK - 1) / TOK : 0;
+
+  // Each thread copies one fixed 16-byte piece of TOK / (NT / PIECES) tokens, K and V, so
+  // the page lookup and address math are shared by both kinds.
+  constexpr int TSTEP = NT / PIECES;  // tokens covered per pass
+  constexpr int PASSES = (TOK + TSTEP - 1) / TSTEP;
+  const int my_pc = tid % PIECES, my_t = tid / PIECES;
+  constexpr bool SCALE16 = (NB % 4) == 0;  // a token's scales are whole 16-byte pieces
+  constexpr int SPIECES = SCALE16 ? NB / 4 : NB;
+  constexpr int SSTEP = NT / SPIECES;
+  constexpr int SPASSES = (TOK + SSTEP - 1) / SSTEP;
+  const int my_sp = tid % SPIECES, my_st = tid / SPIECES;
+  const long long vcodes = (long long)KVH * T * D;  // V after K inside a page
+  const long long vscales = (long long)KVH * T * NB;
+  auto issue = [&](int st) {
+    unsigned char* sb = smem + (st % NSTAGES) * STAGE_BYTES;
+    const int base = pos0 + st * TOK;
+#pragma unroll
+    for (int j = 0; j < PASSES; ++j) {
+      const int t = my_t + j * TSTEP;
+      if (my_t < TSTEP && (TOK % TSTEP == 0 || t < TOK)) {
+        const int pos = base + t;
+        const bool ok = pos < pos1;
+        const signed char* src = codes;
+        if (ok) {
+          const long long page = pages_s[(pos >> logT) - pfirst];
+          src = codes + page * cstride + ((long long)kvh * T + (pos & (T - 1))) * D + my_pc * 16;
+        }
+        cp_async16(sb + t * RS + my_pc * 16, src, ok);
+        cp_async16(sb + (TOK + t) * RS + my_pc * 16, ok ? src + vcodes : src, ok);
+      }
+    }
+    float* ss = reinterpret_cast<float*>(sb + STAGE_CODE_BYTES);
+#pragma unroll
+    for (int j = 0; j < SPASSES; ++j) {
+      const int t = my_st + j * SSTEP;
+      if (my_st < SSTEP && (TOK % SSTEP == 0 || t < TOK)) {
+        const int pos = base + t;
+        const bool ok = pos < pos1;
+        const float* src = scales;
+        if (ok) {
+          const long long page = pages_s[(pos >> logT) - pfirst];
+          src = scales + page * sstride + ((long long)kvh * T + (pos & (T - 1))) * NB;
+        }
+        if (SCALE16) {
+          cp_async16(ss + t * NB + my_sp * 4, ok ? src + my_sp * 4 : src, ok);
+          cp_async16(ss + (TOK + t) * NB + my_sp * 4, ok ? src + vscales + my_sp * 4 : src, ok);
+        } else {
+          cp_async4(ss + t * NB + my_sp, ok ? src + my_sp : src, ok);
+          cp_async4(ss + (TOK + t) * NB + my_sp, ok ? src + vscales + my_sp : src, ok);
+        }
+      }
+    }
+  };
+
+  // Running max (row g, same in the 4 threads of a group), this thread's part of the row
+  // sum, and O^T fragments: acc[b][h] = dims 32b + 4g + 2h + {0: c0/c1, 1: c2/c3} of rows
+  // 2c (c0, c2) and 2c + 1 (c1, c3).
+  float m = NEG_INF, l = 0.0f;
+  float acc[NB][2][4];
+#pragma unroll
+  for (int b = 0; b < NB; ++b)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[b][h][k] = 0.0f;
+  // Positions from which a score may need masking (end of the split, or the causal limit of
+  // the tile's first row).
+  const int mask_from = min(pos1, start + row0 / G + 1);
+  const unsigned smem_base = (unsigned)__cvta_generic_to_shared(smem);
+  // ldmatrix row address of this lane inside a tile: matrix lane/8 = (token half, k half).
+  const int lm_tok = ((lane >> 4) << 3) + (lane & 7), lm_off = ((lane >> 3) & 1) * 16;
+
+#pragma unroll
+  for (int s = 0; s < NSTAGES - 1; ++s) {
+    if (s < nst) issue(s);
+    cp_commit();
+  }
+  for (int st = 0; st < nst; ++st) {
+    cp_wait<NSTAGES - 2>();
+    __syncthreads();  // stage st landed for all; stage st-1's buffer is free to refill
+    if (st + NSTAGES - 1 < nst) issue(st + NSTAGES - 1);
+    cp_commit();
+    const int sofs = (st % NSTAGES) * STAGE_BYTES;
+    const unsigned char* sb = smem + sofs;
+    const float* ks = reinterpret_cast<const float*>(sb + STAGE_CODE_BYTES);
+    const float* vs = ks + TOK * NB;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int t0 = (warp * U + u) * 16;  // first token of this warp's tile in the stage
+      const int base = pos0 + st * TOK + t0;
+      if (base >= pos1) break;  // warp-uniform: nothing left in this split
+      // S = Q K^T for 16 tokens: tokens t0 + 8j + 2c + {0, 1} of row g in sc[j][0..1].
+      float sc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+      const unsigned kaddr = smem_base + sofs + (t0 + lm_tok) * RS + lm_off;
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        unsigned kb[4];
+        ldsm_x4(kaddr + 32 * b, kb[0], kb[1], kb[2], kb[3]);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          int a0[2], a1[2], a2[2];
+          imma(a0[0], a0[1], qd[b][0][0], qd[b][0][1], kb[2 * j], kb[2 * j + 1]);
+          imma(a1[0], a1[1], qd[b][1][0], qd[b][1][1], kb[2 * j], kb[2 * j + 1]);
+          imma(a2[0], a2[1], qd[b][2][0], qd[b][2][1], kb[2 * j], kb[2 * j + 1]);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float f = fmaf((float)a0[e], 16384.0f, (float)(a1[e] * 128 + a2[e]));
+            sc[j][e] = fmaf(f, ks[(t0 + 8 * j + 2 * c + e) * NB + b], sc[j][e]);
+          }
+        }
+      }
+      float mx = NEG_INF;
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          sc[j][e] *= qsc;
+          mx = fmaxf(mx, sc[j][e]);
+        }
+      if (base + 16 > mask_from) {  // warp-uniform
+        mx = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int pos = base + 8 * j + 2 * c + e;
+            if (pos >= pos1 || pos > lim) sc[j][e] = NEG_INF;
+            mx = fmaxf(mx, sc[j][e]);
+          }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const bool grow = mx > m;
+      if (__any_sync(0xffffffffu, grow)) {  // rescale only when some row's max grows
+        const float mn = grow ? mx : m;
+        const float a = sexp2(m, mn);
+        m = mn;
+        l *= a;
+        const float a_lo = __shfl_sync(0xffffffffu, a, 8 * c);      // row 2c
+        const float a_hi = __shfl_sync(0xffffffffu, a, 8 * c + 4);  // row 2c + 1
+#pragma unroll
+        for (int b = 0; b < NB; ++b)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            acc[b][h][0] *= a_lo;
+            acc[b][h][1] *= a_hi;
+            acc[b][h][2] *= a_lo;
+            acc[b][h][3] *= a_hi;
+          }
+      }
+      float p[2][2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          p[j][e] = sexp2(sc[j][e], m);
+          l += p[j][e];
+        }
+      // O^T += V^T P'^T: k-step j covers tokens t0 + 8j + 2c (k = c) and + 1 (k = c + 4).
+      const signed char* vc = reinterpret_cast<const signed char*>(sb + TOK * RS);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int ta = t0 + 8 * j + 2 * c;
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          const float x0 = p[j][0] * vs[ta * NB + b], x1 = p[j][1] * vs[(ta + 1) * NB + b];
+          const float h0 = __uint_as_float(__float_as_uint(x0) & 0xffffe000u);
+          const float h1 = __uint_as_float(__float_as_uint(x1) & 0xffffe000u);
+          const float l0 = x0 - h0, l1 = x1 - h1;
+          float w0[4], w1[4];
+          i8x4(*reinterpret_cast<const unsigned*>(vc + ta * RS + 32 * b + 4 * g), w0);
+          i8x4(*reinterpret_cast<const unsigned*>(vc + (ta + 1) * RS + 32 * b + 4 * g), w1);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            tmma(acc[b][h], w0[2 * h], w0[2 * h + 1], w1[2 * h], w1[2 * h + 1], h0, h1);
+            tmma(acc[b][h], w0[2 * h], w0[2 * h + 1], w1[2 * h], w1[2 * h + 1], l0, l1);
+          }
+        }
+      }
+    }
+  }
+  cp_wait<0>();
+  __syncthreads();  // stage buffers are reused as reduction scratch below
+
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  float* red = reinterpret_cast<float*>(smem);  // [NWARPS][GT][D]
+  float* redml = red + NWARPS * GT * D;         // [NWARPS][GT][2]
+#pragma unroll
+  for (int b = 0; b < NB; ++b)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int d = 32 * b + 4 * g + 2 * h;
+      float* r0 = red + (warp * GT + 2 * c) * D + d;
+      float* r1 = r0 + D;
+      *reinterpret_cast<float2*>(r0) = make_float2(acc[b][h][0], acc[b][h][2]);
+      *reinterpret_cast<float2*>(r1) = make_float2(acc[b][h][1], acc[b][h][3]);
+    }
+  if (c == 0) {
+    redml[(warp * GT + g) * 2] = m;
+    redml[(warp * GT + g) * 2 + 1] = l;
+  }
+  __syncthreads();
+
+  const bool single = nsplit == 1;
+  const int H_ = H;
+  float* outp = out + im[M_OUT];
+  for (int idx = tid; idx < GT * D; idx += NT) {
+    const int r = idx / D, d = idx - r * D;
+    float M = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) M = fmaxf(M, redml[(w * GT + r) * 2]);
+    float L = 0.0f, A = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) {
+      const float e = sexp2(redml[(w * GT + r) * 2], M);
+      L += redml[(w * GT + r) * 2 + 1] * e;
+      A += red[(w * GT + r) * D + d] * e;
+    }
+    const int row = row0 + r;
+    if (single) {
+      if (row < nrows) {
+        const int i = row / G, head = kvh * G + row % G;
+        outp[((long long)i * H_ + head) * D + d] = A / L;
+      }
+    } else {
+      part[((long long)unit * GT + r) * D + d] = A;
+      if (d == 0) {
+        part_ml[((long long)unit * GT + r) * 2] = M;
+        part_ml[((long long)unit * GT + r) * 2 + 1] = L;
+      }
+    }
+  }
+  if (single) return;
+
+  // The last split of this row tile to finish merges all of them.
+  __threadfence();
+  __syncthreads();
+  int* counter = counters + im[M_CNT] + rest;
+  if (tid == 0) last_s = atomicAdd(counter, 1) == nsplit - 1;
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+  const int ufirst = unit - split;
+  // (max, sum) of every split into shared memory at once, then one warp per row reduces.
+  float* wm = red;                   // [GT][nsplit] maxima, then merge weights
+  float* wl = red + GT * nsplit;     // [GT][nsplit] sums
+  float* lsum = wl + GT * nsplit;    // [GT]
+  for (int idx = tid; idx < GT * nsplit; idx += NT) {
+    const int r = idx / nsplit, s = idx - r * nsplit;
+    const float2 ml = __ldcg(reinterpret_cast<const float2*>(part_ml) + (long long)(ufirst + s) * GT + r);
+    wm[idx] = ml.x;
+    wl[idx] = ml.y;
+  }
+  __syncthreads();
+  for (int r = warp; r < GT; r += NWARPS) {
+    float M = NEG_INF;
+    for (int s = lane; s < nsplit; s += 32) M = fmaxf(M, wm[r * nsplit + s]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+    float L = 0.0f;
+    for (int s = lane; s < nsplit; s += 32) {
+      const float e = sexp2(wm[r * nsplit + s], M);
+      wm[r * nsplit + s] = e;
+      L += wl[r * nsplit + s] * e;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
+    if (lane == 0) lsum[r] = L;
+  }
+  __syncthreads();
+  // Every thread sums its outputs over the splits with many loads in flight.
+  constexpr int PER = (GT * D + NT - 1) / NT;
+  float A[PER];
+#pragma unroll
+  for (int k = 0; k < PER; ++k) A[k] = 0.0f;
+  const float* pbase = part + (long long)ufirst * GT * D;
+#pragma unroll 8
+  for (int s = 0; s < nsplit; ++s) {
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+      const int idx = tid + k * NT;
+      if (idx < GT * D) A[k] += __ldcg(pbase + (long long)s * GT * D + idx) * wm[(idx / D) * nsplit + s];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int idx = tid + k * NT;
+    if (idx >= GT * D) continue;
+    const int r = idx / D, d = idx - r * D;
+    const int row = row0 + r;
+    if (row >= nrows) continue;
+    const int i = row / G, head = kvh * G + row % G;
+    outp[((long long)i * H_ + head) * D + d] = A[k] / lsum[r];
+  }
+  if (tid == 0) *counter = 0;  // ready for the next launch
+}
