@@ -3,6 +3,29 @@
 // and id = 1 / d, one rounded multiply x * id, roundf (half away from zero), clamp +-127.
 #include "q8_common.cuh"
 
+// Exact value of float32 bits, subnormals included (double arithmetic is not flushed).
+__device__ __forceinline__ double f32_bits_to_f64(unsigned bits) {
+  const unsigned mag = bits & 0x7fffffffu;
+  const double v = (mag >> 23) == 0 ? (double)mag * 0x1p-149 : (double)__uint_as_float(mag);
+  return (bits >> 31) ? -v : v;
+}
+
+// Bits of float32(v) rounded to nearest even, subnormal results included (cvt.f32.f64
+// would flush those under -ftz). Overflow gives infinity.
+__device__ __forceinline__ unsigned f32_round_bits(double v) {
+  const unsigned sign = v < 0 ? 0x80000000u : 0u;
+  const double a = fabs(v);
+  if (a >= 0x1p-126) return sign | __float_as_uint(__double2float_rn(a));
+  return sign | (unsigned)rint(a * 0x1p149);  // a multiple of 2^-149; 2^23 is 2^-126
+}
+
+// code * scale in float32, exact where the scale (and so the product) is subnormal.
+__device__ __forceinline__ float code_times_scale(int code, float scale) {
+  const unsigned bits = __float_as_uint(scale);
+  if (bits & 0x7f800000u) return (float)code * scale;  // normal scale: a normal product
+  return __uint_as_float(f32_round_bits((double)code * ((double)bits * 0x1p-149)));
+}
+
 // One thread per 32-value block of one (item, kind, new token, kv head). The whole batch
 // in one launch: the item is found by binary search over the per-item block prefix.
 extern "C" __global__ void q8_append(const int* __restrict__ meta, int nitems, int total,
@@ -47,24 +70,51 @@ extern "C" __global__ void q8_append(const int* __restrict__ meta, int nitems, i
       }
     }
   }
-  float amax = 0.f;
+  // CuPy compiles every RawModule with -ftz=true (appended after our options), so float32
+  // arithmetic flushes subnormals to zero. The common case (max|x| >= 2^-116) is immune:
+  // d, 1/d and every product that can round to a nonzero code stay normal. Smaller blocks
+  // take an exact path in double precision that reproduces float32 IEEE results bit for
+  // bit (q8.py's definition), from the raw bits.
+  unsigned amax_bits = 0;  // for non-negative floats, integer order is float order
 #pragma unroll
-  for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(x[j]));
-  const float d = amax / 127.0f;
-  const float id = d == 0.0f ? 0.0f : 1.0f / d;
-  // Where 1/d overflows (max|x| < ~3.7e-37, d subnormal) divide by d instead, as q8.py does.
-  const bool tiny = isinf(id);
+  for (int j = 0; j < 32; ++j) amax_bits = max(amax_bits, __float_as_uint(x[j]) & 0x7fffffffu);
   unsigned packed[8];
+  float d;
+  if (amax_bits >= 0x05800000u) {  // 2^-116
+    d = __uint_as_float(amax_bits) / 127.0f;
+    const float id = 1.0f / d;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    unsigned w = 0;
+    for (int j = 0; j < 8; ++j) {
+      unsigned w = 0;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      float q = roundf(tiny ? __fdiv_rn(x[4 * j + k], d) : __fmul_rn(x[4 * j + k], id));
-      q = fminf(fmaxf(q, -127.0f), 127.0f);
-      w |= ((unsigned)((int)q) & 0xffu) << (8 * k);
+      for (int k = 0; k < 4; ++k) {
+        float q = roundf(__fmul_rn(x[4 * j + k], id));
+        q = fminf(fmaxf(q, -127.0f), 127.0f);
+        w |= ((unsigned)((int)q) & 0xffu) << (8 * k);
+      }
+      packed[j] = w;
     }
-    packed[j] = w;
+  } else {
+    const unsigned d_bits = f32_round_bits(f32_bits_to_f64(amax_bits) / 127.0);
+    d = __uint_as_float(d_bits);  // stored as bits: a subnormal survives the store
+    const double dd = f32_bits_to_f64(d_bits);
+    const double id = d_bits == 0 ? 0.0 : f32_bits_to_f64(f32_round_bits(1.0 / dd));
+    const bool huge = isinf(id);  // 1/d overflowed float32: q8.py divides by d instead
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      unsigned w = 0;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const double xv = f32_bits_to_f64(__float_as_uint(x[4 * j + k]));
+        // x*id is exact in double (24 + 24 bits) and x/d correctly rounded, so one
+        // rounding to float32 gives float32's own result; |y| <= 127.5 is normal or 0.
+        const double y = huge ? xv / dd : xv * id;
+        float q = roundf(__uint_as_float(f32_round_bits(y)));
+        q = fminf(fmaxf(q, -127.0f), 127.0f);
+        w |= ((unsigned)((int)q) & 0xffu) << (8 * k);
+      }
+      packed[j] = w;
+    }
   }
   const int pos = im[M_START] + i;
   const int logT = im[M_LOGT];
@@ -104,10 +154,10 @@ extern "C" __global__ void q8_dequantize(const int* __restrict__ ptab, int logT,
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     float4 v;
-    v.x = (float)(signed char)(w[k] & 0xff) * s;
-    v.y = (float)(signed char)((w[k] >> 8) & 0xff) * s;
-    v.z = (float)(signed char)((w[k] >> 16) & 0xff) * s;
-    v.w = (float)(signed char)(w[k] >> 24) * s;
+    v.x = code_times_scale((signed char)(w[k] & 0xff), s);
+    v.y = code_times_scale((signed char)((w[k] >> 8) & 0xff), s);
+    v.z = code_times_scale((signed char)((w[k] >> 16) & 0xff), s);
+    v.w = code_times_scale((signed char)(w[k] >> 24), s);
     o[k] = v;
   }
 }
