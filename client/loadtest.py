@@ -270,17 +270,20 @@ class Runner:
                     await client.close()
 
     async def _setup(self, orchestrators: list[Orchestrator]) -> None:
-        semaphore = asyncio.Semaphore(64)
-
-        async def limited(coro: Any) -> None:
-            async with semaphore:
-                await coro
-
-        steps = [("creating sessions", lambda o: o.create())]
+        # Untimed prefills go a few at a time: dozens of prompt-sized messages in flight at
+        # once only queue on the server, and on a small host they starved the connection
+        # until gRPC cancelled every call on it (seen with 64 x 12 MB prefills on 2 cores).
+        steps = [("creating sessions", lambda o: o.create(), 64)]
         if self.spec.untimed_prefill and self.spec.prefill:
-            steps.append(("prefilling (untimed)", lambda o: o.first_prefill()))
-        for what, step in steps:
-            results = await self._cancellable_run(*(limited(step(o)) for o in orchestrators))
+            steps.append(("prefilling (untimed)", lambda o: o.first_prefill(), 4))
+        for what, step, width in steps:
+            semaphore = asyncio.Semaphore(width)
+
+            async def limited(o: Orchestrator, step=step, semaphore=semaphore) -> None:
+                async with semaphore:
+                    await step(o)
+
+            results = await self._cancellable_run(*(limited(o) for o in orchestrators))
             failures = [r for r in results if isinstance(r, BaseException)]
             if self.interrupts:
                 return
