@@ -27,7 +27,8 @@ from .errors import DeadlineExceeded, InvalidArgument, ServiceError, Unavailable
 
 log = logging.getLogger("q8kv.engine")
 
-INLINE_AFTER_IDLE_SECONDS = 250e-6
+# Largest append (new tokens over all items) that may run inline on the event loop.
+INLINE_MAX_TOKENS = 64
 
 
 @dataclass
@@ -116,13 +117,12 @@ class Engine:
         self._ready = threading.Condition()
         self._accepting = True
         self._busy = False  # a job is running, on the worker or inline on the event loop
-        # A job that finds the device idle for a while (light load: nothing to batch with)
-        # runs right on the event loop: two thread hand-offs cost more than a decode step.
-        # Under load jobs follow each other closely and go to the worker, so requests that
-        # arrive meanwhile queue up and are batched. Off when a queue delay is asked for.
+        # A small append from the only call in flight, finding the engine idle, runs right on
+        # the event loop: two thread hand-offs cost more than a decode step, and there is
+        # nothing to batch it with. With other calls in flight it goes to the worker, so the
+        # loop stays free to take the others and the batcher coalesces them. Off when a
+        # queue delay is asked for.
         self.inline_when_idle = max_queue_delay_us == 0
-        self.inline_after_idle = INLINE_AFTER_IDLE_SECONDS
-        self._idle_since = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="q8kv-engine", daemon=True)
 
     # -- public, called from the event loop ------------------------------------------------
@@ -136,14 +136,21 @@ class Engine:
         return await self._submit(_Call(future=loop.create_future(), loop=loop, fn=fn))
 
     async def append_and_attend(
-        self, items: Sequence[AppendRequest], tenant: str = "", deadline: float | None = None
+        self,
+        items: Sequence[AppendRequest],
+        tenant: str = "",
+        deadline: float | None = None,
+        alone: bool = False,
     ) -> list[tuple[np.ndarray, int]]:
-        """(float32 output [n, H, D], new layer length) for each item, in order."""
+        """(float32 output [n, H, D], new layer length) for each item, in order.
+
+        ``alone``: the caller knows no other call is in flight (may run inline if small)."""
         loop = asyncio.get_running_loop()
         job = _Append(
             future=loop.create_future(), loop=loop, items=items, tenant=tenant, deadline=deadline
         )
-        return await self._submit(job)
+        small = sum(item.k.shape[0] for item in items) <= INLINE_MAX_TOKENS
+        return await self._submit(job, inline_ok=alone and small)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish the queued work, then end the worker thread."""
@@ -154,16 +161,11 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    async def _submit(self, job: _Job) -> Any:
+    async def _submit(self, job: _Job, inline_ok: bool = False) -> Any:
         with self._ready:
             if not self._accepting:
                 raise Unavailable("server: shutting down, not accepting new work")
-            inline = (
-                self.inline_when_idle
-                and not self._jobs
-                and not self._busy
-                and time.monotonic() - self._idle_since >= self.inline_after_idle
-            )
+            inline = inline_ok and self.inline_when_idle and not self._jobs and not self._busy
             if inline:
                 self._busy = True
             else:
@@ -175,8 +177,6 @@ class Engine:
             finally:
                 with self._ready:
                     self._busy = False
-                    self._idle_since = time.monotonic()
-                    self._idle_since = time.monotonic()
                     if self._jobs:  # wake the worker only when it has something to do
                         self._ready.notify()
         return await job.future
@@ -197,7 +197,6 @@ class Engine:
             finally:
                 with self._ready:
                     self._busy = False
-                    self._idle_since = time.monotonic()
 
     def _execute(self, job: _Job) -> None:
         if isinstance(job, _Call):

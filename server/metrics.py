@@ -201,7 +201,9 @@ class _MethodMetrics:
 
     def finish(self, context, started: float, failed: BaseException | None) -> None:
         code = context.code()
-        if code is None:
+        if code is None and context.cancelled():
+            name = "CANCELLED"
+        elif code is None:
             name = "OK" if failed is None else "UNKNOWN"
         else:
             name = _CODE_NAMES.get(code, "UNKNOWN")
@@ -246,7 +248,12 @@ class _RpcMetrics(grpc.aio.ServerInterceptor):
 
             async def behavior(request, context):
                 mm.started.inc()
-                started, failed = time.perf_counter(), None
+                started, outcome = time.perf_counter(), {"failed": None}
+                # Counted when the RPC ends, however it ends: a generator abandoned at its
+                # `yield` (client gone mid-stream) runs no `finally` until collected.
+                context.add_done_callback(
+                    lambda _: mm.finish(context, started, outcome["failed"])
+                )
                 if kind == "stream_stream":
                     request = counted_requests(request)
                 try:
@@ -262,10 +269,8 @@ class _RpcMetrics(grpc.aio.ServerInterceptor):
                             mm.sent.inc()
                             yield response
                 except BaseException as exc:
-                    failed = exc
+                    outcome["failed"] = exc
                     raise
-                finally:
-                    mm.finish(context, started, failed)
 
         else:
 

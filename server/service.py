@@ -140,6 +140,7 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         limits: CallLimits = CallLimits(),
     ) -> None:
         self.limits = limits
+        self._attending = 0  # AppendAndAttend calls (and stream messages) in flight
         self.engine = engine
         self.store = engine.store
         self.tenant_of = tenant_of
@@ -216,9 +217,16 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
 
     async def _append_and_attend(self, items, context) -> list[pb.AttendResult]:
         requests = decode_items(items, self.limits)
-        results = await self.engine.append_and_attend(
-            requests, tenant=self.tenant_of(context), deadline=deadline_of(context)
-        )
+        self._attending += 1
+        try:
+            results = await self.engine.append_and_attend(
+                requests,
+                tenant=self.tenant_of(context),
+                deadline=deadline_of(context),
+                alone=self._attending == 1,
+            )
+        finally:
+            self._attending -= 1
         self.on_items(requests)  # only appends that landed (their shapes are checked)
         return [
             pb.AttendResult(output=codec.encode(out, request.q.dtype), length=length)

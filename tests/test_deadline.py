@@ -12,6 +12,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from conftest import TEST_BACKEND
 
 from q8kv.client import Client, Q8KVError
 
@@ -34,6 +35,11 @@ def wait_started(url: str, method: str, count: int, timeout: float = 30.0) -> No
     raise AssertionError(f"{method} not started {count} times within {timeout}s")
 
 
+@pytest.mark.skipif(
+    TEST_BACKEND != "numpy",
+    reason="holds the engine with ~2.5 s of numpy attention; a GPU finishes it in ms "
+    "(the deadline check is in the engine, the same for every backend)",
+)
 def test_deadline_expired_in_the_queue_appends_nothing(start_server):
     srv = start_server("--batching", "on")
     rng = np.random.default_rng(0)
