@@ -10,20 +10,20 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 case "${1:-tests}" in
   tests)
-    python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -3
+    python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log" | tail -3
     # Every suite that drives a real server, against the GPU backend. (Prometheus, nginx and
     # Docker suites need those programs, which the GPU machine lacks; they run in CI.)
     Q8KV_TEST_BACKEND=cupy python3 -m pytest -q -p no:cacheprovider \
       tests/test_e2e.py tests/test_shutdown.py tests/test_batching.py tests/test_streaming.py \
       tests/test_metrics.py tests/test_transfer.py tests/test_restart.py \
       tests/test_concurrency.py tests/test_deadline.py tests/test_auth.py tests/test_fuzz.py \
-      tests/test_loadtest.py 2>&1 | tee "$OUT/e2e-cupy.log" | tail -8
+      tests/test_loadtest.py 2>&1 | tee -a "$OUT/tests.log" | tail -8
     ;;
   bench)
-    python3 benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -12
+    python3 benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -12
     python3 benchmarks/service_latency.py --backend cupy --iters 2000 --out "$OUT" 2>&1 \
-      | tee "$OUT/latency.log" | tail -9
+      | tee -a "$OUT/bench.log" | tail -9
     python3 benchmarks/throughput.py --backend cupy --seconds 8 --out "$OUT" 2>&1 \
-      | tee "$OUT/throughput.log" | tail -10
+      | tee -a "$OUT/bench.log" | tail -10
     ;;
 esac
