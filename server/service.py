@@ -198,9 +198,8 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
 
     @handles_errors
     async def DeleteSession(self, request, context):
-        freed = await self.engine.call(
-            lambda: self.store.delete(request.session_id, self.tenant_of(context))
-        )
+        tenant = self.tenant_of(context)  # here: the tenant lives in this task's context
+        freed = await self.engine.call(lambda: self.store.delete(request.session_id, tenant))
         event(log, "session_deleted", session=request.session_id, freed_bytes=freed)
         return pb.DeleteSessionResponse(freed_bytes=freed)
 
