@@ -1,10 +1,10 @@
 """The GPU backend: the page pool in device memory, the math in CUDA kernels (CuPy RawModule).
 
 Kernels live beside this file as .cu sources (q8_pages.cu: quantize-append, dequantize;
-q8_attention.cu: fused paged attention), compiled once per process per head geometry
-(CuPy also keeps them in its on-disk kernel cache). One ``append_and_attend`` call is:
+q8_attention_tc.cu: fused paged attention on tensor cores), compiled once per process per
+head_dim (CuPy also keeps them in its on-disk kernel cache). One ``append_and_attend`` call is:
 pack every item's metadata, page table and raw q/k/v bytes into one pinned host buffer ->
-one H2D copy -> one quantize-append launch -> one attention launch per kernel variant
+one H2D copy -> one quantize-append launch -> one attention launch per head_dim
 (normally one) -> one D2H copy of all outputs -> one stream synchronize.
 
 The backend is driven from one worker thread (base.Backend); it holds no locks.
@@ -33,22 +33,16 @@ _META = 32  # int32 per item row (META_STRIDE in q8_common.cuh)
 _LOG2E = 1.4426950408889634
 _DTYPE_CODE = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(ml_dtypes.bfloat16): 2}
 _NWARPS = 4
-# Pipeline depth, tokens per softmax update, and the register cap (blocks per SM) of the
-# attention kernel; the env overrides exist for tuning runs (benchmarks/kernels.py).
-_NSTAGES = int(os.environ.get("Q8KV_NSTAGES", "3"))
-_UBMAX = int(os.environ.get("Q8KV_UBMAX", "2"))
-_MINBLOCKS = int(os.environ.get("Q8KV_MINBLOCKS", "3"))
-_STAGE_CODE_TARGET = int(os.environ.get("Q8KV_STAGE_BYTES", "16384"))
-_MAXP = 512  # page ids per split held in shared memory (MAXP in q8_attention.cu)
+_MAXP = 512  # page ids per split held in shared memory (MAXP in q8_attention_tc.cu)
 # Splits per row tile, bounded so the last block's merge stays short (48 x 8 kv heads fills
 # one wave of an H100 at batch 1).
 _MAX_SPLITS = int(os.environ.get("Q8KV_MAX_SPLITS", "48"))
 _SMEM_PER_SM = 228 * 1024
-# The tensor-core attention kernel (q8_attention_tc.cu); Q8KV_TC=0 selects the CUDA-core
-# one (q8_attention.cu), kept for comparison.
-_TC = os.environ.get("Q8KV_TC", "1") != "0"
+_ROWS_PER_TILE = 8  # GT of q8_attention_tc.cu: the N of both tensor-core products
+# Register cap (blocks per SM) and pipeline of the attention kernel; the env overrides exist
+# for tuning runs (benchmarks/kernels.py). Two 32 KiB stages (128 tokens at D = 128) ran 1%
+# faster than three of 16 KiB at 64 x 16384 on an H100.
 _TC_MINBLOCKS = int(os.environ.get("Q8KV_TC_MINBLOCKS", "2"))
-# Two 32 KiB stages (128 tokens at D = 128): 1% faster than three of 16 KiB at 64 x 16384.
 _TC_NSTAGES = int(os.environ.get("Q8KV_TC_NSTAGES", "2"))
 _TC_STAGE_CODE_TARGET = int(os.environ.get("Q8KV_TC_STAGE_BYTES", "32768"))
 
@@ -60,29 +54,10 @@ def _source(name: str) -> str:
     return text.replace('#include "q8_common.cuh"', header)
 
 
-def _tokens_per_stage(head_dim: int, dpl: int) -> int:
-    """TOK in q8_attention.cu (q8_attention_tc.cu for dpl 0), for split sizing."""
-    if dpl == 0:
-        per = max(1, (_TC_STAGE_CODE_TARGET // (2 * head_dim)) // (_NWARPS * 16))
-        return per * _NWARPS * 16
-    nact = head_dim // dpl
-    lpt = 1 << max(0, (nact - 1).bit_length())
-    tpw = 32 // lpt
-    u = max(1, (_STAGE_CODE_TARGET // (2 * head_dim)) // (_NWARPS * tpw))
-    return u * _NWARPS * tpw
-
-
-def _tile(rows: int, group: int) -> tuple[int, int]:
-    """(dims per lane, rows per tile) for a item with ``rows`` = n * group query rows.
-
-    dims per lane 0 is the tensor-core kernel (8 rows per tile, any head_dim)."""
-    if _TC:
-        return 0, 8
-    if rows >= 8:
-        return 8, 8
-    if rows >= 3:
-        return 16, 4
-    return 16, rows  # 1 or 2
+def _tokens_per_stage(head_dim: int) -> int:
+    """TOK in q8_attention_tc.cu, for split sizing."""
+    per = max(1, (_TC_STAGE_CODE_TARGET // (2 * head_dim)) // (_NWARPS * 16))
+    return per * _NWARPS * 16
 
 
 @dataclass
@@ -221,37 +196,26 @@ class CupyBackend(Backend):
             cp.get_default_memory_pool().free_all_blocks()
             cp.get_default_pinned_memory_pool().free_all_blocks()
 
-    def _attn_kernel(self, head_dim: int, dpl: int, gt: int) -> _AttnKernel:
-        key = (head_dim, dpl, gt)
-        k = self._attn.get(key)
+    def _attn_kernel(self, head_dim: int) -> _AttnKernel:
+        k = self._attn.get(head_dim)
         if k is None:
-            tc = dpl == 0
+            gt = _ROWS_PER_TILE
             opts = (
                 "--std=c++17",
                 f"-DHEAD_DIM={head_dim}",
-                f"-DDPL={dpl}",
                 f"-DGT={gt}",
                 f"-DNWARPS={_NWARPS}",
-                f"-DNSTAGES={_NSTAGES}",
-                f"-DSTAGE_CODE_TARGET={_STAGE_CODE_TARGET}",
-                f"-DUBMAX={_UBMAX}",
-                # 168 registers fit GT <= 4 rows at 16 dims per lane without spills.
-                f"-DMINBLOCKS={_MINBLOCKS if gt * dpl <= 64 else 1}",
+                f"-DNSTAGES={_TC_NSTAGES}",
+                f"-DSTAGE_CODE_TARGET={_TC_STAGE_CODE_TARGET}",
+                f"-DMINBLOCKS={_TC_MINBLOCKS if head_dim <= 128 else 1}",
             )
-            if tc:
-                opts = opts[:5] + (
-                    f"-DNSTAGES={_TC_NSTAGES}",
-                    f"-DSTAGE_CODE_TARGET={_TC_STAGE_CODE_TARGET}",
-                    f"-DMINBLOCKS={_TC_MINBLOCKS if head_dim <= 128 else 1}",
-                )
             with self._device:
-                name = "q8_attention_tc.cu" if tc else "q8_attention.cu"
-                mod = cp.RawModule(code=_source(name), options=opts)
+                mod = cp.RawModule(code=_source("q8_attention_tc.cu"), options=opts)
                 fn = mod.get_function("q8_attend")
-            tok = _tokens_per_stage(head_dim, dpl)
-            row = head_dim + 16 if tc else head_dim  # padded smem rows in the tc kernel
+            tok = _tokens_per_stage(head_dim)
+            row = head_dim + 16  # shared-memory rows are padded against bank conflicts
             stage = 2 * tok * row + 2 * tok * (head_dim // QBLOCK) * 4
-            smem = (_TC_NSTAGES if tc else _NSTAGES) * stage
+            smem = _TC_NSTAGES * stage
             fn.max_dynamic_shared_size_bytes = smem
             threads = 32 * _NWARPS
             regs_per_warp = -(-fn.num_regs * 32 // 256) * 256
@@ -259,7 +223,7 @@ class CupyBackend(Backend):
             by_smem = _SMEM_PER_SM // (smem + fn.shared_size_bytes + 1024)
             bps = max(1, min(by_regs, by_smem, 2048 // threads, 32))
             k = _AttnKernel(fn, tok, gt, smem, bps)
-            self._attn[key] = k
+            self._attn[head_dim] = k
         return k
 
     # -- packing ---------------------------------------------------------------------------
@@ -276,8 +240,7 @@ class CupyBackend(Backend):
                 or lay.tokens_per_page & (lay.tokens_per_page - 1)
             ):
                 raise ValueError(f"cupy backend: unsupported layout {lay} (head_dim <= 256)")
-            dpl, gt = _tile(items[j].n * lay.group, lay.group)
-            keys[j] = (lay.head_dim, dpl, gt)
+            keys[j] = (lay.head_dim,)
         order = sorted(live, key=lambda j: keys[j])  # items of one kernel variant adjacent
 
         # Arrays, dtypes (mixed dtypes in one item fall back to float32 on the host).

@@ -1,6 +1,7 @@
 // Fused paged attention over the Q8 cache on tensor cores: decode and causal prefill, one
-// launch per batch. Same work units, pipeline, split partials and last-block merge as
-// q8_attention.cu (the CUDA-core version); only the per-tile math differs.
+// launch per batch: work units (row tile x sequence split), a cp.async pipeline over the
+// pages, split partials merged by the last block to finish. (It replaced a first CUDA-core
+// kernel, q8_attention.cu, in git history; docs/kernels.md has both kernels' numbers.)
 //
 // Per warp and 16-token tile:
 // - QK^T on int8 tensor cores (mma m16n8k32 s8, one 32-value scale block per k-slice): the
