@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import q8
-from .base import QBLOCK, AttendItem, Backend, LayerLayout
+from .base import QBLOCK, AttendItem, Backend
 
 
 class NumpyBackend(Backend):
@@ -24,37 +24,31 @@ class NumpyBackend(Backend):
         self.codes = np.zeros((num_pages, page_code_bytes), dtype=np.int8)
         self.scales = np.zeros((num_pages, page_code_bytes // QBLOCK), dtype=np.float32)
 
-    # -- page addressing -------------------------------------------------------------------
-
-    @staticmethod
-    def _slot_offsets(layout: LayerLayout, page_ids: np.ndarray, start: int, end: int):
-        """Page and slot of each token in [start, end)."""
-        t = np.arange(start, end)
-        return page_ids[t // layout.tokens_per_page], t % layout.tokens_per_page
-
-    def _flat_index(self, layout: LayerLayout, pages, slots, width: int, row_bytes: int):
-        """Flat indices [2, n, KVH, width] into a pool viewed as 1-D, for K (0) and V (1).
-
-        ``width`` is D for codes or D/32 for scales; ``row_bytes`` the pool's row length.
-        """
-        kvh, t = layout.num_kv_heads, layout.tokens_per_page
-        kind = np.arange(2)[:, None, None, None]
-        head = np.arange(kvh)[None, None, :, None]
-        col = np.arange(width)[None, None, None, :]
-        row = ((kind * kvh + head) * t + slots[None, :, None, None]) * width + col
-        return pages[None, :, None, None].astype(np.int64) * row_bytes + row
-
     # -- Backend ---------------------------------------------------------------------------
 
     def _append(self, item: AttendItem) -> None:
-        layout = item.layout
-        pages, slots = self._slot_offsets(layout, item.page_ids, item.start, item.start + item.n)
         kv = np.stack([item.k, item.v]).astype(np.float32)  # [2, n, KVH, D]
         codes, scales = q8.quantize(kv)
-        ci = self._flat_index(layout, pages, slots, layout.head_dim, self.page_code_bytes)
-        si = self._flat_index(layout, pages, slots, layout.blocks, self.scales.shape[1])
-        self.codes.reshape(-1)[ci] = codes
-        self.scales.reshape(-1)[si] = scales
+        self.write_tokens(
+            item.layout, item.page_ids, item.start,
+            codes.transpose(0, 2, 1, 3), scales.transpose(0, 2, 1, 3),
+        )
+
+    def write_tokens(self, layout, page_ids, start, codes, scales) -> None:
+        """Raw Q8 tokens [2, KVH, n, D] (codes) / [..., D/32] (scales) into their pages,
+        one slice assignment per page touched."""
+        kvh, t, n = layout.num_kv_heads, layout.tokens_per_page, codes.shape[2]
+        widths = (layout.head_dim, layout.blocks)
+        done = 0
+        while done < n:
+            position = start + done
+            page, slot = int(page_ids[position // t]), position % t
+            take = min(n - done, t - slot)
+            pools = zip((self.codes, self.scales), (codes, scales), widths, strict=True)
+            for pool, tokens, width in pools:
+                view = pool[page, : 2 * kvh * t * width].reshape(2, kvh, t, width)
+                view[:, :, slot : slot + take] = tokens[:, :, done : done + take]
+            done += take
 
     def _attend(self, item: AttendItem) -> np.ndarray:
         layout, n, start = item.layout, item.n, item.start

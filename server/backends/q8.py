@@ -32,8 +32,8 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"last dimension must be a multiple of {QBLOCK}, got {x.shape[-1]}")
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // QBLOCK, QBLOCK)
     d = np.max(np.abs(blocks), axis=-1) / np.float32(127.0)
-    with np.errstate(divide="ignore", over="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1.0) / d).astype(np.float32)
+    with np.errstate(over="ignore"):
+        inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d != 0)
     # Where max|x| < ~3.7e-37, d is subnormal and 1/d overflows to inf: x * id would give
     # +-127 for every nonzero value and NaN for zeros (undefined in GGML's C too). Divide by
     # d there instead, so |q * d - x| <= d / 2 still holds. Normal blocks are unaffected.
