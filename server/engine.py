@@ -140,17 +140,20 @@ class Engine:
         items: Sequence[AppendRequest],
         tenant: str = "",
         deadline: float | None = None,
-        alone: bool = False,
+        alone: Callable[[], bool] | None = None,
     ) -> list[tuple[np.ndarray, int]]:
         """(float32 output [n, H, D], new layer length) for each item, in order.
 
-        ``alone``: the caller knows no other call is in flight (may run inline if small)."""
+        ``alone()`` tells whether this is the only call in flight; if so, and the job is
+        small and finds the engine idle, it runs inline on the event loop."""
         loop = asyncio.get_running_loop()
         job = _Append(
             future=loop.create_future(), loop=loop, items=items, tenant=tenant, deadline=deadline
         )
         small = sum(item.k.shape[0] for item in items) <= INLINE_MAX_TOKENS
-        return await self._submit(job, inline_ok=alone and small)
+        if alone is not None and small and self.inline_when_idle:
+            return await self._submit_maybe_inline(job, alone)
+        return await self._submit(job)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish the queued work, then end the worker thread."""
@@ -161,15 +164,33 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    async def _submit(self, job: _Job, inline_ok: bool = False) -> Any:
+    async def _submit(self, job: _Job) -> Any:
         with self._ready:
             if not self._accepting:
                 raise Unavailable("server: shutting down, not accepting new work")
-            inline = inline_ok and self.inline_when_idle and not self._jobs and not self._busy
+            self._jobs.append(job)
+            self._ready.notify()
+        return await job.future
+
+    async def _submit_maybe_inline(self, job: _Job, alone: Callable[[], bool]) -> Any:
+        """Queue the job (its place in line is taken now, so order holds), give the event
+        loop one turn so calls that arrived meanwhile can start and queue behind it, then run
+        it right here if it is still alone and the engine idle: two thread hand-offs cost
+        more than a small decode step. Otherwise hand it to the worker, which batches it
+        with the others."""
+        with self._ready:
+            if not self._accepting:
+                raise Unavailable("server: shutting down, not accepting new work")
+            self._jobs.append(job)  # the worker is not woken for it yet
+        await asyncio.sleep(0)
+        with self._ready:
+            inline = (
+                len(self._jobs) == 1 and self._jobs[0] is job and not self._busy and alone()
+            )
             if inline:
+                self._jobs.popleft()
                 self._busy = True
             else:
-                self._jobs.append(job)
                 self._ready.notify()
         if inline:
             try:

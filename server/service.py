@@ -4,7 +4,6 @@ on the engine's worker, in order."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -219,15 +218,11 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         requests = decode_items(items, self.limits)
         self._attending += 1
         try:
-            # One turn of the event loop first: calls that arrived meanwhile start and count
-            # themselves, so a lone call (run inline, fastest) is told from one under load
-            # (sent to the worker, where it batches with the others).
-            await asyncio.sleep(0)
             results = await self.engine.append_and_attend(
                 requests,
                 tenant=self.tenant_of(context),
                 deadline=deadline_of(context),
-                alone=self._attending == 1,
+                alone=lambda: self._attending == 1,
             )
         finally:
             self._attending -= 1
