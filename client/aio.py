@@ -7,57 +7,32 @@ decoded by the same functions (messages.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from q8kv.v1 import kvcache_pb2 as pb
-from q8kv.v1 import kvcache_pb2_grpc
 
 from . import messages as m
 from .channel import (
-    DEFAULT_KEEPALIVE_SECONDS,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    TLSConfig,
-    base_metadata,
+    ClientCore,
     call_metadata,
-    channel_options,
     make_aio_channel,
 )
 from .errors import Q8KVError, from_rpc_error, invalid_argument
-from .sync import DEFAULT_TIMEOUT
 from .types import AttendResult, SessionInfo
 
 
-class AsyncClient:
+class AsyncClient(ClientCore):
     """The asyncio twin of Client; create it inside a running event loop.
 
     ``async with AsyncClient("host:50051", timeout=10.0) as c: s = await c.create_session(...)``
     """
 
-    def __init__(
-        self,
-        target: str = "127.0.0.1:50051",
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        token: str | None = None,
-        tls: TLSConfig = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        keepalive_seconds: float | None = DEFAULT_KEEPALIVE_SECONDS,
-        wait_for_ready: bool = False,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.wait_for_ready = wait_for_ready
-        self._metadata = base_metadata(token)
-        opts = channel_options(max_message_bytes, keepalive_seconds, options)
-        self._channel = make_aio_channel(target, tls, opts)
-        self._stub = kvcache_pb2_grpc.KVCacheServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    make_channel = staticmethod(make_aio_channel)
 
     # The one place where RPCs run and grpc.RpcError becomes Q8KVError.
     async def _call(

@@ -21,6 +21,7 @@ from .backends import q8
 from .backends.base import Backend
 from .cache import SessionStore
 from .engine import AppendRequest, EngineObserver
+from .interceptors import handler_kind, rebuild
 
 KERNEL_BUCKETS = (
     1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
@@ -173,12 +174,6 @@ _RPC_TYPES = {
     "stream_unary": "client_stream",
     "stream_stream": "bidi_stream",
 }
-_WRAP = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler,
-    "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler,
-    "stream_stream": grpc.stream_stream_rpc_method_handler,
-}
 # context.code() gives a StatusCode, or on some paths its numeric value.
 _CODE_NAMES: dict = {c: c.name for c in grpc.StatusCode} | {
     c.value[0]: c.name for c in grpc.StatusCode
@@ -232,11 +227,8 @@ class _RpcMetrics(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        if handler.unary_unary is not None:
-            kind, inner = "unary_unary", handler.unary_unary
-        else:
-            kind = next(k for k in _RPC_TYPES if getattr(handler, k) is not None)
-            inner = getattr(handler, kind)
+        kind = handler_kind(handler)
+        inner = getattr(handler, kind)
         mm = self._method(handler_call_details.method, kind)
 
         async def counted_requests(requests):
@@ -286,8 +278,4 @@ class _RpcMetrics(grpc.aio.ServerInterceptor):
                 finally:
                     mm.finish(context, started, failed)
 
-        return _WRAP[kind](
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rebuild(handler, behavior)

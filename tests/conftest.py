@@ -67,9 +67,13 @@ class ServerProcess:
         )
         self.wait_serving()
 
+    def channel(self) -> grpc.Channel:
+        """A channel to the server (subclasses serving TLS return a secure one)."""
+        return grpc.insecure_channel(self.address)
+
     def wait_serving(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

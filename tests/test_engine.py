@@ -149,8 +149,6 @@ def run(
     """Run ``body`` against a fresh started engine; always stop the worker."""
     store = SessionStore(PagePool(num_pages, PCB), max_sessions=32)
     engine = Engine(backend_cls(num_pages, PCB), store, **engine_kwargs)
-    # The harness holds the worker with a blocking call; inline runs would block the loop.
-    engine.inline_when_idle = False
     engine.start()
     try:
         return asyncio.run(asyncio.wait_for(body(Harness(engine, seed)), TIMEOUT))

@@ -5,13 +5,11 @@ localhost (SAN), a client certificate, and a rogue CA's client certificate."""
 from __future__ import annotations
 
 import subprocess
-import time
 
 import grpc
 import numpy as np
 import pytest
 from conftest import ServerProcess
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from trust_util import GEOM, qkv
 
 from q8kv.client import Client, Q8KVError
@@ -63,21 +61,8 @@ class TLSServer(ServerProcess):
         self.credentials = credentials
         super().__init__(*args, **kwargs)
 
-    def wait_serving(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.secure_channel(self.address, self.credentials) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.logs()}")
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise TimeoutError(f"server not SERVING after {timeout}s:\n{self.logs()}")
+    def channel(self) -> grpc.Channel:
+        return grpc.secure_channel(self.address, self.credentials)
 
 
 def read(path: str) -> bytes:
