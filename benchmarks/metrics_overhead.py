@@ -25,13 +25,9 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
-import json
 import os
 import platform
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -39,7 +35,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from bench_util import ServerProcess, write_json
 
 from q8kv.client import codec
 from q8kv.v1 import kvcache_pb2 as pb
@@ -49,79 +45,19 @@ H, KVH, D = 32, 8, 128
 REPO = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, name: str, flags: list[str]) -> None:
-        self.name = name
-        self.port = free_port()
-        self.log = tempfile.NamedTemporaryFile(prefix=f"q8kv-{name}-", suffix=".log")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "q8kv.server.main",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                *flags,
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-        self.address = f"127.0.0.1:{self.port}"
-
-    def wait_serving(self, limit: float = 60.0) -> None:
-        deadline = time.monotonic() + limit
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{self.name} server exited:\n{Path(self.log.name).read_text()}"
-                    )
-                with contextlib.suppress(grpc.RpcError):
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        return
-                time.sleep(0.1)
-        raise TimeoutError(f"{self.name} server not serving after {limit}s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 @contextlib.contextmanager
-def servers(args: argparse.Namespace) -> Iterator[tuple[Server, Server]]:
+def servers(args: argparse.Namespace) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     common = ["--backend", args.backend, "--memory-budget", "256MiB"]
-    metrics_port = free_port()
-    on = Server(
-        "metrics-on",
-        [
-            *common,
-            "--metrics-port",
-            str(metrics_port),
-            "--quant-error-sample-rate",
-            str(args.quant_error_sample_rate),
-        ],
+    on = ServerProcess(
+        [*common, "--quant-error-sample-rate", str(args.quant_error_sample_rate)],
+        name="metrics-on",
     )
-    off = Server("metrics-off", [*common, "--metrics-port", "-1"])
-    on.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
-        on.wait_serving()
-        off.wait_serving()
+        off = ServerProcess([*common, "--metrics-port", "-1"], name="metrics-off", metrics=False)
+    except BaseException:
+        on.stop()
+        raise
+    try:
         yield on, off
     finally:
         on.stop()
@@ -131,7 +67,7 @@ def servers(args: argparse.Namespace) -> Iterator[tuple[Server, Server]]:
 class DecodeLoop:
     """One session on one server; ``step()`` times one decode-step round trip."""
 
-    def __init__(self, server: Server, length: int, dtype: str) -> None:
+    def __init__(self, server: ServerProcess, length: int, dtype: str) -> None:
         self.channel = grpc.insecure_channel(server.address)
         self.stub = kvcache_pb2_grpc.KVCacheServiceStub(self.channel)
         self.sid = f"bench-{server.name}"
@@ -290,11 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     print_table(result)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"metrics_overhead-{args.backend}-{platform.node()}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
+        write_json(args.out, f"metrics_overhead-{args.backend}-{platform.node()}.json", result)
     return 0
 
 

@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import gc
-import json
 import math
 import os
 import platform
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from bench_util import free_port, write_json
 
 H, KVH, D = 32, 8, 128
 ECHO_METHOD = "/q8kv.bench.Echo/Echo"
@@ -75,11 +75,6 @@ async def _serve_echo(port: int) -> None:
 
 # --- processes ---------------------------------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -369,11 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         f"python {m['python']}; {args.iters} iters after {args.warmup} warm-up"
     )
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"service_latency-{m['backend']}-{m['hostname']}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
+        write_json(args.out, f"service_latency-{m['backend']}-{m['hostname']}.json", result)
     return 0
 
 

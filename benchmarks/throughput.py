@@ -22,18 +22,12 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
-from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
+from bench_util import ServerProcess, write_json
 
 H, KVH, D = 32, 8, 128
 CONFIGS = [  # (batching, streaming)
@@ -44,68 +38,14 @@ CONFIGS = [  # (batching, streaming)
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A q8kv-server subprocess on loopback."""
-
-    def __init__(self, backend: str, batching: str, extra: list[str]) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        self.log = tempfile.NamedTemporaryFile(prefix="q8kv-bench-", suffix=".log")  # noqa: SIM115
-        cmd = [
-            sys.executable, "-m", "q8kv.server.main", "--host", "127.0.0.1",
-            "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-            "--backend", backend, "--batching", batching, "--log-level", "WARNING", *extra,
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        self.address = f"127.0.0.1:{self.port}"
-        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        self._wait_serving()
-
-    def _wait_serving(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise SystemExit(f"server exited {self.proc.returncode}:\n{self.logs()}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        return
-                except grpc.RpcError:
-                    time.sleep(0.2)
-        raise SystemExit(f"server not serving after {timeout}s:\n{self.logs()}")
-
-    def logs(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
-
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
-            text = r.read().decode()
-        return sum(
-            s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if s.name == name
-        )
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
 def run_config(args: argparse.Namespace, batching: str, streaming: bool) -> dict[str, Any]:
     extra = ["--memory-budget", args.memory_budget,
              "--max-batch-items", str(args.max_batch_items),
              "--max-queue-delay-us", str(args.max_queue_delay_us)]
-    server = Server(args.backend, batching, extra)
+    server = ServerProcess(
+        ["--backend", args.backend, "--batching", batching, "--log-level", "WARNING", *extra],
+        name="q8kv-bench",
+    )
     try:
         cmd = [
             sys.executable, "-m", "q8kv.client.loadtest", server.address,
@@ -189,8 +129,6 @@ def main() -> None:
     print(table(rows))
     if args.out:
         host = platform.node().split(".")[0] or "host"
-        path = Path(args.out) / f"throughput-{args.backend}-{host}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         result = {
             "benchmark": "throughput",
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -202,9 +140,7 @@ def main() -> None:
             "settings": vars(args),
             "rows": rows,
         }
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}", file=sys.stderr)
-
+        write_json(args.out, f"throughput-{args.backend}-{host}.json", result)
 
 if __name__ == "__main__":
     main()
