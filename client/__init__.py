@@ -7,16 +7,28 @@
         out = s.append_and_attend(0, q, k, v)   # q [n, H, D], k/v [n, KVH, D]
 
 Every failure raises Q8KVError (``.code`` a grpc.StatusCode, ``.message`` the details).
+
+Retrying appends: UNAVAILABLE, DEADLINE_EXCEEDED and CANCELLED are ambiguous (the append may
+have applied; its answer was lost), so resend an append only when it is conditional:
+
+    out = s.append_and_attend(0, q, k, v, expected_length=n, retries=3)
+
+A resend then appends at most once; if an earlier attempt had applied, AlreadyApplied (an
+ABORTED Q8KVError) says so instead of returning nothing. For streams: resend the messages
+that were outstanding on a new stream with expected_length; on ABORTED, ``client.applied``
+tells whether the first attempt applied.
 """
 
 from __future__ import annotations
 
 from .aio import AsyncClient, AsyncSession, AsyncStream
-from .errors import Q8KVError
+from .errors import AlreadyApplied, Q8KVError
 from .sync import Client, Session, Stream
-from .types import AttendResult, SessionInfo
+from .types import AppendItem, AttendResult, SessionInfo
 
 __all__ = [
+    "AlreadyApplied",
+    "AppendItem",
     "AsyncClient",
     "AsyncSession",
     "AsyncStream",

@@ -136,9 +136,12 @@ class AsyncClient(ClientCore):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    async def import_session(self, chunks: Iterable[pb.SessionChunk]) -> AsyncSession:
+    async def import_session(
+        self, chunks: Iterable[pb.SessionChunk], max_message_bytes: int | None = None
+    ) -> AsyncSession:
         """As Client.import_session."""
         sent, sid = m.import_chunks(chunks)
+        sent = m.fit_chunks(sent, max_message_bytes or self.max_message_bytes)
         try:
             response = await self._stub.ImportSession(
                 iter(sent),
@@ -153,19 +156,50 @@ class AsyncClient(ClientCore):
     # --- attention ---------------------------------------------------------------------
 
     async def append_and_attend_batch(
-        self, items: Iterable[m.BatchItem], with_lengths: bool = False
+        self, items: Iterable[m.BatchItem], with_lengths: bool = False, retries: int = 0
     ) -> list[np.ndarray] | list[AttendResult]:
-        """As Client.append_and_attend_batch."""
+        """As Client.append_and_attend_batch (``retries`` and AlreadyApplied included)."""
         request_items = m.batch_items(items)
+        m.check_retries(request_items, retries)
         if not request_items:
             return []
         request = pb.AppendAndAttendRequest(items=request_items)
-        response = await self._call(
-            self._stub.AppendAndAttend, request, request_items[0].session_id
-        )
+        response = await self._append_retrying(request, retries)
         m.check_result_count(len(request_items), len(response.results))
         results = m.decode_results(response.results)
         return results if with_lengths else [r.output for r in results]
+
+    async def _append_retrying(
+        self, request: pb.AppendAndAttendRequest, retries: int
+    ) -> pb.AppendAndAttendResponse:
+        """Send, and resend after ambiguous failures (``retries`` times at most)."""
+        attempt = 0
+        while True:
+            try:
+                return await self._call(
+                    self._stub.AppendAndAttend, request, request.items[0].session_id
+                )
+            except Q8KVError as exc:
+                if attempt and exc.code == grpc.StatusCode.ABORTED:  # after an ambiguous one
+                    lengths = await self._lengths(request.items)
+                    raise m.already_applied(request.items, lengths, exc) from None
+                if exc.code not in m.AMBIGUOUS or attempt == retries:
+                    raise
+            await asyncio.sleep(m.retry_delay(attempt))
+            attempt += 1
+
+    async def _lengths(self, items: Iterable[pb.AttendItem]) -> dict[tuple[str, int], int]:
+        infos = {sid: await self.session_info(sid) for sid in {item.session_id for item in items}}
+        return {
+            (item.session_id, item.layer): m.length_of(infos[item.session_id], item.layer)
+            for item in items
+        }
+
+    async def applied(self, items: Iterable[m.BatchItem]) -> bool:
+        """As Client.applied."""
+        request_items = m.batch_items(items)
+        m.require_conditional(request_items, "to tell whether they applied")
+        return await self._lengths(request_items) == m.applied_lengths(request_items)
 
     def stream(self, session_id: str | None = None) -> AsyncStream:
         """An AppendAndAttendStream; routed by ``session_id``, else by the first item sent."""
@@ -200,11 +234,19 @@ class AsyncSession:
         self.id = session_id
 
     async def append_and_attend(
-        self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, with_length: bool = False
+        self,
+        layer: int,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        with_length: bool = False,
+        expected_length: int | None = None,
+        retries: int = 0,
     ) -> np.ndarray | AttendResult:
-        """As Session.append_and_attend."""
+        """As Session.append_and_attend (``expected_length`` and ``retries`` included)."""
+        item = (self.id, layer, q, k, v, expected_length)
         (result,) = await self.client.append_and_attend_batch(
-            [(self.id, layer, q, k, v)], with_lengths=True
+            [item], with_lengths=True, retries=retries
         )
         return result if with_length else result.output
 
@@ -244,7 +286,8 @@ class AsyncStream:
 
     ``await send(items)`` -> request id; ``await recv(request_id=None)`` (default: the
     oldest outstanding); ``await attend(items)`` does both. A failed message raises
-    Q8KVError (with ``request_id``) for that message only.
+    Q8KVError (with ``request_id``) for that message only. Resending after a broken
+    stream: as for Stream (``expected_length`` items, ``await client.applied(items)``).
     """
 
     def __init__(self, client: AsyncClient, session_id: str | None = None) -> None:

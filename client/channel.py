@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
@@ -31,6 +32,11 @@ TLSConfig: TypeAlias = (
 Metadata: TypeAlias = tuple[tuple[str, str], ...]
 
 SESSION_HEADER = "x-session-id"  # what a session-affine router hashes on
+# What the server takes as a session id (1-128 of these characters; server/cache.py). Any
+# other string is no session, and may not fit a header at all (non-ASCII, a newline, over
+# 16 KiB fail the call before it is sent): it goes without the header, in the message only,
+# so the server gives its own answer (NOT_FOUND, INVALID_ARGUMENT).
+ROUTABLE_SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def channel_options(
@@ -89,8 +95,10 @@ def base_metadata(token: str | None) -> Metadata:
 
 
 def call_metadata(base: Metadata, session_id: str | None = None) -> Metadata:
-    """``base`` plus the routing header of a per-session call."""
-    return base + ((SESSION_HEADER, session_id),) if session_id else base
+    """``base`` plus the routing header of a per-session call, if the id can be a session's."""
+    if isinstance(session_id, str) and ROUTABLE_SESSION_ID.fullmatch(session_id):
+        return base + ((SESSION_HEADER, session_id),)
+    return base
 
 
 def make_sync_channel(target: str, tls: TLSConfig, options: list[tuple[str, Any]]) -> grpc.Channel:
@@ -133,6 +141,7 @@ class ClientCore:
         self.target = target
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
+        self.max_message_bytes = int(max_message_bytes)  # import_session splits chunks to it
         self._metadata = base_metadata(token)
         opts = channel_options(max_message_bytes, keepalive_seconds, options)
         self._channel = type(self).make_channel(target, tls, opts)

@@ -33,6 +33,21 @@ class Q8KVError(Exception):
         return f"Q8KVError({self.code.name}, {self.message!r}{extra})"
 
 
+class AlreadyApplied(Q8KVError):
+    """A retried conditional append found its tokens already in the cache: an attempt that
+    failed ambiguously (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED) did apply, and its
+    outputs are lost. ``lengths`` maps each (session id, layer) of the call to its length
+    now. The code is ABORTED (the retry's answer), so ``except Q8KVError`` still sees it.
+    """
+
+    def __init__(self, message: str, lengths: dict[tuple[str, int], int]) -> None:
+        super().__init__(grpc.StatusCode.ABORTED, message)
+        self.lengths = lengths
+
+    def __reduce__(self):  # picklable despite the other constructor
+        return (type(self), (self.message, self.lengths))
+
+
 def invalid_argument(message: str) -> Q8KVError:
     """A client-side validation failure, reported as the server would report it."""
     return Q8KVError(grpc.StatusCode.INVALID_ARGUMENT, message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -134,10 +135,16 @@ class Client(ClientCore):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    def import_session(self, chunks: Iterable[pb.SessionChunk]) -> Session:
+    def import_session(
+        self, chunks: Iterable[pb.SessionChunk], max_message_bytes: int | None = None
+    ) -> Session:
         """Recreate an exported session here, owned by this caller's tenant; nothing is
-        created unless every chunk arrived and the checksum matches."""
+        created unless every chunk arrived and the checksum matches. Token chunks larger
+        than ``max_message_bytes`` (default: this client's limit; pass the server's
+        --max-message-bytes when it is smaller) are split first, their checksum checked
+        and recomputed."""
         sent, sid = m.import_chunks(chunks)
+        sent = m.fit_chunks(sent, max_message_bytes or self.max_message_bytes)
         try:
             response = self._stub.ImportSession(
                 iter(sent),
@@ -152,19 +159,62 @@ class Client(ClientCore):
     # --- attention ---------------------------------------------------------------------
 
     def append_and_attend_batch(
-        self, items: Iterable[m.BatchItem], with_lengths: bool = False
+        self, items: Iterable[m.BatchItem], with_lengths: bool = False, retries: int = 0
     ) -> list[np.ndarray] | list[AttendResult]:
         """One call for many (session, layer) items, all or none. Items: ``(session handle
-        or id, layer, q, k, v)``. Returns the outputs in order, or (output, new length)
-        pairs with ``with_lengths=True``. The call routes by the first item's session."""
+        or id, layer, q, k, v)``, or AppendItem / the same with ``expected_length`` last (a
+        conditional append: ABORTED, nothing applied, if the layer's length differs).
+        Returns the outputs in order, or (output, new length) pairs with
+        ``with_lengths=True``. The call routes by the first item's session.
+
+        ``retries``: how often to resend after an ambiguous failure (UNAVAILABLE,
+        DEADLINE_EXCEEDED, CANCELLED: the call may have applied), with a short backoff.
+        Needs every item conditional (INVALID_ARGUMENT otherwise): a resend then appends
+        at most once. If a resend answers ABORTED and every layer is at expected_length + n
+        (an earlier attempt applied), AlreadyApplied is raised: the tokens are cached but
+        their outputs are lost. Any other ABORTED is raised as it is."""
         request_items = m.batch_items(items)
+        m.check_retries(request_items, retries)
         if not request_items:
             return []
         request = pb.AppendAndAttendRequest(items=request_items)
-        response = self._call(self._stub.AppendAndAttend, request, request_items[0].session_id)
+        response = self._append_retrying(request, retries)
         m.check_result_count(len(request_items), len(response.results))
         results = m.decode_results(response.results)
         return results if with_lengths else [r.output for r in results]
+
+    def _append_retrying(
+        self, request: pb.AppendAndAttendRequest, retries: int
+    ) -> pb.AppendAndAttendResponse:
+        """Send, and resend after ambiguous failures (``retries`` times at most)."""
+        attempt = 0
+        while True:
+            try:
+                return self._call(self._stub.AppendAndAttend, request, request.items[0].session_id)
+            except Q8KVError as exc:
+                if attempt and exc.code == grpc.StatusCode.ABORTED:  # after an ambiguous one
+                    lengths = self._lengths(request.items)
+                    raise m.already_applied(request.items, lengths, exc) from None
+                if exc.code not in m.AMBIGUOUS or attempt == retries:
+                    raise
+            time.sleep(m.retry_delay(attempt))
+            attempt += 1
+
+    def _lengths(self, items: Iterable[pb.AttendItem]) -> dict[tuple[str, int], int]:
+        """The current length of each (session id, layer) of ``items``."""
+        infos = {sid: self.session_info(sid) for sid in {item.session_id for item in items}}
+        return {
+            (item.session_id, item.layer): m.length_of(infos[item.session_id], item.layer)
+            for item in items
+        }
+
+    def applied(self, items: Iterable[m.BatchItem]) -> bool:
+        """Whether conditional ``items`` were applied: every (session, layer) they touch is
+        at expected_length + n. For a stream message resent after a broken stream and
+        answered ABORTED (one writer per layer assumed, as expected_length is for)."""
+        request_items = m.batch_items(items)
+        m.require_conditional(request_items, "to tell whether they applied")
+        return self._lengths(request_items) == m.applied_lengths(request_items)
 
     def stream(self, session_id: str | None = None) -> Stream:
         """An AppendAndAttendStream; routed by ``session_id``, else by the first item sent."""
@@ -198,12 +248,25 @@ class Session:
         self.id = session_id
 
     def append_and_attend(
-        self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, with_length: bool = False
+        self,
+        layer: int,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        with_length: bool = False,
+        expected_length: int | None = None,
+        retries: int = 0,
     ) -> np.ndarray | AttendResult:
         """Append k/v [n, KVH, D] to ``layer`` and attend q [n, H, D] over the cache.
-        Returns [n, H, D] in q's dtype, or (output, new length) with ``with_length``."""
+        Returns [n, H, D] in q's dtype, or (output, new length) with ``with_length``.
+
+        ``expected_length``: append only if the layer holds that many tokens (else ABORTED,
+        nothing appended). With it, ``retries`` > 0 resends after an ambiguous failure and
+        raises AlreadyApplied if an earlier attempt turns out to have applied (see
+        Client.append_and_attend_batch)."""
+        item = (self.id, layer, q, k, v, expected_length)
         (result,) = self.client.append_and_attend_batch(
-            [(self.id, layer, q, k, v)], with_lengths=True
+            [item], with_lengths=True, retries=retries
         )
         return result if with_length else result.output
 
@@ -253,6 +316,11 @@ class Stream:
     ``attend(items)`` does both. A failed message raises Q8KVError (with ``request_id``)
     for that message only; the stream stays open. Use from one thread at a time. The
     stream has no deadline (it lives as long as the decode loop); close() ends it.
+
+    Items may carry ``expected_length`` (AppendItem). If the stream breaks (UNAVAILABLE,
+    CANCELLED), its outstanding messages may or may not have applied: resend them on a new
+    stream only if conditional; an ABORTED answer then means applied exactly when
+    ``client.applied(items)`` says so.
     """
 
     def __init__(self, client: Client, session_id: str | None = None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -54,3 +54,20 @@ class AttendResult(NamedTuple):
 
     output: np.ndarray
     length: int
+
+
+class AppendItem(NamedTuple):
+    """One item of ``append_and_attend_batch`` or of a stream message; a plain tuple of the
+    first five fields (or all six) works as well.
+
+    ``expected_length`` makes the append conditional: the layer's length the caller
+    believes it appends at (for a second item on the same layer: the length after the
+    first). If the layer's length differs the server answers ABORTED and applies nothing
+    of the call. None: append unconditionally."""
+
+    session: Any  # a session handle or id
+    layer: int
+    q: np.ndarray  # [n, H, D]
+    k: np.ndarray  # [n, KVH, D]
+    v: np.ndarray  # [n, KVH, D]
+    expected_length: int | None = None

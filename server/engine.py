@@ -23,7 +23,7 @@ import numpy as np
 
 from .backends.base import AttendItem, Backend
 from .cache import LayerCache, Session, SessionStore
-from .errors import DeadlineExceeded, InvalidArgument, ServiceError, Unavailable
+from .errors import Aborted, DeadlineExceeded, InvalidArgument, ServiceError, Unavailable
 
 log = logging.getLogger("q8kv.engine")
 
@@ -40,6 +40,7 @@ class AppendRequest:
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
+    expected_length: int | None = None  # a conditional append: the layer's length, or None
 
 
 @dataclass
@@ -312,6 +313,12 @@ class Engine:
         # Touch first: a session in this batch must not look idle to eviction below.
         session.touch()
         layer = session.layer(request.layer)
+        expected = request.expected_length
+        if expected is not None and expected != layer.length:
+            raise Aborted(
+                f"items[{index}].expected_length: expected the layer's length {layer.length}, "
+                f"got {expected}"
+            )
         g = session.geometry
         n = request.q.shape[0] if request.q.ndim == 3 else -1
         prefix = f"items[{index}]"

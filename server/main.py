@@ -113,7 +113,9 @@ class Server:
                 self.engine,
                 tenant_of=tenant_of_call,
                 on_items=on_items,
-                limits=CallLimits(config.max_items_per_call, config.max_tokens_per_call),
+                limits=CallLimits(
+                    config.max_items_per_call, config.max_tokens_per_call, config.max_message_bytes
+                ),
             ),
             self.grpc,
         )

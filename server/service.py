@@ -84,6 +84,16 @@ def session_info(session: Session, store: SessionStore) -> pb.SessionInfo:
 class CallLimits:
     max_items: int = 1024
     max_tokens: int = 65536
+    # The server's gRPC message limit (--max-message-bytes): ExportSession's chunks fit it.
+    max_message_bytes: int = 512 * 1024 * 1024
+
+
+# Largest |value| of q, k and v: attention then cannot overflow float32 (max 3.4e38). With
+# head_dim <= 1024 and softmax_scale <= 1e3, a score is at most 1e3 * 1024 * (1e15)^2 ~ 1e36;
+# Q8 keeps |dequantized k, v| <= max |k, v|, and the output, a convex combination of v, too.
+MAX_ABS_VALUE = 1e15
+# The output travels in q's dtype: float16 q needs |v| within float16's range (65504).
+_OUTPUT_MAX = {np.dtype("<f2"): float(np.finfo(np.float16).max)}
 
 
 def decode_items(items, limits: CallLimits = CallLimits()) -> list[AppendRequest]:
@@ -99,31 +109,49 @@ def decode_items(items, limits: CallLimits = CallLimits()) -> list[AppendRequest
         raise InvalidArgument(
             f"items: expected at most {limits.max_tokens} new tokens per call, got {new_tokens}"
         )
-    decoded = []
-    for index, item in enumerate(items):
-        prefix = f"items[{index}]"
-        tensors = {}
-        for name in ("q", "k", "v"):
-            try:
-                array = codec.decode(getattr(item, name), f"{prefix}.{name}")
-            except codec.TensorError as exc:
-                raise InvalidArgument(str(exc)) from None
-            if array.ndim != 3:
-                raise InvalidArgument(
-                    f"{prefix}.{name}.shape: expected 3 dimensions [n, heads, head_dim], "
-                    f"got {list(array.shape)}"
-                )
-            if not codec.all_finite(array):
-                bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-                raise InvalidArgument(
-                    f"{prefix}.{name}: expected finite values, got {bad} NaN/Inf of "
-                    f"{array.size}"
-                )
-            tensors[name] = array
-        if not item.session_id:
-            raise InvalidArgument(f"{prefix}.session_id: expected a session id, got ''")
-        decoded.append(AppendRequest(item.session_id, item.layer, **tensors))
-    return decoded
+    return [_decode_item(f"items[{index}]", item) for index, item in enumerate(items)]
+
+
+def _decode_item(prefix: str, item) -> AppendRequest:
+    tensors = {
+        name: _decode_tensor(f"{prefix}.{name}", getattr(item, name)) for name in ("q", "k", "v")
+    }
+    for name, array in tensors.items():
+        bound, why = MAX_ABS_VALUE, "so attention cannot overflow float32"
+        if name == "v" and tensors["q"].dtype in _OUTPUT_MAX:
+            bound, why = _OUTPUT_MAX[tensors["q"].dtype], "the output travels in q's float16"
+        _check_values(f"{prefix}.{name}", array, bound, why)
+    if not item.session_id:
+        raise InvalidArgument(f"{prefix}.session_id: expected a session id, got ''")
+    expected = item.expected_length if item.HasField("expected_length") else None
+    if expected is not None and expected < 0:
+        raise InvalidArgument(f"{prefix}.expected_length: expected >= 0, got {expected}")
+    return AppendRequest(item.session_id, item.layer, **tensors, expected_length=expected)
+
+
+def _decode_tensor(field: str, tensor) -> np.ndarray:
+    try:
+        array = codec.decode(tensor, field)
+    except codec.TensorError as exc:
+        raise InvalidArgument(str(exc)) from None
+    if array.ndim != 3:
+        raise InvalidArgument(
+            f"{field}.shape: expected 3 dimensions [n, heads, head_dim], got {list(array.shape)}"
+        )
+    return array
+
+
+def _check_values(field: str, array: np.ndarray, bound: float, why: str) -> None:
+    """Finite and |x| <= bound, in one pass over the bits."""
+    largest = codec.largest_magnitude(array)
+    if not np.isfinite(largest):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise InvalidArgument(f"{field}: expected finite values, got {bad} NaN/Inf of {array.size}")
+    if largest > bound:
+        raise InvalidArgument(
+            f"{field}: expected |values| <= {bound:g} ({why}), got a largest |value| of "
+            f"{largest:g}"
+        )
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -317,7 +345,9 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
                 f"session_id: {session_id!r} was truncated during the export (layer {index} "
                 f"has {session.layers[index].length} tokens, the header said {length})"
             )
-        return transfer.layer_chunks(self.engine.backend, session, index, length)
+        return transfer.layer_chunks(
+            self.engine.backend, session, index, length, self.limits.max_message_bytes
+        )
 
     @handles_errors
     async def ImportSession(self, request_iterator, context):

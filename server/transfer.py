@@ -21,10 +21,13 @@ from q8kv.v1 import kvcache_pb2 as pb
 
 from .backends.base import Backend
 from .cache import Geometry, Session, SessionStore
-from .errors import InvalidArgument, ServiceError
+from .errors import InvalidArgument, ResourceExhausted, ServiceError
 
 FORMAT_VERSION = 1
-CHUNK_BYTES = 4 * 1024 * 1024  # codes per token chunk: well under gRPC's message limit
+CHUNK_BYTES = 4 * 1024 * 1024  # codes per token chunk at most, however large the limit
+# Room in a message for what is not codes or scales: the SessionChunk and TokenChunk tags,
+# lengths and the layer/start/count varints (a few dozen bytes; generous on purpose).
+ENVELOPE_BYTES = 1024
 SNAPSHOT_SUFFIX = ".q8kv"
 
 
@@ -44,16 +47,34 @@ def header_of(session: Session) -> pb.SessionHeader:
     )
 
 
-def tokens_per_chunk(geometry: Geometry) -> int:
-    return max(1, CHUNK_BYTES // (2 * geometry.num_kv_heads * geometry.head_dim))
+def tokens_per_chunk(geometry: Geometry, max_message_bytes: int | None = None) -> int:
+    """Tokens per chunk: at most CHUNK_BYTES of codes and, given the limit on a message, a
+    whole SessionChunk (codes, scales and envelope) within it."""
+    code_bytes = 2 * geometry.num_kv_heads * geometry.head_dim  # per token
+    step = max(1, CHUNK_BYTES // code_bytes)
+    if max_message_bytes is None:
+        return step
+    token_bytes = code_bytes + code_bytes // 32 * 4  # codes + float32 scales
+    fitting = (max_message_bytes - ENVELOPE_BYTES) // token_bytes
+    if fitting < 1:
+        raise ResourceExhausted(
+            f"max_message_bytes: expected room for one token ({token_bytes} bytes + "
+            f"{ENVELOPE_BYTES} of envelope), got a limit of {max_message_bytes} bytes"
+        )
+    return min(step, fitting)
 
 
 def layer_chunks(
-    backend: Backend, session: Session, layer_index: int, length: int
+    backend: Backend,
+    session: Session,
+    layer_index: int,
+    length: int,
+    max_message_bytes: int | None = None,
 ) -> list[pb.TokenChunk]:
-    """Token chunks of one layer's first ``length`` tokens (runs on the engine worker)."""
+    """Token chunks of one layer's first ``length`` tokens (runs on the engine worker), each
+    within ``max_message_bytes`` when given (the server's gRPC limit, for ExportSession)."""
     layer = session.layers[layer_index]
-    step = tokens_per_chunk(session.geometry)
+    step = tokens_per_chunk(session.geometry, max_message_bytes)
     chunks = []
     for start in range(0, length, step):
         end = min(length, start + step)

@@ -5,6 +5,7 @@ health server in-process)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import pickle
 import uuid
 from concurrent import futures
@@ -15,11 +16,19 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from q8kv.client import AsyncClient, AttendResult, Client, Q8KVError, SessionInfo
+from q8kv.client import (
+    AlreadyApplied,
+    AppendItem,
+    AsyncClient,
+    AttendResult,
+    Client,
+    Q8KVError,
+    SessionInfo,
+)
 from q8kv.client import channel as ch
 from q8kv.client import health as health_probe
 from q8kv.client import messages as m
-from q8kv.client.codec import TensorError, decode, encode
+from q8kv.client.codec import TensorError, decode, encode, largest_magnitude
 from q8kv.client.errors import from_rpc_error, status_code
 from q8kv.v1 import kvcache_pb2 as pb
 
@@ -227,8 +236,10 @@ def test_batch_items_take_handles_ids_and_messages():
     "item,pattern",
     [
         (("a", 0, "q", "k"), r"items\[1\]: expected \(session, .*\), got tuple of length 4"),
-        ("abcde", r"items\[1\]: expected \(session, layer, q, k, v\), got str"),
-        (42, r"items\[1\]: expected \(session, layer, q, k, v\), got int"),
+        ("abcde", r"items\[1\]: expected \(session, layer, q, k, v\) or \(.*\), got str"),
+        (42, r"items\[1\]: expected \(session, layer, q, k, v\) or \(.*\), got int"),
+        (("a", 0, 1, 2, 3, 4, 5), r"items\[1\]: expected .*expected_length\), got tuple of len"),
+        (("a", 0, 1, 2, 3, 0.5), r"items\[1\]\.q\.dtype: expected"),
         ((None, 0, 1, 2, 3), r"items\[1\]\.session: expected a session handle or a non-empty id"),
         (("", 0, 1, 2, 3), r"items\[1\]\.session: expected"),
         (("a", 1.5, 1, 2, 3), r"items\[1\]\.layer: expected an integer, got 1.5"),
@@ -639,3 +650,254 @@ def test_health_probe(health_server, capsys):
 def test_health_probe_unreachable(capsys):
     assert health_probe.main(["127.0.0.1:1", "--timeout", "2"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+# --- session ids that cannot be a header --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sid",
+    ["caf\u00e9", "a\nb", "x" * 20 * 1024, "a" * 129, "sp ace", "tab\t", "", "\u00ff" * 128],
+)
+def test_ids_no_header_can_carry_travel_without_the_routing_header(sid):
+    base = ch.base_metadata("tok")
+    assert ch.call_metadata(base, sid) == base
+
+
+@pytest.mark.parametrize("sid", ["a", "A-z_0.9:x", "x" * 128, str(uuid.uuid4())])
+def test_ids_of_the_server_alphabet_get_the_routing_header(sid):
+    assert ch.call_metadata((), sid) == (("x-session-id", sid),)
+
+
+# --- conditional appends: items and the retry helper ---------------------------------------
+
+
+def test_batch_items_carry_expected_length():
+    q, kv = rand((2, 8, 64)), rand((2, 2, 64))
+    items = m.batch_items(
+        [AppendItem("a", 0, q, kv, kv, 7), ("b", 1, q, kv, kv, 0), ("c", 0, q, kv, kv),
+         AppendItem("d", 0, q, kv, kv), ("e", 0, q, kv, kv, None)]
+    )
+    assert [i.expected_length if i.HasField("expected_length") else None for i in items] == [
+        7, 0, None, None, None
+    ]
+    with pytest.raises(Q8KVError, match=r"^INVALID_ARGUMENT: items\[0\]\.expected_length: "
+                       r"expected an integer, got 0.5"):
+        m.batch_items([("a", 0, q, kv, kv, 0.5)])
+
+
+class RetryStub:
+    """AppendAndAttend answers from ``script`` in turn (an exception or 'ok'); GetSession
+    reports ``lengths``."""
+
+    def __init__(self, script, lengths, is_async=False):
+        self.log, self.script = [], list(script)
+
+        def attend(request):
+            step = self.script.pop(0)
+            return _attend_reply(request) if step == "ok" else step
+
+        def get(request):
+            info = pb.SessionInfo(session_id=request.session_id, layer_lengths=lengths)
+            return pb.GetSessionResponse(session=info)
+
+        self.AppendAndAttend = FakeUnary(self.log, "AppendAndAttend", attend, is_async)
+        self.GetSession = FakeUnary(self.log, "GetSession", get, is_async)
+
+    def names(self):
+        return [name for name, _, _ in self.log]
+
+
+UNAVAILABLE = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "server: shutting down")
+TIMED_OUT = FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+ABORTED = FakeRpcError(
+    grpc.StatusCode.ABORTED, "items[0].expected_length: expected the layer's length 7, got 5"
+)
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    monkeypatch.setattr(m, "RETRY_DELAY", 0.0)
+
+
+def run_retry(script, lengths, retries=3, expected=5, is_async=False):
+    """One conditional append of 2 tokens at ``expected`` on layer 1 of 's'; returns
+    (the result or the exception, the names of the calls sent, the requests sent)."""
+    q, kv = rand((2, 8, 64)), rand((2, 2, 64))
+    stub = RetryStub(script, lengths, is_async)
+
+    async def main():
+        async with AsyncClient("127.0.0.1:1") as c:
+            c._stub = stub
+            return await c.session("s").append_and_attend(
+                1, q, kv, kv, expected_length=expected, retries=retries
+            )
+
+    try:
+        if is_async:
+            outcome = asyncio.run(main())
+        else:
+            with Client("127.0.0.1:1") as c:
+                c._stub = stub
+                outcome = c.session("s").append_and_attend(
+                    1, q, kv, kv, expected_length=expected, retries=retries
+                )
+    except Q8KVError as exc:
+        outcome = exc
+    return outcome, stub.names(), [r for n, r, _ in stub.log if n == "AppendAndAttend"]
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_retry_after_an_ambiguous_failure_resends_the_same_conditional_item(
+    no_backoff, is_async
+):
+    out, names, sent = run_retry([UNAVAILABLE, TIMED_OUT, "ok"], [0, 5], is_async=is_async)
+    assert isinstance(out, np.ndarray) and out.shape == (2, 8, 64)
+    assert names == ["AppendAndAttend"] * 3
+    assert all(r == sent[0] for r in sent) and sent[0].items[0].expected_length == 5
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_aborted_retry_with_the_layer_advanced_by_n_raises_already_applied(no_backoff, is_async):
+    err, names, _ = run_retry([UNAVAILABLE, ABORTED], [0, 7], is_async=is_async)
+    assert isinstance(err, AlreadyApplied) and err.code is grpc.StatusCode.ABORTED
+    assert err.lengths == {("s", 1): 7}
+    assert "an earlier attempt applied" in err.message
+    assert names == ["AppendAndAttend", "AppendAndAttend", "GetSession"]
+    again = pickle.loads(pickle.dumps(err))
+    assert isinstance(again, AlreadyApplied) and again.lengths == err.lengths
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+@pytest.mark.parametrize("lengths", [[0, 9], [0, 5], [0, 6]])
+def test_aborted_retry_with_another_length_is_the_aborted_itself(no_backoff, is_async, lengths):
+    err, names, _ = run_retry([UNAVAILABLE, ABORTED], lengths, is_async=is_async)
+    assert type(err) is Q8KVError and err.code is grpc.StatusCode.ABORTED
+    assert err.message == ABORTED.details()
+    assert names[-1] == "GetSession"
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_aborted_first_answer_is_a_conflict_not_retried(no_backoff, is_async):
+    err, names, _ = run_retry([ABORTED], [0, 7], is_async=is_async)
+    assert type(err) is Q8KVError and err.code is grpc.StatusCode.ABORTED
+    assert names == ["AppendAndAttend"]
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_retries_stop_at_the_count_and_skip_clear_errors(no_backoff, is_async):
+    err, names, _ = run_retry([UNAVAILABLE] * 3, [0, 0], retries=2, is_async=is_async)
+    assert err.code is grpc.StatusCode.UNAVAILABLE and names == ["AppendAndAttend"] * 3
+    not_found = FakeRpcError(grpc.StatusCode.NOT_FOUND, "session_id: no session 's'")
+    err, names, _ = run_retry([not_found, "ok"], [0, 0], is_async=is_async)
+    assert err.code is grpc.StatusCode.NOT_FOUND and names == ["AppendAndAttend"]
+    err, names, _ = run_retry([UNAVAILABLE, "ok"], [0, 0], retries=0, is_async=is_async)
+    assert err.code is grpc.StatusCode.UNAVAILABLE and names == ["AppendAndAttend"]
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_retries_refuse_unconditional_items_before_sending(is_async):
+    err, names, _ = run_retry(["ok"], [0, 0], expected=None, is_async=is_async)
+    assert err.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.message.startswith("items[0].expected_length: expected one with retries=3")
+    assert names == []
+    err, names, _ = run_retry(["ok"], [0, 0], retries=-1, is_async=is_async)
+    assert err.message == "retries: expected >= 0, got -1" and names == []
+
+
+def test_applied_needs_conditional_items():
+    q, kv = rand((1, 8, 64)), rand((1, 2, 64))
+    with Client("127.0.0.1:1") as c:
+        c._stub = RetryStub([], [0, 0])
+        with pytest.raises(Q8KVError, match=r"^INVALID_ARGUMENT: items\[1\]\.expected_length: "
+                           "expected one to tell whether they applied, got none"):
+            c.applied([("s", 0, q, kv, kv, 3), ("s", 1, q, kv, kv)])
+        assert c.applied([("s", 1, q, kv, kv, 0)]) is False  # layer 1 is at 0, not 1
+        assert c._stub.names() == ["GetSession"]
+        c._stub = RetryStub([], [4, 1])
+        assert c.applied([("s", 0, q, kv, kv, 2), ("s", 0, q, kv, kv, 3), ("s", 1, q, kv, kv, 0)])
+        assert not c.applied([("s", 0, q, kv, kv, 2)])  # it would leave 3: the 4th is not its
+
+
+def test_applied_lengths_follow_several_items_on_one_layer():
+    q, kv = rand((3, 8, 64)), rand((3, 2, 64))
+    items = m.batch_items([("s", 0, q, kv, kv, 4), ("s", 0, q, kv, kv, 7), ("t", 2, q, kv, kv, 0)])
+    assert m.applied_lengths(items) == {("s", 0): 10, ("t", 2): 3}
+
+
+# --- largest_magnitude: the server's one-pass finiteness and magnitude check -----------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_largest_magnitude_matches_numpy(dtype):
+    top = 4 if dtype == np.float16 else 37  # the largest power of ten the dtype holds
+    x = (rand((5, 3, 32)) * 10.0 ** rng.integers(-3, top)).astype(dtype)
+    assert np.isfinite(x.astype(np.float64)).all()
+    assert largest_magnitude(x) == float(np.max(np.abs(x.astype(np.float64))))
+    assert largest_magnitude(-np.abs(x)) == largest_magnitude(x)
+    assert largest_magnitude(x[:0]) == 0.0
+    for bad, expected in ((np.inf, np.inf), (-np.inf, np.inf)):
+        y = x.copy()
+        y[4, 2, 31] = bad
+        assert largest_magnitude(y) == expected
+    y = x.copy()
+    y[0, 1, 2] = np.nan
+    assert np.isnan(largest_magnitude(y)) and np.isnan(largest_magnitude(-y))
+
+
+# --- import: token chunks split to the receiving server's message limit ------------------
+
+
+def chunk_stream(count=50, kvh=2, dim=64, trailer=None):
+    geometry = pb.Geometry(num_layers=1, num_heads=4, num_kv_heads=kvh, head_dim=dim,
+                           max_len=4096)
+    header = pb.SessionChunk(
+        header=pb.SessionHeader(format_version=1, session_id="s", geometry=geometry,
+                                layer_lengths=[count + 3])
+    )
+    codes = rng.integers(-127, 128, (2, kvh, count, dim), dtype=np.int8)
+    scales = rng.uniform(0.01, 1.0, (2, kvh, count, dim // 32)).astype("<f4")
+    tokens = [
+        pb.SessionChunk(tokens=pb.TokenChunk(layer=0, start=0, count=count, codes=codes.tobytes(),
+                                             scales=scales.tobytes())),
+        pb.SessionChunk(tokens=pb.TokenChunk(layer=0, start=count, count=3,
+                                             codes=b"\1" * (2 * kvh * 3 * dim),
+                                             scales=b"\0" * (2 * kvh * 3 * dim // 8))),
+    ]
+    digest = hashlib.sha256()
+    for chunk in [header, *tokens]:
+        digest.update(chunk.SerializeToString(deterministic=True))
+    end = pb.SessionChunk(trailer=pb.SessionTrailer(sha256=trailer or digest.digest()))
+    return [header, *tokens, end], codes, scales
+
+
+def test_fit_chunks_splits_what_exceeds_the_limit_and_rehashes():
+    chunks, codes, scales = chunk_stream()
+    per_token = 2 * 2 * 64 * 9 // 8  # codes + scales
+    limit = m.ENVELOPE_BYTES + 16 * per_token
+    fitted = m.fit_chunks(chunks, limit)
+    assert all(c.ByteSize() <= limit for c in fitted)
+    tokens = [c.tokens for c in fitted[1:-1]]
+    assert [(t.start, t.count) for t in tokens] == [(0, 16), (16, 16), (32, 16), (48, 2), (50, 3)]
+    got = np.concatenate(
+        [np.frombuffer(t.codes, np.int8).reshape(2, 2, t.count, 64) for t in tokens[:4]], axis=2
+    )
+    np.testing.assert_array_equal(got, codes)
+    got = np.concatenate(
+        [np.frombuffer(t.scales, "<f4").reshape(2, 2, t.count, 2) for t in tokens[:4]], axis=2
+    )
+    np.testing.assert_array_equal(got, scales)
+    assert fitted[0] == chunks[0] and fitted[-2] == chunks[2]
+    digest = hashlib.sha256()
+    for chunk in fitted[:-1]:
+        digest.update(chunk.SerializeToString(deterministic=True))
+    assert fitted[-1].trailer.sha256 == digest.digest()
+    assert m.fit_chunks(chunks, 1 << 20) is chunks  # everything fits: sent as it came
+
+
+def test_fit_chunks_refuses_a_stream_damaged_before_it_splits():
+    chunks, _, _ = chunk_stream(trailer=b"\7" * 32)
+    with pytest.raises(Q8KVError, match=r"^INVALID_ARGUMENT: trailer\.sha256: checksum mismatch"):
+        m.fit_chunks(chunks, 4096)
+    chunks, _, _ = chunk_stream()
+    assert m.fit_chunks(chunks[:-1], 4096) == chunks[:-1]  # no trailer: the server refuses it

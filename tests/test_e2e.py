@@ -7,6 +7,8 @@ reference rounded to the wire dtype's precision.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import threading
 import time
 import uuid
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 from reference import attention_ref, rel_l2
 
-from q8kv.client import Client, Q8KVError, codec
+from q8kv.client import AlreadyApplied, AppendItem, AsyncClient, Client, Q8KVError, codec
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 
@@ -219,6 +221,18 @@ def _bad_items(sid, rng):
     short.data = short.data[:-4]
     bad_dtype = codec.encode(k)
     bad_dtype.dtype = 7
+    # Finite but past 1e15: attention over them would overflow float32 to Inf/NaN.
+    huge_k = k.copy()
+    huge_k[0, 1, 7] = -3e38
+    huge_q = q.astype(ml_dtypes.bfloat16)
+    huge_q[1, 2, 3] = 3e38
+    past_v = v.copy()
+    past_v[1, 1, 1] = 2e15
+    big_v = v * 1e5  # within 1e15, but not within float16, the dtype of the output
+    stale = _raw_item(sid, 0, q, k, v)
+    stale.expected_length = 6  # the good item before it made the layer 7 long
+    negative = _raw_item(sid, 0, q, k, v)
+    negative.expected_length = -1
     return {
         "q heads": (_raw_item(sid, 0, q[:, :4], k, v), "INVALID_ARGUMENT", "items[0].q.shape"),
         "k tokens": (_raw_item(sid, 0, q, k[:1], v), "INVALID_ARGUMENT", "items[0].k.shape"),
@@ -227,12 +241,41 @@ def _bad_items(sid, rng):
         "nan": (_raw_item(sid, 0, q, nan_k, v), "INVALID_ARGUMENT", "1 NaN/Inf"),
         "inf": (_raw_item(sid, 0, inf_q, k, v), "INVALID_ARGUMENT", "items[0].q"),
         "layer": (_raw_item(sid, 3, q, k, v), "INVALID_ARGUMENT", "layer: expected 0..2"),
+        "huge f32": (
+            _raw_item(sid, 0, q, huge_k, v), "INVALID_ARGUMENT",
+            "items[0].k: expected |values| <= 1e+15 (so attention cannot overflow float32), "
+            "got a largest |value| of 3e+38",
+        ),
+        "huge bf16": (
+            _raw_item(sid, 0, huge_q, k, v), "INVALID_ARGUMENT",
+            "items[0].q: expected |values| <= 1e+15",
+        ),
+        "past bound": (
+            _raw_item(sid, 0, q, k, past_v), "INVALID_ARGUMENT",
+            "items[0].v: expected |values| <= 1e+15 (so attention cannot overflow float32), "
+            "got a largest |value| of 2e+15",
+        ),
+        "f16 output": (
+            _raw_item(sid, 0, q.astype(np.float16), k, big_v), "INVALID_ARGUMENT",
+            "items[0].v: expected |values| <= 65504 (the output travels in q's float16)",
+        ),
+        "stale": (
+            stale, "ABORTED",
+            "items[0].expected_length: expected the layer's length 7, got 6",
+        ),
+        "negative": (
+            negative, "INVALID_ARGUMENT", "items[0].expected_length: expected >= 0, got -1"
+        ),
         "unknown": (_raw_item("no-such", 0, q, k, v), "NOT_FOUND", "no-such"),
     }
 
 
 @pytest.mark.parametrize(
-    "case", ["q heads", "k tokens", "bytes", "dtype", "nan", "inf", "layer", "unknown"]
+    "case",
+    [
+        "q heads", "k tokens", "bytes", "dtype", "nan", "inf", "layer", "unknown", "huge f32",
+        "huge bf16", "past bound", "f16 output", "stale", "negative",
+    ],
 )
 def test_bad_append_changes_nothing(client, server, case):
     rng = np.random.default_rng(21)
@@ -341,6 +384,212 @@ def test_ttl_expiry(client):
         time.sleep(0.2)
     else:
         pytest.fail("session with a 0.5 s TTL still alive after 10 s")
+
+
+# -- conditional appends (expected_length) -----------------------------------------------
+
+
+def test_conditional_append_applies_at_the_expected_length_only(client):
+    s = client.create_session(**GEOM)
+    rng = np.random.default_rng(31)
+    s.append_and_attend(0, *qkv(rng, 6))
+    q, k, v = qkv(rng, 3)
+    out, length = s.append_and_attend(0, q, k, v, with_length=True, expected_length=6)
+    assert length == 9
+    check_attention(s, 0, q, out, start=6)
+    before = snapshot(s)
+    for expected in (6, 10, 0):  # 0 is a condition too, not "unset"
+        with pytest.raises(Q8KVError) as err:
+            s.append_and_attend(0, *qkv(rng, 1), expected_length=expected)
+        assert err.value.code == grpc.StatusCode.ABORTED
+        assert err.value.message == (
+            f"items[0].expected_length: expected the layer's length 9, got {expected}"
+        )
+        assert_unchanged(s, before)
+    out = s.append_and_attend(2, *qkv(rng, 1), expected_length=0)
+    assert s.info().layer_lengths == [9, 0, 1]
+    s.delete()
+
+
+def test_conditional_batch_is_all_or_nothing(client):
+    a, b = client.create_session(**GEOM), client.create_session(**GEOM)
+    rng = np.random.default_rng(32)
+    a.append_and_attend(0, *qkv(rng, 4))
+    b.append_and_attend(1, *qkv(rng, 2))
+    before_a, before_b = snapshot(a), snapshot(b)
+    steps = [qkv(rng, 2), qkv(rng, 1), qkv(rng, 3)]
+    # The second item on a's layer 0 must expect 4 + 2: 4 is stale once the first applied.
+    stale = [AppendItem(a, 0, *steps[0], 4), AppendItem(b, 1, *steps[1], 2),
+             AppendItem(a.id, 0, *steps[2], 4)]
+    with pytest.raises(Q8KVError) as err:
+        client.append_and_attend_batch(stale)
+    assert err.value.code == grpc.StatusCode.ABORTED
+    assert err.value.message == "items[2].expected_length: expected the layer's length 6, got 4"
+    assert_unchanged(a, before_a)
+    assert_unchanged(b, before_b)
+    chained = [(a, 0, *steps[0], 4), (b, 1, *steps[1], 2), (a.id, 0, *steps[2], 6)]
+    results = client.append_and_attend_batch(chained, with_lengths=True)
+    assert [r.length for r in results] == [6, 3, 9]
+    check_attention(b, 1, steps[1][0], results[1].output, start=2)
+    assert a.info().layer_lengths == [9, 0, 0]
+    a.delete()
+    b.delete()
+
+
+class LostAnswer(grpc.RpcError):
+    """What a client sees when the server applied the call but the answer never came."""
+
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "connection reset"
+
+
+def test_retry_after_a_lost_answer_appends_once_and_says_so(client, monkeypatch):
+    from q8kv.client import messages
+
+    monkeypatch.setattr(messages, "RETRY_DELAY", 0.0)
+    s = client.create_session(**GEOM)
+    rng = np.random.default_rng(33)
+    s.append_and_attend(1, *qkv(rng, 5))
+    real, sent = client._stub.AppendAndAttend, []
+
+    def lose_the_first_answer(request, **kwargs):
+        sent.append(request)
+        response = real(request, **kwargs)  # applied on the server
+        if len(sent) == 1:
+            raise LostAnswer()
+        return response
+
+    monkeypatch.setattr(client._stub, "AppendAndAttend", lose_the_first_answer)
+    with pytest.raises(AlreadyApplied) as err:
+        s.append_and_attend(1, *qkv(rng, 2), expected_length=5, retries=2)
+    assert err.value.code == grpc.StatusCode.ABORTED
+    assert err.value.lengths == {(s.id, 1): 7}
+    assert len(sent) == 2 and sent[0] == sent[1]
+    assert s.info().layer_lengths == [0, 7, 0]  # once, not twice
+    # A retry whose first attempt never landed appends normally.
+    def lose_before_sending(request, **kwargs):
+        sent.append(request)
+        if len(sent) == 3:
+            raise LostAnswer()
+        return real(request, **kwargs)
+
+    monkeypatch.setattr(client._stub, "AppendAndAttend", lose_before_sending)
+    q, k, v = qkv(rng, 3)
+    out, length = s.append_and_attend(1, q, k, v, True, expected_length=7, retries=2)
+    assert length == 10 and len(sent) == 4
+    check_attention(s, 1, q, out, start=7)
+    s.delete()
+
+
+def test_async_conditional_append_and_applied(server):
+    rng = np.random.default_rng(36)
+
+    async def main():
+        async with AsyncClient(server.address, timeout=30) as c:
+            s = await c.create_session(**GEOM)
+            step = qkv(rng, 2)
+            out, length = await s.append_and_attend(0, *step, True, expected_length=0)
+            assert length == 2 and out.shape == step[0].shape
+            with pytest.raises(Q8KVError) as err:
+                await s.append_and_attend(0, *step, expected_length=0, retries=1)
+            assert type(err.value) is Q8KVError and err.value.code == grpc.StatusCode.ABORTED
+            assert await c.applied([(s, 0, *step, 0)])
+            assert not await c.applied([(s, 0, *step, 1)])
+            item = AppendItem(s.id, 1, *qkv(rng, 3), expected_length=0)
+            (result,) = await c.append_and_attend_batch([item], with_lengths=True, retries=2)
+            assert result.length == 3 and (await s.info()).layer_lengths == [2, 3, 0]
+            await s.delete()
+
+    asyncio.run(main())
+
+
+# -- session ids a header cannot carry ---------------------------------------------------
+
+
+@pytest.mark.parametrize("sid", ["caf\u00e9", "line\nbreak", "x" * 20 * 1024],
+                         ids=["non-ascii", "newline", "20KiB"])
+def test_ids_a_header_cannot_carry_get_the_servers_own_answer(client, sid):
+    rng = np.random.default_rng(34)
+    with pytest.raises(Q8KVError) as err:
+        client.create_session(**GEOM, session_id=sid)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.message.startswith("session_id: expected 1-128 characters of [A-Za-z0-9")
+    calls = [
+        lambda: client.session_info(sid),
+        lambda: client.get_session(sid),
+        lambda: client.delete_session(sid),
+        lambda: client.truncate_session(sid, 0),
+        lambda: client.dequantize(sid, 0),
+        lambda: client.export_session(sid),
+        lambda: client.append_and_attend_batch([(sid, 0, *qkv(rng, 1))]),
+        lambda: client.session(sid).append_and_attend(0, *qkv(rng, 1), expected_length=0),
+    ]
+    for call in calls:
+        with pytest.raises(Q8KVError) as err:
+            call()
+        assert err.value.code == grpc.StatusCode.NOT_FOUND, err.value
+        assert err.value.message.startswith("session_id: no session ")
+    with client.stream() as stream:
+        with pytest.raises(Q8KVError) as err:
+            stream.attend([(sid, 0, *qkv(rng, 1))])
+        assert err.value.code == grpc.StatusCode.NOT_FOUND and err.value.request_id == 1
+    # An import whose header names such an id: the server's INVALID_ARGUMENT.
+    s = client.create_session(**GEOM)
+    s.append_and_attend(0, *qkv(rng, 2))
+    chunks = s.export()
+    chunks[0].header.session_id = sid
+    digest = hashlib.sha256()
+    for chunk in chunks[:-1]:
+        digest.update(chunk.SerializeToString(deterministic=True))
+    chunks[-1].trailer.sha256 = digest.digest()
+    with pytest.raises(Q8KVError) as err:
+        client.import_session(chunks)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.message.startswith("session_id: expected 1-128 characters")
+    s.delete()
+
+
+def test_async_client_ids_a_header_cannot_carry(server):
+    async def main():
+        async with AsyncClient(server.address, timeout=30) as c:
+            for sid in ("caf\u00e9", "a\nb", "y" * 20 * 1024):
+                with pytest.raises(Q8KVError, match="^INVALID_ARGUMENT: session_id: expected"):
+                    await c.create_session(**GEOM, session_id=sid)
+                with pytest.raises(Q8KVError, match="^NOT_FOUND: session_id: no session"):
+                    await c.session(sid).info()
+
+    asyncio.run(main())
+
+
+# -- finite extremes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_values_near_the_bound_give_finite_attention(client, dtype):
+    """The worst case of the bound's derivation: head_dim 1024, softmax_scale 1e3, every
+    |q|, |k| near 1e15 (scores near 1e36): finite, and still the reference's answer."""
+    geom = dict(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=1024, max_len=64)
+    s = client.create_session(**geom, softmax_scale=1e3)
+    rng = np.random.default_rng(35)
+
+    def extreme(n, heads):
+        signs = rng.choice([-1.0, 1.0], (n, heads, 1024))
+        return (signs * rng.uniform(0.5e15, 0.99e15, (n, heads, 1024))).astype(dtype)
+
+    start = 0
+    for n in (5, 1, 3):
+        q, k, v = extreme(n, 2), extreme(n, 1), extreme(n, 1)
+        out = s.append_and_attend(0, q, k, v)
+        out32 = out.astype(np.float32)
+        assert np.isfinite(out32).all() and np.abs(out32).max() <= 1e15
+        keys, values = s.dequantize(0)
+        ref = attention_ref(q, keys, values, start, np.float32(1e3))
+        assert rel_l2(out, ref) < 1e-2  # bfloat16 output: 8 bits of mantissa
+        start += n
+    s.delete()
 
 
 # -- concurrency --------------------------------------------------------------------------

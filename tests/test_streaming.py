@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from q8kv.client import Client, Q8KVError, codec
+from q8kv.client import AppendItem, Client, Q8KVError, codec
 from q8kv.server.backends import q8
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
@@ -166,4 +166,42 @@ def test_stream_error_codes_on_the_wire(server, client):
     assert by_id[7].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "k.shape" in by_id[7].error_message and not by_id[7].results
     assert by_id[8].error_code == 0 and by_id[8].results[0].length == 2
+    s.delete()
+
+
+def test_conditional_stream_messages_apply_once_and_resend_safely(server, client):
+    """A stream message with expected_length applies only at that length: a mismatch
+    answers ABORTED for that message alone with nothing of it applied, and the stream goes
+    on. A message resent on a new stream (after a break) is refused, and client.applied
+    tells the first attempt landed."""
+    s = client.create_session(**GEOM)
+    rng = np.random.default_rng(12)
+    steps = [qkv(rng, n) for n in (4, 1, 2)]
+    with client.stream() as stream:
+        ((_, length),) = stream.attend([AppendItem(s, 0, *steps[0], 0)], with_lengths=True)
+        assert length == 4
+        before = [s.dequantize(layer) for layer in (0, 1)]
+        # Two items, the second stale: the first (layer 1, correct) must not land either.
+        stale = [AppendItem(s, 1, *steps[1], 0), AppendItem(s.id, 0, *steps[1], 3)]
+        with pytest.raises(Q8KVError) as err:
+            stream.attend(stale)
+        assert err.value.code == grpc.StatusCode.ABORTED and err.value.request_id == 2
+        assert err.value.message == (
+            "items[1].expected_length: expected the layer's length 4, got 3"
+        )
+        assert s.info().layer_lengths == [4, 0]
+        for (k0, v0), layer in zip(before, (0, 1), strict=True):
+            k1, v1 = s.dequantize(layer)
+            np.testing.assert_array_equal(k0, k1)
+            np.testing.assert_array_equal(v0, v1)
+        message = [(s, 1, *steps[2], 0), (s, 0, *steps[2], 4)]
+        results = stream.attend(message, with_lengths=True)
+        assert [r.length for r in results] == [2, 6]
+    with client.stream() as again:  # the "resend" after a broken stream
+        with pytest.raises(Q8KVError) as err:
+            again.attend(message)
+        assert err.value.code == grpc.StatusCode.ABORTED
+    assert client.applied(message)
+    assert not client.applied([(s, 0, *steps[2], 5)])
+    assert s.info().layer_lengths == [6, 2]
     s.delete()

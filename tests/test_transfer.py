@@ -177,3 +177,75 @@ def test_another_tenant_cannot_export_your_session(servers, exported):
         with pytest.raises(Q8KVError) as err:
             anonymous.export_session("moving")
         assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+# -- chunks sized to the message limit -----------------------------------------------------
+
+SMALL_LIMIT = 1024 * 1024
+
+
+def layer_tokens(chunks, layer):
+    """One layer's codes and scales, joined over its chunks (whatever their boundaries)."""
+    kvh, dim = GEOM["num_kv_heads"], GEOM["head_dim"]
+    parts = [c.tokens for c in chunks if c.WhichOneof("part") == "tokens"]
+    parts = [p for p in parts if p.layer == layer]
+    assert [p.start for p in parts] == list(np.cumsum([0] + [p.count for p in parts])[:-1])
+    if not parts:
+        return b"", b""
+    codes = np.concatenate(
+        [np.frombuffer(p.codes, np.int8).reshape(2, kvh, p.count, dim) for p in parts], axis=2
+    )
+    scales = np.concatenate(
+        [np.frombuffer(p.scales, "<f4").reshape(2, kvh, p.count, dim // 32) for p in parts],
+        axis=2,
+    )
+    return codes.tobytes(), scales.tobytes()
+
+
+def test_chunks_fit_a_small_message_limit_both_ways(servers, start_server):
+    """A long layer (4,000 tokens: 9 MiB of Q8) moves from a server with the default limit
+    to one started with --max-message-bytes 1MiB, is exported from there and imported back:
+    every message within 1 MiB, the tokens bit for bit."""
+    big, _ = servers
+    small = start_server("--max-message-bytes", "1MiB", env=TOKENS)
+    lengths = [4000, 7, 0]
+    rng = np.random.default_rng(8)
+    with (
+        Client(big.address, token=TOKEN_A, timeout=60) as on_big,
+        Client(small.address, token=TOKEN_A, timeout=60, max_message_bytes=SMALL_LIMIT) as on_small,
+    ):
+        s = on_big.create_session(**GEOM, session_id="long-layer")
+        fill(s, rng, lengths, GEOM)
+        chunks = on_big.export_session(s)
+        assert max(c.ByteSize() for c in chunks) > SMALL_LIMIT  # too big for the small one
+        want = [layer_tokens(chunks, layer) for layer in range(3)]
+
+        moved = on_small.import_session(chunks)  # split by the client to its own limit
+        out = moved.export()  # sized by the server to its limit
+        assert all(c.ByteSize() <= SMALL_LIMIT for c in out)
+        assert len(out) > len(chunks) and out[0].header.layer_lengths == lengths
+        assert [layer_tokens(out, layer) for layer in range(3)] == want
+        moved.delete()
+        back = on_small.import_session(out)  # the small server's own export, imported back
+        assert [layer_tokens(back.export(), layer) for layer in range(3)] == want
+        # Appends go on against the moved cache, as on the original.
+        q, k, v = qkv(rng, 2, GEOM)
+        out_small = back.append_and_attend(1, q, k, v)
+        np.testing.assert_allclose(out_small, s.append_and_attend(1, q, k, v), rtol=1e-5,
+                                   atol=1e-6)
+        back.delete()
+        s.delete()
+
+
+def test_a_limit_below_one_token_is_a_clear_error():
+    from q8kv.server import transfer
+    from q8kv.server.cache import Geometry
+    from q8kv.server.errors import ResourceExhausted
+
+    g = Geometry(1, 8, 8, 128, 64)
+    assert transfer.tokens_per_chunk(g) == 2048  # 4 MiB of codes
+    assert transfer.tokens_per_chunk(g, 512 * 1024 * 1024) == 2048
+    assert transfer.tokens_per_chunk(g, SMALL_LIMIT) == (SMALL_LIMIT - 1024) // 2304
+    with pytest.raises(ResourceExhausted, match=r"max_message_bytes: expected room for one "
+                       r"token \(2304 bytes \+ 1024 of envelope\), got a limit of 3000 bytes"):
+        transfer.tokens_per_chunk(g, 3000)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15q8kv/v1/kvcache.proto\x12\x07q8kv.v1\"D\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.q8kv.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"j\n\x08Geometry\x12\x12\n\nnum_layers\x18\x01 \x01(\x03\x12\x11\n\tnum_heads\x18\x02 \x01(\x03\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x03\x12\x10\n\x08head_dim\x18\x04 \x01(\x03\x12\x0f\n\x07max_len\x18\x05 \x01(\x03\"\xe0\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x08geometry\x18\x02 \x01(\x0b\x32\x11.q8kv.v1.Geometry\x12\x15\n\rsoftmax_scale\x18\x03 \x01(\x02\x12\x15\n\rlayer_lengths\x18\x04 \x03(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x03\x12\x16\n\x0ereserved_bytes\x18\x06 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x07 \x01(\x01\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x14\n\x0clast_used_at\x18\t \x01(\x01\"\x92\x01\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x08geometry\x18\x02 \x01(\x0b\x32\x11.q8kv.v1.Geometry\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\x12\x1a\n\rsoftmax_scale\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x10\n\x0e_softmax_scale\">\n\x15\x43reateSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\";\n\x12GetSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.q8kv.v1.SessionInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\",\n\x15\x44\x65leteSessionResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\"<\n\x16TruncateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\"@\n\x17TruncateSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo\"\x83\x01\n\nAttendItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x1a\n\x01q\x18\x03 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01k\x18\x04 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01v\x18\x05 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\"?\n\x0c\x41ttendResult\x12\x1f\n\x06output\x18\x01 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x0e\n\x06length\x18\x02 \x01(\x03\"<\n\x16\x41ppendAndAttendRequest\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.q8kv.v1.AttendItem\"A\n\x17\x41ppendAndAttendResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.q8kv.v1.AttendResult\"V\n\x1c\x41ppendAndAttendStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\"\n\x05items\x18\x02 \x03(\x0b\x32\x13.q8kv.v1.AttendItem\"\x86\x01\n\x1d\x41ppendAndAttendStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12&\n\x07results\x18\x02 \x03(\x0b\x32\x15.q8kv.v1.AttendResult\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\"_\n\x11\x44\x65quantizeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x10\n\x03\x65nd\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x06\n\x04_end\"\\\n\x12\x44\x65quantizeResponse\x12\x1a\n\x01k\x18\x01 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01v\x18\x02 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\x03\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x93\x01\n\x0cSessionChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.q8kv.v1.SessionHeaderH\x00\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.q8kv.v1.TokenChunkH\x00\x12*\n\x07trailer\x18\x03 \x01(\x0b\x32\x17.q8kv.v1.SessionTrailerH\x00\x42\x06\n\x04part\"\xb3\x01\n\rSessionHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x08geometry\x18\x03 \x01(\x0b\x32\x11.q8kv.v1.Geometry\x12\x15\n\rsoftmax_scale\x18\x04 \x01(\x02\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x01\x12\x15\n\rlayer_lengths\x18\x06 \x03(\x03\x12\x0e\n\x06tenant\x18\x07 \x01(\t\"X\n\nTokenChunk\x12\r\n\x05layer\x18\x01 \x01(\x03\x12\r\n\x05start\x18\x02 \x01(\x03\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\r\n\x05\x63odes\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\" \n\x0eSessionTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\">\n\x15ImportSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x32\xb6\x06\n\x0eKVCacheService\x12N\n\rCreateSession\x12\x1d.q8kv.v1.CreateSessionRequest\x1a\x1e.q8kv.v1.CreateSessionResponse\x12\x45\n\nGetSession\x12\x1a.q8kv.v1.GetSessionRequest\x1a\x1b.q8kv.v1.GetSessionResponse\x12K\n\x0cListSessions\x12\x1c.q8kv.v1.ListSessionsRequest\x1a\x1d.q8kv.v1.ListSessionsResponse\x12N\n\rDeleteSession\x12\x1d.q8kv.v1.DeleteSessionRequest\x1a\x1e.q8kv.v1.DeleteSessionResponse\x12T\n\x0fTruncateSession\x12\x1f.q8kv.v1.TruncateSessionRequest\x1a .q8kv.v1.TruncateSessionResponse\x12T\n\x0f\x41ppendAndAttend\x12\x1f.q8kv.v1.AppendAndAttendRequest\x1a .q8kv.v1.AppendAndAttendResponse\x12j\n\x15\x41ppendAndAttendStream\x12%.q8kv.v1.AppendAndAttendStreamRequest\x1a&.q8kv.v1.AppendAndAttendStreamResponse(\x01\x30\x01\x12\x45\n\nDequantize\x12\x1a.q8kv.v1.DequantizeRequest\x1a\x1b.q8kv.v1.DequantizeResponse\x12G\n\rExportSession\x12\x1d.q8kv.v1.ExportSessionRequest\x1a\x15.q8kv.v1.SessionChunk0\x01\x12H\n\rImportSession\x12\x15.q8kv.v1.SessionChunk\x1a\x1e.q8kv.v1.ImportSessionResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15q8kv/v1/kvcache.proto\x12\x07q8kv.v1\"D\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.q8kv.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"j\n\x08Geometry\x12\x12\n\nnum_layers\x18\x01 \x01(\x03\x12\x11\n\tnum_heads\x18\x02 \x01(\x03\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x03\x12\x10\n\x08head_dim\x18\x04 \x01(\x03\x12\x0f\n\x07max_len\x18\x05 \x01(\x03\"\xe0\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x08geometry\x18\x02 \x01(\x0b\x32\x11.q8kv.v1.Geometry\x12\x15\n\rsoftmax_scale\x18\x03 \x01(\x02\x12\x15\n\rlayer_lengths\x18\x04 \x03(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x03\x12\x16\n\x0ereserved_bytes\x18\x06 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x07 \x01(\x01\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x14\n\x0clast_used_at\x18\t \x01(\x01\"\x92\x01\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x08geometry\x18\x02 \x01(\x0b\x32\x11.q8kv.v1.Geometry\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\x12\x1a\n\rsoftmax_scale\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x10\n\x0e_softmax_scale\">\n\x15\x43reateSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\";\n\x12GetSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.q8kv.v1.SessionInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\",\n\x15\x44\x65leteSessionResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\"<\n\x16TruncateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\"@\n\x17TruncateSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo\"\xb5\x01\n\nAttendItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x1a\n\x01q\x18\x03 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01k\x18\x04 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01v\x18\x05 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1c\n\x0f\x65xpected_length\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x12\n\x10_expected_length\"?\n\x0c\x41ttendResult\x12\x1f\n\x06output\x18\x01 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x0e\n\x06length\x18\x02 \x01(\x03\"<\n\x16\x41ppendAndAttendRequest\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.q8kv.v1.AttendItem\"A\n\x17\x41ppendAndAttendResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.q8kv.v1.AttendResult\"V\n\x1c\x41ppendAndAttendStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\"\n\x05items\x18\x02 \x03(\x0b\x32\x13.q8kv.v1.AttendItem\"\x86\x01\n\x1d\x41ppendAndAttendStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12&\n\x07results\x18\x02 \x03(\x0b\x32\x15.q8kv.v1.AttendResult\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\"_\n\x11\x44\x65quantizeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x10\n\x03\x65nd\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x06\n\x04_end\"\\\n\x12\x44\x65quantizeResponse\x12\x1a\n\x01k\x18\x01 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01v\x18\x02 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\x03\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x93\x01\n\x0cSessionChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.q8kv.v1.SessionHeaderH\x00\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.q8kv.v1.TokenChunkH\x00\x12*\n\x07trailer\x18\x03 \x01(\x0b\x32\x17.q8kv.v1.SessionTrailerH\x00\x42\x06\n\x04part\"\xb3\x01\n\rSessionHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x08geometry\x18\x03 \x01(\x0b\x32\x11.q8kv.v1.Geometry\x12\x15\n\rsoftmax_scale\x18\x04 \x01(\x02\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x01\x12\x15\n\rlayer_lengths\x18\x06 \x03(\x03\x12\x0e\n\x06tenant\x18\x07 \x01(\t\"X\n\nTokenChunk\x12\r\n\x05layer\x18\x01 \x01(\x03\x12\r\n\x05start\x18\x02 \x01(\x03\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\r\n\x05\x63odes\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\" \n\x0eSessionTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\">\n\x15ImportSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x32\xb6\x06\n\x0eKVCacheService\x12N\n\rCreateSession\x12\x1d.q8kv.v1.CreateSessionRequest\x1a\x1e.q8kv.v1.CreateSessionResponse\x12\x45\n\nGetSession\x12\x1a.q8kv.v1.GetSessionRequest\x1a\x1b.q8kv.v1.GetSessionResponse\x12K\n\x0cListSessions\x12\x1c.q8kv.v1.ListSessionsRequest\x1a\x1d.q8kv.v1.ListSessionsResponse\x12N\n\rDeleteSession\x12\x1d.q8kv.v1.DeleteSessionRequest\x1a\x1e.q8kv.v1.DeleteSessionResponse\x12T\n\x0fTruncateSession\x12\x1f.q8kv.v1.TruncateSessionRequest\x1a .q8kv.v1.TruncateSessionResponse\x12T\n\x0f\x41ppendAndAttend\x12\x1f.q8kv.v1.AppendAndAttendRequest\x1a .q8kv.v1.AppendAndAttendResponse\x12j\n\x15\x41ppendAndAttendStream\x12%.q8kv.v1.AppendAndAttendStreamRequest\x1a&.q8kv.v1.AppendAndAttendStreamResponse(\x01\x30\x01\x12\x45\n\nDequantize\x12\x1a.q8kv.v1.DequantizeRequest\x1a\x1b.q8kv.v1.DequantizeResponse\x12G\n\rExportSession\x12\x1d.q8kv.v1.ExportSessionRequest\x1a\x15.q8kv.v1.SessionChunk0\x01\x12H\n\rImportSession\x12\x15.q8kv.v1.SessionChunk\x1a\x1e.q8kv.v1.ImportSessionResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'q8kv.v1.kvcache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2431
-  _globals['_DTYPE']._serialized_end=2501
+  _globals['_DTYPE']._serialized_start=2481
+  _globals['_DTYPE']._serialized_end=2551
   _globals['_TENSOR']._serialized_start=34
   _globals['_TENSOR']._serialized_end=102
   _globals['_GEOMETRY']._serialized_start=104
@@ -60,33 +60,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRUNCATESESSIONRESPONSE']._serialized_start=1057
   _globals['_TRUNCATESESSIONRESPONSE']._serialized_end=1121
   _globals['_ATTENDITEM']._serialized_start=1124
-  _globals['_ATTENDITEM']._serialized_end=1255
-  _globals['_ATTENDRESULT']._serialized_start=1257
-  _globals['_ATTENDRESULT']._serialized_end=1320
-  _globals['_APPENDANDATTENDREQUEST']._serialized_start=1322
-  _globals['_APPENDANDATTENDREQUEST']._serialized_end=1382
-  _globals['_APPENDANDATTENDRESPONSE']._serialized_start=1384
-  _globals['_APPENDANDATTENDRESPONSE']._serialized_end=1449
-  _globals['_APPENDANDATTENDSTREAMREQUEST']._serialized_start=1451
-  _globals['_APPENDANDATTENDSTREAMREQUEST']._serialized_end=1537
-  _globals['_APPENDANDATTENDSTREAMRESPONSE']._serialized_start=1540
-  _globals['_APPENDANDATTENDSTREAMRESPONSE']._serialized_end=1674
-  _globals['_DEQUANTIZEREQUEST']._serialized_start=1676
-  _globals['_DEQUANTIZEREQUEST']._serialized_end=1771
-  _globals['_DEQUANTIZERESPONSE']._serialized_start=1773
-  _globals['_DEQUANTIZERESPONSE']._serialized_end=1865
-  _globals['_EXPORTSESSIONREQUEST']._serialized_start=1867
-  _globals['_EXPORTSESSIONREQUEST']._serialized_end=1909
-  _globals['_SESSIONCHUNK']._serialized_start=1912
-  _globals['_SESSIONCHUNK']._serialized_end=2059
-  _globals['_SESSIONHEADER']._serialized_start=2062
-  _globals['_SESSIONHEADER']._serialized_end=2241
-  _globals['_TOKENCHUNK']._serialized_start=2243
-  _globals['_TOKENCHUNK']._serialized_end=2331
-  _globals['_SESSIONTRAILER']._serialized_start=2333
-  _globals['_SESSIONTRAILER']._serialized_end=2365
-  _globals['_IMPORTSESSIONRESPONSE']._serialized_start=2367
-  _globals['_IMPORTSESSIONRESPONSE']._serialized_end=2429
-  _globals['_KVCACHESERVICE']._serialized_start=2504
-  _globals['_KVCACHESERVICE']._serialized_end=3326
+  _globals['_ATTENDITEM']._serialized_end=1305
+  _globals['_ATTENDRESULT']._serialized_start=1307
+  _globals['_ATTENDRESULT']._serialized_end=1370
+  _globals['_APPENDANDATTENDREQUEST']._serialized_start=1372
+  _globals['_APPENDANDATTENDREQUEST']._serialized_end=1432
+  _globals['_APPENDANDATTENDRESPONSE']._serialized_start=1434
+  _globals['_APPENDANDATTENDRESPONSE']._serialized_end=1499
+  _globals['_APPENDANDATTENDSTREAMREQUEST']._serialized_start=1501
+  _globals['_APPENDANDATTENDSTREAMREQUEST']._serialized_end=1587
+  _globals['_APPENDANDATTENDSTREAMRESPONSE']._serialized_start=1590
+  _globals['_APPENDANDATTENDSTREAMRESPONSE']._serialized_end=1724
+  _globals['_DEQUANTIZEREQUEST']._serialized_start=1726
+  _globals['_DEQUANTIZEREQUEST']._serialized_end=1821
+  _globals['_DEQUANTIZERESPONSE']._serialized_start=1823
+  _globals['_DEQUANTIZERESPONSE']._serialized_end=1915
+  _globals['_EXPORTSESSIONREQUEST']._serialized_start=1917
+  _globals['_EXPORTSESSIONREQUEST']._serialized_end=1959
+  _globals['_SESSIONCHUNK']._serialized_start=1962
+  _globals['_SESSIONCHUNK']._serialized_end=2109
+  _globals['_SESSIONHEADER']._serialized_start=2112
+  _globals['_SESSIONHEADER']._serialized_end=2291
+  _globals['_TOKENCHUNK']._serialized_start=2293
+  _globals['_TOKENCHUNK']._serialized_end=2381
+  _globals['_SESSIONTRAILER']._serialized_start=2383
+  _globals['_SESSIONTRAILER']._serialized_end=2415
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_start=2417
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_end=2479
+  _globals['_KVCACHESERVICE']._serialized_start=2554
+  _globals['_KVCACHESERVICE']._serialized_end=3376
 # @@protoc_insertion_point(module_scope)

@@ -123,7 +123,8 @@ class KVCacheServiceServicer:
     def AppendAndAttend(self, request, context):
         """Quantizes and appends each item's k/v to its (session, layer) cache, then attends q
         over the whole cache (causal among the new tokens). Items run in order, all or none:
-        if any item is invalid the call fails and no cache changes.
+        if any item is invalid, or an item's expected_length is not its layer's length
+        (ABORTED), the call fails and no cache changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,7 +148,8 @@ class KVCacheServiceServicer:
 
     def ExportSession(self, request, context):
         """Streams a session's Q8 cache out (header, chunks of tokens per layer, checksum), to
-        drain a replica or move load. The session stays; delete it once imported elsewhere.
+        drain a replica or move load. Each chunk fits the server's message limit (and 4 MiB of
+        codes). The session stays; delete it once imported elsewhere.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
