@@ -16,8 +16,8 @@ import pytest
 from observability import Samples, scrape
 
 from q8kv.client import Client
-from q8kv.client.loadtest import main, parse_duration
-from q8kv.client.loadtest_stats import histogram, latency_summary, percentile
+from q8kv.client.loadtest.cli import main, parse_duration
+from q8kv.client.loadtest.stats import histogram, latency_summary, percentile
 
 # Geometry small enough for CI: each run takes well under a second of server time.
 GEOMETRY = ["--layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "64",

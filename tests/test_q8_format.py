@@ -1,4 +1,4 @@
-"""The Q8 block format (server/backends/q8.py) against a float64 reference and GGML's Q8_0."""
+"""The Q8 block format (q8kv.format) against a float64 reference and GGML's Q8_0."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from reference import QBLOCK, dequantize_ref, quantize_ref, roundf_ref, roundtrip_bound
 
-from q8kv.server.backends import q8
+from q8kv import format as q8
 
 F32 = np.float32
 

@@ -33,7 +33,7 @@ def create_backend(name: str, num_pages: int, page_code_bytes: int = DEFAULT_PAG
 
         return NumpyBackend(num_pages, page_code_bytes)
     if name == "cupy":
-        from .cupy_backend import CupyBackend
+        from .cupy.backend import CupyBackend
 
         return CupyBackend(num_pages, page_code_bytes)
     raise ValueError(f"backend: expected auto, numpy or cupy, got {name!r}")

@@ -30,7 +30,7 @@ pytest.importorskip("cupy", reason="CuPy is not installed: GPU backend tests ski
 if not cuda_available():
     pytest.skip("no CUDA device visible to CuPy: GPU tests skipped", allow_module_level=True)
 
-from q8kv.server.backends.cupy_backend import CupyBackend  # noqa: E402
+from q8kv.server.backends.cupy.backend import CupyBackend  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import QBLOCK
+from q8kv.server.backends.base import QBLOCK
 
 
 def roundf(y: np.ndarray) -> np.ndarray:

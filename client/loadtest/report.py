@@ -11,8 +11,8 @@ import urllib.request
 from dataclasses import asdict
 from typing import Any
 
-from .loadtest_run import LoadSpec, Shared
-from .loadtest_stats import KINDS, histogram
+from .run import LoadSpec, Shared
+from .stats import KINDS, histogram
 
 # Series read from the server's /metrics (sums over label sets).
 SERVER_SERIES = (

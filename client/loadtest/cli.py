@@ -1,5 +1,5 @@
 """q8kv-loadtest: a load generator for q8kv that behaves like model runners (in the manner of
-ghz). See ``q8kv-loadtest --help``; the load itself is described in loadtest_run.py.
+ghz). See ``q8kv-loadtest --help``; the load itself is described in run.py.
 
     q8kv-loadtest 127.0.0.1:50051 --concurrency 16 --duration 30s --prefill 512 --steps 64
     q8kv-loadtest 127.0.0.1:50051 -n 2000 --streaming --verify 0.1 --output json
@@ -27,12 +27,12 @@ from typing import Any
 
 import grpc
 
-from . import loadtest_report as report_mod
-from .aio import AsyncClient
-from .errors import Q8KVError
-from .loadtest_run import CallFailed, LoadSpec, Orchestrator, Shared, delete_sessions
-from .loadtest_stats import Recorder
-from .loadtest_verify import DEFAULT_TOLERANCE
+from ..aio import AsyncClient
+from ..errors import Q8KVError
+from . import report as report_mod
+from .run import CallFailed, LoadSpec, Orchestrator, Shared, delete_sessions
+from .stats import Recorder
+from .verify import DEFAULT_TOLERANCE
 
 # A run is always bounded: one of --duration / --requests is required, and both are capped.
 MAX_DURATION_S = 24 * 3600.0

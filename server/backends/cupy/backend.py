@@ -24,7 +24,7 @@ import cupy as cp
 import ml_dtypes
 import numpy as np
 
-from .base import DEFAULT_PAGE_CODE_BYTES, QBLOCK, AttendItem, Backend, LayerLayout
+from ..base import DEFAULT_PAGE_CODE_BYTES, QBLOCK, AttendItem, Backend, LayerLayout
 
 _SRC = Path(__file__).resolve().parent
 _META = 32  # int32 per item row (META_STRIDE in q8_common.cuh)
