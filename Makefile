@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev
 PROTO_SRC := proto/q8kv/v1/kvcache.proto
 
-.PHONY: venv run test lint proto bench clean
+.PHONY: venv run test lint proto wheel bench clean
 
 venv: $(STAMP)
 
@@ -32,10 +32,16 @@ lint: venv
 
 ## Regenerate the checked-in stubs from proto/ (tests fail when they are stale).
 proto: venv
-	$(BIN)/python -m q8kv.server.protogen
+	$(BIN)/python -m q8kv.server.protogen proto
+
+## A wheel of this checkout in .whl/, for the GPU machine (scripts/device_env.sh installs it).
+## build/ goes first: setuptools would otherwise pack files deleted since the last build.
+wheel: venv
+	rm -rf build .whl/q8kv-*.whl
+	$(BIN)/python -m pip wheel -q --no-deps -w .whl .
 
 bench: venv
 	$(BIN)/python benchmarks/service_latency.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .whl/q8kv-*.whl

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from q8kv.server.backends.base import AttendItem, LayerLayout, tokens_per_page
-from q8kv.server.backends.cupy_backend import CupyBackend
+from q8kv.server.backends.cupy.backend import CupyBackend
 
 H, KVH, D = 32, 8, 128
 SHAPES = [(1, 1024), (1, 32768), (16, 16384), (64, 16384)]

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# On the GPU machine (device tool), from the repo root, with .whl/ carried:
+# On the GPU machine (device tool), from the repo root, with .whl/ carried (`make wheel`
+# puts this checkout's q8kv wheel there; README "GPU machine" lists the other wheels):
 #   bash scripts/gpu_checks.sh tests   # GPU unit tests + the end-to-end suites on --backend cupy
 #   bash scripts/gpu_checks.sh bench   # kernel, service-latency and throughput benchmarks
 # Logs and JSON results go to $OUT (or ./.out).
 set -uo pipefail
-source scripts/device_env.sh
+source scripts/device_env.sh || exit 1
 OUT=${OUT:-.out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 case "${1:-tests}" in
   tests)
-    python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log" | tail -3
+    python3 -c 'import q8kv.server; print("q8kv from", q8kv.server.__file__)' | tee "$OUT/tests.log"
+    python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_cupy_host.py 2>&1 \
+      | tee -a "$OUT/tests.log" | tail -3
     # Every suite that drives a real server, against the GPU backend. (Prometheus, nginx and
     # Docker suites need those programs, which the GPU machine lacks; they run in CI.)
     Q8KV_TEST_BACKEND=cupy python3 -m pytest -q -p no:cacheprovider \

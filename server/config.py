@@ -60,6 +60,12 @@ class Config:
     quant_error_sample_rate: float = 0.01
     log_level: str = "INFO"
     log_format: str = "text"
+    # GPU kernel tuning (cupy backend; GpuTuning in backends/cupy/tuning.py has the whys).
+    gpu_max_splits: int = 48
+    gpu_split_waves: float = 1.0
+    gpu_tc_minblocks: int = 2
+    gpu_tc_nstages: int = 2
+    gpu_tc_stage_bytes: int = 32768
 
 
 # flag name -> (type, help). The environment variable is Q8KV_<NAME IN CAPITALS>.
@@ -107,6 +113,11 @@ _FLAGS: dict[str, tuple[object, str]] = {
     ),
     "log_level": (str, "DEBUG | INFO | WARNING | ERROR"),
     "log_format": (str, "text | json (one object per line)"),
+    "gpu_max_splits": (int, "cupy: most sequence splits per row tile in attention"),
+    "gpu_split_waves": (float, "cupy: attention splits aim at this many waves of blocks"),
+    "gpu_tc_minblocks": (int, "cupy: attention blocks per SM the registers are capped for"),
+    "gpu_tc_nstages": (int, "cupy: attention pipeline stages"),
+    "gpu_tc_stage_bytes": (parse_size, "cupy: K/V code bytes per attention pipeline stage"),
 }
 
 
@@ -188,3 +199,13 @@ def _check(config: Config, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--{name.replace('_', '-')}: expected > 0, got {getattr(config, name)}")
     if config.memory_budget is not None and config.memory_budget <= 0:
         parser.error(f"--memory-budget: expected > 0 or auto, got {config.memory_budget}")
+    _check_gpu_tuning(config, parser)
+
+
+def _check_gpu_tuning(config: Config, parser: argparse.ArgumentParser) -> None:
+    from .backends.cupy.tuning import GpuTuning  # its limits are written there, once
+
+    try:
+        GpuTuning.from_config(config)
+    except ValueError as exc:
+        parser.error(str(exc))

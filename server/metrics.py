@@ -17,7 +17,8 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from .backends import q8
+from q8kv import format as q8
+
 from .backends.base import Backend
 from .cache import SessionStore
 from .engine import AppendRequest, EngineObserver

@@ -11,13 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 
 import pytest
 from observability import Samples, scrape
 
 from q8kv.client import Client
-from q8kv.client.loadtest import main, parse_duration
-from q8kv.client.loadtest_stats import histogram, latency_summary, percentile
+from q8kv.client.loadtest.cli import main, parse_duration
+from q8kv.client.loadtest.stats import histogram, latency_summary, percentile
 
 # Geometry small enough for CI: each run takes well under a second of server time.
 GEOMETRY = ["--layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "64",
@@ -212,3 +213,23 @@ def test_percentiles_histogram_and_durations():
     assert [parse_duration(t) for t in ("30s", "2m", "500ms", "1h", "7")] == [
         30.0, 120.0, 0.5, 3600.0, 7.0
     ]
+
+
+def test_console_script_and_module_run_the_same_cli() -> None:
+    """q8kv-loadtest (pyproject's console script) and python -m q8kv.client.loadtest."""
+    (script,) = metadata.entry_points(group="console_scripts", name="q8kv-loadtest")
+    assert script.load() is main
+    result = subprocess.run([sys.executable, "-m", "q8kv.client.loadtest", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "usage: q8kv-loadtest" in result.stdout
+
+
+def test_verify_uses_the_shared_format_not_the_server() -> None:
+    """--verify recomputes with q8kv.format; the client never imports the server."""
+    code = (
+        "import sys, q8kv.client.loadtest.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith('q8kv.server')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

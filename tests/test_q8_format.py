@@ -1,6 +1,9 @@
-"""The Q8 block format (server/backends/q8.py) against a float64 reference and GGML's Q8_0."""
+"""The Q8 block format (q8kv.format) against a float64 reference and GGML's Q8_0."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -10,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from reference import QBLOCK, dequantize_ref, quantize_ref, roundf_ref, roundtrip_bound
 
-from q8kv.server.backends import q8
+from q8kv import format as q8
 
 F32 = np.float32
 
@@ -308,3 +311,23 @@ def test_ggml_dequantize_agrees_with_fp16_scale() -> None:
     ours = q8.dequantize(codes, scales)
     bound = np.repeat(scales, QBLOCK, axis=-1) * 127 * 2.0**-11
     assert np.all(np.abs(theirs - ours) <= bound)
+
+
+def test_format_is_self_contained() -> None:
+    """q8kv.format is the contract both sides import: it loads no other q8kv module (the
+    client's --verify must not pull in the server)."""
+    code = (
+        "import sys, q8kv.format; "
+        "print(sorted(m for m in sys.modules if m.startswith('q8kv.') and m != 'q8kv.format'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_backends_share_the_one_layout_definition() -> None:
+    """The server's backends use q8kv.format's layout objects, not copies of them."""
+    from q8kv.server.backends import base
+
+    for name in ("QBLOCK", "BYTES_PER_BLOCK", "DEFAULT_PAGE_CODE_BYTES", "LayerLayout",
+                 "page_bytes", "tokens_per_page"):
+        assert getattr(base, name) is getattr(q8, name), name

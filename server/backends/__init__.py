@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+# Compatibility: q8.py moved to q8kv.format; tests not yet updated still import
+# `from q8kv.server.backends import q8`. Drop once they import q8kv.format.
+from q8kv import format as q8
+
 from .base import DEFAULT_PAGE_CODE_BYTES, AttendItem, Backend, LayerLayout
+from .cupy.tuning import GpuTuning
 
 __all__ = [
     "DEFAULT_PAGE_CODE_BYTES",
     "AttendItem",
     "Backend",
+    "GpuTuning",
     "LayerLayout",
     "cuda_available",
     "create_backend",
+    "q8",
 ]
 
 
@@ -24,8 +31,14 @@ def cuda_available() -> bool:
         return False
 
 
-def create_backend(name: str, num_pages: int, page_code_bytes: int = DEFAULT_PAGE_CODE_BYTES):
-    """``name`` is auto | numpy | cupy; auto picks cupy where a GPU is found."""
+def create_backend(
+    name: str,
+    num_pages: int,
+    page_code_bytes: int = DEFAULT_PAGE_CODE_BYTES,
+    tuning: GpuTuning | None = None,
+) -> Backend:
+    """``name`` is auto | numpy | cupy; auto picks cupy where a GPU is found. ``tuning``
+    (the GPU kernels' knobs, default GpuTuning()) is for cupy; numpy has no knobs."""
     if name == "auto":
         name = "cupy" if cuda_available() else "numpy"
     if name == "numpy":
@@ -33,7 +46,7 @@ def create_backend(name: str, num_pages: int, page_code_bytes: int = DEFAULT_PAG
 
         return NumpyBackend(num_pages, page_code_bytes)
     if name == "cupy":
-        from .cupy_backend import CupyBackend
+        from .cupy.backend import CupyBackend
 
-        return CupyBackend(num_pages, page_code_bytes)
+        return CupyBackend(num_pages, page_code_bytes, tuning=tuning)
     raise ValueError(f"backend: expected auto, numpy or cupy, got {name!r}")

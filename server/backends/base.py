@@ -1,20 +1,7 @@
-"""The interface every backend implements, and the page layout they share.
+"""The interface every backend implements (Backend, AttendItem).
 
-The cache of all sessions lives in one pool of fixed-size pages, held by the backend as two
-arrays (codes and scales are kept apart so the codes stay 16-byte aligned for wide loads):
-
-    codes  : int8    [num_pages, page_code_bytes]
-    scales : float32 [num_pages, page_code_bytes // 32]
-
-A page belongs to one (session, layer) and holds ``T = tokens_per_page`` consecutive tokens
-of K and V for every kv head of that layer. Inside a page, for kind 0 = K and 1 = V:
-
-    codes [page, ((kind * KVH + head) * T + slot) * D + dim]
-    scales[page, ((kind * KVH + head) * T + slot) * (D // 32) + block]
-
-Token ``t`` of a layer lives in page ``page_ids[t // T]`` at slot ``t % T``. T is the
-largest power of two with ``2 * KVH * D * T <= page_code_bytes`` (a shift, not a division,
-in the kernels). The rest of a page, if any, is unused.
+The page pool and the layout of a page are defined in ``q8kv.format`` (shared with the
+client); the layout names are re-exported here for the server's modules.
 """
 
 from __future__ import annotations
@@ -25,45 +12,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-QBLOCK = 32  # values per quantization block (one float32 scale each)
-BYTES_PER_BLOCK = QBLOCK + 4  # 32 int8 codes + 1 float32 scale
-DEFAULT_PAGE_CODE_BYTES = 64 * 1024
+from q8kv.format import (
+    BYTES_PER_BLOCK,
+    DEFAULT_PAGE_CODE_BYTES,
+    QBLOCK,
+    LayerLayout,
+    page_bytes,
+    tokens_per_page,
+)
 
-
-def tokens_per_page(page_code_bytes: int, num_kv_heads: int, head_dim: int) -> int:
-    """Tokens of one layer (K and V, all kv heads) that fit a page; 0 if not even one."""
-    per_token = 2 * num_kv_heads * head_dim
-    if per_token > page_code_bytes:
-        return 0
-    t = 1
-    while t * 2 * per_token <= page_code_bytes:
-        t *= 2
-    return t
-
-
-def page_bytes(page_code_bytes: int) -> int:
-    """Device bytes of one page: its codes plus its float32 scales."""
-    return page_code_bytes + page_code_bytes // QBLOCK * 4
-
-
-@dataclass(frozen=True)
-class LayerLayout:
-    """How one session's layer sits in the pages; the same for all layers of a session."""
-
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    tokens_per_page: int
-
-    @property
-    def group(self) -> int:
-        """Query heads per kv head (GQA group size)."""
-        return self.num_heads // self.num_kv_heads
-
-    @property
-    def blocks(self) -> int:
-        """Quantization blocks per head vector."""
-        return self.head_dim // QBLOCK
+__all__ = [
+    "BYTES_PER_BLOCK",
+    "DEFAULT_PAGE_CODE_BYTES",
+    "QBLOCK",
+    "AttendItem",
+    "Backend",
+    "LayerLayout",
+    "page_bytes",
+    "tokens_per_page",
+]
 
 
 @dataclass

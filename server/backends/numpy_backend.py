@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import q8
+from q8kv import format as q8
+
 from .base import QBLOCK, AttendItem, Backend
 
 

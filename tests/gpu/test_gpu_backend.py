@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from q8kv.server.backends import cuda_available
+from q8kv.server.backends import GpuTuning, cuda_available
 from q8kv.server.backends.base import AttendItem, LayerLayout, tokens_per_page
 from q8kv.server.backends.numpy_backend import NumpyBackend
 
@@ -30,7 +30,7 @@ pytest.importorskip("cupy", reason="CuPy is not installed: GPU backend tests ski
 if not cuda_available():
     pytest.skip("no CUDA device visible to CuPy: GPU tests skipped", allow_module_level=True)
 
-from q8kv.server.backends.cupy_backend import CupyBackend  # noqa: E402
+from q8kv.server.backends.cupy.backend import CupyBackend  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -47,9 +47,15 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 class Pair:
     """A numpy reference backend and a GPU backend over pools of the same shape."""
 
-    def __init__(self, num_pages: int, page_code_bytes: int, rng: np.random.Generator):
+    def __init__(
+        self,
+        num_pages: int,
+        page_code_bytes: int,
+        rng: np.random.Generator,
+        tuning: GpuTuning | None = None,
+    ):
         self.ref = NumpyBackend(num_pages, page_code_bytes)
-        self.gpu = CupyBackend(num_pages, page_code_bytes)
+        self.gpu = CupyBackend(num_pages, page_code_bytes, tuning=tuning)
         self.gpu.poison_outputs = True
         self.pcb = page_code_bytes
         self.free = list(rng.permutation(num_pages))  # scattered pages, as a real pool
@@ -158,7 +164,7 @@ def test_append_codes_bit_identical(dtype, rng):
             k[0, 0, :32] = tie.astype(dtype)
             v[-1, -1, -32:] = 0
             if dtype == np.float32 and d >= 64:
-                # A block so small that 1/d overflows float32: q8.py divides by d there.
+                # A block so small that 1/d overflows float32: q8kv.format divides by d there.
                 k[0, 0, 32:64] = rng.standard_normal(32).astype(np.float32) * np.float32(1e-38)
             q = rand(rng, (n, h, d), dtype, spread=0)
             items.append(AttendItem(lay, d**-0.5, ids, start, q, k, v))
@@ -206,6 +212,30 @@ def test_attention_split_counts(waves, rng):
         run_and_check(pair, items, pages)
     finally:
         pair.close()
+
+
+@pytest.mark.parametrize(
+    "tuning",
+    [
+        GpuTuning(max_splits=4, tc_nstages=3, tc_stage_bytes=16384, tc_minblocks=1),
+        GpuTuning(split_waves=4, tc_stage_bytes=65536),
+    ],
+    ids=["3x16k-4splits", "2x64k"],
+)
+def test_attention_with_other_tuning(tuning, rng):
+    """The --gpu-* knobs reach the kernel (its own compile) and keep the results exact."""
+    pair = Pair(4096, 8192, rng, tuning)
+    try:
+        assert pair.gpu.split_waves == tuning.split_waves
+        items, pages = _case(pair, rng, 8, 2, 128, [5, 64, 700, 4100], 17, np.float16)
+        run_and_check(pair, items, pages)
+    finally:
+        pair.close()
+
+
+def test_a_pipeline_too_big_for_the_device_is_refused():
+    with pytest.raises(ValueError, match="--gpu-tc-nstages 16"):
+        CupyBackend(4, 4096, tuning=GpuTuning(tc_nstages=16))
 
 
 @pytest.mark.parametrize("h,kvh,n", [(32, 8, 1), (32, 8, 17), (8, 1, 1)])

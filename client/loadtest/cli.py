@@ -1,5 +1,5 @@
 """q8kv-loadtest: a load generator for q8kv that behaves like model runners (in the manner of
-ghz). See ``q8kv-loadtest --help``; the load itself is described in loadtest_run.py.
+ghz). See ``q8kv-loadtest --help``; the load itself is described in run.py.
 
     q8kv-loadtest 127.0.0.1:50051 --concurrency 16 --duration 30s --prefill 512 --steps 64
     q8kv-loadtest 127.0.0.1:50051 -n 2000 --streaming --verify 0.1 --output json
@@ -20,19 +20,18 @@ import re
 import signal
 import sys
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from . import loadtest_report as report_mod
-from .aio import AsyncClient
-from .errors import Q8KVError
-from .loadtest_run import CallFailed, LoadSpec, Orchestrator, Shared, delete_sessions
-from .loadtest_stats import Recorder
-from .loadtest_verify import DEFAULT_TOLERANCE
+from ..aio import AsyncClient
+from ..errors import Q8KVError
+from . import report as report_mod
+from .run import CallFailed, LoadSpec, Orchestrator, Shared, delete_sessions
+from .stats import Recorder
+from .verify import DEFAULT_TOLERANCE
 
 # A run is always bounded: one of --duration / --requests is required, and both are capped.
 MAX_DURATION_S = 24 * 3600.0
@@ -65,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         "run could not start; 130 interrupted.",
     )
     p.add_argument("target", help="host:port of the q8kv server (or router)")
+    _session_flags(p)
+    _load_flags(p)
+    _connection_flags(p)
+    _report_flags(p)
+    return p
+
+
+def _session_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sessions (one per orchestrator x --batch)")
     g.add_argument("--layers", type=int, default=1, help="layers per session [1]")
     g.add_argument("--heads", type=int, default=8, help="query heads H [8]")
@@ -78,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode steps per sequence, one call per layer each [16]")
     g.add_argument("--batch", type=int, default=1,
                    help="sessions per orchestrator, sent together as one call's items [1]")
+
+
+def _load_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("load")
     g.add_argument("-c", "--concurrency", type=int, default=4,
                    help="virtual orchestrators running at once [4]")
@@ -98,10 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=parse_duration, default=20.0,
                    help="deadline of each call [20s]")
     g.add_argument("--seed", type=int, default=0, help="random data seed [0]")
+
+
+def _connection_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
     g.add_argument("--token", help="bearer token (or env Q8KV_TOKEN)")
     g.add_argument("--tls", metavar="CA_PATH",
                    help="use TLS, trusting this CA bundle ('system' for the system roots)")
+
+
+def _report_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checks and report")
     g.add_argument("--verify", type=float, default=0.0, metavar="FRACTION",
                    help="recompute this fraction of calls locally (float64 reference on the "
@@ -117,7 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plot", metavar="FILE.png",
                    help="draw latency over time and the histogram (needs matplotlib)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    return p
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LoadSpec:
@@ -304,7 +319,9 @@ class Runner:
         if self.interrupts:
             return 0.0
         skip = spec.untimed_prefill
-        ticker = asyncio.ensure_future(self._progress()) if self.show_progress else None
+        ticker = None
+        if self.show_progress:
+            ticker = asyncio.ensure_future(report_mod.progress(spec, shared))
         try:
             results = await self._cancellable_run(*(o.run(skip) for o in orchestrators))
         finally:
@@ -323,38 +340,6 @@ class Runner:
             return len(self.shared.sessions)
         (left,) = await self._cancellable_run(delete_sessions(client, self.shared))
         return left if isinstance(left, int) else len(self.shared.sessions)
-
-    async def _progress(self) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        spec, shared = self.spec, self.shared
-        rec = shared.recorder
-        window: deque[tuple[float, int]] = deque(maxlen=11)
-        columns = (
-            TextColumn("[bold]q8kv-loadtest[/]"),
-            BarColumn(),
-            TextColumn("{task.percentage:>3.0f}%"),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, transient=True) as progress:
-            task = progress.add_task("load", total=1.0, stats="")
-            while True:
-                now = time.perf_counter()
-                window.append((now, rec.count))
-                (t_old, c_old), (t_new, c_new) = window[0], window[-1]
-                rate = (c_new - c_old) / (t_new - t_old) if t_new > t_old else 0.0
-                done = 0.0
-                if spec.duration:
-                    done = max(done, (now - shared.t0) / spec.duration)
-                if spec.requests:
-                    done = max(done, shared.issued / spec.requests)
-                errors = rec.count - rec.ok
-                stats = f"{rec.count} calls  {rate:,.0f}/s  errors {errors}"
-                if spec.verify:
-                    stats += f"  mismatches {shared.mismatches}"
-                progress.update(task, completed=min(done, 1.0), stats=stats)
-                await asyncio.sleep(0.1)
 
 
 async def _main(spec: LoadSpec, args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
 // Quantize-append and dequantize over the Q8 page pool. Built WITHOUT fast math: the codes
-// must be bit-identical to the numpy definition (q8.py): IEEE division for d = amax / 127
+// must be bit-identical to the numpy definition (q8kv.format): IEEE division for d = amax / 127
 // and id = 1 / d, one rounded multiply x * id, roundf (half away from zero), clamp +-127.
 #include "q8_common.cuh"
 
@@ -74,7 +74,7 @@ extern "C" __global__ void q8_append(const int* __restrict__ meta, int nitems, i
   // arithmetic flushes subnormals to zero. The common case (max|x| >= 2^-116) is immune:
   // d, 1/d and every product that can round to a nonzero code stay normal. Smaller blocks
   // take an exact path in double precision that reproduces float32 IEEE results bit for
-  // bit (q8.py's definition), from the raw bits.
+  // bit (q8kv.format's definition), from the raw bits.
   unsigned amax_bits = 0;  // for non-negative floats, integer order is float order
 #pragma unroll
   for (int j = 0; j < 32; ++j) amax_bits = max(amax_bits, __float_as_uint(x[j]) & 0x7fffffffu);
@@ -99,7 +99,7 @@ extern "C" __global__ void q8_append(const int* __restrict__ meta, int nitems, i
     d = __uint_as_float(d_bits);  // stored as bits: a subnormal survives the store
     const double dd = f32_bits_to_f64(d_bits);
     const double id = d_bits == 0 ? 0.0 : f32_bits_to_f64(f32_round_bits(1.0 / dd));
-    const bool huge = isinf(id);  // 1/d overflowed float32: q8.py divides by d instead
+    const bool huge = isinf(id);  // 1/d overflowed float32: q8kv.format divides by d instead
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       unsigned w = 0;

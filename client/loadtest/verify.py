@@ -2,7 +2,7 @@
 
 The load generator keeps a float32 copy of every k/v it sent to each session-layer. When a
 call is picked for verification, the not yet quantized part of that copy is run through
-``q8kv.server.backends.q8`` (the format's definition, bit-identical to the server's codes)
+``q8kv.format`` (the format's definition, bit-identical to the server's codes)
 and replaced by its dequantized values, so the copy is exactly the server's dequantized
 cache; attention over it is computed in float64 and compared by relative L2 error. The
 quantization is lazy (only up to what a verification needs), so ``--verify 0.01`` costs
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from q8kv.server.backends import q8
+from q8kv import format as q8
 
 # Relative L2 error allowed between the server's output and the float64 reference on the
 # dequantized cache. The server accumulates in float32 (errors ~1e-6 at these lengths), and

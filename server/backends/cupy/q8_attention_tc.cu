@@ -35,6 +35,9 @@
 #ifndef MINBLOCKS
 #define MINBLOCKS 1
 #endif
+#ifndef MAX_HEAD_DIM
+#error "MAX_HEAD_DIM: the host (kernels.py) defines the largest head_dim the kernels take"
+#endif
 #define MAXP 512  // page ids of one split held in shared memory
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -48,7 +51,7 @@ constexpr int TOK = U * NWARPS * 16;   // tokens per stage
 constexpr int PIECES = D / 16;         // 16-byte pieces per head vector
 constexpr int STAGE_CODE_BYTES = 2 * TOK * RS;
 constexpr int STAGE_BYTES = STAGE_CODE_BYTES + 2 * TOK * NB * 4;
-static_assert(D % 32 == 0 && D <= 256, "head_dim not supported");
+static_assert(D % 32 == 0 && D <= MAX_HEAD_DIM, "head_dim not supported");
 static_assert(GT == 8, "the tensor-core kernel serves 8 rows per tile");
 static_assert(NT >= PIECES, "head_dim too large for the copy mapping");
 static_assert(NWARPS * GT * (D + 2) * 4 <= NSTAGES * STAGE_BYTES, "reduction scratch too big");

@@ -1,17 +1,38 @@
-"""The Q8 block format in numpy: the definition every backend must match bit for bit.
+"""The Q8 block format and the page layout: the definition every backend (and the client's
+``--verify``) must match bit for bit. It imports nothing else of q8kv.
 
 Per block of 32 values along head_dim, in float32: ``d = max|x| / 127``, ``id = 1/d`` (0
 where d = 0), ``q = roundf(x * id)`` (half away from zero, as C ``roundf``) clamped to
 [-127, 127]; the value read back is ``q * d``. These are GGML's Q8_0 codes (GGML keeps d
 as fp16; we keep float32). Where 1/d overflows float32 (max|x| < ~3.7e-37, undefined
 behaviour in GGML's C), the codes are ``roundf(x / d)`` instead.
+
+The cache of all sessions lives in one pool of fixed-size pages, held by a backend as two
+arrays (codes and scales are kept apart so the codes stay 16-byte aligned for wide loads):
+
+    codes  : int8    [num_pages, page_code_bytes]
+    scales : float32 [num_pages, page_code_bytes // 32]
+
+A page belongs to one (session, layer) and holds ``T = tokens_per_page`` consecutive tokens
+of K and V for every kv head of that layer. Inside a page, for kind 0 = K and 1 = V:
+
+    codes [page, ((kind * KVH + head) * T + slot) * D + dim]
+    scales[page, ((kind * KVH + head) * T + slot) * (D // 32) + block]
+
+Token ``t`` of a layer lives in page ``page_ids[t // T]`` at slot ``t % T``. T is the
+largest power of two with ``2 * KVH * D * T <= page_code_bytes`` (a shift, not a division,
+in the kernels). The rest of a page, if any, is unused.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .base import QBLOCK
+QBLOCK = 32  # values per quantization block (one float32 scale each)
+BYTES_PER_BLOCK = QBLOCK + 4  # 32 int8 codes + 1 float32 scale
+DEFAULT_PAGE_CODE_BYTES = 64 * 1024
 
 
 def roundf(y: np.ndarray) -> np.ndarray:
@@ -50,3 +71,42 @@ def dequantize(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     blocks = codes.reshape(*codes.shape[:-1], codes.shape[-1] // QBLOCK, QBLOCK)
     values = blocks.astype(np.float32) * scales[..., None]
     return values.reshape(codes.shape)
+
+
+# -- the page layout -----------------------------------------------------------------------
+
+
+def tokens_per_page(page_code_bytes: int, num_kv_heads: int, head_dim: int) -> int:
+    """Tokens of one layer (K and V, all kv heads) that fit a page; 0 if not even one."""
+    per_token = 2 * num_kv_heads * head_dim
+    if per_token > page_code_bytes:
+        return 0
+    t = 1
+    while t * 2 * per_token <= page_code_bytes:
+        t *= 2
+    return t
+
+
+def page_bytes(page_code_bytes: int) -> int:
+    """Device bytes of one page: its codes plus its float32 scales."""
+    return page_code_bytes + page_code_bytes // QBLOCK * 4
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """How one session's layer sits in the pages; the same for all layers of a session."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tokens_per_page: int
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head (GQA group size)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def blocks(self) -> int:
+        """Quantization blocks per head vector."""
+        return self.head_dim // QBLOCK

@@ -1,5 +1,5 @@
 // Shared by the q8kv CUDA kernels: the per-item metadata row and small device helpers.
-// The host (cupy_backend.py) writes one row of META_STRIDE int32 per batch item.
+// The host (packing.py) writes one row of META_STRIDE int32 per batch item.
 #pragma once
 
 #define META_STRIDE 32

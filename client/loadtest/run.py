@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from .aio import AsyncClient, AsyncStream
-from .errors import Q8KVError
-from .loadtest_stats import Recorder
-from .loadtest_verify import LayerCopy, check
+from ..aio import AsyncClient, AsyncStream
+from ..errors import Q8KVError
+from .stats import Recorder
+from .verify import LayerCopy, check
 
 # Consecutive UNAVAILABLE answers (calls and resets alike, with no success between) after
 # which the run stops: the server is gone, retrying for the rest of --duration only fills

@@ -1,18 +1,21 @@
-"""The report of q8kv-loadtest: the figures (a dict, the JSON), the text and CSV renderings,
-the server's metrics endpoint and the optional plot."""
+"""The report of q8kv-loadtest: the live progress bar, the figures (a dict, the JSON), the
+text and CSV renderings, the server's metrics endpoint and the optional plot."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
+import time
 import urllib.error
 import urllib.request
+from collections import deque
 from dataclasses import asdict
 from typing import Any
 
-from .loadtest_run import LoadSpec, Shared
-from .loadtest_stats import KINDS, histogram
+from .run import LoadSpec, Shared
+from .stats import KINDS, histogram
 
 # Series read from the server's /metrics (sums over label sets).
 SERVER_SERIES = (
@@ -23,6 +26,40 @@ SERVER_SERIES = (
     "q8kv_tokens_appended_total",
     "q8kv_sessions_active",
 )
+
+
+async def progress(spec: LoadSpec, shared: Shared) -> None:
+    """The live bar (rich) while the load runs: done fraction, calls, rate, errors; runs
+    until cancelled."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    rec = shared.recorder
+    window: deque[tuple[float, int]] = deque(maxlen=11)
+    columns = (
+        TextColumn("[bold]q8kv-loadtest[/]"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("load", total=1.0, stats="")
+        while True:
+            now = time.perf_counter()
+            window.append((now, rec.count))
+            (t_old, c_old), (t_new, c_new) = window[0], window[-1]
+            rate = (c_new - c_old) / (t_new - t_old) if t_new > t_old else 0.0
+            done = 0.0
+            if spec.duration:
+                done = max(done, (now - shared.t0) / spec.duration)
+            if spec.requests:
+                done = max(done, shared.issued / spec.requests)
+            errors = rec.count - rec.ok
+            stats = f"{rec.count} calls  {rate:,.0f}/s  errors {errors}"
+            if spec.verify:
+                stats += f"  mismatches {shared.mismatches}"
+            bar.update(task, completed=min(done, 1.0), stats=stats)
+            await asyncio.sleep(0.1)
 
 
 class MetricsError(Exception):
@@ -135,10 +172,17 @@ def _bytes(n: float) -> str:
 
 def text(report: dict[str, Any]) -> str:
     """The ghz-like human report."""
+    lines = ["", "Summary:"]
+    for section in (_summary, _latency, _statuses, _verification, _server, _warnings):
+        lines += section(report)
+    return "\n".join(lines) + "\n"
+
+
+def _summary(report: dict[str, Any]) -> list[str]:
     o = report["options"]
     mode = "streaming" if o["streaming"] else "unary"
     loop = f"open loop at {o['rate']:g} calls/s" if o["rate"] else "closed loop"
-    lines = ["", "Summary:"]
+    lines: list[str] = []
     add = lines.append
     add(f"  Target:       {report['target']} ({mode}, {loop})")
     add(f"  Load:         {o['concurrency']} orchestrators x {o['batch']} session(s); "
@@ -164,55 +208,71 @@ def text(report: dict[str, Any]) -> str:
             kl = k["latency_ms"]
             add(f"  {kind + ':':13} {k['count']} calls, {k['items_per_s']:.1f} items/s, "
                 f"p50 {kl['p50']:.3f} ms, p99 {kl['p99']:.3f} ms")
-    add("")
-    add("Latency distribution:")
-    for p in ("p50", "p90", "p95", "p99"):
-        add(f"  {p[1:]} % in {lat[p]:.3f} ms")
+    return lines
+
+
+def _latency(report: dict[str, Any]) -> list[str]:
+    lat = report["latency_ms"]
+    lines = ["", "Latency distribution:"]
+    lines += [f"  {p[1:]} % in {lat[p]:.3f} ms" for p in ("p50", "p90", "p95", "p99")]
     if report["histogram"]:
-        add("")
-        add("Latency histogram (ms):")
+        lines += ["", "Latency histogram (ms):"]
         top = max(b["count"] for b in report["histogram"]) or 1
         for b in report["histogram"]:
             bar = "∎" * round(40 * b["count"] / top)
-            add(f"  {b['le_ms']:10.3f} [{b['count']}]\t|{bar}")
-    add("")
-    add("Status code distribution:")
-    for code, count in report["status_codes"].items():
-        add(f"  [{code}]\t{count} calls")
+            lines.append(f"  {b['le_ms']:10.3f} [{b['count']}]\t|{bar}")
+    return lines
+
+
+def _statuses(report: dict[str, Any]) -> list[str]:
+    lines = ["", "Status code distribution:"]
+    lines += [f"  [{code}]\t{count} calls" for code, count in report["status_codes"].items()]
     if report["first_errors"]:
-        add("")
-        add("Error distribution (first distinct messages):")
-        for e in report["first_errors"]:
-            add(f"  [{e['count']}]\t{e['code']}: {e['message']}")
-    if o["verify"] > 0:
-        add("")
-        add(f"Verification: {report['verified']} outputs recomputed, {report['mismatches']} "
-            f"mismatches (max relative L2 error {report['max_rel_error']:.3g}, tolerance "
-            f"{report['tolerance']:g})")
-        lines.extend(f"  {m}" for m in report["first_mismatches"])
+        lines += ["", "Error distribution (first distinct messages):"]
+        lines += [f"  [{e['count']}]\t{e['code']}: {e['message']}" for e in report["first_errors"]]
+    return lines
+
+
+def _verification(report: dict[str, Any]) -> list[str]:
+    if not report["options"]["verify"] > 0:
+        return []
+    return [
+        "",
+        f"Verification: {report['verified']} outputs recomputed, {report['mismatches']} "
+        f"mismatches (max relative L2 error {report['max_rel_error']:.3g}, tolerance "
+        f"{report['tolerance']:g})",
+        *(f"  {m}" for m in report["first_mismatches"]),
+    ]
+
+
+def _server(report: dict[str, Any]) -> list[str]:
     server = report["server"]
-    if server is not None:
-        add("")
-        if server.get("cache_bytes") is None:
-            add(f"Server metrics: unavailable ({server['error']})")
-        else:
-            add("Server (from its metrics, at the end of the load):")
-            add(f"  KV cache:     {_bytes(server['cache_bytes'])} in Q8 vs "
-                f"{_bytes(server['fp32_equivalent_bytes'])} in fp32 / "
-                f"{_bytes(server['fp16_equivalent_bytes'])} in fp16")
-            add(f"  Saved:        {_bytes(server['memory_saved_bytes'])} vs fp32, "
-                f"{_bytes(server['memory_saved_vs_fp16_bytes'])} vs fp16; compression ratio "
-                f"{server['compression_ratio']:.2f}x")
-            add(f"  Tokens:       {server['tokens_appended_during_run']} appended during the "
-                f"run by the server's count ({report['tokens_appended_total']} by ours)")
+    if server is None:
+        return []
+    if server.get("cache_bytes") is None:
+        return ["", f"Server metrics: unavailable ({server['error']})"]
+    return [
+        "",
+        "Server (from its metrics, at the end of the load):",
+        f"  KV cache:     {_bytes(server['cache_bytes'])} in Q8 vs "
+        f"{_bytes(server['fp32_equivalent_bytes'])} in fp32 / "
+        f"{_bytes(server['fp16_equivalent_bytes'])} in fp16",
+        f"  Saved:        {_bytes(server['memory_saved_bytes'])} vs fp32, "
+        f"{_bytes(server['memory_saved_vs_fp16_bytes'])} vs fp16; compression ratio "
+        f"{server['compression_ratio']:.2f}x",
+        f"  Tokens:       {server['tokens_appended_during_run']} appended during the "
+        f"run by the server's count ({report['tokens_appended_total']} by ours)",
+    ]
+
+
+def _warnings(report: dict[str, Any]) -> list[str]:
+    lines = []
     if report["sessions_left"]:
-        add("")
-        add(f"Warning: {report['sessions_left']} session(s) could not be deleted "
-            f"(ids start with loadtest-)")
+        lines += ["", f"Warning: {report['sessions_left']} session(s) could not be deleted "
+                      f"(ids start with loadtest-)"]  # fmt: skip
     if report["aborted"]:
-        add("")
-        add(f"Aborted: {report['aborted']}")
-    return "\n".join(lines) + "\n"
+        lines += ["", f"Aborted: {report['aborted']}"]
+    return lines
 
 
 def csv_text(shared: Shared) -> str:

@@ -1,0 +1,313 @@
+"""The GPU backend: the page pool in device memory, the math in CUDA kernels (CuPy RawModule).
+
+Kernels live beside this file as .cu sources (q8_pages.cu: quantize-append, dequantize;
+q8_attention_tc.cu: fused paged attention on tensor cores), compiled by kernels.py. One
+``append_and_attend`` call is: pack every item's metadata, page table and raw q/k/v bytes
+into one pinned host buffer (packing.py) -> one H2D copy -> one quantize-append launch ->
+one attention launch per head_dim (normally one) -> one D2H copy of all outputs -> one
+stream synchronize.
+
+The backend is driven from one worker thread (base.Backend); it holds no locks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections.abc import Sequence
+
+import cupy as cp
+import numpy as np
+
+from q8kv.format import DEFAULT_PAGE_CODE_BYTES, QBLOCK, LayerLayout
+
+from ..base import AttendItem, Backend
+from . import kernels
+from .kernels import MAX_HEAD_DIM, NWARPS, AttnKernel
+from .packing import META, Batch, SplitPolicy, pack
+from .tuning import GpuTuning
+
+
+class _Pinned:
+    """A growing page-locked host buffer (viewed as uint8)."""
+
+    def __init__(self) -> None:
+        self.mem = None
+        self.view = np.empty(0, np.uint8)
+
+    def get(self, nbytes: int) -> np.ndarray:
+        if nbytes > self.view.size:
+            size = max(nbytes, 2 * self.view.size, 1 << 20)
+            self.mem = cp.cuda.alloc_pinned_memory(size)
+            self.view = np.frombuffer(self.mem, dtype=np.uint8, count=size)
+        return self.view
+
+
+def _grow(arr: cp.ndarray | None, size: int, dtype, zero: bool = False) -> cp.ndarray:
+    if arr is not None and arr.size >= size:
+        return arr
+    size = max(size, 2 * (arr.size if arr is not None else 0), 1024)
+    return cp.zeros(size, dtype) if zero else cp.empty(size, dtype)
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+    max_head_dim = MAX_HEAD_DIM
+
+    def __init__(
+        self,
+        num_pages: int,
+        page_code_bytes: int = DEFAULT_PAGE_CODE_BYTES,
+        device_id: int | None = None,
+        tuning: GpuTuning | None = None,
+    ) -> None:
+        super().__init__(num_pages, page_code_bytes)
+        dev_id = cp.cuda.runtime.getDevice() if device_id is None else device_id
+        self._device = cp.cuda.Device(dev_id)
+        props = cp.cuda.runtime.getDeviceProperties(dev_id)
+        self._name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        self._sm_count = int(props["multiProcessorCount"])
+        self.tuning = GpuTuning() if tuning is None else tuning
+        kernels.check_tuning(self.tuning, int(props.get("sharedMemPerBlockOptin", 227 * 1024)))
+        # Benchmarks and tests sweep this one without a new backend.
+        self.split_waves = self.tuning.split_waves
+        # Tests set this: outputs and split partials are filled with NaN before each launch,
+        # so an element the kernels fail to write cannot pass as a stale right answer.
+        self.poison_outputs = False
+        with self._device:
+            self._stream = cp.cuda.Stream(non_blocking=True)
+            self.codes = cp.zeros((num_pages, page_code_bytes), dtype=cp.int8)
+            self.scales = cp.zeros((num_pages, page_code_bytes // QBLOCK), dtype=cp.float32)
+            mod = kernels.pages_module(dev_id)
+            # Reused CUDA events around each kernel: device time for the metrics.
+            self._marks = [cp.cuda.Event() for _ in range(3)]
+            self._append_k = mod.get_function("q8_append")
+            self._dequant_k = mod.get_function("q8_dequantize")
+        self._dev_id = dev_id
+        self._host_in = _Pinned()
+        self._host_out = _Pinned()
+        self._dev_in: cp.ndarray | None = None
+        self._dev_out: cp.ndarray | None = None
+        self._part: cp.ndarray | None = None
+        self._counters: cp.ndarray | None = None
+
+    # -- properties and helpers for the server --------------------------------------------
+
+    @property
+    def device_name(self) -> str:
+        return self._name
+
+    @property
+    def stream(self) -> cp.cuda.Stream:
+        return self._stream
+
+    @staticmethod
+    def free_device_bytes(device_id: int | None = None) -> int:
+        """Free device memory now, counting blocks CuPy's pool holds but does not use."""
+        dev = cp.cuda.Device(cp.cuda.runtime.getDevice() if device_id is None else device_id)
+        with dev:
+            free, _total = cp.cuda.runtime.memGetInfo()
+            return int(free) + int(cp.get_default_memory_pool().free_bytes())
+
+    def close(self) -> None:
+        with self._device:
+            self._stream.synchronize()
+            for attr in ("codes", "scales", "_dev_in", "_dev_out", "_part", "_counters"):
+                setattr(self, attr, None)
+            self._host_in = _Pinned()
+            self._host_out = _Pinned()
+            cp.get_default_memory_pool().free_all_blocks()
+            cp.get_default_pinned_memory_pool().free_all_blocks()
+
+    def _attn_kernel(self, head_dim: int) -> AttnKernel:
+        return kernels.attention_kernel(self._dev_id, head_dim, self.tuning)
+
+    # -- packing ---------------------------------------------------------------------------
+
+    def prepare(self, items: Sequence[AttendItem], own_device_copy: bool = False) -> Batch:
+        """Pack ``items`` into the pinned host buffer and plan the launches."""
+        policy = SplitPolicy(self._sm_count, self.split_waves, self.tuning.max_splits)
+        batch = pack(items, self._host_in.get, self._attn_kernel, policy)
+        if own_device_copy:
+            with self._device:
+                batch.dev = cp.empty(batch.nbytes, cp.uint8)
+                batch.dev.set(self._host_in.view[: batch.nbytes])
+        return batch
+
+    # -- device work -----------------------------------------------------------------------
+
+    def _ensure(self, batch: Batch) -> None:
+        self._dev_out = _grow(self._dev_out, max(batch.out_floats, 1), cp.float32)
+        self._part = _grow(self._part, max(batch.part_floats, 1), cp.float32)
+        self._counters = _grow(self._counters, max(batch.counters, 1), cp.int32, zero=True)
+        if self.poison_outputs:
+            self._dev_out.fill(np.nan)
+            self._part.fill(np.nan)
+
+    def upload(self, batch: Batch) -> None:
+        """One H2D copy of the packed inputs (async on the backend's stream)."""
+        self._dev_in = _grow(self._dev_in, batch.nbytes, cp.uint8)
+        if batch.nbytes:
+            self._dev_in.data.copy_from_host_async(
+                ctypes.c_void_p(self._host_in.mem.ptr), batch.nbytes, self._stream
+            )
+
+    def _in_ptr(self, batch: Batch) -> int:
+        return (batch.dev if batch.dev is not None else self._dev_in).data.ptr
+
+    def launch_append(self, batch: Batch) -> None:
+        if not batch.q_blocks:
+            return
+        base = self._in_ptr(batch)
+        threads = 128
+        with self._device, self._stream:
+            self._launch_append(batch, base, threads)
+
+    def _launch_append(self, batch: Batch, base: int, threads: int) -> None:
+        self._append_k(
+            (-(-batch.q_blocks // threads),),
+            (threads,),
+            (
+                np.uint64(base),
+                np.int32(batch.nitems),
+                np.int32(batch.q_blocks),
+                np.uint64(base + batch.ptab_off),
+                np.uint64(base),
+                self.codes,
+                self.scales,
+                np.int32(self.page_code_bytes),
+            ),
+        )
+
+    def launch_attention(self, batch: Batch) -> None:
+        with self._device, self._stream:
+            self._launch_attention(batch)
+
+    def _launch_attention(self, batch: Batch) -> None:
+        self._ensure(batch)
+        base = self._in_ptr(batch)
+        part = self._part.data.ptr
+        for ln in batch.launches:
+            # Partials: acc [units, GT, D] floats, then (max, sum) pairs [units, GT, 2].
+            ml_ptr = part + 4 * ln.units * ln.kernel.gt * ln.head_dim
+            ln.kernel.kernel(
+                (ln.units,),
+                (32 * NWARPS,),
+                (
+                    np.uint64(base + ln.meta_row * META * 4),
+                    np.int32(ln.nitems),
+                    np.uint64(base + batch.ptab_off),
+                    np.uint64(base),
+                    self.codes,
+                    self.scales,
+                    np.int32(self.page_code_bytes),
+                    self._dev_out,
+                    np.uint64(part),
+                    np.uint64(ml_ptr),
+                    self._counters,
+                ),
+                shared_mem=ln.kernel.smem,
+            )
+
+    def download(self, batch: Batch) -> list[np.ndarray]:
+        """One D2H copy of all outputs, one synchronize, then per-item arrays."""
+        host = self._host_out.get(4 * max(batch.out_floats, 1))
+        if batch.out_floats:
+            self._dev_out.data.copy_to_host_async(
+                ctypes.c_void_p(self._host_out.mem.ptr), 4 * batch.out_floats, self._stream
+            )
+        self._stream.synchronize()
+        flat = host[: 4 * batch.out_floats].view(np.float32)
+        result = []
+        for off, shape in batch.outputs:
+            if off < 0:
+                result.append(np.empty(shape, np.float32))
+            else:
+                size = shape[0] * shape[1] * shape[2]
+                result.append(flat[off : off + size].reshape(shape).copy())
+        return result
+
+    # -- Backend ---------------------------------------------------------------------------
+
+    def append_and_attend(self, items: Sequence[AttendItem]) -> list[np.ndarray]:
+        if not items:
+            return []
+        with self._device:
+            batch = self.prepare(items)
+            self.upload(batch)
+            marks = self._marks
+            marks[0].record(self._stream)
+            started = time.perf_counter()
+            self.launch_append(batch)
+            appended = time.perf_counter()
+            marks[1].record(self._stream)
+            self.launch_attention(batch)
+            attended = time.perf_counter()
+            marks[2].record(self._stream)
+            outputs = self.download(batch)  # synchronizes: the events below are complete
+        elapsed = cp.cuda.get_elapsed_time
+        self.on_kernel("quantize_append", appended - started, elapsed(marks[0], marks[1]) / 1e3)
+        self.on_kernel("attention", attended - appended, elapsed(marks[1], marks[2]) / 1e3)
+        return outputs
+
+    def dequantize_device(self, layout: LayerLayout, page_ids, start: int, end: int) -> cp.ndarray:
+        """K and V of tokens [start, end) as a device float32 array [2, KVH, end-start, D].
+
+        ``page_ids`` may be a numpy or a device int32 array. Runs on the backend's stream.
+        """
+        kvh, d = layout.num_kv_heads, layout.head_dim
+        length = max(0, end - start)
+        with self._device, self._stream:
+            ptab = cp.asarray(page_ids, dtype=cp.int32)
+            out = cp.empty((2, kvh, length, d), cp.float32)
+            total = 2 * kvh * length * (d // 16)
+            if total:
+                self._dequant_k(
+                    (-(-total // 256),),
+                    (256,),
+                    (
+                        ptab,
+                        np.int32(layout.tokens_per_page.bit_length() - 1),
+                        np.int32(kvh),
+                        np.int32(d),
+                        np.int32(start),
+                        np.int32(length),
+                        self.codes,
+                        self.scales,
+                        np.int32(self.page_code_bytes),
+                        out,
+                    ),
+                )
+        return out
+
+    def dequantize(
+        self, layout: LayerLayout, page_ids: np.ndarray, start: int, end: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        marks = self._marks
+        with self._device:
+            marks[0].record(self._stream)
+        started = time.perf_counter()
+        out = self.dequantize_device(layout, np.asarray(page_ids, dtype=np.int32), start, end)
+        launched = time.perf_counter()
+        with self._device:
+            marks[1].record(self._stream)
+            host = out.get(stream=self._stream)
+            # An empty read copies nothing and so does not wait for the stream.
+            marks[1].synchronize()
+        seconds = cp.cuda.get_elapsed_time(marks[0], marks[1]) / 1e3
+        self.on_kernel("dequantize", launched - started, seconds)
+        return np.ascontiguousarray(host[0]), np.ascontiguousarray(host[1])
+
+    def read_pages(self, page_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self._device, self._stream:
+            ids = cp.asarray(np.asarray(page_ids, dtype=np.int64))
+            return self.codes[ids].get(stream=self._stream), self.scales[ids].get(
+                stream=self._stream
+            )
+
+    def write_pages(self, page_ids: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
+        with self._device, self._stream:
+            ids = cp.asarray(np.asarray(page_ids, dtype=np.int64))
+            self.codes[ids] = cp.asarray(np.asarray(codes, dtype=np.int8))
+            self.scales[ids] = cp.asarray(np.asarray(scales, dtype=np.float32))
+            self._stream.synchronize()

@@ -1,0 +1,186 @@
+"""The GPU backend's host side, on any machine (no CuPy needed): the tuning knobs from flags
+and environment, their limits, and the packing of a batch into the one input buffer the
+kernels read (checked field by field against the items, on random batches)."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from q8kv.format import LayerLayout, tokens_per_page
+from q8kv.server.backends import GpuTuning
+from q8kv.server.backends.base import AttendItem
+from q8kv.server.backends.cupy import kernels, packing
+from q8kv.server.backends.cupy.packing import META
+from q8kv.server.config import load_config
+
+DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
+H200_SMEM_OPTIN = 227 * 1024
+
+
+# -- tuning ---------------------------------------------------------------------------------
+
+
+def test_tuning_from_flags_then_environment_then_defaults() -> None:
+    env = {"Q8KV_GPU_TC_NSTAGES": "3", "Q8KV_GPU_MAX_SPLITS": "7"}
+    config = load_config(["--gpu-max-splits", "12", "--gpu-split-waves", "1.5"], environ=env)
+    assert GpuTuning.from_config(config) == GpuTuning(max_splits=12, split_waves=1.5, tc_nstages=3)
+    assert GpuTuning.from_config(load_config([], environ={})) == GpuTuning()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["--gpu-max-splits", "0"], {}, "--gpu-max-splits: expected >= 1, got 0"),
+        (["--gpu-split-waves", "-1"], {}, "--gpu-split-waves: expected > 0, got -1.0"),
+        ([], {"Q8KV_GPU_TC_NSTAGES": "1"}, "--gpu-tc-nstages: expected >= 2, got 1"),
+        (["--gpu-tc-minblocks", "17"], {}, "--gpu-tc-minblocks: expected 1..16, got 17"),
+        ([], {"Q8KV_GPU_TC_MINBLOCKS": "two"}, "Q8KV_GPU_TC_MINBLOCKS='two'"),
+        (["--gpu-tc-stage-bytes", "lots"], {}, "expected a size like 4GiB"),
+    ],
+)
+def test_bad_tuning_exits_with_a_clear_message(argv, env, needle, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        load_config(argv, environ=env)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_a_pipeline_too_big_for_shared_memory_is_refused_up_front() -> None:
+    kernels.check_tuning(GpuTuning(), H200_SMEM_OPTIN)  # the defaults fit
+    with pytest.raises(ValueError, match="--gpu-tc-nstages 8 x --gpu-tc-stage-bytes 32768"):
+        kernels.check_tuning(GpuTuning(tc_nstages=8), H200_SMEM_OPTIN)
+
+
+def test_the_head_dim_limit_reaches_the_kernel_as_a_define() -> None:
+    opts = kernels.attention_options(128, GpuTuning())
+    assert f"-DMAX_HEAD_DIM={kernels.MAX_HEAD_DIM}" in opts
+    assert "D <= MAX_HEAD_DIM" in kernels.source("q8_attention_tc.cu")
+
+
+# -- packing --------------------------------------------------------------------------------
+
+
+def random_item(rng: np.random.Generator, head_dim: int, n: int) -> AttendItem:
+    kvh, group = int(rng.choice([1, 2, 8])), int(rng.choice([1, 4]))
+    layout = LayerLayout(kvh * group, kvh, head_dim, tokens_per_page(65536, kvh, head_dim))
+    start = int(rng.integers(0, 40_000))
+    pages = rng.permutation(1 << 16)[: -(-(start + n) // layout.tokens_per_page)]
+    dtype = DTYPES[rng.integers(3)]
+    q, k, v = (
+        rng.standard_normal((n, heads, head_dim)).astype(dtype) for heads in (kvh * group, kvh, kvh)
+    )
+    return AttendItem(layout, float(rng.uniform(0.05, 0.2)), pages, start, q, k, v)
+
+
+def fake_kernel(head_dim: int) -> kernels.AttnKernel:
+    """What planning needs of a compiled kernel, without compiling it."""
+    tuning = GpuTuning()
+    tok = kernels.tokens_per_stage(head_dim, tuning)
+    return kernels.AttnKernel(None, tok, kernels.ROWS_PER_TILE, 0, 2)
+
+
+def pack(items: list[AttendItem], policy: packing.SplitPolicy) -> tuple[packing.Batch, np.ndarray]:
+    buffers = []
+
+    def host_buffer(nbytes: int) -> np.ndarray:
+        buffers.append(np.random.default_rng(0).integers(0, 256, nbytes + 64, dtype=np.uint8))
+        return buffers[-1]
+
+    batch = packing.pack(items, host_buffer, fake_kernel, policy)
+    return batch, buffers[0]
+
+
+def check_row(host: np.ndarray, m: np.ndarray, item: AttendItem, ptab_off: int) -> None:
+    """The row points at the item's own bytes, page ids and geometry."""
+    for col, array in ((packing.M_Q, item.q), (packing.M_K, item.k), (packing.M_V, item.v)):
+        assert m[col] % 16 == 0
+        stored = host[m[col] : m[col] + array.nbytes].view(array.dtype).reshape(array.shape)
+        np.testing.assert_array_equal(stored, array)
+    assert m[packing.M_DT] == packing.DTYPE_CODE[item.q.dtype]
+    ids = host[ptab_off + 4 * m[packing.M_PT] :].view(np.int32)[: len(item.page_ids)]
+    np.testing.assert_array_equal(ids, item.page_ids)
+    assert (m[packing.M_START], m[packing.M_N], m[packing.M_D]) == (
+        item.start,
+        item.n,
+        item.layout.head_dim,
+    )
+
+
+def check_splits(m: np.ndarray, item: AttendItem, tok: int) -> None:
+    """The splits cover the sequence once, in whole stages, each with few enough pages for
+    the kernel's shared-memory page table."""
+    length, nsplit, chunk = item.start + item.n, m[packing.M_NSPLIT], m[packing.M_CHUNK]
+    assert chunk % tok == 0 and (nsplit - 1) * chunk < length <= nsplit * chunk
+    assert -(-chunk // item.layout.tokens_per_page) + 1 <= kernels.MAXP
+    assert m[packing.M_RT] == -(-item.n * item.layout.group // kernels.ROWS_PER_TILE)
+
+
+def check_prefixes(rows: np.ndarray, live: list[int], items: list[AttendItem], first: int) -> None:
+    """Within a launch, work units and split counters are prefix sums over its rows."""
+    units = cnt = 0
+    for m, j in zip(rows, live[first : first + len(rows)], strict=True):
+        tiles = items[j].layout.num_kv_heads * m[packing.M_RT]
+        assert (m[packing.M_UNIT], m[packing.M_CNT]) == (units, cnt)
+        units += tiles * m[packing.M_NSPLIT]
+        cnt += tiles
+
+
+def test_pack_lays_out_every_item_and_plans_one_launch_per_head_dim() -> None:
+    rng = np.random.default_rng(11)
+    policy = packing.SplitPolicy(sm_count=132, split_waves=1.0, max_splits=48)
+    for _ in range(30):
+        items = [
+            random_item(rng, int(rng.choice([64, 128, 256])), int(rng.choice([0, 1, 17])))
+            for _ in range(int(rng.integers(1, 7)))
+        ]
+        batch, host = pack(items, policy)
+        live = sorted(
+            (j for j, it in enumerate(items) if it.n), key=lambda j: items[j].layout.head_dim
+        )
+        meta = host[: len(live) * META * 4].view(np.int32).reshape(len(live), META)
+        for row, j in enumerate(live):
+            check_row(host, meta[row], items[j], batch.ptab_off)
+            check_splits(meta[row], items[j], fake_kernel(items[j].layout.head_dim).tok)
+        assert [ln.head_dim for ln in batch.launches] == sorted(
+            {items[j].layout.head_dim for j in live}
+        )
+        for ln in batch.launches:
+            check_prefixes(meta[ln.meta_row : ln.meta_row + ln.nitems], live, items, ln.meta_row)
+        for j, it in enumerate(items):
+            assert batch.outputs[j][1] == (it.n, it.layout.num_heads, it.layout.head_dim)
+            assert (batch.outputs[j][0] < 0) == (it.n == 0)
+
+
+def test_mixed_dtypes_in_one_item_travel_as_float32() -> None:
+    rng = np.random.default_rng(12)
+    item = random_item(rng, 64, 3)
+    item.k = item.k.astype(np.float16)
+    item.q = item.q.astype(ml_dtypes.bfloat16)
+    _, host = pack([item], packing.SplitPolicy(132, 1.0, 48))
+    m = host[: META * 4].view(np.int32)
+    assert m[packing.M_DT] == packing.DTYPE_CODE[np.dtype(np.float32)]
+    stored = (
+        host[m[packing.M_K] : m[packing.M_K] + item.k.size * 4]
+        .view(np.float32)
+        .reshape(item.k.shape)
+    )
+    np.testing.assert_array_equal(stored, item.k.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "tokens", "needle"),
+    [
+        (288, 16, "head_dim: expected a multiple of 32 up to 256, got 288"),
+        (64, 12, "tokens_per_page: expected a power of two, got 12"),
+    ],
+)
+def test_layouts_the_kernels_cannot_take_are_refused(head_dim, tokens, needle) -> None:
+    rng = np.random.default_rng(13)
+    item = random_item(rng, 64, 1)
+    q = rng.standard_normal((1, 1, head_dim)).astype(np.float32)
+    k = rng.standard_normal((1, 1, head_dim)).astype(np.float32)
+    bad = AttendItem(LayerLayout(1, 1, head_dim, tokens), 0.1, item.page_ids, 0, q, k, k.copy())
+    with pytest.raises(ValueError, match=needle):
+        pack([item, bad], packing.SplitPolicy(132, 1.0, 48))
