@@ -6,11 +6,18 @@ AppendAndAttend requests queued while the device is busy are coalesced into one 
 call (the dynamic batcher), up to ``max_batch_items`` items, optionally waiting up to
 ``max_queue_delay_us`` for more. Each request stays all-or-nothing: one that fails
 validation fails alone; if the device call fails, every request of the batch is rolled back.
+
+Each request's changes to the store live in one ``Allocation`` (server/cache.py), which
+also pins every session the request names until the request is answered: reserving pages
+for a later request of a batch can evict idle or expired sessions, but never one an earlier
+request already prepared. A job whose caller went away (cancelled, deadline, drain) before
+the engine claimed it is never applied; one the engine claimed is applied and answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -22,8 +29,15 @@ from typing import Any
 import numpy as np
 
 from .backends.base import AttendItem, Backend
-from .cache import LayerCache, Session, SessionStore
-from .errors import Aborted, DeadlineExceeded, InvalidArgument, ServiceError, Unavailable
+from .cache import Allocation, Session, SessionStore
+from .errors import (
+    Aborted,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 
 log = logging.getLogger("q8kv.engine")
 
@@ -40,7 +54,8 @@ class AppendRequest:
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
-    expected_length: int | None = None  # a conditional append: the layer's length, or None
+    # The layer length the caller believes it appends at; a mismatch aborts the call.
+    expected_length: int | None = None
 
 
 @dataclass
@@ -57,6 +72,10 @@ class _Job:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.monotonic)
+    # Both change only under Engine._ready: the worker claims a job before running it, a
+    # caller that goes away withdraws it if not yet claimed. Exactly one of them wins.
+    claimed: bool = False
+    withdrawn: bool = False
 
     def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
         def settle() -> None:
@@ -91,13 +110,12 @@ class _Append(_Job):
 
 @dataclass
 class _Prepared:
-    """What one accepted item changed, so it can be undone."""
+    """One accepted job: its backend items and the allocation that holds its changes."""
 
-    item: AttendItem
-    session: Session
-    layer: LayerCache
-    old_length: int
-    added_pages: list[int]
+    job: _Append
+    allocation: Allocation
+    items: list[AttendItem]
+    sessions: list[Session]
 
 
 class Engine:
@@ -171,7 +189,37 @@ class Engine:
                 raise Unavailable("server: shutting down, not accepting new work")
             self._jobs.append(job)
             self._ready.notify()
-        return await job.future
+        return await self._outcome(job)
+
+    async def _outcome(self, job: _Job) -> Any:
+        """Wait for the job's answer. The caller going away (task cancelled) withdraws the
+        job if the engine has not claimed it yet; a claimed job runs to its end and sets
+        its future, whose answer then has no one to read it."""
+        try:
+            # Shielded: a cancelled caller must not cancel the future the worker answers.
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            self._withdraw(job)
+            raise
+
+    def _withdraw(self, job: _Job) -> None:
+        with self._ready:
+            if not job.claimed:
+                job.withdrawn = True
+                with contextlib.suppress(ValueError):
+                    self._jobs.remove(job)
+                job.future.cancel()
+                return
+        # Claimed: it is applied and answered; read the answer so asyncio does not warn.
+        job.future.add_done_callback(_discard_outcome)
+
+    def _claim(self, job: _Job) -> bool:
+        """Whether the engine runs ``job``: not if its caller withdrew it first."""
+        with self._ready:
+            if job.withdrawn or job.future.done():
+                return False
+            job.claimed = True
+            return True
 
     async def _submit_maybe_inline(self, job: _Job, alone: Callable[[], bool]) -> Any:
         """Queue the job (its place in line is taken now, so order holds), give the event
@@ -183,7 +231,11 @@ class Engine:
             if not self._accepting:
                 raise Unavailable("server: shutting down, not accepting new work")
             self._jobs.append(job)  # the worker is not woken for it yet
-        await asyncio.sleep(0)
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            self._withdraw(job)
+            raise
         with self._ready:
             inline = (
                 len(self._jobs) == 1 and self._jobs[0] is job and not self._busy and alone()
@@ -201,7 +253,7 @@ class Engine:
                     self._busy = False
                     if self._jobs:  # wake the worker only when it has something to do
                         self._ready.notify()
-        return await job.future
+        return await self._outcome(job)
 
     # -- the worker --------------------------------------------------------------------------
 
@@ -230,7 +282,7 @@ class Engine:
         except Exception as exc:  # a bug: answer INTERNAL, but never let the worker die
             log.exception("append batch failed")
             for pending in batch:
-                pending.resolve(error=exc)  # no-op for jobs already answered
+                pending.resolve(error=_answer(exc))  # no-op for jobs already answered
 
     def _collect_batch(self, first: _Append) -> list[_Append]:
         """Take the append jobs queued right behind ``first`` (never past another kind of
@@ -252,73 +304,95 @@ class Engine:
         return batch
 
     def _run_call(self, job: _Call) -> None:
+        if not self._claim(job):
+            return
         try:
             job.resolve(job.fn())
         except ServiceError as exc:
             job.resolve(error=exc)
         except Exception as exc:  # a bug: log it, answer INTERNAL, keep serving
-            log.exception("engine call failed")
-            job.resolve(error=exc)
+            if not isinstance(exc, MemoryError):
+                log.exception("engine call failed")
+            job.resolve(error=_answer(exc))
 
     def _run_appends(self, batch: list[_Append]) -> None:
-        accepted: list[tuple[_Append, list[_Prepared]]] = []
+        accepted: list[_Prepared] = []
+        try:
+            self._prepare_batch(batch, accepted)
+            if accepted:
+                self._apply(accepted)
+        finally:
+            # Only after a bug: nothing may stay pinned or half-applied.
+            for prepared in reversed(accepted):
+                if prepared.allocation.state == "open":
+                    prepared.allocation.roll_back()
+
+    def _prepare_batch(self, batch: list[_Append], accepted: list[_Prepared]) -> None:
         now = time.monotonic()
         for job in batch:
+            if not self._claim(job):
+                continue  # the caller went away before the work started: never applied
             self.observer.on_queue_wait(now - job.enqueued)
             if job.deadline is not None and now > job.deadline:
                 job.resolve(error=DeadlineExceeded("deadline: expired before the work ran"))
                 continue
             try:
-                accepted.append((job, self._prepare(job)))
+                accepted.append(self._prepare(job))
             except Exception as exc:
-                if not isinstance(exc, ServiceError):
+                if not isinstance(exc, ServiceError | MemoryError):
                     log.exception("request failed in validation")
-                job.resolve(error=exc)
-        if not accepted:
-            return
-        items = [p.item for _, prepared in accepted for p in prepared]
+                job.resolve(error=_answer(exc))
+
+    def _apply(self, accepted: list[_Prepared]) -> None:
+        """One backend call for every accepted job; then commit and answer each, or, if
+        the call fails, roll every job back (last first) and answer each with the error."""
+        items = [item for prepared in accepted for item in prepared.items]
         started = time.perf_counter()
         try:
             outputs = self.backend.append_and_attend(items)
         except Exception as exc:
-            log.exception("device call failed; rolling back %d requests", len(accepted))
-            for job, prepared in reversed(accepted):
-                self._roll_back(prepared)
-                job.resolve(error=exc)
+            if not isinstance(exc, MemoryError):
+                log.exception("device call failed; rolling back %d requests", len(accepted))
+            error = _answer(exc)
+            for prepared in reversed(accepted):
+                prepared.allocation.roll_back()
+                prepared.job.resolve(error=error)
             return
+        for prepared in accepted:
+            prepared.allocation.commit()
         self.observer.on_batch(len(items), time.perf_counter() - started)
         position = 0
-        for job, prepared in accepted:
+        for prepared in accepted:
             results = []
-            for p in prepared:
-                results.append((outputs[position], p.old_length + p.item.n))
+            for item, session in zip(prepared.items, prepared.sessions, strict=True):
+                results.append((outputs[position], item.start + item.n))
                 position += 1
-                self.observer.on_append(p.session, p.item.n)
-            job.resolve(results)
+                self.observer.on_append(session, item.n)
+            prepared.job.resolve(results)
 
-    def _prepare(self, job: _Append) -> list[_Prepared]:
-        """Check every item against its session, reserve pages and advance lengths; on the
-        first failure undo this job's earlier items and raise."""
-        done: list[_Prepared] = []
+    def _prepare(self, job: _Append) -> _Prepared:
+        """Check every item against its session, reserve pages and advance lengths in one
+        allocation; on the first failure roll it back and raise."""
+        allocation = self.store.begin()
+        prepared = _Prepared(job, allocation, [], [])
         try:
             for index, request in enumerate(job.items):
-                done.append(self._prepare_item(index, request, job.tenant))
-        except Exception:
-            self._roll_back(done)
+                session, item = self._prepare_item(index, request, job.tenant, allocation)
+                prepared.items.append(item)
+                prepared.sessions.append(session)
+        except BaseException:
+            allocation.roll_back()
             raise
-        return done
+        return prepared
 
-    def _prepare_item(self, index: int, request: AppendRequest, tenant: str) -> _Prepared:
+    def _prepare_item(
+        self, index: int, request: AppendRequest, tenant: str, allocation: Allocation
+    ) -> tuple[Session, AttendItem]:
+        # The lookup touches the session (a batch's sessions never look idle) and the pin
+        # keeps it from eviction until the job is answered.
         session = self.store.get(request.session_id, tenant)
-        # Touch first: a session in this batch must not look idle to eviction below.
-        session.touch()
+        allocation.pin(session)
         layer = session.layer(request.layer)
-        expected = request.expected_length
-        if expected is not None and expected != layer.length:
-            raise Aborted(
-                f"items[{index}].expected_length: expected the layer's length {layer.length}, "
-                f"got {expected}"
-            )
         g = session.geometry
         n = request.q.shape[0] if request.q.ndim == 3 else -1
         prefix = f"items[{index}]"
@@ -328,8 +402,12 @@ class Engine:
         if n < 1:
             raise InvalidArgument(f"{prefix}.q.shape[0]: expected >= 1 tokens, got {n}")
         old_length = layer.length
-        added = self.store.reserve(session, layer, old_length + n)
-        self.store.set_length(session, layer, old_length + n)
+        if request.expected_length is not None and request.expected_length != old_length:
+            raise Aborted(
+                f"{prefix}.expected_length: layer {request.layer} of session {session.id!r} "
+                f"is at length {old_length}, the call expected {request.expected_length}"
+            )
+        allocation.grow(session, request.layer, old_length + n)
         item = AttendItem(
             layout=session.layout,
             softmax_scale=session.softmax_scale,
@@ -339,12 +417,23 @@ class Engine:
             k=request.k,
             v=request.v,
         )
-        return _Prepared(item, session, layer, old_length, added)
+        return session, item
 
-    def _roll_back(self, prepared: list[_Prepared]) -> None:
-        for p in reversed(prepared):
-            self.store.set_length(p.session, p.layer, p.old_length)
-            self.store.unreserve(p.session, p.layer, p.added_pages)
+
+def _answer(exc: BaseException) -> BaseException:
+    """The error a caller gets: running out of host memory is RESOURCE_EXHAUSTED (the
+    call was too big for the server now), never INTERNAL."""
+    if isinstance(exc, MemoryError):
+        return ResourceExhausted(
+            "host memory: the server ran out of memory running this call "
+            "(nothing of it was applied); send fewer tokens per call"
+        )
+    return exc
+
+
+def _discard_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # marks an error as retrieved
 
 
 def _check_shape(field_name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> None:

@@ -52,3 +52,10 @@ class Aborted(ServiceError):
 
 class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Aborted(ServiceError):
+    """A conditional request whose condition no longer holds (e.g. an append's
+    expected_length is not the layer's length): nothing was applied; re-read and retry."""
+
+    code = grpc.StatusCode.ABORTED

@@ -18,7 +18,7 @@ from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 
 from . import transfer
-from .cache import Geometry, Session, SessionStore
+from .cache import Geometry, Session, SessionSnapshot, SessionStore
 from .engine import AppendRequest, Engine
 from .errors import (
     FailedPrecondition,
@@ -59,10 +59,11 @@ def handles_errors(method):
     return wrapper
 
 
-def session_info(session: Session, store: SessionStore) -> pb.SessionInfo:
-    g = session.geometry
+def session_info(session: Session | SessionSnapshot, store: SessionStore) -> pb.SessionInfo:
+    snap = session if isinstance(session, SessionSnapshot) else store.snapshot(session)
+    g = snap.geometry
     return pb.SessionInfo(
-        session_id=session.id,
+        session_id=snap.id,
         geometry=pb.Geometry(
             num_layers=g.num_layers,
             num_heads=g.num_heads,
@@ -70,14 +71,19 @@ def session_info(session: Session, store: SessionStore) -> pb.SessionInfo:
             head_dim=g.head_dim,
             max_len=g.max_len,
         ),
-        softmax_scale=session.softmax_scale,
-        layer_lengths=[layer.length for layer in session.layers],
-        cache_bytes=session.tokens * g.token_bytes(),
-        reserved_bytes=session.pages_held * store.pool.page_bytes,
-        ttl_seconds=session.ttl_seconds,
-        created_at=session.created_at,
-        last_used_at=session.last_used_at,
+        softmax_scale=snap.softmax_scale,
+        layer_lengths=snap.layer_lengths,
+        cache_bytes=snap.tokens * g.token_bytes(),
+        reserved_bytes=snap.pages_held * store.pool.page_bytes,
+        ttl_seconds=snap.ttl_seconds,
+        created_at=snap.created_at,
+        last_used_at=snap.last_used_at,
     )
+
+
+# ListSessions pages: page_size 0 means this many, and larger ones are cut to it, so one
+# call holds the store's lock (and the event loop) only briefly.
+LIST_PAGE_SIZE = 100
 
 
 @dataclass(frozen=True)
@@ -175,11 +181,6 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         # Sees the items of every AppendAndAttend that landed (the quantization-error sampler).
         self.on_items = on_items or (lambda requests: None)
 
-    async def _info(self, session_id: str, tenant: str) -> pb.SessionInfo:
-        return await self.engine.call(
-            lambda: session_info(self.store.get(session_id, tenant), self.store)
-        )
-
     @handles_errors
     async def CreateSession(self, request, context):
         g = request.geometry
@@ -200,29 +201,24 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         )
         return pb.CreateSessionResponse(session=info)
 
+    # GetSession and ListSessions read a snapshot under the store's lock, right on the
+    # event loop: they never queue behind appends on the engine's worker.
+
     @handles_errors
     async def GetSession(self, request, context):
-        return pb.GetSessionResponse(
-            session=await self._info(request.session_id, self.tenant_of(context))
-        )
+        snap = self.store.read(request.session_id, self.tenant_of(context))
+        return pb.GetSessionResponse(session=session_info(snap, self.store))
 
     @handles_errors
     async def ListSessions(self, request, context):
         if request.page_size < 0:
             raise InvalidArgument(f"page_size: expected >= 0, got {request.page_size}")
-        tenant = self.tenant_of(context)
-
-        def page() -> pb.ListSessionsResponse:
-            ids = sorted(s.id for s in self.store if s.tenant == tenant)
-            ids = [i for i in ids if i > request.page_token]
-            size = request.page_size or len(ids)
-            chosen, more = ids[:size], len(ids) > size
-            return pb.ListSessionsResponse(
-                sessions=[session_info(self.store.get(i, tenant), self.store) for i in chosen],
-                next_page_token=chosen[-1] if more and chosen else "",
-            )
-
-        return await self.engine.call(page)
+        size = min(request.page_size or LIST_PAGE_SIZE, LIST_PAGE_SIZE)
+        chosen, more = self.store.list_page(self.tenant_of(context), request.page_token, size)
+        return pb.ListSessionsResponse(
+            sessions=[session_info(snap, self.store) for snap in chosen],
+            next_page_token=chosen[-1].id if more and chosen else "",
+        )
 
     @handles_errors
     async def DeleteSession(self, request, context):

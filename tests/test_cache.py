@@ -10,7 +10,7 @@ import pytest
 
 from q8kv.server import cache as cache_module
 from q8kv.server.backends.base import page_bytes, tokens_per_page
-from q8kv.server.cache import Geometry, PagePool, Session, SessionStore
+from q8kv.server.cache import MIN_TTL_SECONDS, Geometry, PagePool, Session, SessionStore
 from q8kv.server.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -322,7 +322,7 @@ def test_make_room_evicts_expired_before_failing(clock: FakeClock) -> None:
 def test_lru_eviction_only_evicts_idle_sessions(clock: FakeClock) -> None:
     """With evict_idle_seconds > 0, a full pool evicts the least recently used sessions idle
     at least that long, oldest first and only as many as needed; busy ones are kept; the
-    reason 'lru' reaches the listeners."""
+    reason 'lru' reaches the listeners; if evicting cannot make room, nobody is evicted."""
     store = make_store(num_pages=8, evict_idle_seconds=10)
     reasons: Counter[str] = Counter()
     evicted: list[str] = []
@@ -342,11 +342,13 @@ def test_lru_eviction_only_evicts_idle_sessions(clock: FakeClock) -> None:
     assert evicted == ["a", "b"] and reasons == Counter(lru=2)
     assert {s.id for s in store} == {"c", "busy", "new"}
     check_accounting(store)
-    # 6 more pages: only c is idle enough (busy is not, new is the one appending): fails.
+    # 6 more pages: only c is idle enough (busy is not, new is the one appending), and
+    # evicting c cannot make room: the append fails and nobody is evicted for nothing.
     with pytest.raises(ResourceExhausted, match="memory budget"):
         grow(store, new, 0, 48 + 16 * 6)
-    assert evicted == ["a", "b", "c"]
-    assert {s.id for s in store} == {"busy", "new"} and sessions["busy"].layers[0].length == 32
+    assert evicted == ["a", "b"]
+    assert {s.id for s in store} == {"c", "busy", "new"}
+    assert sessions["busy"].layers[0].length == 32
     assert new.layers[0].length == 48
     check_accounting(store)
 
@@ -414,6 +416,8 @@ def test_geometry_validation_messages(
         ({"softmax_scale": -0.1}, "softmax_scale"),
         ({"softmax_scale": math.nan}, "softmax_scale"),
         ({"softmax_scale": math.inf}, "softmax_scale"),
+        ({"softmax_scale": 1000.5}, "softmax_scale"),
+        ({"softmax_scale": 1e30}, "softmax_scale"),
         ({"session_id": "a b"}, "session_id"),
         ({"session_id": "x" * 129}, "session_id"),
         ({"session_id": "é"}, "session_id"),
@@ -448,7 +452,7 @@ def test_layer_index_out_of_range() -> None:
     for bad in (2, -1):
         with pytest.raises(InvalidArgument, match=rf"layer: expected 0\.\.1 .*got {bad}"):
             s.layer(bad)
-    assert s.layer(1) is s.layers[1]
+    assert s.layer(1) == s.layers[1] and s.layer(1).index == 1
 
 
 def test_tenant_isolation() -> None:
@@ -468,3 +472,114 @@ def test_tenant_isolation() -> None:
     with pytest.raises(NotFound):
         store.delete("shared-name", tenant="bob")
     assert store.get("shared-name", tenant="alice") is s and len(store) == 1
+
+
+def test_softmax_scale_bound_is_named() -> None:
+    """softmax_scale above 1e3 is refused naming the field, the bound and the value; the
+    bound itself is accepted."""
+    store = make_store()
+    with pytest.raises(InvalidArgument) as info:
+        store.create(geo(), softmax_scale=5e3)
+    assert info.value.message == (
+        "softmax_scale: expected a finite value > 0 and <= 1000, got 5000.0"
+    )
+    assert store.create(geo(), softmax_scale=1e3).softmax_scale == 1e3
+
+
+# -- TTL bounds and what counts as use ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "server_ttl,client_ttl,effective",
+    [
+        (3600, 0, 3600),  # 0: the server's default
+        (3600, 1e300, 3600),  # above --session-ttl: clamped to it
+        (3600, 3601, 3600),
+        (3600, 120, 120),
+        (3600, 1e-6, MIN_TTL_SECONDS),  # below the floor: raised to it
+        (3600, 0.5, MIN_TTL_SECONDS),
+        (0, 1e300, 1e300),  # --session-ttl 0 (never): no upper bound
+        (0, 0, 0),
+        (0, 1e-6, MIN_TTL_SECONDS),
+    ],
+)
+def test_ttl_is_bounded_by_the_server(server_ttl, client_ttl, effective) -> None:
+    """A client's ttl_seconds is clamped to [MIN_TTL_SECONDS, --session-ttl]; the
+    session reports the ttl it got."""
+    store = make_store(default_ttl=server_ttl)
+    assert store.create(geo(), ttl_seconds=client_ttl).ttl_seconds == effective
+
+
+def test_clamped_ttl_frees_session_slots(clock: FakeClock) -> None:
+    """Sessions asking for a near-endless ttl no longer hold --max-sessions forever: they
+    expire after the server's ttl and a new session takes a slot."""
+    store = make_store(max_sessions=3, default_ttl=30)
+    for _ in range(3):
+        store.create(geo(), ttl_seconds=1e300).touch()
+    with pytest.raises(ResourceExhausted, match="maximum of 3 sessions"):
+        store.create(geo())
+    clock.advance(31)
+    store.create(geo(), session_id="fresh")
+    assert [s.id for s in store] == ["fresh"]
+
+
+def test_reads_by_id_are_a_use_listing_is_not(clock: FakeClock) -> None:
+    """get (GetSession, Dequantize, ExportSession, appends) restarts the idle clock;
+    list_page (ListSessions) does not, so listing keeps nothing alive."""
+    store = make_store(default_ttl=10)
+    s = store.create(geo(), session_id="s")
+    s.touch()
+    clock.advance(8)
+    store.get("s")
+    clock.advance(8)
+    assert store.evict_expired() == 0  # 16 s since creation, 8 since the read
+    store.read("s")
+    clock.advance(8)
+    listed, more = store.list_page("", "", 10)
+    assert [x.id for x in listed] == ["s"] and not more
+    clock.advance(3)  # 11 s since the last read, though listed 3 s ago
+    assert store.evict_expired() == 1
+
+
+def test_list_page_is_sorted_per_tenant_and_bounded() -> None:
+    """list_page returns the tenant's sessions after the token, in id order, at most
+    ``size``, and whether more follow; snapshots hold the lengths as they were."""
+    store = make_store(num_pages=64, max_sessions=32)
+    ids = [f"s{i:02d}" for i in range(7)]
+    for sid in reversed(ids):
+        store.create(geo(), session_id=sid, tenant="alice")
+    store.create(geo(), session_id="s00x", tenant="bob")
+    page, more = store.list_page("alice", "", 3)
+    assert [x.id for x in page] == ids[:3] and more
+    page, more = store.list_page("alice", ids[2], 3)
+    assert [x.id for x in page] == ids[3:6] and more
+    page, more = store.list_page("alice", ids[5], 3)
+    assert [x.id for x in page] == ids[6:] and not more
+    s = store.get("s03", "alice")
+    grow(store, s, 1, 20)
+    snap = store.read("s03", "alice")
+    grow(store, s, 1, 40)
+    assert snap.layer_lengths == [0, 20] and snap.tokens == 20 and snap.pages_held == 2
+
+
+def test_empty_session_metadata_is_small() -> None:
+    """An empty 4,096-layer session costs well under 64 KiB of host memory (layer lengths
+    in one int32 array; page lists only for layers that hold pages): --max-sessions of
+    them stay outside the memory budget's blind spot."""
+    import tracemalloc
+
+    store = make_store(max_sessions=8)
+    g = geo(layers=4096)
+    store.create(g)  # warm up allocator and caches
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        sessions = [store.create(g) for _ in range(4)]
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert grown / len(sessions) < 24 * 1024, grown
+    grow(store, sessions[0], 4095, 3)
+    assert sessions[0].layers[4095].length == 3 and len(sessions[0].page_lists) == 1
+    check_accounting(store)

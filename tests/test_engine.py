@@ -22,8 +22,9 @@ from reference import attention_ref, dequantize_ref, quantize_ref, random_tensor
 from q8kv.server.backends.base import AttendItem
 from q8kv.server.backends.numpy_backend import NumpyBackend
 from q8kv.server.cache import Geometry, PagePool, Session, SessionStore
-from q8kv.server.engine import AppendRequest, Engine, EngineObserver
+from q8kv.server.engine import AppendRequest, Engine, EngineObserver, _Append
 from q8kv.server.errors import (
+    Aborted,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
@@ -487,3 +488,165 @@ def test_stopped_engine_rejects_new_work() -> None:
             await engine.call(lambda: None)
 
     asyncio.run(body())
+
+
+# -- conditional appends (expected_length) -----------------------------------------------
+
+
+def test_expected_length_mismatch_aborts_the_whole_call(queue_delay_us: int) -> None:
+    """An item whose expected_length is not its layer's length (counting the call's earlier
+    items) is ABORTED naming the item, the layer's length and the expected one; nothing of
+    the call is appended. Matching expectations append as usual."""
+
+    async def body(h: Harness) -> None:
+        s = await h.create()
+        await h.append(h.request(s, 0, 9))
+        before = await h.snapshot()
+        first, second, stale = h.request(s, 0, 4), h.request(s, 0, 2), h.request(s, 1, 3)
+        first.expected_length, second.expected_length = 9, 13  # 13: after the first item
+        stale.expected_length = 1  # layer 1 is empty
+        with pytest.raises(Aborted) as info:
+            await h.append(first, second, stale)
+        assert info.value.message == (
+            f"items[2].expected_length: layer 1 of session {s.id!r} is at length 0, "
+            "the call expected 1"
+        )
+        assert info.value.code.name == "ABORTED"
+        assert_same_state(before, await h.snapshot())
+        stale.expected_length = 0
+        results = await h.append(first, second, stale)
+        assert [length for _, length in results] == [13, 15, 3]
+        for req, (out, length) in zip((first, second, stale), results, strict=True):
+            await h.check_output(req, out, length)
+
+    run(body, seed=20, max_queue_delay_us=queue_delay_us)
+
+
+# -- callers that go away ----------------------------------------------------------------
+
+
+def test_cancelled_call_is_not_applied(queue_delay_us: int) -> None:
+    """A call cancelled (client gone, deadline, drain) while its job waits in the queue is
+    never applied: no length, page or cached value changes, and the calls queued with it
+    run normally."""
+
+    async def body(h: Harness) -> None:
+        s = await h.create()
+        await h.append(h.request(s, 0, 5))
+        before = await h.snapshot()
+        gone, kept = h.request(s, 0, 20), h.request(s, 1, 2)
+        gate, started = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            started.set()
+            gate.wait(TIMEOUT)
+
+        holder = threading.Thread(target=lambda: asyncio.run(h.engine.call(hold)))
+        holder.start()
+        try:
+            assert await asyncio.to_thread(started.wait, TIMEOUT)
+            cancelled = asyncio.ensure_future(h.append(gone))
+            other = asyncio.ensure_future(h.append(kept))
+            await asyncio.sleep(0.02)  # both queued behind the hold
+            cancelled.cancel()
+            await asyncio.sleep(0)
+        finally:
+            gate.set()
+            await asyncio.to_thread(holder.join, TIMEOUT)
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        [(out, length)] = await other
+        assert length == 2
+        await h.check_output(kept, out, length)
+        after = await h.snapshot()
+        assert after[0][s.id][0][:2] == before[0][s.id][0][:2]  # layer 0 untouched
+        assert [layer.length for layer in s.layers] == [5, 2]
+        assert h.batches == [1, 1]  # the setup call, then only the kept one
+
+    run(body, seed=21, max_queue_delay_us=queue_delay_us)
+
+
+def test_cancellation_race_applies_or_skips_whole_jobs(queue_delay_us: int) -> None:
+    """Many one-token appends to one layer, each cancelled at a random moment: every job
+    is either claimed by the engine, applied and answered (its future holds the result), or
+    withdrawn and never applied; the layer's length is exactly the applied count."""
+
+    async def body(h: Harness) -> None:
+        s = await h.create(Geometry(1, 4, 2, 64, 500))
+        jobs: list[_Append] = []
+        for name in ("_submit", "_submit_maybe_inline"):
+            submit = getattr(h.engine, name)
+
+            async def recording(job, *args, submit=submit):
+                if isinstance(job, _Append):
+                    jobs.append(job)
+                return await submit(job, *args)
+
+            setattr(h.engine, name, recording)
+        applied: list[int] = []
+        h.engine.observer.on_append = lambda session, n: applied.append(n)
+        tasks = []
+        for _ in range(120):
+            # Half may run inline on this loop (alone), half go to the worker.
+            alone = (lambda: True) if h.rng.random() < 0.5 else None
+            tasks.append(asyncio.ensure_future(h.append(h.request(s, 0, 1), alone=alone)))
+            if h.rng.random() < 0.5:
+                await asyncio.sleep(h.rng.uniform(0, 0.002))
+            tasks[-1 - int(h.rng.integers(min(8, len(tasks))))].cancel()  # a recent one
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await h.engine.call(lambda: None)  # the worker has finished every claimed job
+        await asyncio.sleep(0.01)  # answers set from the worker have landed on this loop
+        answered = 0
+        for job in jobs:
+            if job.claimed:
+                assert not job.withdrawn and job.future.done() and not job.future.cancelled()
+                [(_, length)] = job.future.result()
+                answered += 1
+            else:
+                assert job.withdrawn and job.future.cancelled()
+        assert answered == len(applied) == s.layers[0].length
+        lengths = sorted(r[0][1] for r in results if not isinstance(r, BaseException))
+        assert lengths == sorted(set(lengths)) and set(lengths) <= set(range(1, answered + 1))
+        assert 0 < answered < len(tasks)
+        h.store.check_invariants()
+
+    run(body, seed=22, backend_cls=SlowBackend, max_queue_delay_us=queue_delay_us)
+
+
+class SlowBackend(NumpyBackend):
+    """Takes a few milliseconds per device call, so jobs wait in the queue."""
+
+    def append_and_attend(self, items: Sequence[AttendItem]) -> list[np.ndarray]:
+        time.sleep(0.003)
+        return super().append_and_attend(items)
+
+
+# -- host memory -------------------------------------------------------------------------
+
+
+class OutOfMemoryBackend(NumpyBackend):
+    """Writes the first item, then runs out of host memory (as numpy does on a huge
+    allocation)."""
+
+    def append_and_attend(self, items: Sequence[AttendItem]) -> list[np.ndarray]:
+        self._append(items[0])
+        raise MemoryError("Unable to allocate 18.0 GiB for an array")
+
+
+def test_memory_error_is_resource_exhausted_and_rolls_back(queue_delay_us: int) -> None:
+    """A MemoryError in the device call answers RESOURCE_EXHAUSTED (never INTERNAL) to
+    every call of the batch, and every one of them is rolled back."""
+
+    async def body(h: Harness) -> None:
+        s = await h.create()
+        before = await h.snapshot()
+        results = await h.coalesced(
+            lambda: h.append(h.request(s, 0, 30)), lambda: h.append(h.request(s, 1, 3))
+        )
+        for result in results:
+            assert isinstance(result, ResourceExhausted), result
+            assert "host memory" in result.message and "send fewer tokens" in result.message
+        assert_same_state(before, await h.snapshot())
+        h.store.check_invariants()
+
+    run(body, seed=23, backend_cls=OutOfMemoryBackend, max_queue_delay_us=queue_delay_us)

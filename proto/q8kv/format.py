@@ -69,7 +69,8 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def dequantize(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """(int8 codes [..., D], float32 scales [..., D // 32]) -> float32 [..., D]."""
     blocks = codes.reshape(*codes.shape[:-1], codes.shape[-1] // QBLOCK, QBLOCK)
-    values = blocks.astype(np.float32) * scales[..., None]
+    values = blocks.astype(np.float32)
+    values *= scales[..., None]  # in place: one float32 copy of the cache, not two
     return values.reshape(codes.shape)
 
 

@@ -1,7 +1,8 @@
 """The reference backend: the page pool in host memory, the math in vectorized numpy.
 
 It runs everywhere (CI uses it) and is what the GPU kernels are tested against. No Python
-loop runs per token or per head; the only loop is over the items of a batch.
+loop runs per token or per head; the only loops are over the items of a batch and over the
+chunks of an item's queries that bound its memory (``SCORE_CHUNK_BYTES``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ from q8kv import format as q8
 
 from .base import QBLOCK, AttendItem, Backend
 
+# Most float32 attention scores one chunk of an item's queries holds at once (see _attend):
+# without chunks a 16k-token prefill built [KVH, G*n, L] scores, ~18 GiB.
+SCORE_CHUNK_BYTES = 64 * 1024 * 1024
+
 
 class NumpyBackend(Backend):
     name = "numpy"
+    score_chunk_bytes = SCORE_CHUNK_BYTES
 
     def __init__(self, num_pages: int, page_code_bytes: int = 64 * 1024) -> None:
         super().__init__(num_pages, page_code_bytes)
@@ -52,23 +58,49 @@ class NumpyBackend(Backend):
             done += take
 
     def _attend(self, item: AttendItem) -> np.ndarray:
+        """Attention of the item's queries over its layer, in chunks of query rows.
+
+        Memory bound (host RAM, per item): the layer's cache read back as float32 K and V
+        (about 6 bytes per cached value with the raw codes read from the pages), plus, per
+        chunk, at most ``score_chunk_bytes`` of float32 scores/weights (computed in place)
+        and a boolean causal mask a quarter of that per kv head. A chunk is a block of kv
+        heads times a block of (token, group member) rows, sized so that
+        rows x visible keys x 4 bytes <= score_chunk_bytes; one row is at most
+        4 bytes x max_len (2**24) = 64 MiB, so the default bound always holds. Rows are
+        independent, so chunking changes no result beyond float32 rounding of the matmuls.
+        """
         layout, n, start = item.layout, item.n, item.start
         kvh, g, d = layout.num_kv_heads, layout.group, layout.head_dim
         total = start + n
         codes, scales = self.read_tokens(layout, item.page_ids, 0, total)
         keys, values = q8.dequantize(codes, scales)  # each [KVH, total, D]
-        # Rows of one kv head's query matrix are (group member, new token): [KVH, G*n, D].
-        q = item.q.astype(np.float32).reshape(n, kvh, g, d).transpose(1, 2, 0, 3)
-        q = q.reshape(kvh, g * n, d)
-        scores = (q @ keys.transpose(0, 2, 1)) * np.float32(item.softmax_scale)
-        # Causal among the new tokens: new token i sees cache positions [0, start + i].
-        token = np.arange(g * n) % n
-        visible = np.arange(total)[None, :] <= (start + token)[:, None]
-        scores = np.where(visible[None], scores, np.float32(-np.inf))
-        scores -= scores.max(axis=-1, keepdims=True)
-        weights = np.exp(scores, dtype=np.float32)
-        weights /= weights.sum(axis=-1, keepdims=True)
-        out = (weights @ values).reshape(kvh, g, n, d).transpose(2, 0, 1, 3)
+        del codes, scales
+        # Rows of one kv head's query matrix are (new token, group member): [KVH, n*G, D],
+        # so a block of rows is a block of tokens and sees a prefix of the keys.
+        q = item.q.astype(np.float32).reshape(n, kvh, g, d).transpose(1, 0, 2, 3)
+        q = q.reshape(kvh, n * g, d)
+        rows = n * g
+        row_budget = max(1, self.score_chunk_bytes // (4 * total))
+        row_block = min(rows, row_budget)
+        head_block = max(1, min(kvh, row_budget // row_block))
+        out = np.empty((kvh, rows, d), dtype=np.float32)
+        scale = np.float32(item.softmax_scale)
+        for h0 in range(0, kvh, head_block):
+            heads = slice(h0, h0 + head_block)
+            for r0 in range(0, rows, row_block):
+                r1 = min(rows, r0 + row_block)
+                token = start + np.arange(r0, r1) // g  # cache position of each row's token
+                width = int(token[-1]) + 1  # keys any row of the block may see
+                scores = q[heads, r0:r1] @ keys[heads, :width].transpose(0, 2, 1)
+                scores *= scale
+                # Causal: the new token at cache position p sees positions [0, p].
+                hidden = np.arange(width)[None, :] > token[:, None]
+                np.copyto(scores, np.float32(-np.inf), where=hidden[None])
+                scores -= scores.max(axis=-1, keepdims=True)
+                np.exp(scores, out=scores)
+                scores /= scores.sum(axis=-1, keepdims=True)
+                out[heads, r0:r1] = scores @ values[heads, :width]
+        out = out.reshape(kvh, n, g, d).transpose(1, 0, 2, 3)
         return np.ascontiguousarray(out.reshape(n, kvh * g, d), dtype=np.float32)
 
     def _timed(self, kernel: str, started: float) -> None:
