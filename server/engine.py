@@ -404,8 +404,8 @@ class Engine:
         old_length = layer.length
         if request.expected_length is not None and request.expected_length != old_length:
             raise Aborted(
-                f"{prefix}.expected_length: layer {request.layer} of session {session.id!r} "
-                f"is at length {old_length}, the call expected {request.expected_length}"
+                f"{prefix}.expected_length: expected the layer's length {old_length}, "
+                f"got {request.expected_length}"
             )
         allocation.grow(session, request.layer, old_length + n)
         item = AttendItem(

@@ -46,10 +46,6 @@ class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
-class Aborted(ServiceError):
-    code = grpc.StatusCode.ABORTED
-
-
 class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 

@@ -508,8 +508,7 @@ def test_expected_length_mismatch_aborts_the_whole_call(queue_delay_us: int) -> 
         with pytest.raises(Aborted) as info:
             await h.append(first, second, stale)
         assert info.value.message == (
-            f"items[2].expected_length: layer 1 of session {s.id!r} is at length 0, "
-            "the call expected 1"
+            "items[2].expected_length: expected the layer's length 0, got 1"
         )
         assert info.value.code.name == "ABORTED"
         assert_same_state(before, await h.snapshot())
