@@ -166,6 +166,8 @@ class Server:
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.grace_seconds if grace is None else grace
+        # From here new calls, and further messages of open streams, get UNAVAILABLE.
+        self.drain.draining = True
         event(log, "draining", grace_seconds=grace)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._sweeper:
@@ -177,7 +179,6 @@ class Server:
 
         # Refuse new calls with UNAVAILABLE for a moment first: calls that reach gRPC after
         # its own shutdown begins are cancelled with no reason given.
-        self.drain.draining = True
         await asyncio.sleep(min(DRAIN_LINGER_SECONDS, left()))
         finished = await self.drain.wait_idle(left())
         await self.grpc.stop(left())
