@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,6 +26,23 @@ def check(
         stub = health_pb2_grpc.HealthStub(channel)
         response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def watch(
+    target: str, service: str = "", timeout: float | None = None,
+    tls: bool | str | None = None,
+) -> Iterator[str]:
+    """Status names of ``service`` as they change (Health/Watch): the current one first,
+    then one per change, until the server ends the stream (it raises grpc.RpcError) or
+    ``timeout`` seconds pass."""
+    with make_sync_channel(target, tls, []) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        call = stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        try:
+            for response in call:
+                yield health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        finally:
+            call.cancel()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,10 @@ on SIGHUP) and/or ``Q8KV_AUTH_TOKENS`` (the same pairs, separated by commas or n
 With neither, authentication is off and every caller is tenant "". Tokens are compared as
 SHA-256 digests with ``hmac.compare_digest`` against every entry (no early exit), and never
 logged. The health service stays open so probes need no secret.
+
+A call without a valid token is refused from its metadata alone, before gRPC reads its
+request. A stream re-checks its token at every message once the table was reloaded: a
+token removed (or moved to another tenant) ends the streams it opened, unapplied.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from .interceptors import handler_kind, rebuild
+from .interceptors import handler_kind, rebuild, stream_responses, unread
 from .logs import event
 
 log = logging.getLogger("q8kv.auth")
@@ -57,6 +61,9 @@ class TokenTable:
         self.path = Path(path) if path else None
         self.env_value = env_value
         self._table = self._read()
+        # Bumped by every reload that took effect: open streams re-check their token only
+        # when it changed.
+        self.generation = 0
 
     @property
     def enabled(self) -> bool:
@@ -76,6 +83,7 @@ class TokenTable:
             event(log, "auth_reload_failed", level=logging.ERROR, error=str(exc))
             return
         self._table = table
+        self.generation += 1
         event(log, "auth_reloaded", tokens=len(table), tenants=len(set(table.values())))
 
     def tenant_for(self, token: str) -> str | None:
@@ -96,13 +104,38 @@ def _bearer(metadata) -> str | None:
     return None
 
 
+class _Grant:
+    """One call's token and tenant; re-validated when the table changed since the last
+    check, so a revoked (or reassigned) token ends the streams it opened."""
+
+    def __init__(self, tokens: TokenTable, token: str, tenant: str, method: str) -> None:
+        self.tokens, self.token, self.tenant, self.method = tokens, token, tenant, method
+        self.generation = tokens.generation
+
+    async def check(self, context: grpc.aio.ServicerContext) -> None:
+        if self.generation == self.tokens.generation:
+            return
+        self.generation = self.tokens.generation
+        if self.tokens.tenant_for(self.token) != self.tenant:
+            event(log, "auth_revoked_stream", tenant=self.tenant, method=self.method)
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "authorization: expected a current token, got one revoked or reassigned "
+                "since this stream opened",
+            )
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses from the call's metadata, before gRPC reads the request: an unauthenticated
+    caller cannot make the server receive (and hold) a message of up to the size limit."""
+
     def __init__(self, tokens: TokenTable) -> None:
         self.tokens = tokens
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method in OPEN_METHODS:
+        method = handler_call_details.method
+        if handler is None or method in OPEN_METHODS:
             return handler
         token = _bearer(handler_call_details.invocation_metadata)
         tenant = self.tokens.tenant_for(token) if token else None
@@ -112,30 +145,50 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 if token is None
                 else "authorization: unknown token"
             )
-            return rebuild(handler, _deny(handler_kind(handler), reason))
-        return rebuild(handler, _as_tenant(handler_kind(handler), getattr(handler, handler_kind(
-            handler)), tenant))
+            return unread(handler, _deny(reason))
+        kind = handler_kind(handler)
+        grant = _Grant(self.tokens, token, tenant, method)
+        return rebuild(handler, _as_tenant(kind, getattr(handler, kind), grant))
 
 
-def _deny(kind: str, reason: str):
-    async def unary(request, context):
+def _deny(reason: str):
+    # A coroutine that never touches the request iterator: nothing of the body is read.
+    async def deny(request_iterator, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
-    async def streaming(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
-        yield  # pragma: no cover - makes this an async generator
-
-    return streaming if kind.endswith("_stream") else unary
+    return deny
 
 
-def _as_tenant(kind: str, inner, tenant: str):
-    async def unary(request, context):
-        current_tenant.set(tenant)
-        return await inner(request, context)
+def _as_tenant(kind: str, inner, grant: _Grant):
+    async def checked(requests, context):
+        async for request in requests:
+            await grant.check(context)  # before the message reaches the service
+            yield request
 
-    async def streaming(request, context):
-        current_tenant.set(tenant)
-        async for response in inner(request, context):
+    async def responses(result, context):
+        async for response in stream_responses(result):
+            await grant.check(context)
             yield response
 
-    return streaming if kind.endswith("_stream") else unary
+    async def unary_unary(request, context):
+        current_tenant.set(grant.tenant)
+        return await inner(request, context)
+
+    async def unary_stream(request, context):
+        current_tenant.set(grant.tenant)
+        async for response in responses(inner(request, context), context):
+            yield response
+
+    async def stream_unary(requests, context):
+        current_tenant.set(grant.tenant)
+        return await inner(checked(requests, context), context)
+
+    async def stream_stream(requests, context):
+        current_tenant.set(grant.tenant)
+        async for response in responses(inner(checked(requests, context), context), context):
+            yield response
+
+    return {
+        "unary_unary": unary_unary, "unary_stream": unary_stream,
+        "stream_unary": stream_unary, "stream_stream": stream_stream,
+    }[kind]

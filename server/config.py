@@ -16,6 +16,12 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 
+class ConfigError(Exception):
+    """A setting the server cannot run with, found after parsing (a file that will not
+    read, a port in use): ``q8kv-server`` prints it as one line and exits 2, like a bad
+    flag. The message names the flag and what was expected and found."""
+
+
 def parse_size(text: str) -> int:
     """'4GiB', '512M', '65536' -> bytes (KiB/MiB/GiB are powers of 1024, K/M/G of 1000)."""
     match = _SIZE.match(str(text))
@@ -104,7 +110,9 @@ _FLAGS: dict[str, tuple[object, str]] = {
     "tls_client_ca": (str, "PEM CA bundle: require client certificates it signed (mTLS)"),
     "snapshot_dir": (
         str,
-        "on SIGTERM write every session here (checksummed, atomic); load them at start",
+        "on SIGTERM write every session here as a new set (checksummed, manifest last), "
+        "replacing the previous set only once complete; load the newest complete set at "
+        "start",
     ),
     "metrics_port": (int, "Prometheus /metrics HTTP port on --host (-1: metrics off)"),
     "quant_error_sample_rate": (

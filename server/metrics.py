@@ -22,7 +22,7 @@ from q8kv import format as q8
 from .backends.base import Backend
 from .cache import SessionStore
 from .engine import AppendRequest, EngineObserver
-from .interceptors import handler_kind, rebuild
+from .interceptors import declared_kind, handler_kind, rebuild, stream_responses
 
 KERNEL_BUCKETS = (
     1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
@@ -230,7 +230,8 @@ class _RpcMetrics(grpc.aio.ServerInterceptor):
             return None
         kind = handler_kind(handler)
         inner = getattr(handler, kind)
-        mm = self._method(handler_call_details.method, kind)
+        # Labelled by the method's own kind (a refusal runs request-streaming on the wire).
+        mm = self._method(handler_call_details.method, declared_kind(handler))
 
         async def counted_requests(requests):
             async for request in requests:
@@ -250,17 +251,9 @@ class _RpcMetrics(grpc.aio.ServerInterceptor):
                 if kind == "stream_stream":
                     request = counted_requests(request)
                 try:
-                    result = inner(request, context)
-                    if inspect.isawaitable(result):
-                        result = await result
-                    if hasattr(result, "__aiter__"):
-                        async for response in result:
-                            mm.sent.inc()
-                            yield response
-                    else:
-                        for response in result:
-                            mm.sent.inc()
-                            yield response
+                    async for response in stream_responses(inner(request, context)):
+                        mm.sent.inc()
+                        yield response
                 except BaseException as exc:
                     outcome["failed"] = exc
                     raise

@@ -19,6 +19,7 @@ from q8kv.v1 import kvcache_pb2_grpc
 
 from . import transfer
 from .cache import Geometry, Session, SessionSnapshot, SessionStore
+from .drain import draining
 from .engine import AppendRequest, Engine
 from .errors import (
     FailedPrecondition,
@@ -26,6 +27,7 @@ from .errors import (
     OutOfRange,
     ResourceExhausted,
     ServiceError,
+    Unavailable,
 )
 from .logs import event
 
@@ -266,6 +268,8 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         """Each message is one AppendAndAttend; an error answers that message alone."""
         async for message in request_iterator:
             try:
+                if draining():  # shutting down: apply nothing more, each message is told
+                    raise Unavailable("server: shutting down, message not applied")
                 results = await self._append_and_attend(message.items, context)
                 yield pb.AppendAndAttendStreamResponse(
                     request_id=message.request_id, results=results

@@ -237,30 +237,56 @@ def install(
 # -- snapshot files ------------------------------------------------------------------------
 
 
-def write_snapshot(directory: Path, session_id: str, chunks: Iterable[pb.SessionChunk]) -> Path:
-    """Write atomically: a temporary file, fsync, then rename over the final name."""
-    final = directory / f"{session_id}{SNAPSHOT_SUFFIX}"
-    temporary = directory / f".{session_id}{SNAPSHOT_SUFFIX}.tmp"
-    with open(temporary, "wb") as out:
-        for chunk in chunks:
-            data = chunk.SerializeToString(deterministic=True)
-            out.write(struct.pack("<I", len(data)))
-            out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, final)
-    return final
+@dataclass(frozen=True)
+class SnapshotFile:
+    """A snapshot file as written: where, how many bytes, and their SHA-256 (hex)."""
+
+    path: Path
+    size: int
+    sha256: str
 
 
-def read_snapshot(path: Path) -> Iterator[pb.SessionChunk]:
-    """Chunks of a snapshot file; a cut-off file ends early (``assemble`` then rejects it)."""
+def write_snapshot(directory: Path, stem: str, chunks: Iterable[pb.SessionChunk]) -> SnapshotFile:
+    """Write atomically: a temporary file, fsync, then rename over the final name. A write
+    that fails removes its temporary file."""
+    final = directory / f"{stem}{SNAPSHOT_SUFFIX}"
+    temporary = directory / f".{stem}{SNAPSHOT_SUFFIX}.tmp"
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(temporary, "wb") as out:
+            for chunk in chunks:
+                data = chunk.SerializeToString(deterministic=True)
+                for part in (struct.pack("<I", len(data)), data):
+                    out.write(part)
+                    digest.update(part)
+                    size += len(part)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, final)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return SnapshotFile(final, size, digest.hexdigest())
+
+
+def read_snapshot(path: Path, digest=None) -> Iterator[pb.SessionChunk]:
+    """Chunks of a snapshot file; a cut-off file ends early (``assemble`` then rejects it).
+    ``digest`` (a hashlib object), when given, sees every byte read: read to the end, it
+    holds the whole file's hash in the same single pass."""
     with open(path, "rb") as src:
+
+        def read(size: int) -> bytes:
+            data = src.read(size)
+            if digest is not None:
+                digest.update(data)
+            return data
+
         while True:
-            prefix = src.read(4)
+            prefix = read(4)
             if len(prefix) < 4:
                 return
             (size,) = struct.unpack("<I", prefix)
-            data = src.read(size)
+            data = read(size)
             if len(data) < size:
                 return
             chunk = pb.SessionChunk()

@@ -55,3 +55,104 @@ def test_readme_documents_every_flag() -> None:
         f.name for f in fields(Config) if "--" + f.name.replace("_", "-") not in readme
     ]
     assert not missing, f"README.md's flag table lacks {missing}"
+
+
+# -- settings only the running server can check: one line on stderr, status 2 -------------
+
+SECRET = "hunter2-secret-token-abc"
+
+
+def run_server(*flags: str, env: dict[str, str] | None = None):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+
+    args = [sys.executable, "-m", "q8kv.server.main", "--host", "127.0.0.1", "--backend",
+            "numpy", "--memory-budget", "16MiB", "--metrics-port", "-1", *flags]
+    if "--port" not in flags:
+        args += ["--port", str(free_port())]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+
+
+def listening_socket():
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def _case(name: str, tmp_path):
+    """(flags, env, what the one line must say) for each configuration error."""
+    tokens = tmp_path / "tokens"
+    if name == "bad-tokens-line":
+        tokens.write_text(f"ok-token-123456 alpha\n{SECRET}\n")
+        return ["--auth-tokens-file", str(tokens)], {}, ["--auth-tokens-file", "entry 2"]
+    if name == "bad-tokens-env":
+        return [], {"Q8KV_AUTH_TOKENS": f"{SECRET} bad tenant!"}, ["Q8KV_AUTH_TOKENS entry 1"]
+    if name == "missing-tokens-file":
+        return (["--auth-tokens-file", str(tmp_path / "nope")], {},
+                ["--auth-tokens-file", "nope", "No such file"])
+    if name == "unreadable-tls-cert":
+        key = tmp_path / "key.pem"
+        key.write_text("not used")
+        return (["--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(key)], {},
+                ["--tls-cert", "missing.pem", "No such file"])
+    if name == "tls-key-is-a-directory":
+        cert = tmp_path / "cert.pem"
+        cert.write_text("not used")
+        return (["--tls-cert", str(cert), "--tls-key", str(tmp_path)], {},
+                ["--tls-key", "Is a directory"])
+    if name == "tls-cert-not-pem":
+        junk = tmp_path / "junk.pem"
+        junk.write_text("not a certificate")
+        return (["--tls-cert", str(junk), "--tls-key", str(junk)], {},
+                ["--tls-cert", "Invalid cert"])
+    if name == "budget-holds-no-page":
+        return ["--memory-budget", "1000"], {}, ["--memory-budget", "1000 bytes"]
+    if name == "snapshot-dir-is-a-file":
+        (tmp_path / "plain").write_text("x")
+        return (["--snapshot-dir", str(tmp_path / "plain")], {},
+                ["--snapshot-dir", "plain", "Not a directory"])
+    if name == "snapshot-dir-under-a-file":
+        (tmp_path / "plain").write_text("x")
+        return (["--snapshot-dir", str(tmp_path / "plain" / "snaps")], {},
+                ["--snapshot-dir", "writable directory"])
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", [
+    "bad-tokens-line", "bad-tokens-env", "missing-tokens-file", "unreadable-tls-cert",
+    "tls-key-is-a-directory", "tls-cert-not-pem", "budget-holds-no-page", "snapshot-dir-is-a-file",
+    "snapshot-dir-under-a-file",
+])
+def test_configuration_errors_are_one_line_and_status_2(name, tmp_path) -> None:
+    flags, env, needles = _case(name, tmp_path)
+    result = run_server(*flags, env=env)
+    assert_one_line_error(result, needles)
+    assert SECRET not in result.stderr
+
+
+def assert_one_line_error(result, needles) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("q8kv-server: error: "), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("which", ["--port", "--metrics-port"])
+def test_a_port_in_use_is_one_line_and_status_2(which) -> None:
+    with listening_socket() as taken:
+        port = str(taken.getsockname()[1])
+        flags = ["--port", port] if which == "--port" else ["--metrics-port", port]
+        result = run_server(*flags)
+    needle = "--host/--port" if which == "--port" else "--metrics-port"
+    assert_one_line_error(result, [needle, port, "in use"])

@@ -1,10 +1,12 @@
-"""Issue 6, nothing lost: with --snapshot-dir, SIGTERM writes every session and the next
-start loads them: Dequantize bit for bit, appends continue with correct attention, tenants
-kept. A corrupted and a truncated snapshot are logged, renamed *.corrupt and never loaded;
-the good ones still load."""
+"""Issue 6, nothing lost: with --snapshot-dir, SIGTERM writes every session (a set: one
+file per session and a manifest written last) and the next start loads them: Dequantize
+bit for bit, appends continue with correct attention, tenants kept. A corrupted and a
+truncated snapshot are logged, moved to corrupt/ and never loaded; the good ones still load
+and stay in place until the next snapshot replaces them."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 
@@ -44,16 +46,20 @@ def test_sessions_survive_a_restart(start_server, tmp_path):
     srv.signal(signal.SIGTERM)
     assert srv.proc.wait(30) == 0, srv.logs()
     assert "event=snapshot_saved sessions=7" in srv.logs()
-    files = sorted(p.name for p in directory.iterdir())
-    assert files == sorted(["alpha~keep-1.q8kv", "alpha~keep-2.q8kv", "alpha~shared.q8kv",
-                            "alpha~to-corrupt.q8kv", "alpha~to-truncate.q8kv",
-                            "bravo~shared.q8kv", "bravo~bravo-1.q8kv"])
-    corrupted = directory / "alpha~to-corrupt.q8kv"
+    assert [p.name for p in directory.iterdir()] == ["set-000000000001"]
+    live = directory / "set-000000000001"
+    names = sorted(["alpha~keep-1.q8kv", "alpha~keep-2.q8kv", "alpha~shared.q8kv",
+                    "alpha~to-corrupt.q8kv", "alpha~to-truncate.q8kv",
+                    "bravo~shared.q8kv", "bravo~bravo-1.q8kv"])
+    assert sorted(p.name for p in live.iterdir()) == sorted([*names, "MANIFEST.json"])
+    manifest = json.loads((live / "MANIFEST.json").read_text())
+    assert sorted(manifest["files"]) == names
+    corrupted = live / "alpha~to-corrupt.q8kv"
     data = bytearray(corrupted.read_bytes())
     for i in range(len(data) // 2, len(data) // 2 + 8):
         data[i] ^= 0xFF
     corrupted.write_bytes(bytes(data))
-    truncated = directory / "alpha~to-truncate.q8kv"
+    truncated = live / "alpha~to-truncate.q8kv"
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size * 2 // 3])
 
     again = start_server("--snapshot-dir", str(directory), env=TOKENS)
@@ -65,11 +71,15 @@ def test_sessions_survive_a_restart(start_server, tmp_path):
     assert re.search("checksum mismatch|unreadable|truncated|expected", reasons[
         "alpha~to-corrupt.q8kv"])
     assert "event=snapshot_loaded sessions=5" in logs
-    # Loaded files are gone (a later crash cannot resurrect deleted sessions); bad ones kept
-    # aside for a person to look at.
-    assert sorted(p.name for p in directory.iterdir()) == [
-        "alpha~to-corrupt.q8kv.corrupt", "alpha~to-truncate.q8kv.corrupt"
+    # Loaded files stay until the next snapshot replaces them; bad ones are set aside for a
+    # person to look at.
+    assert sorted(p.name for p in directory.iterdir()) == ["corrupt", "set-000000000001"]
+    assert sorted(p.name for p in (directory / "corrupt" / live.name).iterdir()) == [
+        "alpha~to-corrupt.q8kv", "alpha~to-truncate.q8kv"
     ]
+    assert sorted(p.name for p in live.iterdir()) == sorted(
+        [n for n in names if "~to-" not in n] + ["MANIFEST.json"]
+    )
 
     for (token, sid), lengths in plan.items():
         with Client(again.address, token=token) as c:
@@ -99,3 +109,7 @@ def test_sessions_survive_a_restart(start_server, tmp_path):
             assert rel_l2(out.output, attention_ref(q, keys, values, start, 0.11)) < 1e-5
         assert s.info().layer_lengths == [6, 47, 3]
         assert caches(b.session("shared"), 3) == before[(B, "shared")][0]
+    # The next snapshot replaces the whole set; the set-aside files stay.
+    assert again.stop() == 0
+    assert sorted(p.name for p in directory.iterdir()) == ["corrupt", "set-000000000002"]
+    assert len(list((directory / "corrupt" / live.name).iterdir())) == 2

@@ -1,5 +1,6 @@
 """SIGTERM under load: calls in flight finish with correct results, later calls are refused
-with UNAVAILABLE, health goes NOT_SERVING, and the process exits 0."""
+with UNAVAILABLE (so are further messages of streams already open), health goes
+NOT_SERVING, and the process exits 0."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 
 import grpc
 import numpy as np
+import pytest
+from trust_util import wait_for_log
 
 from q8kv.client import Client, Q8KVError
 
@@ -67,3 +70,39 @@ def test_sigterm_under_load_drains(start_server):
         except grpc.FutureTimeoutError:
             reachable = False
     assert not reachable
+
+
+def test_open_stream_messages_after_drain_began_are_refused_unapplied(start_server, tmp_path):
+    """A stream opened before SIGTERM: its next messages are answered UNAVAILABLE one by
+    one and applied nowhere (the snapshot written at the end holds the length from
+    before), and once the client closes it the server exits 0."""
+    directory = tmp_path / "snaps"
+    srv = start_server("--grace-seconds", "30", "--snapshot-dir", str(directory))
+    rng = np.random.default_rng(31)
+
+    def message(n: int):
+        q = rng.standard_normal((n, 8, 64)).astype(np.float32)
+        k = rng.standard_normal((n, 2, 64)).astype(np.float32)
+        return q, k, rng.standard_normal((n, 2, 64)).astype(np.float32)
+
+    with Client(srv.address, timeout=30) as c:
+        s = c.create_session(**GEOM)
+        stream = c.stream()
+        ((_, length),) = stream.attend([(s, 0, *message(3))], with_lengths=True)
+        assert length == 3
+        srv.signal()
+        wait_for_log(srv, "event=draining")
+        for _ in range(3):
+            request_id = stream.send([(s, 0, *message(2))])
+            with pytest.raises(Q8KVError) as err:
+                stream.recv(request_id)
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+            assert err.value.request_id == request_id
+            assert "shutting down" in err.value.message
+        stream.close()
+    assert srv.proc.wait(30) == 0, srv.logs()
+    assert "event=snapshot_saved sessions=1" in srv.logs()
+
+    again = start_server("--snapshot-dir", str(directory))
+    with Client(again.address) as c:
+        assert c.session_info(s.id).layer_lengths == [3]
