@@ -22,7 +22,7 @@ from q8kv.v1 import kvcache_pb2, kvcache_pb2_grpc
 
 from . import snapshots
 from .auth import AuthInterceptor, TokenTable, tenant_of_call
-from .backends import create_backend
+from .backends import GpuTuning, create_backend
 from .backends.base import page_bytes
 from .cache import PagePool, SessionStore
 from .config import Config, ConfigError, load_config
@@ -45,7 +45,7 @@ def _budget_bytes(config: Config, backend_name: str) -> int:
     if config.memory_budget is not None:
         return config.memory_budget
     if backend_name == "cupy":
-        from .backends.cupy_backend import CupyBackend
+        from .backends.cupy.backend import CupyBackend
 
         # Headroom for per-call buffers and the kernels' first compile.
         return max(0, int(CupyBackend.free_device_bytes() * 0.9) - 512 * 1024**2)
@@ -65,7 +65,7 @@ def build_engine(config: Config) -> Engine:
             f"--memory-budget: expected room for at least one page "
             f"({page_bytes(config.page_bytes)} bytes with scales), got {budget} bytes"
         )
-    backend = create_backend(name, num_pages, config.page_bytes)
+    backend = create_backend(name, num_pages, config.page_bytes, GpuTuning.from_config(config))
     store = SessionStore(
         PagePool(num_pages, config.page_bytes),
         max_sessions=config.max_sessions,

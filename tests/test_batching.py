@@ -14,8 +14,8 @@ import numpy as np
 from observability import Samples, scrape
 from reference import attention_ref, rel_l2
 
+from q8kv import format as q8
 from q8kv.client import AsyncClient
-from q8kv.server.backends import q8
 
 H, KVH, D = 8, 2, 64
 SESSIONS = 24

@@ -631,7 +631,7 @@ def test_concurrent_clients_on_one_session_append_each_token_once(server):
         # Every sent token is in the cache exactly once (compare as quantized rows).
         got = sorted(map(bytes, np.ascontiguousarray(keys.transpose(1, 0, 2)).view(np.uint8)
                          .reshape(threads * per_thread, -1)))
-        from q8kv.server.backends import q8
+        from q8kv import format as q8
 
         sent = np.concatenate([np.concatenate(t) for t in ks])  # [N, 2, 64]
         expected = q8.dequantize(*q8.quantize(sent)).astype(np.float32)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-# Compatibility: q8.py moved to q8kv.format; tests not yet updated still import
-# `from q8kv.server.backends import q8`. Drop once they import q8kv.format.
-from q8kv import format as q8
-
 from .base import DEFAULT_PAGE_CODE_BYTES, AttendItem, Backend, LayerLayout
 from .cupy.tuning import GpuTuning
 
@@ -17,7 +13,6 @@ __all__ = [
     "LayerLayout",
     "cuda_available",
     "create_backend",
-    "q8",
 ]
 
 
