@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from q8kv.client import codec
+from q8kv import wire as codec
 from q8kv.server.backends.base import AttendItem
 from q8kv.server.config import load_config
 from q8kv.server.main import build_engine

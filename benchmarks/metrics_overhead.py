@@ -37,7 +37,7 @@ import grpc
 import numpy as np
 from bench_util import ServerProcess, write_json
 
-from q8kv.client import codec
+from q8kv import wire as codec
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 

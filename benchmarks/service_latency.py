@@ -271,8 +271,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def measure_row(client, echo, backend, length: int, dtype: np.dtype, args) -> dict:
     """One (cache length, wire dtype): service, raw stub, echo and backend compute."""
-    from q8kv.client.codec import encode
     from q8kv.v1 import kvcache_pb2 as pb
+    from q8kv.wire import encode
 
     pk, pv, q, k, v = tensors(length, dtype)
     s = client.create_session(

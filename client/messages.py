@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 
 from q8kv.v1 import kvcache_pb2 as pb
+from q8kv.wire import TensorError, decode, encode
 
-from .codec import TensorError, decode, encode
 from .errors import AlreadyApplied, Q8KVError, invalid_argument, status_code
 from .types import AppendItem, AttendResult, SessionInfo
 

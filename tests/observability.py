@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from q8kv.client import codec
+from q8kv import wire as codec
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 

@@ -28,9 +28,9 @@ from q8kv.client import (
 from q8kv.client import channel as ch
 from q8kv.client import health as health_probe
 from q8kv.client import messages as m
-from q8kv.client.codec import TensorError, decode, encode, largest_magnitude
 from q8kv.client.errors import from_rpc_error, status_code
 from q8kv.v1 import kvcache_pb2 as pb
+from q8kv.wire import TensorError, decode, encode, largest_magnitude
 
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 rng = np.random.default_rng(0)

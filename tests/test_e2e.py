@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from reference import attention_ref, rel_l2
 
-from q8kv.client import AlreadyApplied, AppendItem, AsyncClient, Client, Q8KVError, codec
+from q8kv import wire as codec
+from q8kv.client import AlreadyApplied, AppendItem, AsyncClient, Client, Q8KVError
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 

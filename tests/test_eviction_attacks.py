@@ -21,7 +21,7 @@ import pytest
 from reference import attention_ref, random_tensor, rel_l2
 from trust_util import bearer, stub
 
-from q8kv.client import codec
+from q8kv import wire as codec
 from q8kv.server import cache as cache_module
 from q8kv.server.backends.base import page_bytes
 from q8kv.server.backends.numpy_backend import NumpyBackend

@@ -18,7 +18,7 @@ import pytest
 from conftest import TEST_BACKEND, ServerProcess
 from observability import SERVICE, Driver, Geo, Samples, page_bytes, pages_for, scrape
 
-from q8kv.client import codec
+from q8kv import wire as codec
 from q8kv.server.backends.base import tokens_per_page
 from q8kv.v1 import kvcache_pb2 as pb
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from q8kv import format as q8
-from q8kv.client import AppendItem, Client, Q8KVError, codec
+from q8kv import wire as codec
+from q8kv.client import AppendItem, Client, Q8KVError
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 

@@ -8,7 +8,7 @@ import urllib.request
 
 import numpy as np
 
-from q8kv.client import codec
+from q8kv import wire as codec
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 

@@ -1,7 +1,9 @@
 """Tensors on the wire: raw little-endian row-major bytes + dtype + shape (as KServe v2).
 
-Shared by the client and the server so both sides agree byte for byte. Decoding never
-copies: the array is a read-only view of the message's bytes.
+numpy <-> Tensor messages, with the dtype, shape, finiteness and magnitude checks. Part of
+the contract (proto/q8kv), shared by the client and the server so both sides agree byte
+for byte; it imports nothing of q8kv but q8kv.v1. Decoding never copies: the array is a
+read-only view of the message's bytes.
 """
 
 from __future__ import annotations
