@@ -17,6 +17,11 @@ A resend then appends at most once; if an earlier attempt had applied, AlreadyAp
 ABORTED Q8KVError) says so instead of returning nothing. For streams: resend the messages
 that were outstanding on a new stream with expected_length; on ABORTED, ``client.applied``
 tells whether the first attempt applied.
+
+Inside: core.py holds what is not I/O (ClientCore builds each call and decodes its answer,
+and decides retries); sync.py and aio.py are thin shells that run the calls, blocking or
+awaited; errors.rpc_errors() is the one point where grpc.RpcError becomes Q8KVError;
+tensors go through q8kv.wire, which the server shares.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
-"""Channel set-up shared by the sync and asyncio clients: options, TLS, call metadata."""
+"""Channel set-up shared by the sync and asyncio clients: options, TLS, call metadata.
+
+The calls themselves are built in core.py (ClientCore) and run in sync.py / aio.py.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
-
-from q8kv.v1 import kvcache_pb2_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 
@@ -115,35 +115,3 @@ def make_aio_channel(
     if creds is None:
         return grpc.aio.insecure_channel(target, options=options)
     return grpc.aio.secure_channel(target, creds, options=options)
-
-
-DEFAULT_TIMEOUT = 30.0
-
-
-class ClientCore:
-    """What Client and AsyncClient share: their settings, the channel and the stubs. A
-    subclass names its channel factory (blocking or asyncio) and adds the calls."""
-
-    make_channel: Callable[[str, TLSConfig, list[tuple[str, Any]]], Any]
-
-    def __init__(
-        self,
-        target: str = "127.0.0.1:50051",
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        token: str | None = None,
-        tls: TLSConfig = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        keepalive_seconds: float | None = DEFAULT_KEEPALIVE_SECONDS,
-        wait_for_ready: bool = False,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.wait_for_ready = wait_for_ready
-        self.max_message_bytes = int(max_message_bytes)  # import_session splits chunks to it
-        self._metadata = base_metadata(token)
-        opts = channel_options(max_message_bytes, keepalive_seconds, options)
-        self._channel = type(self).make_channel(target, tls, opts)
-        self._stub = kvcache_pb2_grpc.KVCacheServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)

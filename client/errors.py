@@ -1,7 +1,8 @@
 """The one exception the client raises: Q8KVError, carrying a gRPC status code.
 
-Failed RPCs are converted here and nowhere else (``from_rpc_error``), so every caller
-catches one type. Bad input the client can see before sending (a dtype it cannot encode,
+Failed RPCs are converted here and nowhere else: every RPC of the client, unary or
+streaming, sync or asyncio, runs inside ``with rpc_errors():``, so every caller catches one
+type. Bad input the client can see before sending (a dtype it cannot encode,
 a malformed batch item) raises the same type with INVALID_ARGUMENT, the code the server
 would have answered with: callers need not tell the two apart.
 """
@@ -60,6 +61,28 @@ def from_rpc_error(error: grpc.RpcError) -> Q8KVError:
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
     return Q8KVError(code, details or str(error) or code.name)
+
+
+class _RpcErrors:
+    """The context manager behind ``rpc_errors()``: a class, not @contextmanager, as it
+    wraps every call (no generator per call) and lets StopIteration pass untouched."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> bool:
+        if isinstance(error, grpc.RpcError):
+            raise from_rpc_error(error) from None
+        return False
+
+
+_RPC_ERRORS = _RpcErrors()  # stateless: one serves every call, nested or concurrent
+
+
+def rpc_errors() -> _RpcErrors:
+    """``with rpc_errors(): <an RPC, or iterating its responses>``: the one point where
+    grpc.RpcError becomes Q8KVError (anything else passes through unchanged)."""
+    return _RPC_ERRORS
 
 
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}

@@ -256,8 +256,11 @@ class StreamBook:
         self.arrived: dict[int, pb.AppendAndAttendStreamResponse] = {}
 
     def build(self, items: Iterable[BatchItem]) -> tuple[int, pb.AppendAndAttendStreamRequest]:
+        """The next request id and its message; raising (bad or no items) spends no id."""
         request_id = self._next_id
-        request = stream_request(request_id, items)  # may raise: the id is not spent then
+        request = stream_request(request_id, items)
+        if not request.items:
+            raise invalid_argument("items: expected at least one item")
         self._next_id += 1
         return request_id, request
 
@@ -273,6 +276,12 @@ class StreamBook:
         if request_id not in self.pending:
             raise invalid_argument(f"request_id: {request_id} is not outstanding")
         return request_id
+
+    def forget(self, request_id: int) -> None:
+        """No answer will be taken for ``request_id`` (its write failed, or it was read)."""
+        if request_id in self.pending:
+            self.pending.remove(request_id)
+        self.arrived.pop(request_id, None)
 
     def take(self, request_id: int) -> list[AttendResult] | None:
         """The results of ``request_id`` if its response has arrived (raises if it failed)."""

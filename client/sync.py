@@ -1,251 +1,47 @@
-"""The blocking client: Client, its Session handles and the AppendAndAttendStream helper."""
+"""The blocking client: Client, its Session handles and the AppendAndAttendStream helper.
+
+A shell over core.py: ClientCore builds every call and decodes its answer; this module only
+runs calls (blocking) and loops where a method makes several (pages, retries). aio.py is
+its asyncio twin, method for method.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
-import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2
 
 from q8kv.v1 import kvcache_pb2 as pb
 
 from . import messages as m
-from .channel import (
+from .channel import make_sync_channel
+from .core import (
     ClientCore,
-    call_metadata,
-    make_sync_channel,
+    Lengths,
+    RetryStep,
+    SessionCore,
+    StreamCore,
+    Unary,
+    conditional_items,
+    lengths_of,
+    outputs,
+    retry_step,
+    session_ids,
 )
-from .errors import Q8KVError, from_rpc_error, invalid_argument
+from .errors import Q8KVError, rpc_errors
 from .types import AttendResult, SessionInfo
 
-
-class Client(ClientCore):
-    """A connection to one q8kv server (or a router in front of several).
-
-    ``timeout`` is the deadline of each call in seconds (None: none). ``token`` is sent as
-    ``authorization: Bearer <token>``. ``tls``: None/False plaintext, True system roots, a
-    CA bundle path, or ``(ca, client_cert, client_key)`` paths for mutual TLS.
-    Thread-safe: one Client may serve many threads (a Stream may not).
-    """
-
-    make_channel = staticmethod(make_sync_channel)
-
-    # The one place where RPCs run and grpc.RpcError becomes Q8KVError.
-    def _call(self, method: Callable[..., Any], request: Any, session_id: str | None = None):
-        try:
-            return method(
-                request,
-                timeout=self.timeout,
-                metadata=call_metadata(self._metadata, session_id),
-                wait_for_ready=self.wait_for_ready,
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-
-    # --- sessions ----------------------------------------------------------------------
-
-    def create_session(
-        self,
-        num_layers: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        max_len: int,
-        session_id: str | None = None,
-        ttl_seconds: float | None = None,
-        softmax_scale: float | None = None,
-    ) -> Session:
-        """Create a session; without ``session_id`` the client makes a UUID4."""
-        request = m.create_request(
-            num_layers=num_layers,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            max_len=max_len,
-            session_id=session_id,
-            ttl_seconds=ttl_seconds,
-            softmax_scale=softmax_scale,
-        )
-        response = self._call(self._stub.CreateSession, request, request.session_id)
-        return Session(self, response.session.session_id or request.session_id)
-
-    def session(self, session_id: str) -> Session:
-        """A handle for an existing id, without a round trip (see get_session)."""
-        return Session(self, m.session_id_of(session_id, "session_id"))
-
-    def get_session(self, session_id: str) -> Session:
-        """A handle for an existing session; NOT_FOUND if there is none."""
-        handle = self.session(session_id)
-        handle.info()
-        return handle
-
-    def session_info(self, session_id: str) -> SessionInfo:
-        request = pb.GetSessionRequest(session_id=session_id)
-        response = self._call(self._stub.GetSession, request, session_id)
-        return SessionInfo.from_proto(response.session)
-
-    def list_sessions(self, page_size: int = 0) -> list[SessionInfo]:
-        """Every session the server shows this caller, following pages until the last."""
-        sessions: list[SessionInfo] = []
-        token = ""
-        while True:
-            request = pb.ListSessionsRequest(page_size=page_size, page_token=token)
-            response = self._call(self._stub.ListSessions, request)
-            sessions.extend(SessionInfo.from_proto(s) for s in response.sessions)
-            token = response.next_page_token
-            if not token:
-                return sessions
-
-    def delete_session(self, session: Any) -> int:
-        """Delete a session (handle or id); returns the bytes freed."""
-        sid = m.session_id_of(session)
-        request = pb.DeleteSessionRequest(session_id=sid)
-        return int(self._call(self._stub.DeleteSession, request, sid).freed_bytes)
-
-    def truncate_session(self, session: Any, length: int) -> SessionInfo:
-        sid = m.session_id_of(session)
-        request = pb.TruncateSessionRequest(session_id=sid, length=m.as_int(length, "length"))
-        return SessionInfo.from_proto(self._call(self._stub.TruncateSession, request, sid).session)
-
-    def dequantize(
-        self, session: Any, layer: int, start: int = 0, end: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        sid = m.session_id_of(session)
-        request = m.dequantize_request(sid, layer, start, end)
-        return m.decode_dequantize(self._call(self._stub.Dequantize, request, sid))
-
-    def export_session(self, session: Any) -> list[pb.SessionChunk]:
-        """A session's Q8 cache as chunks (header, tokens per layer, checksum trailer), for
-        ``import_session`` on another server. The session stays here."""
-        sid = m.session_id_of(session)
-        request = pb.ExportSessionRequest(session_id=sid)
-        try:
-            return list(
-                self._stub.ExportSession(
-                    request,
-                    timeout=self.timeout,
-                    metadata=call_metadata(self._metadata, sid),
-                    wait_for_ready=self.wait_for_ready,
-                )
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-
-    def import_session(
-        self, chunks: Iterable[pb.SessionChunk], max_message_bytes: int | None = None
-    ) -> Session:
-        """Recreate an exported session here, owned by this caller's tenant; nothing is
-        created unless every chunk arrived and the checksum matches. Token chunks larger
-        than ``max_message_bytes`` (default: this client's limit; pass the server's
-        --max-message-bytes when it is smaller) are split first, their checksum checked
-        and recomputed."""
-        sent, sid = m.import_chunks(chunks)
-        sent = m.fit_chunks(sent, max_message_bytes or self.max_message_bytes)
-        try:
-            response = self._stub.ImportSession(
-                iter(sent),
-                timeout=self.timeout,
-                metadata=call_metadata(self._metadata, sid),
-                wait_for_ready=self.wait_for_ready,
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        return Session(self, m.imported_session_id(response))
-
-    # --- attention ---------------------------------------------------------------------
-
-    def append_and_attend_batch(
-        self, items: Iterable[m.BatchItem], with_lengths: bool = False, retries: int = 0
-    ) -> list[np.ndarray] | list[AttendResult]:
-        """One call for many (session, layer) items, all or none. Items: ``(session handle
-        or id, layer, q, k, v)``, or AppendItem / the same with ``expected_length`` last (a
-        conditional append: ABORTED, nothing applied, if the layer's length differs).
-        Returns the outputs in order, or (output, new length) pairs with
-        ``with_lengths=True``. The call routes by the first item's session.
-
-        ``retries``: how often to resend after an ambiguous failure (UNAVAILABLE,
-        DEADLINE_EXCEEDED, CANCELLED: the call may have applied), with a short backoff.
-        Needs every item conditional (INVALID_ARGUMENT otherwise): a resend then appends
-        at most once. If a resend answers ABORTED and every layer is at expected_length + n
-        (an earlier attempt applied), AlreadyApplied is raised: the tokens are cached but
-        their outputs are lost. Any other ABORTED is raised as it is."""
-        request_items = m.batch_items(items)
-        m.check_retries(request_items, retries)
-        if not request_items:
-            return []
-        request = pb.AppendAndAttendRequest(items=request_items)
-        response = self._append_retrying(request, retries)
-        m.check_result_count(len(request_items), len(response.results))
-        results = m.decode_results(response.results)
-        return results if with_lengths else [r.output for r in results]
-
-    def _append_retrying(
-        self, request: pb.AppendAndAttendRequest, retries: int
-    ) -> pb.AppendAndAttendResponse:
-        """Send, and resend after ambiguous failures (``retries`` times at most)."""
-        attempt = 0
-        while True:
-            try:
-                return self._call(self._stub.AppendAndAttend, request, request.items[0].session_id)
-            except Q8KVError as exc:
-                if attempt and exc.code == grpc.StatusCode.ABORTED:  # after an ambiguous one
-                    lengths = self._lengths(request.items)
-                    raise m.already_applied(request.items, lengths, exc) from None
-                if exc.code not in m.AMBIGUOUS or attempt == retries:
-                    raise
-            time.sleep(m.retry_delay(attempt))
-            attempt += 1
-
-    def _lengths(self, items: Iterable[pb.AttendItem]) -> dict[tuple[str, int], int]:
-        """The current length of each (session id, layer) of ``items``."""
-        infos = {sid: self.session_info(sid) for sid in {item.session_id for item in items}}
-        return {
-            (item.session_id, item.layer): m.length_of(infos[item.session_id], item.layer)
-            for item in items
-        }
-
-    def applied(self, items: Iterable[m.BatchItem]) -> bool:
-        """Whether conditional ``items`` were applied: every (session, layer) they touch is
-        at expected_length + n. For a stream message resent after a broken stream and
-        answered ABORTED (one writer per layer assumed, as expected_length is for)."""
-        request_items = m.batch_items(items)
-        m.require_conditional(request_items, "to tell whether they applied")
-        return self._lengths(request_items) == m.applied_lengths(request_items)
-
-    def stream(self, session_id: str | None = None) -> Stream:
-        """An AppendAndAttendStream; routed by ``session_id``, else by the first item sent."""
-        return Stream(self, session_id)
-
-    # --- health and lifetime -----------------------------------------------------------
-
-    def health(self, service: str = "") -> str:
-        """The gRPC health status: "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN"."""
-        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"Client({self.target!r})"
+T = TypeVar("T")
 
 
-class Session:
+class Session(SessionCore):
     """A handle on one session of a Client: cheap, holds only the id."""
 
-    def __init__(self, client: Client, session_id: str) -> None:
-        self.client = client
-        self.id = session_id
+    client: Client
 
     def append_and_attend(
         self,
@@ -295,20 +91,176 @@ class Session:
         """As Client.export_session."""
         return self.client.export_session(self.id)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Session) and other.id == self.id
 
-    def __hash__(self) -> int:
-        return hash(self.id)
+class Client(ClientCore):
+    """A connection to one q8kv server (or a router in front of several).
 
-    def __repr__(self) -> str:
-        return f"Session({self.id!r})"
+    ``timeout`` is the deadline of each call in seconds (None: none). ``token`` is sent as
+    ``authorization: Bearer <token>``. ``tls``: None/False plaintext, True system roots, a
+    CA bundle path, or ``(ca, client_cert, client_key)`` paths for mutual TLS.
+    Thread-safe: one Client may serve many threads (a Stream may not).
+    """
+
+    _make_channel = staticmethod(make_sync_channel)
+    _session_type = Session
+
+    # The I/O: a unary (or client-streaming) call, and a server-streaming one collected.
+    def _unary(self, call: Unary[T]) -> T:
+        with rpc_errors():
+            response = call.method(call.request, **self._options(call.session_id))
+        return call.decode(response)
+
+    def _collect(self, call: Unary[T]) -> T:
+        with rpc_errors():
+            messages = list(call.method(call.request, **self._options(call.session_id)))
+        return call.decode(messages)
+
+    # --- sessions ----------------------------------------------------------------------
+
+    def create_session(
+        self,
+        num_layers: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        session_id: str | None = None,
+        ttl_seconds: float | None = None,
+        softmax_scale: float | None = None,
+    ) -> Session:
+        """Create a session; without ``session_id`` the client makes a UUID4."""
+        return self._unary(
+            self._create_call(
+                num_layers=num_layers,
+                num_heads=num_heads,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+                max_len=max_len,
+                session_id=session_id,
+                ttl_seconds=ttl_seconds,
+                softmax_scale=softmax_scale,
+            )
+        )
+
+    def session(self, session_id: str) -> Session:
+        """A handle for an existing id, without a round trip (see get_session)."""
+        return Session(self, m.session_id_of(session_id, "session_id"))
+
+    def get_session(self, session_id: str) -> Session:
+        """A handle for an existing session; NOT_FOUND if there is none."""
+        handle = self.session(session_id)
+        handle.info()
+        return handle
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        return self._unary(self._info_call(session_id))
+
+    def list_sessions(self, page_size: int = 0) -> list[SessionInfo]:
+        """Every session the server shows this caller, following pages until the last."""
+        sessions, token = self._unary(self._list_call(page_size, ""))
+        while token:
+            page, token = self._unary(self._list_call(page_size, token))
+            sessions.extend(page)
+        return sessions
+
+    def delete_session(self, session: Any) -> int:
+        """Delete a session (handle or id); returns the bytes freed."""
+        return self._unary(self._delete_call(session))
+
+    def truncate_session(self, session: Any, length: int) -> SessionInfo:
+        return self._unary(self._truncate_call(session, length))
+
+    def dequantize(
+        self, session: Any, layer: int, start: int = 0, end: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self._unary(self._dequantize_call(session, layer, start, end))
+
+    def export_session(self, session: Any) -> list[pb.SessionChunk]:
+        """A session's Q8 cache as chunks (header, tokens per layer, checksum trailer), for
+        ``import_session`` on another server. The session stays here."""
+        return self._collect(self._export_call(session))
+
+    def import_session(
+        self, chunks: Iterable[pb.SessionChunk], max_message_bytes: int | None = None
+    ) -> Session:
+        """Recreate an exported session here, owned by this caller's tenant; nothing is
+        created unless every chunk arrived and the checksum matches. Token chunks larger
+        than ``max_message_bytes`` (default: this client's limit; pass the server's
+        --max-message-bytes when it is smaller) are split first, their checksum checked
+        and recomputed."""
+        return self._unary(self._import_call(chunks, max_message_bytes))
+
+    # --- attention ---------------------------------------------------------------------
+
+    def append_and_attend_batch(
+        self, items: Iterable[m.BatchItem], with_lengths: bool = False, retries: int = 0
+    ) -> list[np.ndarray] | list[AttendResult]:
+        """One call for many (session, layer) items, all or none. Items: ``(session handle
+        or id, layer, q, k, v)``, or AppendItem / the same with ``expected_length`` last (a
+        conditional append: ABORTED, nothing applied, if the layer's length differs).
+        Returns the outputs in order, or (output, new length) pairs with
+        ``with_lengths=True``. The call routes by the first item's session.
+
+        ``retries``: how often to resend after an ambiguous failure (UNAVAILABLE,
+        DEADLINE_EXCEEDED, CANCELLED: the call may have applied), with a short backoff.
+        Needs every item conditional (INVALID_ARGUMENT otherwise): a resend then appends
+        at most once. If a resend answers ABORTED and every layer is at expected_length + n
+        (an earlier attempt applied), AlreadyApplied is raised: the tokens are cached but
+        their outputs are lost. Any other ABORTED is raised as it is."""
+        call = self._attend_call(items, with_lengths, retries)
+        return [] if call is None else self._append_retrying(call, retries)
+
+    def _append_retrying(self, call: Unary[T], retries: int) -> T:
+        """Send, and resend after ambiguous failures (core.retry_step decides)."""
+        attempt = 0
+        while True:
+            try:
+                return self._unary(call)
+            except Q8KVError as exc:
+                step = retry_step(attempt, retries, exc)
+                if step is RetryStep.RAISE:
+                    raise
+                if step is RetryStep.CHECK:
+                    items = call.request.items
+                    raise m.already_applied(items, self._lengths(items), exc) from None
+            time.sleep(m.retry_delay(attempt))
+            attempt += 1
+
+    def _lengths(self, items: Sequence[pb.AttendItem]) -> Lengths:
+        """The current length of each (session id, layer) of ``items``."""
+        return lengths_of(items, {sid: self.session_info(sid) for sid in session_ids(items)})
+
+    def applied(self, items: Iterable[m.BatchItem]) -> bool:
+        """Whether conditional ``items`` were applied: every (session, layer) they touch is
+        at expected_length + n. For a stream message resent after a broken stream and
+        answered ABORTED (one writer per layer assumed, as expected_length is for)."""
+        request_items = conditional_items(items)
+        return self._lengths(request_items) == m.applied_lengths(request_items)
+
+    def stream(self, session_id: str | None = None) -> Stream:
+        """An AppendAndAttendStream; routed by ``session_id``, else by the first item sent."""
+        return Stream(self, session_id)
+
+    # --- health and lifetime -----------------------------------------------------------
+
+    def health(self, service: str = "") -> str:
+        """The gRPC health status: "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN"."""
+        return self._unary(self._health_call(service))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 _END = object()
 
 
-class Stream:
+class Stream(StreamCore):
     """One AppendAndAttendStream: many AppendAndAttend messages over one HTTP/2 stream.
 
     ``send(items)`` returns a request id; ``recv(request_id=None)`` waits for that id's
@@ -324,30 +276,18 @@ class Stream:
     """
 
     def __init__(self, client: Client, session_id: str | None = None) -> None:
-        self._client = client
-        self._routing_id = session_id
-        self._book = m.StreamBook()
+        super().__init__(client, session_id)
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._call: Any = None  # opened at the first send, so it can route by its items
-        self._closed = False
 
     def _outgoing(self) -> Iterator[pb.AppendAndAttendStreamRequest]:
         while (request := self._requests.get()) is not _END:
             yield request
 
     def send(self, items: Iterable[m.BatchItem]) -> int:
-        if self._closed:
-            raise Q8KVError(grpc.StatusCode.CANCELLED, "stream: already closed")
-        request_id, request = self._book.build(items)
-        if not request.items:
-            raise invalid_argument("items: expected at least one item")
+        request_id, request = self._build(items)
         if self._call is None:
-            metadata = call_metadata(
-                self._client._metadata, self._routing_id or request.items[0].session_id
-            )
-            self._call = self._client._stub.AppendAndAttendStream(
-                self._outgoing(), metadata=metadata, wait_for_ready=self._client.wait_for_ready
-            )
+            stub = self._client._stub
+            self._call = stub.AppendAndAttendStream(self._outgoing(), **self._open_options(request))
         self._requests.put(request)
         self._book.sent(request_id)
         return request_id
@@ -357,19 +297,21 @@ class Stream:
     ) -> list[np.ndarray] | list[AttendResult]:
         wanted = self._book.wanted(request_id)
         while (results := self._book.take(wanted)) is None:
-            try:
-                response = next(self._call)
-            except StopIteration:
-                self._closed = True
-                raise Q8KVError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"stream: ended by the server before request_id {wanted} was answered",
-                ) from None
-            except grpc.RpcError as exc:
-                self._closed = True
-                raise from_rpc_error(exc) from None
+            response = self._read(wanted)
             self._book.arrived[int(response.request_id)] = response
-        return results if with_lengths else [r.output for r in results]
+        return outputs(results, with_lengths)
+
+    def _read(self, wanted: int) -> pb.AppendAndAttendStreamResponse:
+        """The next response; a broken or ended stream closes and raises."""
+        try:
+            with rpc_errors():
+                return next(self._call)
+        except StopIteration:
+            self._closed = True
+            raise self._ended(wanted) from None
+        except Q8KVError:
+            self._closed = True
+            raise
 
     def attend(
         self, items: Iterable[m.BatchItem], with_lengths: bool = False
@@ -380,20 +322,15 @@ class Stream:
     def close(self) -> None:
         """Half-close; wait for the server to end the stream, or cancel if answers are
         still outstanding (nobody would read them)."""
-        if self._closed:
+        if not self._closing():
             return
-        self._closed = True
         self._requests.put(_END)
-        if self._call is None:
-            return
         if self._book.pending:
             self._call.cancel()
             return
-        try:
+        with contextlib.suppress(Q8KVError), rpc_errors():
             for _ in self._call:
                 pass
-        except grpc.RpcError:
-            pass
 
     def __enter__(self) -> Stream:
         return self

@@ -4,11 +4,14 @@ health server in-process)."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
+import inspect
 import pickle
 import uuid
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import ml_dtypes
@@ -16,19 +19,24 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+import q8kv
 from q8kv.client import (
     AlreadyApplied,
     AppendItem,
     AsyncClient,
+    AsyncSession,
+    AsyncStream,
     AttendResult,
     Client,
     Q8KVError,
+    Session,
     SessionInfo,
+    Stream,
 )
 from q8kv.client import channel as ch
 from q8kv.client import health as health_probe
 from q8kv.client import messages as m
-from q8kv.client.errors import from_rpc_error, status_code
+from q8kv.client.errors import from_rpc_error, rpc_errors, status_code
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.wire import TensorError, decode, encode, largest_magnitude
 
@@ -133,6 +141,33 @@ def test_q8kv_error_str_code_message_and_pickle():
 def test_from_rpc_error_without_details():
     err = from_rpc_error(FakeRpcError(None, None))
     assert err.code is grpc.StatusCode.UNKNOWN and str(err).startswith("UNKNOWN: ")
+
+
+def test_rpc_errors_converts_calls_and_iterations_and_nothing_else():
+    def broken_stream():
+        yield 1
+        raise FakeRpcError(grpc.StatusCode.UNAVAILABLE, "connection reset")
+
+    got = []
+    with pytest.raises(Q8KVError) as info, rpc_errors():
+        got.extend(broken_stream())
+    assert got == [1] and info.value.code is grpc.StatusCode.UNAVAILABLE
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    with pytest.raises(StopIteration), rpc_errors():  # the end of a stream stays an end
+        next(iter(()))
+    with pytest.raises(KeyError), rpc_errors():
+        raise KeyError("not an RPC failure")
+
+    async def broken_async_stream():
+        yield 1
+        raise FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "token revoked")
+
+    async def main():
+        with rpc_errors():
+            return [x async for x in broken_async_stream()]
+
+    with pytest.raises(Q8KVError, match="^PERMISSION_DENIED: token revoked"):
+        asyncio.run(main())
 
 
 def test_status_code_from_integer():
@@ -901,3 +936,56 @@ def test_fit_chunks_refuses_a_stream_damaged_before_it_splits():
         m.fit_chunks(chunks, 4096)
     chunks, _, _ = chunk_stream()
     assert m.fit_chunks(chunks[:-1], 4096) == chunks[:-1]  # no trailer: the server refuses it
+
+
+# --- the two shells mirror each other; the import rules ---------------------------------
+
+SHELLS = [(Client, AsyncClient), (Session, AsyncSession), (Stream, AsyncStream)]
+NO_ROUND_TRIP = {"session", "stream"}  # handles made locally: plain methods in both shells
+
+
+def public_methods(cls):
+    names = [n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))]
+    return {n: getattr(cls, n) for n in names}
+
+
+@pytest.mark.parametrize("sync_cls, async_cls", SHELLS, ids=lambda c: c.__name__)
+def test_sync_and_async_shells_expose_the_same_methods_and_signatures(sync_cls, async_cls):
+    blocking, awaited = public_methods(sync_cls), public_methods(async_cls)
+    assert sorted(blocking) == sorted(awaited)
+    for name, method in blocking.items():
+        twin = awaited[name]
+        # parameters only: the return types differ by design (Session vs AsyncSession)
+        params = list(inspect.signature(method).parameters.values())
+        assert params == list(inspect.signature(twin).parameters.values()), name
+        assert not inspect.iscoroutinefunction(method), name
+        assert inspect.iscoroutinefunction(twin) is (name not in NO_ROUND_TRIP), name
+    assert hasattr(sync_cls, "__enter__") is hasattr(async_cls, "__aenter__")
+    assert hasattr(sync_cls, "__exit__") is hasattr(async_cls, "__aexit__")
+
+
+def q8kv_imports(path: Path, package: str) -> set[str]:
+    """The q8kv names a file imports, relative imports resolved against ``package``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")[: len(package.split(".")) + 1 - node.level]
+            parts = (parts if node.level else []) + ([node.module] if node.module else [])
+            found.update(".".join([*parts, alias.name]) for alias in node.names)
+    return {name for name in found if name.startswith("q8kv.")}
+
+
+def test_import_rules_of_the_contract_and_the_client():
+    contract = Path(q8kv.__file__).parent
+    assert q8kv_imports(contract / "wire.py", "q8kv") == {"q8kv.v1.kvcache_pb2"}
+    assert q8kv_imports(contract / "format.py", "q8kv") == set()
+    client = Path(inspect.getfile(Client)).parent  # the folder of q8kv.client
+    imported = {}
+    for path in sorted(client.rglob("*.py")):
+        package = ".".join(["q8kv", "client", *path.parent.relative_to(client).parts])
+        imported[str(path.relative_to(client))] = q8kv_imports(path, package)
+    assert "q8kv.client.core.ClientCore" in imported["sync.py"]  # relative ones resolved
+    assert "q8kv.wire.encode" in imported["messages.py"]
+    assert not {n for names in imported.values() for n in names if n.startswith("q8kv.server")}

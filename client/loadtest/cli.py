@@ -26,8 +26,8 @@ from typing import Any
 
 import grpc
 
-from ..aio import AsyncClient
-from ..errors import Q8KVError
+from q8kv.client import AsyncClient, Q8KVError
+
 from . import report as report_mod
 from .run import CallFailed, LoadSpec, Orchestrator, Shared, delete_sessions
 from .stats import Recorder

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from ..aio import AsyncClient, AsyncStream
-from ..errors import Q8KVError
+from q8kv.client import AsyncClient, AsyncStream, Q8KVError
+
 from .stats import Recorder
 from .verify import LayerCopy, check
 
