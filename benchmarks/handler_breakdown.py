@@ -16,10 +16,11 @@ from collections.abc import Callable
 import numpy as np
 
 from q8kv.client import codec
+from q8kv.server.app import build_engine
 from q8kv.server.backends.base import AttendItem
 from q8kv.server.config import load_config
-from q8kv.server.main import build_engine
-from q8kv.server.service import KVCacheService, decode_items
+from q8kv.server.rpc.messages import decode_items
+from q8kv.server.rpc.servicer import KVCacheService
 from q8kv.v1 import kvcache_pb2 as pb
 
 H, KVH, D = 32, 8, 128
@@ -83,7 +84,11 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         rewind()
 
     async def worker_path() -> None:
-        await engine.append_and_attend(decoded)  # no `alone`: always the worker thread
+        engine.worker.inline_when_idle = False  # always the worker thread
+        try:
+            await engine.append_and_attend(decoded)
+        finally:
+            engine.worker.inline_when_idle = True
         rewind()
 
     # The backend rewrites the same slot each time: the cache length stays --length.

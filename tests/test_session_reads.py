@@ -19,7 +19,7 @@ import pytest
 from q8kv.server.backends.numpy_backend import NumpyBackend
 from q8kv.server.cache import MIN_TTL_SECONDS, PagePool, SessionStore
 from q8kv.server.engine import Engine
-from q8kv.server.service import LIST_PAGE_SIZE, KVCacheService
+from q8kv.server.rpc.servicer import LIST_PAGE_SIZE, KVCacheService
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 

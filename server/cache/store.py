@@ -1,303 +1,40 @@
-"""Sessions, their page tables, and the page pool's bookkeeping (not the page contents:
-those live in the backend). Only the engine changes the store, one operation at a time;
-readers on other threads take ``SessionStore.lock`` (see ``SessionStore``).
-"""
+"""All live sessions and the page pool they draw from: lifecycle (create, get, delete,
+truncate), per-tenant quotas, consistent snapshots for readers off the engine's thread, and
+the page-level primitives an ``Allocation`` builds on."""
 
 from __future__ import annotations
 
 import heapq
 import math
 import threading
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from .backends.base import BYTES_PER_BLOCK, QBLOCK, LayerLayout, page_bytes, tokens_per_page
-from .errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
+from q8kv.format import BYTES_PER_BLOCK, QBLOCK, LayerLayout, tokens_per_page
 
-SESSION_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
-MAX_SESSION_ID_LEN = 128
+from ..errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
+from . import eviction, invariants
+from .allocation import Allocation
+from .pool import PagePool
+from .session import (
+    MAX_SESSION_ID_LEN,
+    Geometry,
+    LayerCache,
+    Session,
+    SessionSnapshot,
+    validate_geometry,
+    validate_session_id,
+)
+
 # A client's ttl_seconds below this is raised to it (a near-zero ttl made a session expire
 # between the two halves of one call); above the server's --session-ttl it is clamped.
 MIN_TTL_SECONDS = 1.0
 MAX_SOFTMAX_SCALE = 1e3
 
-
-@dataclass(frozen=True)
-class Geometry:
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_len: int
-
-    def token_bytes(self) -> int:
-        """Q8 bytes (codes + scales, K and V) of one token of one layer."""
-        return 2 * self.num_kv_heads * self.head_dim // QBLOCK * BYTES_PER_BLOCK
-
-
-class PagePool:
-    """Which pages are free. Pages are handed out whole and returned whole."""
-
-    def __init__(self, num_pages: int, page_code_bytes: int) -> None:
-        self.num_pages = num_pages
-        self.page_code_bytes = page_code_bytes
-        self.page_bytes = page_bytes(page_code_bytes)
-        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
-
-    @property
-    def free_pages(self) -> int:
-        return len(self._free)
-
-    @property
-    def used_pages(self) -> int:
-        return self.num_pages - len(self._free)
-
-    def take(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise ResourceExhausted(
-                f"memory budget: needed {count} free pages of {self.page_bytes} bytes, "
-                f"{len(self._free)} of {self.num_pages} are free"
-            )
-        taken = self._free[len(self._free) - count :]
-        del self._free[len(self._free) - count :]
-        return taken
-
-    def give_back(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
-
-
-class LayerCache:
-    """A view of one layer of a session: its length and page table. Views are made on
-    demand (a session stores its layers compactly, see ``Session``); two views of the same
-    layer compare equal."""
-
-    __slots__ = ("session", "index")
-
-    def __init__(self, session: Session, index: int) -> None:
-        self.session = session
-        self.index = index
-
-    @property
-    def length(self) -> int:
-        return int(self.session.lengths[self.index])
-
-    @property
-    def pages(self) -> list[int]:
-        """A copy: only the store changes a page table."""
-        return list(self.session.page_lists.get(self.index, ()))
-
-    def page_table(self) -> np.ndarray:
-        return np.asarray(self.session.page_lists.get(self.index, ()), dtype=np.int32)
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, LayerCache)
-            and other.session is self.session
-            and other.index == self.index
-        )
-
-    def __hash__(self) -> int:
-        return hash((id(self.session), self.index))
-
-
-class _Layers(Sequence[LayerCache]):
-    """``session.layers``: views made on demand, so an idle layer costs 4 bytes."""
-
-    __slots__ = ("_session",)
-
-    def __init__(self, session: Session) -> None:
-        self._session = session
-
-    def __len__(self) -> int:
-        return len(self._session.lengths)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return LayerCache(self._session, index)
-
-
-@dataclass(eq=False)
-class Session:
-    """One session's metadata, kept small (item 13 of the hostile-tenant review): the layer
-    lengths are one int32 array and page lists exist only for layers that hold pages, so
-    an empty 4,096-layer session costs ~17 KiB, not one object per layer.
-
-    ``pins`` counts the calls in flight that reference the session: a pinned session is
-    never evicted (TTL or LRU), so a batch never loses a session it already prepared."""
-
-    id: str
-    tenant: str
-    geometry: Geometry
-    layout: LayerLayout
-    softmax_scale: float
-    ttl_seconds: float
-    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
-    page_lists: dict[int, list[int]] = field(default_factory=dict)
-    pages_held: int = 0
-    pins: int = 0
-    created_at: float = field(default_factory=time.time)
-    last_used_at: float = field(default_factory=time.time)
-    last_used_mono: float = field(default_factory=time.monotonic)
-
-    def touch(self) -> None:
-        self.last_used_at = time.time()
-        self.last_used_mono = time.monotonic()
-
-    def expired(self, now_mono: float) -> bool:
-        return self.ttl_seconds > 0 and now_mono - self.last_used_mono > self.ttl_seconds
-
-    @property
-    def layers(self) -> _Layers:
-        return _Layers(self)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.lengths.sum(dtype=np.int64))
-
-    def layer(self, index: int) -> LayerCache:
-        if not 0 <= index < len(self.lengths):
-            raise InvalidArgument(
-                f"layer: expected 0..{len(self.lengths) - 1} for session {self.id!r}, got {index}"
-            )
-        return LayerCache(self, index)
-
-
-@dataclass(frozen=True)
-class SessionSnapshot:
-    """A consistent copy of a session's metadata, for readers off the engine worker."""
-
-    id: str
-    tenant: str
-    geometry: Geometry
-    softmax_scale: float
-    ttl_seconds: float
-    layer_lengths: list[int]
-    tokens: int
-    pages_held: int
-    created_at: float
-    last_used_at: float
-
-
-def validate_geometry(g: Geometry, page_code_bytes: int, max_head_dim: int = 1024) -> None:
-    checks = (
-        ("num_layers", g.num_layers, 1, 4096),
-        ("num_heads", g.num_heads, 1, 1024),
-        ("num_kv_heads", g.num_kv_heads, 1, 1024),
-        ("head_dim", g.head_dim, QBLOCK, max_head_dim),
-        ("max_len", g.max_len, 1, 1 << 24),
-    )
-    for name, value, low, high in checks:
-        if not low <= value <= high:
-            raise InvalidArgument(f"geometry.{name}: expected {low}..{high}, got {value}")
-    if g.head_dim % QBLOCK:
-        raise InvalidArgument(
-            f"geometry.head_dim: expected a multiple of {QBLOCK}, got {g.head_dim}"
-        )
-    if g.num_heads % g.num_kv_heads:
-        raise InvalidArgument(
-            f"geometry.num_heads: expected a multiple of num_kv_heads ({g.num_kv_heads}), "
-            f"got {g.num_heads}"
-        )
-    if tokens_per_page(page_code_bytes, g.num_kv_heads, g.head_dim) == 0:
-        raise InvalidArgument(
-            f"geometry: 2 * num_kv_heads * head_dim must fit a page of {page_code_bytes} bytes, "
-            f"got 2 * {g.num_kv_heads} * {g.head_dim} = {2 * g.num_kv_heads * g.head_dim}"
-        )
-
-
-def validate_session_id(session_id: str) -> None:
-    if not 1 <= len(session_id) <= MAX_SESSION_ID_LEN or not set(session_id) <= SESSION_ID_CHARS:
-        shown = session_id if len(session_id) <= 40 else session_id[:40] + "..."
-        raise InvalidArgument(
-            f"session_id: expected 1-{MAX_SESSION_ID_LEN} characters of [A-Za-z0-9._:-], "
-            f"got {shown!r} ({len(session_id)} characters)"
-        )
-
-
 EvictionListener = Callable[[Session, str], None]
-
-
-class Allocation:
-    """What one call changes in the store, kept or undone as a whole.
-
-    Made by ``SessionStore.begin()``. Every session the call looks up is pinned (never
-    evicted, by TTL or LRU) until the allocation ends, so nothing the call prepared can be
-    taken from under it. ``grow`` takes pages and advances a layer's length; the allocation
-    then ends exactly once: ``commit()`` keeps every change, ``roll_back()`` undoes them in
-    reverse order. Ending it twice is a bug and raises AssertionError. Used as a context
-    manager it commits on success and rolls back on an exception.
-    """
-
-    def __init__(self, store: SessionStore) -> None:
-        self._store = store
-        self._pinned: dict[int, Session] = {}  # by id(): each session pinned once
-        # (session, layer, length before, pages added), in the order they happened.
-        self._steps: list[tuple[Session, int, int, list[int]]] = []
-        self.state = "open"
-
-    def __enter__(self) -> Allocation:
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        """As a context: commit on success, roll back on an exception (if still open)."""
-        if self.state != "open":
-            return
-        if exc_type is None:
-            self.commit()
-        else:
-            self.roll_back()
-
-    def pin(self, session: Session) -> None:
-        """Keep ``session`` from eviction until the allocation ends (idempotent)."""
-        self._require_open("pin")
-        if id(session) not in self._pinned:
-            session.pins += 1
-            self._pinned[id(session)] = session
-
-    def grow(self, session: Session, index: int, new_length: int) -> None:
-        """Cover ``new_length`` tokens of layer ``index`` and make that its length. On an
-        error (past max_len, no memory) nothing of this step is changed."""
-        self._require_open("grow")
-        self.pin(session)
-        store = self._store
-        with store.lock:
-            old_length = int(session.lengths[index])
-            added = store._take_pages(session, index, new_length)
-            store._set_length(session, index, new_length)
-        self._steps.append((session, index, old_length, added))
-
-    def commit(self) -> None:
-        self._require_open("commit")
-        self._end("committed")
-
-    def roll_back(self) -> None:
-        self._require_open("roll_back")
-        store = self._store
-        with store.lock:
-            for session, index, old_length, added in reversed(self._steps):
-                store._set_length(session, index, old_length)
-                store._drop_last_pages(session, index, added)
-        self._end("rolled back")
-
-    def _end(self, state: str) -> None:
-        self.state = state
-        for session in self._pinned.values():
-            session.pins -= 1
-        self._pinned.clear()
-
-    def _require_open(self, what: str) -> None:
-        if self.state != "open":
-            raise AssertionError(f"allocation: {what} after it was {self.state}")
 
 
 class SessionStore:
@@ -310,15 +47,8 @@ class SessionStore:
 
     TTL: a session's ttl is the client's, clamped to [MIN_TTL_SECONDS, the server's
     default] (0 asks for the default; a default of 0 means "never" and no upper bound).
-    Any use by id (append, read, export, truncate) restarts its idle clock.
-
-    Eviction policy, when an append finds too few free pages:
-      1. sessions past their TTL are dropped, whoever owns them;
-      2. then, only if ``evict_idle_seconds`` > 0, sessions idle at least that long, the
-         appending tenant's own first (least recently used first), other tenants' after
-         them; sessions holding no pages are never LRU victims (they free nothing), and
-         nothing is evicted unless the eviction frees enough pages for the append.
-    Sessions pinned by a call in flight are never evicted, by either rule.
+    Any use by id (append, read, export, truncate) restarts its idle clock. Eviction, when
+    an append finds too few free pages: the policy in ``eviction.py``.
     """
 
     def __init__(
@@ -355,8 +85,12 @@ class SessionStore:
         return len(self._sessions)
 
     def __iter__(self) -> Iterator[Session]:
+        return iter(self.sessions())
+
+    def sessions(self) -> list[Session]:
+        """Every live session, copied (the store may change while the caller iterates)."""
         with self.lock:
-            return iter(list(self._sessions.values()))
+            return list(self._sessions.values())
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -580,43 +314,15 @@ class SessionStore:
         self.pool.give_back(pages)
         self.tenant_pages[session.tenant] -= len(pages)
 
-    # -- eviction --------------------------------------------------------------------------
+    # -- eviction (the policy: eviction.py) -------------------------------------------------
 
     def evict_expired(self) -> int:
-        now = time.monotonic()
-        expired = [s for s in self._sessions.values() if not s.pins and s.expired(now)]
-        for session in expired:
-            self._evict(session, "ttl")
-        return len(expired)
+        return eviction.evict_expired(self)
 
     def make_room(self, pages: int, tenant: str = "") -> None:
-        """Free ``pages`` pages by the eviction policy of the class docstring."""
-        self.evict_expired()
-        if self.pool.free_pages >= pages or self.evict_idle_seconds <= 0:
-            return
-        now = time.monotonic()
-        idle = sorted(
-            (
-                s
-                for s in self._sessions.values()
-                if not s.pins
-                and s.pages_held
-                and now - s.last_used_mono >= self.evict_idle_seconds
-            ),
-            key=lambda s: (s.tenant != tenant, s.last_used_mono),
-        )
-        victims, freed = [], self.pool.free_pages
-        for session in idle:
-            if freed >= pages:
-                break
-            victims.append(session)
-            freed += session.pages_held
-        if freed < pages:
-            return  # evicting cannot make enough room: keep everyone, the append fails
-        for session in victims:
-            self._evict(session, "lru")
+        eviction.make_room(self, pages, tenant)
 
-    def _evict(self, session: Session, reason: str) -> None:
+    def evict(self, session: Session, reason: str) -> None:
         self._drop(session)
         for listener in self.listeners:
             listener(session, reason)
@@ -639,62 +345,5 @@ class SessionStore:
         ceil(length / T) pages; per-session, per-tenant and value counters match the page
         tables and lengths. ``at_rest``: no call is in flight, so no session is pinned."""
         with self.lock:
-            _check_pool(self)
-            _check_sessions(self, at_rest)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise AssertionError(message)
-
-
-def _check_pool(store: SessionStore) -> None:
-    pool = store.pool
-    free = pool._free
-    held = [p for s in store._sessions.values() for t in s.page_lists.values() for p in t]
-    _require(len(set(free)) == len(free), "pool: a page is on the free list twice")
-    _require(len(set(held)) == len(held), "pool: a page is held by two session-layers")
-    _require(not set(free) & set(held), "pool: a page is both free and held")
-    _require(
-        sorted(free + held) == list(range(pool.num_pages)),
-        f"pool: {len(free)} free + {len(held)} held != {pool.num_pages} pages",
-    )
-    _require(pool.used_pages + pool.free_pages == pool.num_pages, "pool: used + free")
-
-
-def _check_sessions(store: SessionStore, at_rest: bool) -> None:
-    values, tenant_pages, tenant_sessions = 0, Counter(), Counter()
-    for (tenant, sid), s in store._sessions.items():
-        _require((s.tenant, s.id) == (tenant, sid), f"session {sid!r}: filed under another key")
-        _require(not (at_rest and s.pins), f"session {sid!r}: pinned ({s.pins}) at rest")
-        _require(s.pins >= 0, f"session {sid!r}: negative pin count")
-        tpp = s.layout.tokens_per_page
-        lengths = s.lengths
-        _require(
-            bool((lengths >= 0).all() and (lengths <= s.geometry.max_len).all()),
-            f"session {sid!r}: a length outside 0..max_len",
-        )
-        for index in range(len(lengths)):
-            table = s.page_lists.get(index)
-            _require(table is None or len(table) > 0, f"session {sid!r}: empty page list")
-            want = -(-int(lengths[index]) // tpp)
-            _require(
-                len(table or ()) == want,
-                f"session {sid!r} layer {index}: {len(table or ())} pages for "
-                f"length {int(lengths[index])} (want {want})",
-            )
-        _require(
-            s.pages_held == sum(len(t) for t in s.page_lists.values()),
-            f"session {sid!r}: pages_held {s.pages_held} disagrees with its page tables",
-        )
-        values += s.tokens * store._values_per_token(s)
-        tenant_pages[tenant] += s.pages_held
-        tenant_sessions[tenant] += 1
-    _require(store.cached_values == values, f"cached_values {store.cached_values} != {values}")
-    for name, counted, counter in (
-        ("tenant_pages", tenant_pages, store.tenant_pages),
-        ("tenant_sessions", tenant_sessions, store.tenant_sessions),
-    ):
-        kept = {k: v for k, v in counter.items() if v}  # a negative count must show
-        want = {k: v for k, v in counted.items() if v}
-        _require(kept == want, f"{name}: {kept} != the sessions' {want}")
+            invariants.check_pool(self)
+            invariants.check_sessions(self, at_rest)
