@@ -165,7 +165,7 @@ class Front:
                 raise
             except Exception as exc:
                 failed = exc
-                await context.abort(*status_of(exc, method.name))
+                await _answer_error(context, exc, method.name)
             except BaseException as exc:  # cancelled: counted, then on its way
                 failed = exc
                 raise
@@ -200,7 +200,7 @@ class Front:
                 raise
             except Exception as exc:
                 outcome["failed"] = exc
-                await context.abort(*status_of(exc, method.name))
+                await _answer_error(context, exc, method.name)
             except BaseException as exc:
                 outcome["failed"] = exc
                 raise
@@ -241,6 +241,14 @@ class Front:
             if grant is not None:
                 await grant.check(context)  # before the message reaches the service
             yield request
+
+
+async def _answer_error(context, exc: Exception, rpc: str) -> None:
+    """End the call with the status ``exc`` maps to. An error of gRPC's own machinery (the
+    client went away while we answered it) is no error of ours: nothing is left to answer."""
+    if type(exc).__module__.startswith("grpc._cython"):
+        raise exc
+    await context.abort(*status_of(exc, rpc))
 
 
 async def _first(requests, context, method: _Method):
