@@ -42,7 +42,7 @@ print("\n".join(deps + ["setuptools>=68", "wheel"]))' "$Q8KV_EXTRAS" > /tmp/requ
 COPY . /src
 RUN /opt/q8kv/bin/pip install --no-deps --no-build-isolation /src \
     && /opt/q8kv/bin/pip check \
-    && /opt/q8kv/bin/python -c "import q8kv.server.main, q8kv.client.health"
+    && /opt/q8kv/bin/python -c "import q8kv.server.app, q8kv.client.health"
 
 # ---- runtime ----------------------------------------------------------------------------
 FROM ${BASE_IMAGE}

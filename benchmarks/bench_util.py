@@ -27,7 +27,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m q8kv.server.main`` on a free loopback port with ``flags``; waits until
+    """``python -m q8kv.server`` on a free loopback port with ``flags``; waits until
     its health service says SERVING. ``metrics_url`` is set when ``metrics=True``."""
 
     def __init__(self, flags: list[str], name: str = "q8kv", metrics: bool = True,
@@ -41,7 +41,7 @@ class ServerProcess:
             flags = [*flags, "--metrics-port", str(metrics_port)]
             self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "q8kv.server.main", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "q8kv.server", "--host", "127.0.0.1",
                "--port", str(self.port), *flags]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
         try:

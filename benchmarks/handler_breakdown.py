@@ -15,11 +15,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from q8kv import wire as codec
+from q8kv import wire
+from q8kv.server.app import build_engine
 from q8kv.server.backends.base import AttendItem
 from q8kv.server.config import load_config
-from q8kv.server.main import build_engine
-from q8kv.server.service import KVCacheService, decode_items
+from q8kv.server.rpc.messages import decode_items
+from q8kv.server.rpc.servicer import KVCacheService
 from q8kv.v1 import kvcache_pb2 as pb
 
 H, KVH, D = 32, 8, 128
@@ -60,7 +61,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
 
     def request(n: int) -> pb.AppendAndAttendRequest:
         def tensor(heads: int) -> pb.Tensor:
-            return codec.encode(rng.standard_normal((n, heads, D)), args.dtype)
+            return wire.encode(rng.standard_normal((n, heads, D)), args.dtype)
 
         item = pb.AttendItem(session_id=sid, layer=0, q=tensor(H), k=tensor(KVH), v=tensor(KVH))
         return pb.AppendAndAttendRequest(items=[item])
@@ -83,7 +84,11 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         rewind()
 
     async def worker_path() -> None:
-        await engine.append_and_attend(decoded)  # no `alone`: always the worker thread
+        engine.worker.inline_when_idle = False  # always the worker thread
+        try:
+            await engine.append_and_attend(decoded)
+        finally:
+            engine.worker.inline_when_idle = True
         rewind()
 
     # The backend rewrites the same slot each time: the cache length stays --length.
@@ -91,7 +96,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         "decode + checks": _median_us(lambda: decode_items(step.items), args.iters),
         "backend append+attend": _median_us(lambda: backend.append_and_attend([item]),
                                             args.iters),
-        "encode output": _median_us(lambda: codec.encode(out, args.dtype), args.iters),
+        "encode output": _median_us(lambda: wire.encode(out, args.dtype), args.iters),
         "handler, inline": await _median_us_async(handler, args.iters),
         "engine via worker": await _median_us_async(worker_path, args.iters),
     }

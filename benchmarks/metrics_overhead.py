@@ -37,7 +37,7 @@ import grpc
 import numpy as np
 from bench_util import ServerProcess, write_json
 
-from q8kv import wire as codec
+from q8kv import wire
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 
@@ -79,7 +79,7 @@ class DecodeLoop:
         rng = np.random.default_rng(0)
 
         def tensor(n: int, heads: int) -> pb.Tensor:
-            return codec.encode(rng.standard_normal((n, heads, D)).astype(np.float32), dtype)
+            return wire.encode(rng.standard_normal((n, heads, D)).astype(np.float32), dtype)
 
         prefill = pb.AttendItem(
             session_id=self.sid,

@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> dict:
     server_cmd = [
         sys.executable,
         "-m",
-        "q8kv.server.main",
+        "q8kv.server",
         "--host",
         "127.0.0.1",
         "--port",

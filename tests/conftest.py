@@ -51,7 +51,7 @@ class ServerProcess:
         # Closed in stop(); a context manager cannot span the process lifetime.
         self.log_file = tempfile.NamedTemporaryFile(prefix="q8kv-server-", suffix=".log")  # noqa: SIM115
         cmd = [
-            sys.executable, "-m", "q8kv.server.main",
+            sys.executable, "-m", "q8kv.server",
             "--host", "127.0.0.1", "--port", str(self.port), *extra,
         ]
         self.proc = subprocess.Popen(

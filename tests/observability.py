@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from q8kv import wire as codec
+from q8kv import wire
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 
@@ -80,9 +80,9 @@ class Driver:
 
         return pb.AttendItem(
             session_id=sid, layer=layer,
-            q=codec.encode(tensor(geo.heads), dtype),
-            k=codec.encode(tensor(geo.kv_heads) if k is None else k, dtype),
-            v=codec.encode(tensor(geo.kv_heads), dtype),
+            q=wire.encode(tensor(geo.heads), dtype),
+            k=wire.encode(tensor(geo.kv_heads) if k is None else k, dtype),
+            v=wire.encode(tensor(geo.kv_heads), dtype),
         )
 
     def attend(self, *items: pb.AttendItem) -> pb.AppendAndAttendResponse:

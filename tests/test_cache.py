@@ -39,7 +39,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
-    monkeypatch.setattr(cache_module.time, "monotonic", fake)
+    monkeypatch.setattr(cache_module.session.time, "monotonic", fake)
     return fake
 
 

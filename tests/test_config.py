@@ -69,7 +69,7 @@ def run_server(*flags: str, env: dict[str, str] | None = None):
 
     from conftest import REPO, free_port
 
-    args = [sys.executable, "-m", "q8kv.server.main", "--host", "127.0.0.1", "--backend",
+    args = [sys.executable, "-m", "q8kv.server", "--host", "127.0.0.1", "--backend",
             "numpy", "--memory-budget", "16MiB", "--metrics-port", "-1", *flags]
     if "--port" not in flags:
         args += ["--port", str(free_port())]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from reference import attention_ref, rel_l2
 
-from q8kv import wire as codec
+from q8kv import wire
 from q8kv.client import AlreadyApplied, AppendItem, AsyncClient, Client, Q8KVError
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
@@ -205,7 +205,7 @@ def test_several_layers_keep_their_own_lengths(client):
 def _raw_item(sid, layer, q, k, v, replace=None):
     """An AttendItem as raw protobuf, with tensors from ``replace`` {name: pb.Tensor}."""
     item = pb.AttendItem(
-        session_id=sid, layer=layer, q=codec.encode(q), k=codec.encode(k), v=codec.encode(v)
+        session_id=sid, layer=layer, q=wire.encode(q), k=wire.encode(k), v=wire.encode(v)
     )
     for name, tensor in (replace or {}).items():
         getattr(item, name).CopyFrom(tensor)
@@ -218,9 +218,9 @@ def _bad_items(sid, rng):
     nan_k[1, 0, 5] = np.nan
     inf_q = q.copy()
     inf_q[0, 3, 0] = np.inf
-    short = codec.encode(k)
+    short = wire.encode(k)
     short.data = short.data[:-4]
-    bad_dtype = codec.encode(k)
+    bad_dtype = wire.encode(k)
     bad_dtype.dtype = 7
     # Finite but past 1e15: attention over them would overflow float32 to Inf/NaN.
     huge_k = k.copy()

@@ -22,7 +22,8 @@ from reference import attention_ref, dequantize_ref, quantize_ref, random_tensor
 from q8kv.server.backends.base import AttendItem
 from q8kv.server.backends.numpy_backend import NumpyBackend
 from q8kv.server.cache import Geometry, PagePool, Session, SessionStore
-from q8kv.server.engine import AppendRequest, Engine, EngineObserver, _Append
+from q8kv.server.engine import AppendRequest, Engine, EngineObserver
+from q8kv.server.engine.jobs import AppendJob
 from q8kv.server.errors import (
     Aborted,
     DeadlineExceeded,
@@ -155,7 +156,7 @@ def run(
         return asyncio.run(asyncio.wait_for(body(Harness(engine, seed)), TIMEOUT))
     finally:
         engine.stop(timeout=5)
-        assert not engine._thread.is_alive()
+        assert not engine.worker.alive
 
 
 def assert_same_state(before: tuple[dict, int, int], after: tuple[dict, int, int]) -> None:
@@ -572,23 +573,20 @@ def test_cancellation_race_applies_or_skips_whole_jobs(queue_delay_us: int) -> N
 
     async def body(h: Harness) -> None:
         s = await h.create(Geometry(1, 4, 2, 64, 500))
-        jobs: list[_Append] = []
-        for name in ("_submit", "_submit_maybe_inline"):
-            submit = getattr(h.engine, name)
+        jobs: list[AppendJob] = []
+        submit = h.engine.worker.append
 
-            async def recording(job, *args, submit=submit):
-                if isinstance(job, _Append):
-                    jobs.append(job)
-                return await submit(job, *args)
+        async def recording(job: AppendJob):
+            jobs.append(job)
+            return await submit(job)
 
-            setattr(h.engine, name, recording)
+        h.engine.worker.append = recording
         applied: list[int] = []
         h.engine.observer.on_append = lambda session, n: applied.append(n)
         tasks = []
         for _ in range(120):
-            # Half may run inline on this loop (alone), half go to the worker.
-            alone = (lambda: True) if h.rng.random() < 0.5 else None
-            tasks.append(asyncio.ensure_future(h.append(h.request(s, 0, 1), alone=alone)))
+            # A call alone in flight may run inline on this loop, the others on the worker.
+            tasks.append(asyncio.ensure_future(h.append(h.request(s, 0, 1))))
             if h.rng.random() < 0.5:
                 await asyncio.sleep(h.rng.uniform(0, 0.002))
             tasks[-1 - int(h.rng.integers(min(8, len(tasks))))].cancel()  # a recent one

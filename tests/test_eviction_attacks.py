@@ -21,7 +21,7 @@ import pytest
 from reference import attention_ref, random_tensor, rel_l2
 from trust_util import bearer, stub
 
-from q8kv import wire as codec
+from q8kv import wire
 from q8kv.server import cache as cache_module
 from q8kv.server.backends.base import page_bytes
 from q8kv.server.backends.numpy_backend import NumpyBackend
@@ -187,7 +187,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
-    monkeypatch.setattr(cache_module.time, "monotonic", fake)
+    monkeypatch.setattr(cache_module.session.time, "monotonic", fake)
     return fake
 
 
@@ -247,7 +247,7 @@ def e2e_item(sid: str, rng, n: int) -> tuple[pb.AttendItem, np.ndarray]:
     q = random_tensor(rng, (n, 4, 64), np.float32)
     k, v = (random_tensor(rng, (n, 2, 64), np.float32) for _ in range(2))
     item = pb.AttendItem(
-        session_id=sid, layer=0, q=codec.encode(q), k=codec.encode(k), v=codec.encode(v)
+        session_id=sid, layer=0, q=wire.encode(q), k=wire.encode(k), v=wire.encode(v)
     )
     return item, q
 
@@ -302,6 +302,6 @@ def test_batch_of_two_tenants_keeps_the_prepared_session(start_server, tmp_path)
         assert result.length == 16 * 7
         cache = s.Dequantize(pb.DequantizeRequest(session_id="a", layer=0), metadata=alice,
                              timeout=10)
-        keys, values = codec.decode(cache.k), codec.decode(cache.v)
+        keys, values = wire.decode(cache.k), wire.decode(cache.v)
         want = attention_ref(q, keys, values, 16 * 7 - 1, 1 / np.sqrt(64))
-        assert rel_l2(codec.decode(result.output), want) < 1e-5
+        assert rel_l2(wire.decode(result.output), want) < 1e-5

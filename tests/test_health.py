@@ -1,7 +1,7 @@
-"""grpc.health.v1.Health/Watch through every interceptor the server runs (metrics, auth,
-drain, decode guard): the current status first, then NOT_SERVING once SIGTERM starts the
-drain. The health service's Watch is a coroutine writing with context.write, not an async
-generator; the interceptors must take either shape."""
+"""grpc.health.v1.Health/Watch through the server's front door (metrics, auth, drain,
+decode guard): the current status first, then NOT_SERVING once SIGTERM starts the drain.
+The health service's Watch is a coroutine writing with context.write, not an async
+generator; the front door must take either shape."""
 
 from __future__ import annotations
 
@@ -60,27 +60,26 @@ def test_client_watch_follows_the_status(start_server):
     assert srv.proc.wait(30) == 0
 
 
-def _interceptor(name: str):
-    from q8kv.server.auth import AuthInterceptor, TokenTable
+def _front(name: str):
+    """The front door configured with one of its concerns switched on."""
+    from q8kv.server.app import build_engine
     from q8kv.server.config import Config
-    from q8kv.server.drain import DrainInterceptor
-    from q8kv.server.interceptors import DecodeGuard
-    from q8kv.server.main import build_engine
-    from q8kv.server.metrics import Metrics
+    from q8kv.server.observability.metrics import Metrics
+    from q8kv.server.rpc.auth import TokenTable
+    from q8kv.server.rpc.drain import Drain
+    from q8kv.server.rpc.front import Front
 
-    if name == "decode-guard":
-        return DecodeGuard()
-    if name == "drain":
-        return DrainInterceptor()
     if name == "auth":
-        return AuthInterceptor(TokenTable(None, "writer-token-1234 alpha"))
-    engine = build_engine(Config(backend="numpy", memory_budget=1 << 20))
-    return Metrics(engine.store, engine.backend).interceptor()
+        return Front(Drain(), tokens=TokenTable(None, "writer-token-1234 alpha"))
+    if name == "metrics":
+        engine = build_engine(Config(backend="numpy", memory_budget=1 << 20))
+        return Front(Drain(), metrics=Metrics(engine.store, engine.backend))
+    return Front(Drain())  # drain and decode guard are always on
 
 
-async def _writer_call(interceptor, kind: str):
+async def _writer_call(front, kind: str):
     """A response-streaming method whose behavior is a coroutine writing three responses
-    with context.write and returning, served through ``interceptor`` on loopback."""
+    with context.write and returning, served through ``front`` on loopback."""
     request_type, response_type = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
 
     async def unary_stream(request, context):
@@ -96,9 +95,9 @@ async def _writer_call(interceptor, kind: str):
     handler = build(unary_stream if kind == "unary_stream" else stream_stream,
                     request_deserializer=request_type.FromString,
                     response_serializer=response_type.SerializeToString)
-    server = grpc.aio.server(interceptors=[interceptor])
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("test.Writer", {"Write": handler}),)
+    server = grpc.aio.server()
+    front.register(
+        server, lambda s: s.add_registered_method_handlers("test.Writer", {"Write": handler})
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -119,9 +118,9 @@ async def _writer_call(interceptor, kind: str):
 
 
 @pytest.mark.parametrize("kind", ["unary_stream", "stream_stream"])
-@pytest.mark.parametrize("name", ["decode-guard", "drain", "auth", "metrics"])
-def test_every_interceptor_takes_a_coroutine_streaming_behavior(name, kind):
+@pytest.mark.parametrize("name", ["plain", "auth", "metrics"])
+def test_the_front_door_takes_a_coroutine_streaming_behavior(name, kind):
     import asyncio
 
-    replies, code = asyncio.run(_writer_call(_interceptor(name), kind))
+    replies, code = asyncio.run(_writer_call(_front(name), kind))
     assert (replies, code) == ([SERVING] * 3, grpc.StatusCode.OK)

@@ -18,7 +18,7 @@ import pytest
 from conftest import TEST_BACKEND, ServerProcess
 from observability import SERVICE, Driver, Geo, Samples, page_bytes, pages_for, scrape
 
-from q8kv import wire as codec
+from q8kv import wire
 from q8kv.server.backends.base import tokens_per_page
 from q8kv.v1 import kvcache_pb2 as pb
 
@@ -106,7 +106,7 @@ def run_workload(d: Driver) -> None:
     d.expect_error(C.INVALID_ARGUMENT, d.stub.AppendAndAttend,
                    pb.AppendAndAttendRequest(items=[nan]))
     misshaped = d.item("a", GEO, 0, 1)
-    misshaped.k.CopyFrom(codec.encode(np.ones((1, GEO.kv_heads + 1, GEO.head_dim), np.float32)))
+    misshaped.k.CopyFrom(wire.encode(np.ones((1, GEO.kv_heads + 1, GEO.head_dim), np.float32)))
     d.expect_error(C.INVALID_ARGUMENT, d.stub.AppendAndAttend,
                    pb.AppendAndAttendRequest(items=[misshaped]))
     d.expect_error(C.NOT_FOUND, d.stub.AppendAndAttend,

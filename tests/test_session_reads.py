@@ -19,7 +19,9 @@ import pytest
 from q8kv.server.backends.numpy_backend import NumpyBackend
 from q8kv.server.cache import MIN_TTL_SECONDS, PagePool, SessionStore
 from q8kv.server.engine import Engine
-from q8kv.server.service import LIST_PAGE_SIZE, KVCacheService
+from q8kv.server.rpc.drain import Drain
+from q8kv.server.rpc.front import Front
+from q8kv.server.rpc.servicer import LIST_PAGE_SIZE, KVCacheService
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 
@@ -49,8 +51,10 @@ class LoopbackServer:
 
     async def _start(self) -> int:
         self.server = grpc.aio.server()
-        kvcache_pb2_grpc.add_KVCacheServiceServicer_to_server(
-            KVCacheService(self.engine), self.server
+        service = KVCacheService(self.engine)
+        Front(Drain()).register(
+            self.server,
+            lambda server: kvcache_pb2_grpc.add_KVCacheServiceServicer_to_server(service, server),
         )
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()

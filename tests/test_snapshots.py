@@ -222,7 +222,7 @@ def test_a_start_that_fails_after_binding_keeps_the_snapshot(start_server, tmp_p
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         result = subprocess.run(
-            [sys.executable, "-m", "q8kv.server.main", "--host", "127.0.0.1",
+            [sys.executable, "-m", "q8kv.server", "--host", "127.0.0.1",
              "--port", str(free_port()), "--backend", "numpy", "--memory-budget", "64MiB",
              "--snapshot-dir", str(directory), "--metrics-port",
              str(taken.getsockname()[1])],

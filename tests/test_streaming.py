@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from q8kv import format as q8
-from q8kv import wire as codec
+from q8kv import wire
 from q8kv.client import AppendItem, Client, Q8KVError
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
@@ -80,8 +80,8 @@ def test_a_stream_cut_mid_way_leaves_no_partial_append(server, client, cut):
 
     def requests():
         for i, (q, k, v) in enumerate(sent):
-            items = [pb.AttendItem(session_id=s.id, layer=layer, q=codec.encode(q),
-                                   k=codec.encode(k), v=codec.encode(v)) for layer in (0, 1)]
+            items = [pb.AttendItem(session_id=s.id, layer=layer, q=wire.encode(q),
+                                   k=wire.encode(k), v=wire.encode(v)) for layer in (0, 1)]
             yield pb.AppendAndAttendStreamRequest(request_id=i + 1, items=items)
 
     channel = grpc.insecure_channel(server.address)
@@ -152,8 +152,8 @@ def test_stream_error_codes_on_the_wire(server, client):
     q, k, v = qkv(rng, 2)
 
     def item(k_tensor):
-        return pb.AttendItem(session_id=s.id, layer=0, q=codec.encode(q),
-                             k=codec.encode(k_tensor), v=codec.encode(v))
+        return pb.AttendItem(session_id=s.id, layer=0, q=wire.encode(q),
+                             k=wire.encode(k_tensor), v=wire.encode(v))
 
     messages = [
         pb.AppendAndAttendStreamRequest(request_id=7, items=[item(k[:1])]),

@@ -238,9 +238,9 @@ def test_chunks_fit_a_small_message_limit_both_ways(servers, start_server):
 
 
 def test_a_limit_below_one_token_is_a_clear_error():
-    from q8kv.server import transfer
     from q8kv.server.cache import Geometry
     from q8kv.server.errors import ResourceExhausted
+    from q8kv.server.persistence import transfer
 
     g = Geometry(1, 8, 8, 128, 64)
     assert transfer.tokens_per_chunk(g) == 2048  # 4 MiB of codes

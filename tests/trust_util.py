@@ -8,7 +8,7 @@ import urllib.request
 
 import numpy as np
 
-from q8kv import wire as codec
+from q8kv import wire
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 
@@ -48,8 +48,8 @@ def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
 def attend_item(session_id: str, layer: int, rng, n: int = 1, geom=GEOM) -> pb.AttendItem:
     q, k, v = qkv(rng, n, geom)
     return pb.AttendItem(
-        session_id=session_id, layer=layer, q=codec.encode(q), k=codec.encode(k),
-        v=codec.encode(v),
+        session_id=session_id, layer=layer, q=wire.encode(q), k=wire.encode(k),
+        v=wire.encode(v),
     )
 
 

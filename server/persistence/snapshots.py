@@ -30,11 +30,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ..backends.base import Backend
+from ..cache import Session, SessionStore
+from ..errors import InvalidArgument, ServiceError
+from ..observability.logs import event
 from . import transfer
-from .backends.base import Backend
-from .cache import Session, SessionStore
-from .errors import InvalidArgument, ServiceError
-from .logs import event
 
 log = logging.getLogger("q8kv.snapshots")
 

@@ -8,7 +8,6 @@ a label value.
 
 from __future__ import annotations
 
-import inspect
 import random
 import time
 from importlib import metadata
@@ -19,10 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from q8kv import format as q8
 
-from .backends.base import Backend
-from .cache import SessionStore
-from .engine import AppendRequest, EngineObserver
-from .interceptors import declared_kind, handler_kind, rebuild, stream_responses
+from ..backends.base import Backend
+from ..cache import SessionStore
+from ..engine import AppendRequest, EngineObserver
 
 KERNEL_BUCKETS = (
     1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
@@ -157,12 +155,18 @@ class Metrics:
                 continue
             sent = np.stack([request.k, request.v]).astype(np.float32)
             stored = q8.dequantize(*q8.quantize(sent))
-            norm = float(np.linalg.norm(sent))
+            # In float64: the sum of squares of values near the 1e15 input bound overflows
+            # float32, and one NaN would poison the histogram's sum for good.
+            norm = float(np.linalg.norm(sent.astype(np.float64)))
             if norm > 0:
-                self.quant_error.observe(float(np.linalg.norm(stored - sent)) / norm)
+                error = np.linalg.norm(stored.astype(np.float64) - sent)
+                self.quant_error.observe(float(error) / norm)
 
-    def interceptor(self) -> grpc.aio.ServerInterceptor:
-        return _RpcMetrics(self)
+    def rpc_method(self, path: str, kind: str) -> MethodMetrics:
+        """The labelled children of one method (``/service/Method``, its declared kind),
+        for the front door to count and time each call with."""
+        service, _, method = path.lstrip("/").rpartition("/")
+        return MethodMetrics(self, kind, service, method)
 
     def serve_http(self, host: str, port: int):
         """Start the /metrics endpoint in a daemon thread; returns (server, thread)."""
@@ -181,7 +185,7 @@ _CODE_NAMES: dict = {c: c.name for c in grpc.StatusCode} | {
 }
 
 
-class _MethodMetrics:
+class MethodMetrics:
     """The labelled children of one method, resolved once (``labels()`` costs microseconds
     per call, which the decode-step round trip notices)."""
 
@@ -208,68 +212,3 @@ class _MethodMetrics:
             child = self.handled[name] = self.handled_family.labels(*self.labels, name)
         child.inc()
         self.seconds.observe(time.perf_counter() - started)
-
-
-class _RpcMetrics(grpc.aio.ServerInterceptor):
-    """Counts and times every RPC by service, method, type and final status code."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.m = metrics
-        self._methods: dict[tuple[str, str], _MethodMetrics] = {}
-
-    def _method(self, path: str, kind: str) -> _MethodMetrics:
-        found = self._methods.get((path, kind))
-        if found is None:
-            service, _, method = path.lstrip("/").rpartition("/")
-            found = self._methods[(path, kind)] = _MethodMetrics(self.m, kind, service, method)
-        return found
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        kind = handler_kind(handler)
-        inner = getattr(handler, kind)
-        # Labelled by the method's own kind (a refusal runs request-streaming on the wire).
-        mm = self._method(handler_call_details.method, declared_kind(handler))
-
-        async def counted_requests(requests):
-            async for request in requests:
-                mm.received.inc()
-                yield request
-
-        if kind.endswith("_stream"):
-
-            async def behavior(request, context):
-                mm.started.inc()
-                started, outcome = time.perf_counter(), {"failed": None}
-                # Counted when the RPC ends, however it ends: a generator abandoned at its
-                # `yield` (client gone mid-stream) runs no `finally` until collected.
-                context.add_done_callback(
-                    lambda _: mm.finish(context, started, outcome["failed"])
-                )
-                if kind == "stream_stream":
-                    request = counted_requests(request)
-                try:
-                    async for response in stream_responses(inner(request, context)):
-                        mm.sent.inc()
-                        yield response
-                except BaseException as exc:
-                    outcome["failed"] = exc
-                    raise
-
-        else:
-
-            async def behavior(request, context):
-                mm.started.inc()
-                started, failed = time.perf_counter(), None
-                try:
-                    result = inner(request, context)
-                    return await result if inspect.isawaitable(result) else result
-                except BaseException as exc:
-                    failed = exc
-                    raise
-                finally:
-                    mm.finish(context, started, failed)
-
-        return rebuild(handler, behavior)

@@ -22,20 +22,15 @@ from pathlib import Path
 
 import grpc
 
-from .interceptors import handler_kind, rebuild, stream_responses, unread
-from .logs import event
+from ..observability.logs import event
 
 log = logging.getLogger("q8kv.auth")
 
-# The calling tenant, set by the interceptor for the duration of each RPC.
+# The calling tenant, set by the front door (front.py) for the duration of each RPC.
 current_tenant: ContextVar[str] = ContextVar("q8kv_tenant", default="")
 
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 _TENANT = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
-
-
-def tenant_of_call(context: grpc.aio.ServicerContext) -> str:
-    return current_tenant.get()
 
 
 def parse_tokens(text: str, source: str) -> dict[bytes, str]:
@@ -95,7 +90,8 @@ class TokenTable:
         return found
 
 
-def _bearer(metadata) -> str | None:
+def bearer_token(metadata) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` entry of the call's metadata."""
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str):
             scheme, _, token = value.partition(" ")
@@ -104,7 +100,7 @@ def _bearer(metadata) -> str | None:
     return None
 
 
-class _Grant:
+class Grant:
     """One call's token and tenant; re-validated when the table changed since the last
     check, so a revoked (or reassigned) token ends the streams it opened."""
 
@@ -125,70 +121,18 @@ class _Grant:
             )
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses from the call's metadata, before gRPC reads the request: an unauthenticated
-    caller cannot make the server receive (and hold) a message of up to the size limit."""
-
-    def __init__(self, tokens: TokenTable) -> None:
-        self.tokens = tokens
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method in OPEN_METHODS:
-            return handler
-        token = _bearer(handler_call_details.invocation_metadata)
-        tenant = self.tokens.tenant_for(token) if token else None
-        if tenant is None:
-            reason = (
-                "authorization: expected 'Bearer <token>' metadata, got none"
-                if token is None
-                else "authorization: unknown token"
-            )
-            return unread(handler, _deny(reason))
-        kind = handler_kind(handler)
-        grant = _Grant(self.tokens, token, tenant, method)
-        return rebuild(handler, _as_tenant(kind, getattr(handler, kind), grant))
-
-
-def _deny(reason: str):
-    # A coroutine that never touches the request iterator: nothing of the body is read.
-    async def deny(request_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
-
-    return deny
-
-
-def _as_tenant(kind: str, inner, grant: _Grant):
-    async def checked(requests, context):
-        async for request in requests:
-            await grant.check(context)  # before the message reaches the service
-            yield request
-
-    async def responses(result, context):
-        async for response in stream_responses(result):
-            await grant.check(context)
-            yield response
-
-    async def unary_unary(request, context):
-        current_tenant.set(grant.tenant)
-        return await inner(request, context)
-
-    async def unary_stream(request, context):
-        current_tenant.set(grant.tenant)
-        async for response in responses(inner(request, context), context):
-            yield response
-
-    async def stream_unary(requests, context):
-        current_tenant.set(grant.tenant)
-        return await inner(checked(requests, context), context)
-
-    async def stream_stream(requests, context):
-        current_tenant.set(grant.tenant)
-        async for response in responses(inner(checked(requests, context), context), context):
-            yield response
-
-    return {
-        "unary_unary": unary_unary, "unary_stream": unary_stream,
-        "stream_unary": stream_unary, "stream_stream": stream_stream,
-    }[kind]
+async def authenticate(
+    tokens: TokenTable, method: str, context: grpc.aio.ServicerContext
+) -> Grant:
+    """The caller's grant, from the call's metadata; UNAUTHENTICATED without a known
+    token (the caller's request has not been read yet: see front.py)."""
+    token = bearer_token(context.invocation_metadata())
+    tenant = tokens.tenant_for(token) if token else None
+    if tenant is None:
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "authorization: expected 'Bearer <token>' metadata, got none"
+            if token is None
+            else "authorization: unknown token",
+        )
+    return Grant(tokens, token, tenant, method)

@@ -19,9 +19,9 @@ import numpy as np
 
 from q8kv.v1 import kvcache_pb2 as pb
 
-from .backends.base import Backend
-from .cache import Geometry, Session, SessionStore
-from .errors import InvalidArgument, ResourceExhausted, ServiceError
+from ..backends.base import Backend
+from ..cache import Geometry, Session, SessionStore
+from ..errors import InvalidArgument, ResourceExhausted, ServiceError
 
 FORMAT_VERSION = 1
 CHUNK_BYTES = 4 * 1024 * 1024  # codes per token chunk at most, however large the limit

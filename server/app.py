@@ -1,37 +1,35 @@
-"""``q8kv-server``: build the backend, the cache and the engine, serve gRPC until
-SIGTERM/SIGINT, then drain (in-flight calls finish, new ones get UNAVAILABLE)."""
+"""``q8kv-server``: wire a Config into a server (backend, cache, engine, RPC layer), serve
+gRPC until SIGTERM/SIGINT, then drain (in-flight calls finish, new ones get UNAVAILABLE)
+and save the snapshot. The only module that imports every room of the house."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from q8kv.format import page_bytes
 from q8kv.v1 import kvcache_pb2, kvcache_pb2_grpc
 
-from . import snapshots
-from .auth import AuthInterceptor, TokenTable, tenant_of_call
+from . import startup
 from .backends import GpuTuning, create_backend
-from .backends.base import page_bytes
 from .cache import PagePool, SessionStore
 from .config import Config, ConfigError, load_config
-from .drain import DrainInterceptor
 from .engine import Engine
-from .interceptors import DecodeGuard
-from .logs import event, setup_logging
-from .metrics import Metrics
-from .service import CallLimits, KVCacheService
+from .observability.logs import event, setup_logging
+from .observability.metrics import Metrics
+from .rpc.drain import Drain
+from .rpc.front import Front
+from .rpc.messages import CallLimits
+from .rpc.servicer import KVCacheService
 
 log = logging.getLogger("q8kv.server")
 
@@ -92,52 +90,50 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.tokens = _token_table(config)
-        credentials = _tls_credentials(config) if config.tls_cert else None
-        self.snapshots = _snapshot_dir(config)
+        self.tokens = startup.token_table(config)
+        credentials = startup.tls_credentials(config) if config.tls_cert else None
+        self.snapshots = startup.snapshot_dir(config)
         self.engine = build_engine(config)
         self.metrics: Metrics | None = None
-        self.drain = DrainInterceptor()
-        interceptors: list[grpc.aio.ServerInterceptor] = []
+        self.drain = Drain()
         on_items = None
         if config.metrics_port >= 0:
             self.metrics = Metrics(
                 self.engine.store, self.engine.backend, config.quant_error_sample_rate
             )
             self.engine.observer = self.metrics.engine_observer()
-            interceptors.append(self.metrics.interceptor())
             on_items = self.metrics.sample_quantization
-        if self.tokens.enabled:  # inside the metrics one, so refusals are counted too
-            interceptors.append(AuthInterceptor(self.tokens))
-        interceptors.append(self.drain)
-        interceptors.append(DecodeGuard())  # innermost: its deserializer is the one used
         self.health = health.aio.HealthServicer()
         options = [
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.grpc = grpc.aio.server(interceptors=interceptors, options=options)
-        kvcache_pb2_grpc.add_KVCacheServiceServicer_to_server(
-            KVCacheService(
-                self.engine,
-                tenant_of=tenant_of_call,
-                on_items=on_items,
-                limits=CallLimits(
-                    config.max_items_per_call, config.max_tokens_per_call, config.max_message_bytes
-                ),
+        self.grpc = grpc.aio.server(options=options)
+        servicer = KVCacheService(
+            self.engine,
+            drain=self.drain,
+            on_items=on_items,
+            limits=CallLimits(
+                config.max_items_per_call, config.max_tokens_per_call, config.max_message_bytes
             ),
+        )
+        Front(self.drain, self.tokens, self.metrics).register(
             self.grpc,
+            lambda server: kvcache_pb2_grpc.add_KVCacheServiceServicer_to_server(servicer, server),
+            lambda server: health_pb2_grpc.add_HealthServicer_to_server(self.health, server),
+            lambda server: reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                reflection.aio.ReflectionServicer(
+                    (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+                ),
+                server,
+            ),
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
-        )
-        self.port = _listen(self.grpc, f"{config.host}:{config.port}", credentials)
+        self.port = startup.listen(self.grpc, f"{config.host}:{config.port}", credentials)
         self.metrics_port: int | None = None
         self._metrics_http = None
         if self.metrics is not None:
-            self._metrics_http = _serve_metrics(self.metrics, config)
+            self._metrics_http = startup.serve_metrics(self.metrics, config)
             self.metrics_port = self._metrics_http.server_port
         self._sweeper: asyncio.Task | None = None
         self._loaded = False  # a save may replace the snapshot only after a whole load
@@ -173,7 +169,7 @@ class Server:
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
             with contextlib.suppress(Exception):
-                await self.engine.call(self.engine.store.evict_expired)
+                await self.engine.evict_expired()
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.grace_seconds if grace is None else grace
@@ -207,101 +203,6 @@ class Server:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         event(log, "stopped")
-
-
-def _token_table(config: Config) -> TokenTable:
-    try:
-        return TokenTable(config.auth_tokens_file, os.environ.get("Q8KV_AUTH_TOKENS"))
-    except ValueError as exc:  # names the file (or variable) and the entry, not the secret
-        raise ConfigError(f"--auth-tokens-file: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(
-            f"--auth-tokens-file: expected a readable file, got {config.auth_tokens_file!r} "
-            f"({exc.strerror})"
-        ) from None
-
-
-def _snapshot_dir(config: Config) -> snapshots.SnapshotDir | None:
-    if not config.snapshot_dir:
-        return None
-    directory = snapshots.SnapshotDir(Path(config.snapshot_dir))
-    try:
-        directory.prepare()
-    except OSError as exc:
-        raise ConfigError(
-            f"--snapshot-dir: expected a writable directory, got {config.snapshot_dir!r} "
-            f"({exc.strerror or exc})"
-        ) from None
-    return directory
-
-
-@contextlib.contextmanager
-def _core_stderr() -> Iterator[list[str]]:
-    """Hold back what gRPC's C core writes to stderr meanwhile (its own error lines on a
-    failed bind), so a failure reads as our one line; replayed when nothing failed."""
-    captured: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as spool:
-        os.dup2(spool.fileno(), 2)
-        failed = False
-        try:
-            yield captured
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            spool.seek(0)
-            text = spool.read().decode(errors="replace")
-            captured.extend(line for line in text.splitlines() if line.strip())
-            if text and not failed:
-                sys.stderr.write(text)
-
-
-def _listen(server: grpc.aio.Server, address: str, credentials) -> int:
-    try:
-        with _core_stderr() as core:
-            if credentials is None:
-                return server.add_insecure_port(address)
-            return server.add_secure_port(address, credentials)
-    except RuntimeError:
-        # The core's own lines say why: address in use, a certificate it cannot use.
-        detail = "; ".join(line.split("] ", 1)[-1] for line in core) or "bind failed"
-        flags = "--host/--port" + (" with --tls-cert/--tls-key" if credentials else "")
-        raise ConfigError(
-            f"{flags}: expected an address this server can listen on, got {address} "
-            f"({detail})"
-        ) from None
-
-
-def _serve_metrics(metrics: Metrics, config: Config):
-    try:
-        server, _ = metrics.serve_http(config.host, config.metrics_port)
-    except OSError as exc:
-        raise ConfigError(
-            f"--metrics-port: expected a free port, got {config.host}:{config.metrics_port} "
-            f"({exc.strerror or exc})"
-        ) from None
-    return server
-
-
-def _tls_credentials(config: Config) -> grpc.ServerCredentials:
-    def read(flag: str, path: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError as exc:
-            raise ConfigError(
-                f"{flag}: expected a readable PEM file, got {path!r} ({exc.strerror or exc})"
-            ) from None
-
-    key = read("--tls-key", config.tls_key)
-    cert = read("--tls-cert", config.tls_cert)
-    client_ca = read("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
 
 
 async def serve(config: Config) -> None:

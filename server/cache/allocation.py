@@ -1,0 +1,83 @@
+"""One call's changes to the store, kept or undone as a whole."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .session import Session
+
+if TYPE_CHECKING:
+    from .store import SessionStore
+
+
+class Allocation:
+    """What one call changes in the store, kept or undone as a whole.
+
+    Made by ``SessionStore.begin()``. Every session the call looks up is pinned (never
+    evicted, by TTL or LRU) until the allocation ends, so nothing the call prepared can be
+    taken from under it. ``grow`` takes pages and advances a layer's length; the allocation
+    then ends exactly once: ``commit()`` keeps every change, ``roll_back()`` undoes them in
+    reverse order. Ending it twice is a bug and raises AssertionError. Used as a context
+    manager it commits on success and rolls back on an exception.
+    """
+
+    def __init__(self, store: SessionStore) -> None:
+        self._store = store
+        self._pinned: dict[int, Session] = {}  # by id(): each session pinned once
+        # (session, layer, length before, pages added), in the order they happened.
+        self._steps: list[tuple[Session, int, int, list[int]]] = []
+        self.state = "open"
+
+    def __enter__(self) -> Allocation:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        """As a context: commit on success, roll back on an exception (if still open)."""
+        if self.state != "open":
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.roll_back()
+
+    def pin(self, session: Session) -> None:
+        """Keep ``session`` from eviction until the allocation ends (idempotent)."""
+        self._require_open("pin")
+        if id(session) not in self._pinned:
+            session.pins += 1
+            self._pinned[id(session)] = session
+
+    def grow(self, session: Session, index: int, new_length: int) -> None:
+        """Cover ``new_length`` tokens of layer ``index`` and make that its length. On an
+        error (past max_len, no memory) nothing of this step is changed."""
+        self._require_open("grow")
+        self.pin(session)
+        store = self._store
+        with store.lock:
+            old_length = int(session.lengths[index])
+            added = store._take_pages(session, index, new_length)
+            store._set_length(session, index, new_length)
+        self._steps.append((session, index, old_length, added))
+
+    def commit(self) -> None:
+        self._require_open("commit")
+        self._end("committed")
+
+    def roll_back(self) -> None:
+        self._require_open("roll_back")
+        store = self._store
+        with store.lock:
+            for session, index, old_length, added in reversed(self._steps):
+                store._set_length(session, index, old_length)
+                store._drop_last_pages(session, index, added)
+        self._end("rolled back")
+
+    def _end(self, state: str) -> None:
+        self.state = state
+        for session in self._pinned.values():
+            session.pins -= 1
+        self._pinned.clear()
+
+    def _require_open(self, what: str) -> None:
+        if self.state != "open":
+            raise AssertionError(f"allocation: {what} after it was {self.state}")

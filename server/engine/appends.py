@@ -1,0 +1,162 @@
+"""The append transaction of one batch: check every job's items against their sessions,
+grow the sessions in one ``Allocation`` per job, run one backend call for the whole batch,
+then commit and answer each job, or roll every job back and answer each with the error.
+
+Each job's allocation pins every session the job names until it is answered: reserving
+pages for a later job of a batch can evict idle or expired sessions, but never one an
+earlier job already prepared. A job whose caller went away before the engine claimed it is
+never applied; one the engine claimed is applied and answered. Each job stays
+all-or-nothing: one that fails validation fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..backends.base import AttendItem, Backend
+from ..cache import Allocation, Session, SessionStore
+from ..errors import Aborted, DeadlineExceeded, InvalidArgument, ServiceError
+from .jobs import AppendJob, AppendRequest, EngineObserver, answer
+
+log = logging.getLogger("q8kv.engine")
+
+
+@dataclass
+class _Prepared:
+    """One accepted job: its backend items and the allocation that holds its changes."""
+
+    job: AppendJob
+    allocation: Allocation
+    items: list[AttendItem]
+    sessions: list[Session]
+
+
+class AppendTransaction:
+    def __init__(
+        self,
+        store: SessionStore,
+        backend: Backend,
+        claim: Callable[[AppendJob], bool],
+        observer: Callable[[], EngineObserver],
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self._claim = claim
+        self._observer = observer  # read per batch: metrics may be attached after start
+
+    def run(self, batch: list[AppendJob]) -> None:
+        accepted: list[_Prepared] = []
+        try:
+            self._prepare_batch(batch, accepted)
+            if accepted:
+                self._apply(accepted)
+        finally:
+            # Only after a bug: nothing may stay pinned or half-applied.
+            for prepared in reversed(accepted):
+                if prepared.allocation.state == "open":
+                    prepared.allocation.roll_back()
+
+    def _prepare_batch(self, batch: list[AppendJob], accepted: list[_Prepared]) -> None:
+        now = time.monotonic()
+        for job in batch:
+            if not self._claim(job):
+                continue  # the caller went away before the work started: never applied
+            self._observer().on_queue_wait(now - job.enqueued)
+            if job.deadline is not None and now > job.deadline:
+                job.resolve(error=DeadlineExceeded("deadline: expired before the work ran"))
+                continue
+            try:
+                accepted.append(self._prepare(job))
+            except Exception as exc:
+                if not isinstance(exc, ServiceError | MemoryError):
+                    log.exception("request failed in validation")
+                job.resolve(error=answer(exc))
+
+    def _apply(self, accepted: list[_Prepared]) -> None:
+        items = [item for prepared in accepted for item in prepared.items]
+        started = time.perf_counter()
+        try:
+            outputs = self.backend.append_and_attend(items)
+        except Exception as exc:
+            if not isinstance(exc, MemoryError):
+                log.exception("device call failed; rolling back %d requests", len(accepted))
+            error = answer(exc)
+            for prepared in reversed(accepted):
+                prepared.allocation.roll_back()
+                prepared.job.resolve(error=error)
+            return
+        for prepared in accepted:
+            prepared.allocation.commit()
+        observer = self._observer()
+        observer.on_batch(len(items), time.perf_counter() - started)
+        position = 0
+        for prepared in accepted:
+            results = []
+            for item, session in zip(prepared.items, prepared.sessions, strict=True):
+                results.append((outputs[position], item.start + item.n))
+                position += 1
+                observer.on_append(session, item.n)
+            prepared.job.resolve(results)
+
+    def _prepare(self, job: AppendJob) -> _Prepared:
+        """Check every item against its session, reserve pages and advance lengths in one
+        allocation; on the first failure roll it back and raise."""
+        allocation = self.store.begin()
+        prepared = _Prepared(job, allocation, [], [])
+        try:
+            for index, request in enumerate(job.items):
+                session, item = self._prepare_item(index, request, job.tenant, allocation)
+                prepared.items.append(item)
+                prepared.sessions.append(session)
+        except BaseException:
+            allocation.roll_back()
+            raise
+        return prepared
+
+    def _prepare_item(
+        self, index: int, request: AppendRequest, tenant: str, allocation: Allocation
+    ) -> tuple[Session, AttendItem]:
+        # The lookup touches the session (a batch's sessions never look idle) and the pin
+        # keeps it from eviction until the job is answered.
+        session = self.store.get(request.session_id, tenant)
+        allocation.pin(session)
+        layer = session.layer(request.layer)
+        g = session.geometry
+        n = request.q.shape[0] if request.q.ndim == 3 else -1
+        prefix = f"items[{index}]"
+        check_shape(f"{prefix}.q", request.q.shape, (n, g.num_heads, g.head_dim))
+        check_shape(f"{prefix}.k", request.k.shape, (n, g.num_kv_heads, g.head_dim))
+        check_shape(f"{prefix}.v", request.v.shape, (n, g.num_kv_heads, g.head_dim))
+        if n < 1:
+            raise InvalidArgument(f"{prefix}.q.shape[0]: expected >= 1 tokens, got {n}")
+        old_length = layer.length
+        if request.expected_length is not None and request.expected_length != old_length:
+            raise Aborted(
+                f"{prefix}.expected_length: expected the layer's length {old_length}, "
+                f"got {request.expected_length}"
+            )
+        allocation.grow(session, request.layer, old_length + n)
+        item = AttendItem(
+            layout=session.layout,
+            softmax_scale=session.softmax_scale,
+            page_ids=layer.page_table(),
+            start=old_length,
+            q=request.q,
+            k=request.k,
+            v=request.v,
+        )
+        return session, item
+
+
+def check_shape(field_name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(actual) != tuple(expected):
+        shown = ["n" if i == 0 else str(d) for i, d in enumerate(expected)]
+        raise InvalidArgument(
+            f"{field_name}.shape: expected [{', '.join(shown)}] with n = {expected[0]} "
+            f"(q.shape[0]), got {list(actual)}"
+            if expected[0] >= 0
+            else f"{field_name}.shape: expected 3 dimensions, got {list(actual)}"
+        )

@@ -1,0 +1,104 @@
+"""What travels through the engine's queue: jobs (a function to run, or a batchable append)
+and the answer each caller waits for."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ResourceExhausted
+
+
+@dataclass
+class AppendRequest:
+    """One item of an AppendAndAttend call, decoded and checked for dtype and finiteness."""
+
+    session_id: str
+    layer: int
+    q: np.ndarray  # [n, H, D]
+    k: np.ndarray  # [n, KVH, D]
+    v: np.ndarray  # [n, KVH, D]
+    # The layer length the caller believes it appends at; a mismatch aborts the call.
+    expected_length: int | None = None
+
+
+@dataclass
+class EngineObserver:
+    """Hooks for metrics; every one runs on the worker thread and must be cheap."""
+
+    on_batch: Callable[[int, float], None] = lambda items, seconds: None  # items, device s
+    on_queue_wait: Callable[[float], None] = lambda seconds: None
+    on_append: Callable[[Any, int], None] = lambda session, tokens: None
+
+
+@dataclass
+class Job:
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.monotonic)
+    # Both change only under the queue's lock: the worker claims a job before running it, a
+    # caller that goes away withdraws it if not yet claimed. Exactly one of them wins.
+    claimed: bool = False
+    withdrawn: bool = False
+
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Answer the caller, from the worker thread or the event loop."""
+
+        def settle() -> None:
+            if self.future.done():  # the caller went away (cancelled, deadline)
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:  # the worker thread has no running loop
+            on_loop = False
+        if on_loop:
+            settle()
+        else:
+            self.loop.call_soon_threadsafe(settle)
+
+
+@dataclass
+class CallJob(Job):
+    """Run ``fn`` on the worker, in order with everything else."""
+
+    fn: Callable[[], Any] = lambda: None
+
+
+@dataclass
+class AppendJob(Job):
+    """One AppendAndAttend call: all of its items apply, or none."""
+
+    items: Sequence[AppendRequest] = ()
+    tenant: str = ""
+    deadline: float | None = None  # time.monotonic() by which the work must start
+
+    @property
+    def tokens(self) -> int:
+        return sum(item.k.shape[0] for item in self.items)
+
+
+def answer(exc: BaseException) -> BaseException:
+    """The error a caller gets: running out of host memory is RESOURCE_EXHAUSTED (the call
+    was too big for the server now), never INTERNAL."""
+    if isinstance(exc, MemoryError):
+        return ResourceExhausted(
+            "host memory: the server ran out of memory running this call "
+            "(nothing of it was applied); send fewer tokens per call"
+        )
+    return exc
+
+
+def discard_outcome(future: asyncio.Future) -> None:
+    """Mark a future's error as read (its caller is gone), so asyncio does not warn."""
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,203 @@
+"""The engine: every operation on the cache, as a named method. Changes run on the ordered
+worker (appends through the batcher and the append transaction); reads of session
+metadata take a consistent snapshot under the store's lock without queueing.
+
+This is what the RPC layer talks to; it never reaches the store or the backend itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+
+from q8kv.v1 import kvcache_pb2 as pb
+
+from ..backends.base import Backend
+from ..cache import Geometry, SessionSnapshot, SessionStore
+from ..errors import FailedPrecondition, InvalidArgument, OutOfRange
+from ..persistence import transfer
+from .appends import AppendTransaction
+from .batcher import collect_batch
+from .jobs import AppendJob, AppendRequest, CallJob, EngineObserver, Job, answer
+from .worker import Worker, log
+
+
+class Engine:
+    def __init__(
+        self,
+        backend: Backend,
+        store: SessionStore,
+        max_batch_items: int = 64,
+        max_queue_delay_us: int = 0,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.backend = backend
+        self.store = store
+        self.max_batch_items = max_batch_items
+        self.max_queue_delay = max_queue_delay_us / 1e6
+        self.observer = observer or EngineObserver()
+        # Inline runs are off when a queue delay is asked for: the delay exists to batch.
+        self.worker = Worker(self._execute, inline_when_idle=max_queue_delay_us == 0)
+        self.appends = AppendTransaction(store, backend, self.worker.claim, lambda: self.observer)
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the queued work, then end the worker thread."""
+        self.worker.stop(timeout)
+
+    async def call(self, fn) -> object:
+        """Run ``fn`` on the worker, in order with every other operation."""
+        return await self.worker.call(fn)
+
+    @property
+    def page_bytes(self) -> int:
+        return self.store.pool.page_bytes
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.store.pool.num_pages * self.store.pool.page_bytes
+
+    # -- sessions ------------------------------------------------------------------------
+
+    async def create_session(
+        self,
+        geometry: Geometry,
+        session_id: str,
+        ttl_seconds: float,
+        softmax_scale: float | None,
+        tenant: str,
+    ) -> SessionSnapshot:
+        store = self.store
+        return await self.call(
+            lambda: store.snapshot(
+                store.create(geometry, session_id, ttl_seconds, softmax_scale, tenant)
+            )
+        )
+
+    def read_session(self, session_id: str, tenant: str) -> SessionSnapshot:
+        """A snapshot of one session, without waiting for the worker; counts as a use."""
+        return self.store.read(session_id, tenant)
+
+    def list_sessions(
+        self, tenant: str, after: str, size: int
+    ) -> tuple[list[SessionSnapshot], bool]:
+        """The tenant's sessions after ``after`` (by id), ``size`` at most, and whether more
+        follow; without waiting for the worker."""
+        return self.store.list_page(tenant, after, size)
+
+    async def delete_session(self, session_id: str, tenant: str) -> int:
+        """Bytes of the pages the session gave back."""
+        return await self.call(lambda: self.store.delete(session_id, tenant))
+
+    async def truncate_session(self, session_id: str, tenant: str, length: int) -> SessionSnapshot:
+        def truncate() -> SessionSnapshot:
+            session = self.store.get(session_id, tenant)
+            self.store.truncate(session, length)
+            return self.store.snapshot(session)
+
+        return await self.call(truncate)
+
+    async def evict_expired(self) -> int:
+        return await self.call(self.store.evict_expired)
+
+    # -- attention -----------------------------------------------------------------------
+
+    async def append_and_attend(
+        self, items: Sequence[AppendRequest], tenant: str = "", deadline: float | None = None
+    ) -> list[tuple[np.ndarray, int]]:
+        """(float32 output [n, H, D], new layer length) for each item, in order."""
+        loop = asyncio.get_running_loop()
+        job = AppendJob(
+            future=loop.create_future(),
+            loop=loop,
+            items=items,
+            tenant=tenant,
+            deadline=deadline,
+        )
+        return await self.worker.append(job)
+
+    async def dequantize(
+        self, session_id: str, tenant: str, layer: int, start: int, end: int | None
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """K and V float32 [KVH, end - start, D] of one layer, and the layer's length."""
+
+        def read() -> tuple[np.ndarray, np.ndarray, int]:
+            session = self.store.get(session_id, tenant)
+            view = session.layer(layer)
+            stop = view.length if end is None else end
+            for name, value in (("end", stop), ("start", start)):
+                if value > view.length:
+                    raise OutOfRange(
+                        f"{name}: expected <= the layer's length {view.length}, got {value}"
+                    )
+            if not 0 <= start <= stop:
+                raise InvalidArgument(f"start: expected 0 <= start <= end ({stop}), got {start}")
+            k, v = self.backend.dequantize(session.layout, view.page_table(), start, stop)
+            return k, v, view.length
+
+        return await self.call(read)
+
+    # -- transfer ------------------------------------------------------------------------
+
+    async def export_session(
+        self, session_id: str, tenant: str, max_message_bytes: int
+    ) -> AsyncIterator[pb.SessionChunk]:
+        """The session as a chunk stream: header, each layer's tokens in chunks that fit a
+        message, then the checksum. Each layer is read in an engine call of its own, so
+        appends to other sessions flow between them."""
+        header = await self.call(lambda: transfer.header_of(self.store.get(session_id, tenant)))
+        checksum = transfer.Checksum()
+        first = pb.SessionChunk(header=header)
+        checksum.add(first)
+        yield first
+        for index, length in enumerate(header.layer_lengths):
+            read = functools.partial(
+                self._export_layer, session_id, tenant, index, length, max_message_bytes
+            )
+            for tokens in await self.call(read):
+                chunk = pb.SessionChunk(tokens=tokens)
+                checksum.add(chunk)
+                yield chunk
+        yield checksum.trailer()
+
+    def _export_layer(
+        self, session_id: str, tenant: str, index: int, length: int, max_message_bytes: int
+    ) -> list[pb.TokenChunk]:
+        session = self.store.get(session_id, tenant)
+        held = session.layers[index].length
+        if held < length:
+            raise FailedPrecondition(
+                f"session_id: {session_id!r} was truncated during the export (layer {index} "
+                f"has {held} tokens, the header said {length})"
+            )
+        return transfer.layer_chunks(self.backend, session, index, length, max_message_bytes)
+
+    async def import_session(
+        self, chunks: list[pb.SessionChunk], tenant: str
+    ) -> SessionSnapshot:
+        """Install a session from an ExportSession stream (checked before anything changes)."""
+        imported = transfer.assemble(chunks)
+        store, backend = self.store, self.backend
+        return await self.call(
+            lambda: store.snapshot(transfer.install(store, backend, imported, tenant))
+        )
+
+    # -- the worker's dispatch -----------------------------------------------------------
+
+    def _execute(self, job: Job) -> None:
+        if isinstance(job, CallJob):
+            self.worker.run_call(job)
+            return
+        assert isinstance(job, AppendJob)
+        batch = collect_batch(self.worker.queue, job, self.max_batch_items, self.max_queue_delay)
+        try:
+            self.appends.run(batch)
+        except Exception as exc:  # a bug: answer INTERNAL, but never let the worker die
+            log.exception("append batch failed")
+            for pending in batch:
+                pending.resolve(error=answer(exc))  # no-op for jobs already answered

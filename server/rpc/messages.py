@@ -1,0 +1,128 @@
+"""Request messages in, response messages out: decode and check what no session could take
+(item count, token count, tensor dtype/shape/values), and encode what the engine returns."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from q8kv import wire
+from q8kv.v1 import kvcache_pb2 as pb
+
+from ..engine import AppendRequest, Geometry, SessionSnapshot
+from ..errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    max_items: int = 1024
+    max_tokens: int = 65536
+    # The server's gRPC message limit (--max-message-bytes): ExportSession's chunks fit it.
+    max_message_bytes: int = 512 * 1024 * 1024
+
+
+# Largest |value| of q, k and v: attention then cannot overflow float32 (max 3.4e38). With
+# head_dim <= 1024 and softmax_scale <= 1e3, a score is at most 1e3 * 1024 * (1e15)^2 ~ 1e36;
+# Q8 keeps |dequantized k, v| <= max |k, v|, and the output, a convex combination of v, too.
+MAX_ABS_VALUE = 1e15
+# The output travels in q's dtype: float16 q needs |v| within float16's range (65504).
+_OUTPUT_MAX = {np.dtype("<f2"): float(np.finfo(np.float16).max)}
+
+
+def geometry_of(g: pb.Geometry) -> Geometry:
+    return Geometry(g.num_layers, g.num_heads, g.num_kv_heads, g.head_dim, g.max_len)
+
+
+def session_info(snap: SessionSnapshot, page_bytes: int) -> pb.SessionInfo:
+    g = snap.geometry
+    return pb.SessionInfo(
+        session_id=snap.id,
+        geometry=pb.Geometry(
+            num_layers=g.num_layers,
+            num_heads=g.num_heads,
+            num_kv_heads=g.num_kv_heads,
+            head_dim=g.head_dim,
+            max_len=g.max_len,
+        ),
+        softmax_scale=snap.softmax_scale,
+        layer_lengths=snap.layer_lengths,
+        cache_bytes=snap.tokens * g.token_bytes(),
+        reserved_bytes=snap.pages_held * page_bytes,
+        ttl_seconds=snap.ttl_seconds,
+        created_at=snap.created_at,
+        last_used_at=snap.last_used_at,
+    )
+
+
+def decode_items(items, limits: CallLimits = CallLimits()) -> list[AppendRequest]:
+    """Decode every item's tensors without copying; reject what no session could take."""
+    if not items:
+        raise InvalidArgument("items: expected at least 1 item, got 0")
+    if len(items) > limits.max_items:
+        raise InvalidArgument(
+            f"items: expected at most {limits.max_items} items per call, got {len(items)}"
+        )
+    new_tokens = sum(item.k.shape[0] if item.k.shape else 0 for item in items)
+    if new_tokens > limits.max_tokens:
+        raise InvalidArgument(
+            f"items: expected at most {limits.max_tokens} new tokens per call, got {new_tokens}"
+        )
+    return [_decode_item(f"items[{index}]", item) for index, item in enumerate(items)]
+
+
+def attend_results(requests: list[AppendRequest], results) -> list[pb.AttendResult]:
+    """Each item's float32 output, encoded in its q's dtype, with the layer's new length."""
+    return [
+        pb.AttendResult(output=wire.encode(out, request.q.dtype), length=length)
+        for request, (out, length) in zip(requests, results, strict=True)
+    ]
+
+
+def _decode_item(prefix: str, item) -> AppendRequest:
+    tensors = {
+        name: _decode_tensor(f"{prefix}.{name}", getattr(item, name)) for name in ("q", "k", "v")
+    }
+    for name, array in tensors.items():
+        bound, why = MAX_ABS_VALUE, "so attention cannot overflow float32"
+        if name == "v" and tensors["q"].dtype in _OUTPUT_MAX:
+            bound, why = _OUTPUT_MAX[tensors["q"].dtype], "the output travels in q's float16"
+        _check_values(f"{prefix}.{name}", array, bound, why)
+    if not item.session_id:
+        raise InvalidArgument(f"{prefix}.session_id: expected a session id, got ''")
+    expected = item.expected_length if item.HasField("expected_length") else None
+    if expected is not None and expected < 0:
+        raise InvalidArgument(f"{prefix}.expected_length: expected >= 0, got {expected}")
+    return AppendRequest(item.session_id, item.layer, **tensors, expected_length=expected)
+
+
+def _decode_tensor(field: str, tensor) -> np.ndarray:
+    try:
+        array = wire.decode(tensor, field)
+    except wire.TensorError as exc:
+        raise InvalidArgument(str(exc)) from None
+    if array.ndim != 3:
+        raise InvalidArgument(
+            f"{field}.shape: expected 3 dimensions [n, heads, head_dim], got {list(array.shape)}"
+        )
+    return array
+
+
+def _check_values(field: str, array: np.ndarray, bound: float, why: str) -> None:
+    """Finite and |x| <= bound, in one pass over the bits."""
+    largest = wire.largest_magnitude(array)
+    if not np.isfinite(largest):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise InvalidArgument(f"{field}: expected finite values, got {bad} NaN/Inf of {array.size}")
+    if largest > bound:
+        raise InvalidArgument(
+            f"{field}: expected |values| <= {bound:g} ({why}), got a largest |value| of "
+            f"{largest:g}"
+        )
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

@@ -1,0 +1,146 @@
+"""The gRPC servicer: decode requests, call the engine's operations, encode the answers.
+Errors are raised, never answered here: the front door (front.py) maps them to a status
+for the whole call; a failed message of a stream is answered alone, through the same
+mapping (status.py)."""
+
+from __future__ import annotations
+
+import logging
+
+from q8kv import wire
+from q8kv.v1 import kvcache_pb2 as pb
+from q8kv.v1 import kvcache_pb2_grpc
+
+from ..engine import Engine
+from ..errors import InvalidArgument, ResourceExhausted, Unavailable
+from ..observability.logs import event
+from .auth import current_tenant
+from .drain import Drain
+from .messages import (
+    CallLimits,
+    attend_results,
+    deadline_of,
+    decode_items,
+    geometry_of,
+    session_info,
+)
+from .status import status_of
+
+log = logging.getLogger("q8kv.service")
+
+# ListSessions pages: page_size 0 means this many, and larger ones are cut to it, so one
+# call holds the store's lock (and the event loop) only briefly.
+LIST_PAGE_SIZE = 100
+
+
+class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        drain: Drain | None = None,
+        on_items=None,
+        limits: CallLimits | None = None,
+    ) -> None:
+        self.engine = engine
+        self.drain = drain or Drain()
+        self.limits = limits or CallLimits()
+        # Sees the items of every AppendAndAttend that landed (the quantization-error sampler).
+        self.on_items = on_items or (lambda requests: None)
+
+    def _info(self, snap) -> pb.SessionInfo:
+        return session_info(snap, self.engine.page_bytes)
+
+    async def CreateSession(self, request, context):
+        g = request.geometry
+        scale = request.softmax_scale if request.HasField("softmax_scale") else None
+        snap = await self.engine.create_session(
+            geometry_of(g), request.session_id, request.ttl_seconds, scale, current_tenant.get()
+        )
+        event(
+            log, "session_created", session=snap.id, layers=g.num_layers,
+            heads=g.num_heads, kv_heads=g.num_kv_heads, head_dim=g.head_dim, max_len=g.max_len,
+        )
+        return pb.CreateSessionResponse(session=self._info(snap))
+
+    async def GetSession(self, request, context):
+        snap = self.engine.read_session(request.session_id, current_tenant.get())
+        return pb.GetSessionResponse(session=self._info(snap))
+
+    async def ListSessions(self, request, context):
+        if request.page_size < 0:
+            raise InvalidArgument(f"page_size: expected >= 0, got {request.page_size}")
+        size = min(request.page_size or LIST_PAGE_SIZE, LIST_PAGE_SIZE)
+        chosen, more = self.engine.list_sessions(current_tenant.get(), request.page_token, size)
+        return pb.ListSessionsResponse(
+            sessions=[self._info(snap) for snap in chosen],
+            next_page_token=chosen[-1].id if more and chosen else "",
+        )
+
+    async def DeleteSession(self, request, context):
+        freed = await self.engine.delete_session(request.session_id, current_tenant.get())
+        event(log, "session_deleted", session=request.session_id, freed_bytes=freed)
+        return pb.DeleteSessionResponse(freed_bytes=freed)
+
+    async def TruncateSession(self, request, context):
+        snap = await self.engine.truncate_session(
+            request.session_id, current_tenant.get(), request.length
+        )
+        return pb.TruncateSessionResponse(session=self._info(snap))
+
+    async def _append_and_attend(self, items, context) -> list[pb.AttendResult]:
+        requests = decode_items(items, self.limits)
+        results = await self.engine.append_and_attend(
+            requests, tenant=current_tenant.get(), deadline=deadline_of(context)
+        )
+        self.on_items(requests)  # only appends that landed (their shapes are checked)
+        return attend_results(requests, results)
+
+    async def AppendAndAttend(self, request, context):
+        return pb.AppendAndAttendResponse(
+            results=await self._append_and_attend(request.items, context)
+        )
+
+    async def AppendAndAttendStream(self, request_iterator, context):
+        """Each message is one AppendAndAttend; an error answers that message alone."""
+        async for message in request_iterator:
+            try:
+                if self.drain.draining:  # shutting down: apply nothing more, say so
+                    raise Unavailable("server: shutting down, message not applied")
+                results = await self._append_and_attend(message.items, context)
+                yield pb.AppendAndAttendStreamResponse(
+                    request_id=message.request_id, results=results
+                )
+            except Exception as exc:
+                code, text = status_of(exc, "AppendAndAttendStream")
+                yield pb.AppendAndAttendStreamResponse(
+                    request_id=message.request_id, error_code=code.value[0], error_message=text
+                )
+
+    async def Dequantize(self, request, context):
+        end = request.end if request.HasField("end") else None
+        k, v, length = await self.engine.dequantize(
+            request.session_id, current_tenant.get(), request.layer, request.start, end
+        )
+        return pb.DequantizeResponse(k=wire.encode(k), v=wire.encode(v), length=length)
+
+    async def ExportSession(self, request, context):
+        async for chunk in self.engine.export_session(
+            request.session_id, current_tenant.get(), self.limits.max_message_bytes
+        ):
+            yield chunk
+
+    async def ImportSession(self, request_iterator, context):
+        # Bounded by the pool: a stream larger than every page could hold is refused
+        # before it fills the host's memory.
+        limit = self.engine.budget_bytes
+        chunks, received = [], 0
+        async for chunk in request_iterator:
+            received += chunk.ByteSize()
+            if received > limit:
+                raise ResourceExhausted(
+                    f"chunks: expected at most {limit} bytes (the memory budget), got more"
+                )
+            chunks.append(chunk)
+        snap = await self.engine.import_session(chunks, current_tenant.get())
+        event(log, "session_imported", session=snap.id, tokens=snap.tokens)
+        return pb.ImportSessionResponse(session=self._info(snap))
