@@ -96,13 +96,13 @@ class Server:
         self.engine = build_engine(config)
         self.metrics: Metrics | None = None
         self.drain = Drain()
-        on_items = None
+        on_appended = None
         if config.metrics_port >= 0:
             self.metrics = Metrics(
                 self.engine.store, self.engine.backend, config.quant_error_sample_rate
             )
             self.engine.observer = self.metrics.engine_observer()
-            on_items = self.metrics.sample_quantization
+            on_appended = self.metrics.sample_quantization
         self.health = health.aio.HealthServicer()
         options = [
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -113,7 +113,7 @@ class Server:
         servicer = KVCacheService(
             self.engine,
             drain=self.drain,
-            on_items=on_items,
+            on_appended=on_appended,
             limits=CallLimits(
                 config.max_items_per_call, config.max_tokens_per_call, config.max_message_bytes
             ),
@@ -158,7 +158,8 @@ class Server:
         event(
             log, "listening", host=self.config.host, port=self.port,
             metrics_port=self.metrics_port, backend=backend.name, device=backend.device_name,
-            pages=backend.num_pages, page_bytes=self.engine.store.pool.page_bytes,
+            pages=backend.num_pages, page_code_bytes=self.config.page_bytes,
+            page_device_bytes=self.engine.page_bytes,
             budget_bytes=backend.num_pages * self.engine.store.pool.page_bytes,
             max_sessions=self.config.max_sessions, session_ttl=self.config.session_ttl,
         )

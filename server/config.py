@@ -44,7 +44,7 @@ class Config:
     port: int = 50051
     backend: str = "auto"
     memory_budget: int | None = None  # bytes; None = auto
-    page_bytes: int = 64 * 1024
+    page_bytes: int = 64 * 1024  # int8 code bytes of a page; scales add 1/8 (PagePool)
     max_sessions: int = 4096
     session_ttl: float = 3600.0
     evict_idle_seconds: float = 0.0

@@ -46,8 +46,14 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry()
         self.quant_error_sample_rate = quant_error_sample_rate
-        r = self.registry
-        pool = store.pool
+        self._memory_gauges(store)
+        self._engine_metrics(store, backend)
+        self._rpc_metrics()
+        self._kernels: dict[str, tuple] = {}
+        backend.on_kernel = self.observe_kernel
+
+    def _memory_gauges(self, store: SessionStore) -> None:
+        r, pool = self.registry, store.pool
 
         def gauge(name: str, doc: str, read) -> Gauge:
             g = Gauge(name, doc, registry=r)
@@ -70,6 +76,9 @@ class Metrics:
         gauge("q8kv_pool_used_bytes", "Bytes of pages handed out, partly filled ones included",
               lambda: pool.used_pages * pool.page_bytes)
         gauge("q8kv_sessions_active", "Live sessions", lambda: len(store))
+
+    def _engine_metrics(self, store: SessionStore, backend: Backend) -> None:
+        r = self.registry
         self.evicted = Counter(
             "q8kv_sessions_evicted", "Sessions evicted, by reason (ttl, lru)", ["reason"],
             registry=r,
@@ -107,6 +116,10 @@ class Metrics:
             ["version", "backend", "device"], registry=r,
         )
         info.labels(_version(), backend.name, backend.device_name).set(1)
+
+    def _rpc_metrics(self) -> None:
+        """The go-grpc-prometheus set, counted by the front door (``rpc_method``)."""
+        r = self.registry
         self.rpc_started = Counter(
             "grpc_server_started", "RPCs started on the server",
             ["grpc_type", "grpc_service", "grpc_method"], registry=r,
@@ -127,8 +140,6 @@ class Metrics:
             "grpc_server_msg_sent", "Stream messages sent by the server",
             ["grpc_type", "grpc_service", "grpc_method"], registry=r,
         )
-        self._kernels: dict[str, tuple] = {}
-        backend.on_kernel = self.observe_kernel
 
     # -- hooks -------------------------------------------------------------------------------
 

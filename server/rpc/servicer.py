@@ -38,14 +38,14 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         self,
         engine: Engine,
         drain: Drain | None = None,
-        on_items=None,
+        on_appended=None,
         limits: CallLimits | None = None,
     ) -> None:
         self.engine = engine
         self.drain = drain or Drain()
         self.limits = limits or CallLimits()
         # Sees the items of every AppendAndAttend that landed (the quantization-error sampler).
-        self.on_items = on_items or (lambda requests: None)
+        self.on_appended = on_appended or (lambda requests: None)
 
     def _info(self, snap) -> pb.SessionInfo:
         return session_info(snap, self.engine.page_bytes)
@@ -92,7 +92,7 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         results = await self.engine.append_and_attend(
             requests, tenant=current_tenant.get(), deadline=deadline_of(context)
         )
-        self.on_items(requests)  # only appends that landed (their shapes are checked)
+        self.on_appended(requests)  # only appends that landed (their shapes are checked)
         return attend_results(requests, results)
 
     async def AppendAndAttend(self, request, context):
