@@ -2,7 +2,7 @@
 
 Import it as ``from reference import ...`` (pytest puts ``tests/`` on ``sys.path``).
 
-The quantizer follows DESIGN.md step by step in float64 and rounds each step to float32
+The quantizer follows docs/design.md step by step in float64 and rounds each step to float32
 where the format says the step is a float32 operation. For ``/`` and ``*`` of two float32
 values, the float64 result rounded to float32 is the correctly rounded float32 result
 (53 >= 2 * 24 + 2 bits, so the double rounding is innocuous): the reference is exact, and a
@@ -93,13 +93,3 @@ def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     e = np.asarray(expected, dtype=np.float64)
     return float(np.linalg.norm(a - e) / np.linalg.norm(e))
 
-
-def random_tensor(rng: np.random.Generator, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-    """Standard normal values (nonzero with probability 1), some heads scaled up, as ``dtype``.
-
-    Scaling varies the per-block d so tests do not only see blocks of one magnitude.
-    """
-    x = rng.standard_normal(shape) * rng.uniform(0.25, 4.0, size=shape[:-1] + (1,))
-    x = np.asarray(x, dtype=dtype)
-    assert np.all(np.isfinite(x.astype(np.float32)))
-    return x

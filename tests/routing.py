@@ -13,8 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from harness.geometry import Geo
+from harness.proc import stop_process
+from harness.server import REPO
+from reference import attention_ref
 
-REPO = Path(__file__).resolve().parent.parent
 NGINX_CONF = REPO / "deploy" / "nginx.conf"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 
@@ -107,33 +110,12 @@ class Router:
         return path.read_text(errors="replace").splitlines() if path.exists() else []
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: nginx's fast shutdown
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)  # SIGTERM: nginx's fast shutdown
 
 
 # --- checks of a routed session (the loopback and the container tests) ---------------
 
-GEO = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "max_len": 64}
-
-
-def attention_f64(q: np.ndarray, k: np.ndarray, v: np.ndarray, length_before: int) -> np.ndarray:
-    """Causal GQA attention of q [n, H, D] over the cached k/v [KVH, L, D], float64."""
-    n, heads, dim = q.shape
-    group = heads // k.shape[0]
-    out = np.empty((n, heads, dim))
-    for i in range(n):
-        visible = length_before + i + 1
-        for h in range(heads):
-            keys = k[h // group, :visible].astype(np.float64)
-            scores = keys @ q[i, h].astype(np.float64) / np.sqrt(dim)
-            w = np.exp(scores - scores.max())
-            out[i, h] = (w / w.sum()) @ v[h // group, :visible].astype(np.float64)
-    return out
+GEO = Geo(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_len=64)
 
 
 def check_step(session, layer: int, q, k, v, sent_k: list[np.ndarray]) -> None:
@@ -142,21 +124,11 @@ def check_step(session, layer: int, q, k, v, sent_k: list[np.ndarray]) -> None:
     sent_k.append(k)
     assert length == sum(len(x) for x in sent_k)
     cache_k, cache_v = session.dequantize(layer)
-    assert cache_k.shape == (GEO["num_kv_heads"], length, GEO["head_dim"])
+    assert cache_k.shape == (GEO.num_kv_heads, length, GEO.head_dim)
     # The cache holds what was sent, to Q8 precision (half a step of each 32-value block).
     sent = np.concatenate(sent_k).transpose(1, 0, 2)
     step = np.abs(sent).reshape(*sent.shape[:-1], -1, 32).max(-1, keepdims=True) / 127
     err = np.abs(cache_k - sent).reshape(step.shape[:-1] + (32,))
     assert np.all(err <= step * 0.5 * (1 + 1e-4) + 1e-30)
-    expected = attention_f64(q, cache_k, cache_v, length - len(q))
+    expected = attention_ref(q, cache_k, cache_v, length - len(q), 1 / np.sqrt(GEO.head_dim))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
-
-
-def tensors(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random float32 q [n, H, D], k and v [n, KVH, D] for GEO."""
-    h, kvh, d = GEO["num_heads"], GEO["num_kv_heads"], GEO["head_dim"]
-    return (
-        rng.standard_normal((n, h, d), dtype=np.float32),
-        rng.standard_normal((n, kvh, d), dtype=np.float32),
-        rng.standard_normal((n, kvh, d), dtype=np.float32),
-    )

@@ -1,7 +1,6 @@
-"""Hostile-tenant review, item 6: one prefill must not exhaust host memory on the numpy
-backend. Attention runs over chunks of query rows whose float32 scores stay within
-``score_chunk_bytes`` (64 MiB by default), with results equal to unchunked attention within
-float32 rounding."""
+"""One prefill must not exhaust host memory on the numpy backend. Attention runs over
+chunks of query rows whose float32 scores stay within ``score_chunk_bytes`` (64 MiB by
+default), with results equal to unchunked attention within float32 rounding."""
 
 from __future__ import annotations
 
@@ -9,7 +8,8 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from reference import attention_ref, random_tensor, rel_l2
+from harness.tensors import random_tensor
+from reference import attention_ref, rel_l2
 
 from q8kv.server.backends.base import AttendItem, LayerLayout, tokens_per_page
 from q8kv.server.backends.numpy_backend import SCORE_CHUNK_BYTES, NumpyBackend

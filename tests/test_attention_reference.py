@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 import pytest
-from reference import attention_ref, dequantize_ref, quantize_ref, random_tensor, rel_l2
+from harness.tensors import qkv, random_tensor
+from reference import attention_ref, dequantize_ref, quantize_ref, rel_l2
 
 from q8kv.server.backends.base import AttendItem
 from q8kv.server.backends.numpy_backend import NumpyBackend
@@ -71,11 +72,7 @@ class Driver:
         return session
 
     def tensors(self, session: Session, n: int, dtype=np.float32):
-        g = session.geometry
-        q = random_tensor(self.rng, (n, g.num_heads, g.head_dim), dtype)
-        k = random_tensor(self.rng, (n, g.num_kv_heads, g.head_dim), dtype)
-        v = random_tensor(self.rng, (n, g.num_kv_heads, g.head_dim), dtype)
-        return q, k, v
+        return qkv(self.rng, n, session.geometry, dtype, tensor=random_tensor)
 
     def run(self, requests: list[tuple[Session, int, np.ndarray, np.ndarray, np.ndarray]]):
         """One backend call for all requests; checks each output against the reference

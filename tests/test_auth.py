@@ -1,6 +1,6 @@
-"""Issue 6, who may do what: bearer tokens (file reloaded on SIGHUP, and the environment),
-tenants that cannot see each other's sessions on any RPC, per-tenant limits, and tokens
-that never reach the logs."""
+"""Who may do what: bearer tokens (file reloaded on SIGHUP, and the environment), tenants
+that cannot see each other's sessions on any RPC, per-tenant limits, and tokens that never
+reach the logs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from trust_util import GEOM, attend_item, bearer, caches, fill, qkv, stub, wait_for_log
+from harness.geometry import GEOM, Geo
+from harness.logs import wait_for_log
+from harness.rpc import bearer, random_item, stub
+from harness.server import ServerProcess
+from harness.sessions import caches, fill
+from harness.tensors import qkv
 
 from q8kv.client import Client, Q8KVError
 from q8kv.v1 import kvcache_pb2 as pb
@@ -37,8 +42,6 @@ def tokens_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def authed(tokens_file):
-    from conftest import ServerProcess
-
     srv = ServerProcess(
         "--auth-tokens-file", str(tokens_file), "--log-level", "DEBUG",
         env={"Q8KV_AUTH_TOKENS": f"{TOKEN_C} charlie"},
@@ -50,11 +53,11 @@ def authed(tokens_file):
 def every_rpc(s, metadata, sid="some-session", rng=None):
     """Call every KVCacheService RPC once; returns {name: (code, details)}."""
     rng = rng or np.random.default_rng(0)
-    item = attend_item(sid, 0, rng)
+    item = random_item(sid, 0, rng)
     chunk = pb.SessionChunk(header=pb.SessionHeader(format_version=1, session_id=sid))
     calls = {
         "CreateSession": lambda: s.CreateSession(
-            pb.CreateSessionRequest(session_id=sid, geometry=pb.Geometry(**GEOM)),
+            pb.CreateSessionRequest(session_id=sid, geometry=GEOM.pb()),
             metadata=metadata, timeout=10,
         ),
         "GetSession": lambda: s.GetSession(
@@ -135,7 +138,7 @@ def test_known_tokens_from_file_and_environment_work(authed):
     for token in (TOKEN_A, TOKEN_B, TOKEN_C):
         with Client(authed.address, token=token) as c:
             s = c.create_session(**GEOM)
-            s.append_and_attend(0, *qkv(np.random.default_rng(1), 3))
+            s.append_and_attend(0, *qkv(np.random.default_rng(1), 3, GEOM))
             assert s.info().layer_lengths == [3, 0, 0]
             s.delete()
     with grpc.insecure_channel(authed.address) as channel:
@@ -193,7 +196,7 @@ def test_second_tenant_cannot_tell_a_session_from_a_missing_one(authed):
                 "TruncateSession": lambda sid: bravo.TruncateSession(
                     pb.TruncateSessionRequest(session_id=sid), metadata=metadata, timeout=10),
                 "AppendAndAttend": lambda sid: bravo.AppendAndAttend(
-                    pb.AppendAndAttendRequest(items=[attend_item(sid, 0, rng)]),
+                    pb.AppendAndAttendRequest(items=[random_item(sid, 0, rng)]),
                     metadata=metadata, timeout=10),
                 "Dequantize": lambda sid: bravo.Dequantize(
                     pb.DequantizeRequest(session_id=sid, layer=0), metadata=metadata,
@@ -213,7 +216,7 @@ def test_second_tenant_cannot_tell_a_session_from_a_missing_one(authed):
             (reply,) = bravo.AppendAndAttendStream(
                 iter([
                     pb.AppendAndAttendStreamRequest(
-                        request_id=7, items=[attend_item("alpha-secret-2", 0, rng)]
+                        request_id=7, items=[random_item("alpha-secret-2", 0, rng)]
                     )
                 ]),
                 metadata=metadata, timeout=10,
@@ -262,7 +265,7 @@ def test_per_tenant_session_and_byte_limits(start_server):
         "--page-bytes", str(page),
         env={"Q8KV_AUTH_TOKENS": f"{TOKEN_A} alpha,{TOKEN_B} bravo"},
     )
-    geom = dict(num_layers=1, num_heads=8, num_kv_heads=8, head_dim=128, max_len=4096)
+    geom = Geo(num_layers=1, num_heads=8, num_kv_heads=8, head_dim=128, max_len=4096)
     # 2 * 8 * 128 = 2 KiB of codes per token: 32 tokens per 64 KiB page.
     with Client(srv.address, token=TOKEN_A) as a, Client(srv.address, token=TOKEN_B) as b:
         s1 = a.create_session(**geom)

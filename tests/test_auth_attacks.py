@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import signal
 import threading
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
-from trust_util import GEOM, attend_item, bearer, qkv, stub, wait_for_log
+from harness.geometry import GEOM
+from harness.logs import wait_for_log
+from harness.proc import reset_peak_rss, status_kib
+from harness.rpc import bearer, random_item, stub
+from harness.scrape import Samples, scrape
+from harness.tensors import qkv
 
 from q8kv.client import Client
 from q8kv.v1 import kvcache_pb2 as pb
@@ -20,20 +24,6 @@ TOKEN_A = "alpha-attack-token-0123"
 TOKEN_B = "bravo-attack-token-4567"
 MIB = 1024 * 1024
 BIG = 64 * MIB
-
-
-def status_kib(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {key} in /proc/{pid}/status")
-
-
-def reset_peak_rss(pid: int) -> None:
-    """Start VmHWM (the peak RSS) over from the current RSS (proc(5): clear_refs '5')."""
-    with open(f"/proc/{pid}/clear_refs", "w") as f:
-        f.write("5")
 
 
 def big_calls(s, rng, metadata):
@@ -70,7 +60,7 @@ def test_unauthenticated_64mib_calls_are_refused_before_their_body_is_read(
         with pytest.raises(grpc.RpcError):
             s.ListSessions(pb.ListSessionsRequest(), metadata=metadata, timeout=10)
         with Client(srv.address, token=TOKEN_A) as c:
-            c.create_session(**GEOM).append_and_attend(0, *qkv(rng, 2))
+            c.create_session(**GEOM).append_and_attend(0, *qkv(rng, 2, GEOM))
         calls = big_calls(s, rng, metadata)
         codes: dict[str, object] = {}
 
@@ -99,7 +89,7 @@ def test_unauthenticated_64mib_calls_are_refused_before_their_body_is_read(
 
 def stream_message(request_id: int, sid: str, rng) -> pb.AppendAndAttendStreamRequest:
     return pb.AppendAndAttendStreamRequest(
-        request_id=request_id, items=[attend_item(sid, 0, rng)]
+        request_id=request_id, items=[random_item(sid, 0, rng)]
     )
 
 
@@ -180,9 +170,9 @@ def test_a_refusal_is_counted_under_the_methods_own_type(start_server):
         for _ in range(3):
             with pytest.raises(grpc.RpcError):
                 stub(channel).ListSessions(pb.ListSessionsRequest(), timeout=10)
-    text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
-    refused = [line for line in text.splitlines() if line.startswith("grpc_server_handled_total")
-               and 'grpc_method="ListSessions"' in line]
+    samples = Samples(scrape(srv.metrics_url))
+    refused = samples.find("grpc_server_handled_total", grpc_method="ListSessions")
     assert len(refused) == 1, refused
-    assert 'grpc_type="unary"' in refused[0] and 'grpc_code="UNAUTHENTICATED"' in refused[0]
-    assert refused[0].endswith(" 3.0")
+    assert refused[0].labels["grpc_type"] == "unary"
+    assert refused[0].labels["grpc_code"] == "UNAUTHENTICATED"
+    assert refused[0].value == 3

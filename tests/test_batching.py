@@ -11,22 +11,17 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from observability import Samples, scrape
+from harness.geometry import Geo
+from harness.scrape import Samples, scrape
+from harness.tensors import qkv
 from reference import attention_ref, rel_l2
 
 from q8kv import format as q8
 from q8kv.client import AsyncClient
 
-H, KVH, D = 8, 2, 64
+GEO = Geo(num_layers=1, num_heads=8, num_kv_heads=2, head_dim=64, max_len=256)
+D = GEO.head_dim
 SESSIONS = 24
-
-
-def qkv(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (
-        rng.standard_normal((n, H, D)).astype(np.float32),
-        rng.standard_normal((n, KVH, D)).astype(np.float32),
-        rng.standard_normal((n, KVH, D)).astype(np.float32),
-    )
 
 
 def batch_histogram(server) -> tuple[dict[float, float], float, float]:
@@ -44,15 +39,11 @@ async def concurrent_rounds(address: str, rounds: int, seed: int = 7) -> list[tu
     Returns (session, q, output, length) for every call."""
     rng = np.random.default_rng(seed)
     async with AsyncClient(address, timeout=30.0) as c:
-        sessions = await asyncio.gather(*(
-            c.create_session(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D,
-                             max_len=256)
-            for _ in range(SESSIONS)
-        ))
+        sessions = await asyncio.gather(*(c.create_session(**GEO) for _ in range(SESSIONS)))
         calls = []
         for r in range(rounds):
             n = 5 if r == 0 else 1  # a prefill, then decode steps
-            inputs = [qkv(rng, n) for _ in sessions]
+            inputs = [qkv(rng, n, GEO) for _ in sessions]
             results = await asyncio.gather(*(
                 s.append_and_attend(0, q, k, v, with_length=True)
                 for s, (q, k, v) in zip(sessions, inputs, strict=True)
@@ -94,12 +85,11 @@ def test_concurrent_appends_to_one_session_keep_their_order(start_server):
     server = start_server("--batching", "on", "--max-queue-delay-us", "2000")
     calls = 48
     rng = np.random.default_rng(11)
-    inputs = [qkv(rng, 1 + i % 3) for i in range(calls)]  # mixed sizes: order shows in lengths
+    inputs = [qkv(rng, 1 + i % 3, GEO) for i in range(calls)]  # mixed sizes: order shows in lengths
 
     async def go():
         async with AsyncClient(server.address, timeout=30.0) as c:
-            s = await c.create_session(num_layers=1, num_heads=H, num_kv_heads=KVH,
-                                       head_dim=D, max_len=256)
+            s = await c.create_session(**GEO)
             # Tasks start in creation order; each sends its call at its first step.
             tasks = [asyncio.ensure_future(s.append_and_attend(0, q, k, v, with_length=True))
                      for q, k, v in inputs]

@@ -7,21 +7,11 @@ import asyncio
 
 import grpc
 import pytest
+from harness.fakes import FakeRpcError, answer
 
 from q8kv.client import AsyncClient, Client, Q8KVError
 from q8kv.client import messages as m
 from q8kv.v1 import kvcache_pb2 as pb
-
-
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code, details):
-        self._code, self._details = code, details
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
 
 
 def chunks(sid="moved"):
@@ -65,17 +55,7 @@ class FakeStub:
             result = FakeRpcError(grpc.StatusCode.ALREADY_EXISTS, "session_id: 'taken' exists")
         else:
             result = pb.ImportSessionResponse(session=pb.SessionInfo(session_id=header.session_id))
-        if not self.is_async:
-            if isinstance(result, Exception):
-                raise result
-            return result
-
-        async def answer():
-            if isinstance(result, Exception):
-                raise result
-            return result
-
-        return answer()
+        return answer(result, self.is_async)
 
 
 def check_log(log, timeout):

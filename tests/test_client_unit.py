@@ -18,6 +18,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from harness.fakes import FakeRpcError, answer
+from harness.tensors import normal
 
 import q8kv
 from q8kv.client import (
@@ -45,7 +47,7 @@ rng = np.random.default_rng(0)
 
 
 def rand(shape, dtype=np.float32):
-    return rng.standard_normal(shape).astype(dtype)
+    return normal(rng, shape, dtype)
 
 
 # --- codec ---------------------------------------------------------------------------
@@ -115,17 +117,6 @@ def test_encode_rejects_dtypes_the_wire_lacks(dtype):
 
 
 # --- errors --------------------------------------------------------------------------
-
-
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code, details):
-        self._code, self._details = code, details
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
 
 
 def test_q8kv_error_str_code_message_and_pickle():
@@ -349,18 +340,7 @@ class FakeUnary:
 
     def __call__(self, request, **kwargs):
         self.log.append((self.name, request, kwargs))
-        result = self.reply(request)
-        if not self.is_async:
-            if isinstance(result, Exception):
-                raise result
-            return result
-
-        async def answer():
-            if isinstance(result, Exception):
-                raise result
-            return result
-
-        return answer()
+        return answer(self.reply(request), self.is_async)
 
 
 def _attend_reply(request):

@@ -1,7 +1,7 @@
-"""Issue 6, concurrency: 8 clients (own connections, threads) append to one session at
-once, each call with its own token count. Every token lands exactly once, each call's
-tokens sit together in the order sent (no call is split or interleaved), and every call's
-output is attention over exactly the tokens before it."""
+"""Concurrency: 8 clients (own connections, threads) append to one session at once, each
+call with its own token count. Every token lands exactly once, each call's tokens sit
+together in the order sent (no call is split or interleaved), and every call's output is
+attention over exactly the tokens before it."""
 
 from __future__ import annotations
 
@@ -9,20 +9,21 @@ import threading
 from collections import Counter
 
 import numpy as np
+from harness.geometry import Geo
 from reference import attention_ref, rel_l2
 
 from q8kv.client import Client
 
 CLIENTS = 8
 CALLS = 12
-GEOM = dict(num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, max_len=8192)
+GEOM = Geo(num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, max_len=8192)
 SIZES = [1, 2, 3, 5, 8, 13, 1, 4]  # tokens per call: client i starts at SIZES[i]
 
 
 def tagged_keys(client: int, first_seq: int, n: int) -> np.ndarray:
     """Keys [n, KVH, D] whose Q8 form is exact (block max 127, so d = 1) and names its
     token: dim 0 = 127, dim 1 = client, dims 2-3 = sequence number in base 127."""
-    k = np.zeros((n, GEOM["num_kv_heads"], GEOM["head_dim"]), np.float32)
+    k = np.zeros((n, GEOM.num_kv_heads, GEOM.head_dim), np.float32)
     seq = np.arange(first_seq, first_seq + n)
     k[:, :, 0] = 127
     k[:, :, 1] = client

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from harness.server import REPO, free_port, listening_socket
+from harness.server import run_server as run_to_exit
 
 from q8kv.server.config import Config, load_config, parse_size
 
@@ -48,9 +50,8 @@ def test_bad_values_exit_with_a_clear_message(argv, env, needle, capsys) -> None
 
 def test_readme_documents_every_flag() -> None:
     from dataclasses import fields
-    from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     missing = [
         f.name for f in fields(Config) if "--" + f.name.replace("_", "-") not in readme
     ]
@@ -63,27 +64,11 @@ SECRET = "hunter2-secret-token-abc"
 
 
 def run_server(*flags: str, env: dict[str, str] | None = None):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO, free_port
-
-    args = [sys.executable, "-m", "q8kv.server", "--host", "127.0.0.1", "--backend",
-            "numpy", "--memory-budget", "16MiB", "--metrics-port", "-1", *flags]
+    """A numpy server with a small budget and no metrics, run to its exit."""
+    args = ["--backend", "numpy", "--memory-budget", "16MiB", "--metrics-port", "-1", *flags]
     if "--port" not in flags:
         args += ["--port", str(free_port())]
-    return subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env={**os.environ, **(env or {})})
-
-
-def listening_socket():
-    import socket
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    return sock
+    return run_to_exit(*args, env=env)
 
 
 def _case(name: str, tmp_path):

@@ -26,14 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import routing
 import yaml
-from conftest import free_port
+from harness.server import REPO, free_port
+from harness.tensors import qkv
 from routing import GEO, check_step
 
 from q8kv.client import Client
 
-REPO = Path(__file__).resolve().parent.parent
 OVERRIDE = REPO / "tests" / "docker-compose.test.yml"
 HOST_CAS = Path("/usr/local/share/ca-certificates")
 MIRROR = os.environ.get("Q8KV_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -249,7 +248,7 @@ def test_compose_stack_routes_sessions_and_goes_healthy(tmp_path):
             sessions = [client.create_session(**GEO) for _ in range(16)]
             for n in (4, 1):
                 for s in sessions:
-                    check_step(s, 0, *routing.tensors(rng, n), sent.setdefault(s.id, []))
+                    check_step(s, 0, *qkv(rng, n, GEO), sent.setdefault(s.id, []))
         held = [session_ids_on(stack, s) for s in ("q8kv-0", "q8kv-1")]
         assert not held[0] & held[1]
         assert held[0] | held[1] == {s.id for s in sessions}

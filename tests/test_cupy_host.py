@@ -7,6 +7,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from harness.tensors import qkv
 
 from q8kv.format import LayerLayout, tokens_per_page
 from q8kv.server.backends import GpuTuning
@@ -68,9 +69,7 @@ def random_item(rng: np.random.Generator, head_dim: int, n: int) -> AttendItem:
     start = int(rng.integers(0, 40_000))
     pages = rng.permutation(1 << 16)[: -(-(start + n) // layout.tokens_per_page)]
     dtype = DTYPES[rng.integers(3)]
-    q, k, v = (
-        rng.standard_normal((n, heads, head_dim)).astype(dtype) for heads in (kvh * group, kvh, kvh)
-    )
+    q, k, v = qkv(rng, n, layout, dtype)
     return AttendItem(layout, float(rng.uniform(0.05, 0.2)), pages, start, q, k, v)
 
 
@@ -179,8 +178,8 @@ def test_mixed_dtypes_in_one_item_travel_as_float32() -> None:
 def test_layouts_the_kernels_cannot_take_are_refused(head_dim, tokens, needle) -> None:
     rng = np.random.default_rng(13)
     item = random_item(rng, 64, 1)
-    q = rng.standard_normal((1, 1, head_dim)).astype(np.float32)
-    k = rng.standard_normal((1, 1, head_dim)).astype(np.float32)
-    bad = AttendItem(LayerLayout(1, 1, head_dim, tokens), 0.1, item.page_ids, 0, q, k, k.copy())
+    layout = LayerLayout(1, 1, head_dim, tokens)
+    q, k, _ = qkv(rng, 1, layout)
+    bad = AttendItem(layout, 0.1, item.page_ids, 0, q, k, k.copy())
     with pytest.raises(ValueError, match=needle):
         pack([item, bad], packing.SplitPolicy(132, 1.0, 48))

@@ -1,35 +1,35 @@
-"""Issue 6, deadlines: a call whose deadline passes while it waits in the engine's queue
-(behind a big prefill of another session) appends nothing; one with time to spare, queued
-behind the same work, lands."""
+"""Deadlines: a call whose deadline passes while it waits in the engine's queue (behind a
+big prefill of another session) appends nothing; one with time to spare, queued behind the
+same work, lands."""
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
-from conftest import TEST_BACKEND
+from harness.geometry import Geo
+from harness.rpc import SERVICE
+from harness.scrape import Samples, scrape
+from harness.server import TEST_BACKEND
+from harness.tensors import qkv
 
 from q8kv.client import Client, Q8KVError
 
-BIG = dict(num_layers=1, num_heads=32, num_kv_heads=8, head_dim=128, max_len=4096)
-SMALL = dict(num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, max_len=64)
+BIG = Geo(num_layers=1, num_heads=32, num_kv_heads=8, head_dim=128, max_len=4096)
+SMALL = Geo(num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, max_len=64)
 PREFILL = 2560  # numpy backend: about 2 s of (chunked, causal) attention on one core
 
 
 def wait_started(url: str, method: str, count: int, timeout: float = 30.0) -> None:
-    pattern = re.compile(
-        r'^grpc_server_started_total\{[^}]*grpc_method="' + method + r'"[^}]*\} ([0-9.]+)$',
-        re.MULTILINE,
-    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = pattern.search(urllib.request.urlopen(url, timeout=5).read().decode())
-        if match and float(match.group(1)) >= count:
+        started = Samples(scrape(url)).value_or_zero(
+            "grpc_server_started_total", grpc_service=SERVICE, grpc_method=method
+        )
+        if started >= count:
             return
         time.sleep(0.02)
     raise AssertionError(f"{method} not started {count} times within {timeout}s")
@@ -47,8 +47,7 @@ def test_deadline_expired_in_the_queue_appends_nothing(start_server):
         big = c.create_session(**BIG)
         small = c.create_session(**SMALL)
         spare = c.create_session(**SMALL)
-        q = rng.standard_normal((PREFILL, 32, 128)).astype(np.float32)
-        k = rng.standard_normal((PREFILL, 8, 128)).astype(np.float32)
+        q, k, _ = qkv(rng, PREFILL, BIG)
         busy = {}
 
         def prefill() -> None:
@@ -62,8 +61,7 @@ def test_deadline_expired_in_the_queue_appends_nothing(start_server):
         # validation of its ~60 MB to finish: from then on it holds the engine's worker.
         wait_started(srv.metrics_url, "AppendAndAttend", 1)
         time.sleep(0.5)
-        tq = rng.standard_normal((1, 8, 64)).astype(np.float32)
-        tk = rng.standard_normal((1, 2, 64)).astype(np.float32)
+        tq, tk, _ = qkv(rng, 1, SMALL)
         late_result = {}
 
         def patient() -> None:  # queued behind the prefill too, with time to spare

@@ -17,26 +17,17 @@ import grpc
 import ml_dtypes
 import numpy as np
 import pytest
+from harness.fakes import FakeRpcError
+from harness.geometry import Geo
+from harness.rpc import attend_item, stub
+from harness.tensors import normal, qkv
 from reference import attention_ref, rel_l2
 
 from q8kv import wire
 from q8kv.client import AlreadyApplied, AppendItem, AsyncClient, Client, Q8KVError
 from q8kv.v1 import kvcache_pb2 as pb
-from q8kv.v1 import kvcache_pb2_grpc
 
-GEOM = dict(num_layers=3, num_heads=8, num_kv_heads=2, head_dim=64, max_len=512)
-
-
-def tokens(rng, n, heads, dim=64, dtype=np.float32):
-    return (rng.standard_normal((n, heads, dim)) * rng.uniform(0.5, 2.0)).astype(dtype)
-
-
-def qkv(rng, n, geom=GEOM, dtype=np.float32):
-    return (
-        tokens(rng, n, geom["num_heads"], geom["head_dim"], dtype),
-        tokens(rng, n, geom["num_kv_heads"], geom["head_dim"], dtype),
-        tokens(rng, n, geom["num_kv_heads"], geom["head_dim"], dtype),
-    )
+GEOM = Geo(num_layers=3, num_heads=8, num_kv_heads=2, head_dim=64, max_len=512)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +45,7 @@ def check_attention(session, layer, q, out, start, scale=None, tol=1e-5):
     assert rel_l2(out, ref) < tol, rel_l2(out, ref)
 
 
-def snapshot(session, layers=range(GEOM["num_layers"])):
+def snapshot(session, layers=range(GEOM.num_layers)):
     """Everything a failed call must leave unchanged: lengths and dequantized K/V."""
     info = session.info()
     return info.layer_lengths, [session.dequantize(layer) for layer in layers]
@@ -83,7 +74,7 @@ def test_session_lifecycle(client):
     assert client.get_session(sid).info().id == sid
     assert sid in [i.id for i in client.list_sessions()]
     rng = np.random.default_rng(1)
-    q, k, v = qkv(rng, 5)
+    q, k, v = qkv(rng, 5, GEOM)
     out = s.append_and_attend(1, q, k, v)
     check_attention(s, 1, q, out, start=0, scale=0.5)
     assert s.info().layer_lengths == [0, 5, 0]
@@ -98,12 +89,10 @@ def test_session_lifecycle(client):
 
 def test_server_made_ids_are_uuid4(server):
     with grpc.insecure_channel(server.address) as channel:
-        stub = kvcache_pb2_grpc.KVCacheServiceStub(channel)
-        reply = stub.CreateSession(
-            pb.CreateSessionRequest(geometry=pb.Geometry(**GEOM)), timeout=10
-        )
+        raw = stub(channel)
+        reply = raw.CreateSession(pb.CreateSessionRequest(geometry=GEOM.pb()), timeout=10)
         assert uuid.UUID(reply.session.session_id).version == 4
-        stub.DeleteSession(pb.DeleteSessionRequest(session_id=reply.session.session_id))
+        raw.DeleteSession(pb.DeleteSessionRequest(session_id=reply.session.session_id))
 
 
 def test_list_sessions_pages(client):
@@ -121,7 +110,7 @@ def test_decode_and_prefill_match_reference(client, n_steps):
     rng = np.random.default_rng(sum(n_steps))
     start = 0
     for n in n_steps:
-        q, k, v = qkv(rng, n)
+        q, k, v = qkv(rng, n, GEOM)
         out = s.append_and_attend(2, q, k, v)
         check_attention(s, 2, q, out, start)
         start += n
@@ -133,7 +122,7 @@ def test_decode_and_prefill_match_reference(client, n_steps):
 def test_half_precision_wire(client, dtype):
     s = client.create_session(**GEOM)
     rng = np.random.default_rng(7)
-    q, k, v = qkv(rng, 9, dtype=dtype)
+    q, k, v = qkv(rng, 9, GEOM, dtype)
     out = s.append_and_attend(0, q, k, v)
     assert out.dtype == np.dtype(dtype)
     keys, values = s.dequantize(0)
@@ -147,7 +136,7 @@ def test_half_precision_wire(client, dtype):
 def test_dequantize_range(client):
     s = client.create_session(**GEOM)
     rng = np.random.default_rng(3)
-    q, k, v = qkv(rng, 40)
+    q, k, v = qkv(rng, 40, GEOM)
     s.append_and_attend(0, q, k, v)
     keys, values = s.dequantize(0)
     assert keys.shape == (2, 40, 64) and keys.dtype == np.float32
@@ -164,10 +153,10 @@ def test_dequantize_range(client):
 def test_batch_across_sessions_equals_separate_calls(client):
     rng = np.random.default_rng(11)
     a, b = client.create_session(**GEOM), client.create_session(**GEOM)
-    prefill = [qkv(rng, 20), qkv(rng, 3)]
+    prefill = [qkv(rng, 20, GEOM), qkv(rng, 3, GEOM)]
     a.append_and_attend(0, *prefill[0])
     b.append_and_attend(1, *prefill[1])
-    step_a, step_b, step_a2 = qkv(rng, 1), qkv(rng, 2), qkv(rng, 1)
+    step_a, step_b, step_a2 = qkv(rng, 1, GEOM), qkv(rng, 2, GEOM), qkv(rng, 1, GEOM)
     results = client.append_and_attend_batch(
         [(a, 0, *step_a), (b.id, 1, *step_b), (a, 0, *step_a2)], with_lengths=True
     )
@@ -189,11 +178,11 @@ def test_several_layers_keep_their_own_lengths(client):
     s = client.create_session(**GEOM)
     rng = np.random.default_rng(5)
     for layer, n in [(0, 3), (1, 70), (2, 1), (0, 2)]:
-        s.append_and_attend(layer, *qkv(rng, n))
+        s.append_and_attend(layer, *qkv(rng, n, GEOM))
     assert s.info().layer_lengths == [5, 70, 1]
     s.truncate(4)
     assert s.info().layer_lengths == [4, 4, 1]
-    q, k, v = qkv(rng, 3)
+    q, k, v = qkv(rng, 3, GEOM)
     out = s.append_and_attend(1, q, k, v)
     check_attention(s, 1, q, out, start=4)
     s.delete()
@@ -204,16 +193,14 @@ def test_several_layers_keep_their_own_lengths(client):
 
 def _raw_item(sid, layer, q, k, v, replace=None):
     """An AttendItem as raw protobuf, with tensors from ``replace`` {name: pb.Tensor}."""
-    item = pb.AttendItem(
-        session_id=sid, layer=layer, q=wire.encode(q), k=wire.encode(k), v=wire.encode(v)
-    )
+    item = attend_item(sid, layer, q, k, v)
     for name, tensor in (replace or {}).items():
         getattr(item, name).CopyFrom(tensor)
     return item
 
 
 def _bad_items(sid, rng):
-    q, k, v = qkv(rng, 2)
+    q, k, v = qkv(rng, 2, GEOM)
     nan_k = k.copy()
     nan_k[1, 0, 5] = np.nan
     inf_q = q.copy()
@@ -281,15 +268,14 @@ def _bad_items(sid, rng):
 def test_bad_append_changes_nothing(client, server, case):
     rng = np.random.default_rng(21)
     s = client.create_session(**GEOM)
-    s.append_and_attend(0, *qkv(rng, 6))
+    s.append_and_attend(0, *qkv(rng, 6, GEOM))
     before = snapshot(s)
     item, code, needle = _bad_items(s.id, rng)[case]
-    good = _raw_item(s.id, 0, *qkv(rng, 1))
-    with grpc.insecure_channel(server.address) as channel:
-        stub = kvcache_pb2_grpc.KVCacheServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as err:
-            # A good item before the bad one: all or nothing, so it must not land either.
-            stub.AppendAndAttend(pb.AppendAndAttendRequest(items=[good, item]), timeout=10)
+    good = _raw_item(s.id, 0, *qkv(rng, 1, GEOM))
+    request = pb.AppendAndAttendRequest(items=[good, item])
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as err:
+        # A good item before the bad one: all or nothing, so it must not land either.
+        stub(channel).AppendAndAttend(request, timeout=10)
     assert err.value.code().name == code
     assert needle.replace("items[0]", "items[1]") in err.value.details()
     assert_unchanged(s, before)
@@ -297,12 +283,12 @@ def test_bad_append_changes_nothing(client, server, case):
 
 
 def test_append_past_max_len_is_out_of_range(client):
-    s = client.create_session(**{**GEOM, "max_len": 10})
+    s = client.create_session(**GEOM.but(max_len=10))
     rng = np.random.default_rng(2)
-    s.append_and_attend(0, *qkv(rng, 8))
+    s.append_and_attend(0, *qkv(rng, 8, GEOM))
     before = snapshot(s)
     with pytest.raises(Q8KVError) as err:
-        s.append_and_attend(0, *qkv(rng, 3))
+        s.append_and_attend(0, *qkv(rng, 3, GEOM))
     assert err.value.code == grpc.StatusCode.OUT_OF_RANGE
     assert "max_len 10" in err.value.message and "11" in err.value.message
     assert_unchanged(s, before)
@@ -328,7 +314,7 @@ def test_bad_geometry(client, change, needle):
 def test_duplicate_id_and_bad_reads(client):
     s = client.create_session(**GEOM, session_id="dup-1")
     rng = np.random.default_rng(4)
-    s.append_and_attend(0, *qkv(rng, 4))
+    s.append_and_attend(0, *qkv(rng, 4, GEOM))
     before = snapshot(s)
     with pytest.raises(Q8KVError) as err:
         client.create_session(**GEOM, session_id="dup-1")
@@ -354,11 +340,11 @@ def test_budget_and_session_limit(start_server):
     rng = np.random.default_rng(9)
     with Client(srv.address, timeout=10) as c:
         a = c.create_session(**GEOM)
-        a.append_and_attend(0, *qkv(rng, 48))  # 3 pages
+        a.append_and_attend(0, *qkv(rng, 48, GEOM))  # 3 pages
         before = snapshot(a)
         b = c.create_session(**GEOM)
         with pytest.raises(Q8KVError) as err:
-            b.append_and_attend(0, *qkv(rng, 17))  # needs 2 pages, 1 is free
+            b.append_and_attend(0, *qkv(rng, 17, GEOM))  # needs 2 pages, 1 is free
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "memory budget: needed 2 free pages" in err.value.message
         assert b.info().layer_lengths == [0, 0, 0]
@@ -367,14 +353,14 @@ def test_budget_and_session_limit(start_server):
             c.create_session(**GEOM)
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "maximum of 2 sessions" in err.value.message
-        b.append_and_attend(0, *qkv(rng, 16))  # exactly the last page still fits
+        b.append_and_attend(0, *qkv(rng, 16, GEOM))  # exactly the last page still fits
         a.delete()
         c.create_session(**GEOM)  # deleting frees a session slot
 
 
 def test_ttl_expiry(client):
     s = client.create_session(**GEOM, ttl_seconds=1.0)  # the smallest ttl the server keeps
-    s.append_and_attend(0, *qkv(np.random.default_rng(0), 2))
+    s.append_and_attend(0, *qkv(np.random.default_rng(0), 2, GEOM))
     deadline = time.monotonic() + 10
     # Poll with ListSessions: a GetSession would count as use and keep it alive.
     while time.monotonic() < deadline:
@@ -394,21 +380,21 @@ def test_ttl_expiry(client):
 def test_conditional_append_applies_at_the_expected_length_only(client):
     s = client.create_session(**GEOM)
     rng = np.random.default_rng(31)
-    s.append_and_attend(0, *qkv(rng, 6))
-    q, k, v = qkv(rng, 3)
+    s.append_and_attend(0, *qkv(rng, 6, GEOM))
+    q, k, v = qkv(rng, 3, GEOM)
     out, length = s.append_and_attend(0, q, k, v, with_length=True, expected_length=6)
     assert length == 9
     check_attention(s, 0, q, out, start=6)
     before = snapshot(s)
     for expected in (6, 10, 0):  # 0 is a condition too, not "unset"
         with pytest.raises(Q8KVError) as err:
-            s.append_and_attend(0, *qkv(rng, 1), expected_length=expected)
+            s.append_and_attend(0, *qkv(rng, 1, GEOM), expected_length=expected)
         assert err.value.code == grpc.StatusCode.ABORTED
         assert err.value.message == (
             f"items[0].expected_length: expected the layer's length 9, got {expected}"
         )
         assert_unchanged(s, before)
-    out = s.append_and_attend(2, *qkv(rng, 1), expected_length=0)
+    out = s.append_and_attend(2, *qkv(rng, 1, GEOM), expected_length=0)
     assert s.info().layer_lengths == [9, 0, 1]
     s.delete()
 
@@ -416,10 +402,10 @@ def test_conditional_append_applies_at_the_expected_length_only(client):
 def test_conditional_batch_is_all_or_nothing(client):
     a, b = client.create_session(**GEOM), client.create_session(**GEOM)
     rng = np.random.default_rng(32)
-    a.append_and_attend(0, *qkv(rng, 4))
-    b.append_and_attend(1, *qkv(rng, 2))
+    a.append_and_attend(0, *qkv(rng, 4, GEOM))
+    b.append_and_attend(1, *qkv(rng, 2, GEOM))
     before_a, before_b = snapshot(a), snapshot(b)
-    steps = [qkv(rng, 2), qkv(rng, 1), qkv(rng, 3)]
+    steps = [qkv(rng, 2, GEOM), qkv(rng, 1, GEOM), qkv(rng, 3, GEOM)]
     # The second item on a's layer 0 must expect 4 + 2: 4 is stale once the first applied.
     stale = [AppendItem(a, 0, *steps[0], 4), AppendItem(b, 1, *steps[1], 2),
              AppendItem(a.id, 0, *steps[2], 4)]
@@ -438,14 +424,9 @@ def test_conditional_batch_is_all_or_nothing(client):
     b.delete()
 
 
-class LostAnswer(grpc.RpcError):
+def lost_answer() -> FakeRpcError:
     """What a client sees when the server applied the call but the answer never came."""
-
-    def code(self):
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self):
-        return "connection reset"
+    return FakeRpcError(grpc.StatusCode.UNAVAILABLE, "connection reset")
 
 
 def test_retry_after_a_lost_answer_appends_once_and_says_so(client, monkeypatch):
@@ -454,19 +435,19 @@ def test_retry_after_a_lost_answer_appends_once_and_says_so(client, monkeypatch)
     monkeypatch.setattr(messages, "RETRY_DELAY", 0.0)
     s = client.create_session(**GEOM)
     rng = np.random.default_rng(33)
-    s.append_and_attend(1, *qkv(rng, 5))
+    s.append_and_attend(1, *qkv(rng, 5, GEOM))
     real, sent = client._stub.AppendAndAttend, []
 
     def lose_the_first_answer(request, **kwargs):
         sent.append(request)
         response = real(request, **kwargs)  # applied on the server
         if len(sent) == 1:
-            raise LostAnswer()
+            raise lost_answer()
         return response
 
     monkeypatch.setattr(client._stub, "AppendAndAttend", lose_the_first_answer)
     with pytest.raises(AlreadyApplied) as err:
-        s.append_and_attend(1, *qkv(rng, 2), expected_length=5, retries=2)
+        s.append_and_attend(1, *qkv(rng, 2, GEOM), expected_length=5, retries=2)
     assert err.value.code == grpc.StatusCode.ABORTED
     assert err.value.lengths == {(s.id, 1): 7}
     assert len(sent) == 2 and sent[0] == sent[1]
@@ -475,11 +456,11 @@ def test_retry_after_a_lost_answer_appends_once_and_says_so(client, monkeypatch)
     def lose_before_sending(request, **kwargs):
         sent.append(request)
         if len(sent) == 3:
-            raise LostAnswer()
+            raise lost_answer()
         return real(request, **kwargs)
 
     monkeypatch.setattr(client._stub, "AppendAndAttend", lose_before_sending)
-    q, k, v = qkv(rng, 3)
+    q, k, v = qkv(rng, 3, GEOM)
     out, length = s.append_and_attend(1, q, k, v, True, expected_length=7, retries=2)
     assert length == 10 and len(sent) == 4
     check_attention(s, 1, q, out, start=7)
@@ -492,7 +473,7 @@ def test_async_conditional_append_and_applied(server):
     async def main():
         async with AsyncClient(server.address, timeout=30) as c:
             s = await c.create_session(**GEOM)
-            step = qkv(rng, 2)
+            step = qkv(rng, 2, GEOM)
             out, length = await s.append_and_attend(0, *step, True, expected_length=0)
             assert length == 2 and out.shape == step[0].shape
             with pytest.raises(Q8KVError) as err:
@@ -500,7 +481,7 @@ def test_async_conditional_append_and_applied(server):
             assert type(err.value) is Q8KVError and err.value.code == grpc.StatusCode.ABORTED
             assert await c.applied([(s, 0, *step, 0)])
             assert not await c.applied([(s, 0, *step, 1)])
-            item = AppendItem(s.id, 1, *qkv(rng, 3), expected_length=0)
+            item = AppendItem(s.id, 1, *qkv(rng, 3, GEOM), expected_length=0)
             (result,) = await c.append_and_attend_batch([item], with_lengths=True, retries=2)
             assert result.length == 3 and (await s.info()).layer_lengths == [2, 3, 0]
             await s.delete()
@@ -526,8 +507,8 @@ def test_ids_a_header_cannot_carry_get_the_servers_own_answer(client, sid):
         lambda: client.truncate_session(sid, 0),
         lambda: client.dequantize(sid, 0),
         lambda: client.export_session(sid),
-        lambda: client.append_and_attend_batch([(sid, 0, *qkv(rng, 1))]),
-        lambda: client.session(sid).append_and_attend(0, *qkv(rng, 1), expected_length=0),
+        lambda: client.append_and_attend_batch([(sid, 0, *qkv(rng, 1, GEOM))]),
+        lambda: client.session(sid).append_and_attend(0, *qkv(rng, 1, GEOM), expected_length=0),
     ]
     for call in calls:
         with pytest.raises(Q8KVError) as err:
@@ -536,11 +517,11 @@ def test_ids_a_header_cannot_carry_get_the_servers_own_answer(client, sid):
         assert err.value.message.startswith("session_id: no session ")
     with client.stream() as stream:
         with pytest.raises(Q8KVError) as err:
-            stream.attend([(sid, 0, *qkv(rng, 1))])
+            stream.attend([(sid, 0, *qkv(rng, 1, GEOM))])
         assert err.value.code == grpc.StatusCode.NOT_FOUND and err.value.request_id == 1
     # An import whose header names such an id: the server's INVALID_ARGUMENT.
     s = client.create_session(**GEOM)
-    s.append_and_attend(0, *qkv(rng, 2))
+    s.append_and_attend(0, *qkv(rng, 2, GEOM))
     chunks = s.export()
     chunks[0].header.session_id = sid
     digest = hashlib.sha256()
@@ -573,7 +554,7 @@ def test_async_client_ids_a_header_cannot_carry(server):
 def test_values_near_the_bound_give_finite_attention(client, dtype):
     """The worst case of the bound's derivation: head_dim 1024, softmax_scale 1e3, every
     |q|, |k| near 1e15 (scores near 1e36): finite, and still the reference's answer."""
-    geom = dict(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=1024, max_len=64)
+    geom = Geo(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=1024, max_len=64)
     s = client.create_session(**geom, softmax_scale=1e3)
     rng = np.random.default_rng(35)
 
@@ -598,14 +579,14 @@ def test_values_near_the_bound_give_finite_attention(client, dtype):
 
 
 def test_concurrent_clients_on_one_session_append_each_token_once(server):
-    geom = {**GEOM, "num_layers": 1, "max_len": 4096}
+    geom = GEOM.but(num_layers=1, max_len=4096)
     with Client(server.address, timeout=30) as c:
         s = c.create_session(**geom)
     rng = np.random.default_rng(99)
     per_thread, threads = 25, 8
     # Each token's k carries a unique marker value, so the cache shows who landed where.
     ks = [
-        [tokens(rng, 1, 2) for _ in range(per_thread)] for _ in range(threads)
+        [normal(rng, (1, 2, 64)) for _ in range(per_thread)] for _ in range(threads)
     ]
     errors: list[BaseException] = []
 
@@ -614,7 +595,7 @@ def test_concurrent_clients_on_one_session_append_each_token_once(server):
             with Client(server.address, timeout=30) as c:
                 handle = c.get_session(s.id)
                 for k in ks[index]:
-                    q = tokens(rng, 1, 8)
+                    q = normal(rng, (1, 8, 64))
                     handle.append_and_attend(0, q, k, k)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
@@ -654,7 +635,7 @@ def test_concurrent_clients_on_different_sessions(server):
                 start = 0
                 worst = 0.0
                 for n in (5, 1, 1, 1, 3):
-                    q, k, v = qkv(rng, n)
+                    q, k, v = qkv(rng, n, GEOM)
                     out = s.append_and_attend(1, q, k, v)
                     keys, values = s.dequantize(1)
                     worst = max(worst, rel_l2(out, attention_ref(q, keys, values, start, 1 / 8)))

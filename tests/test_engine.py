@@ -10,14 +10,15 @@ threading.Event while the requests are queued, then released.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pytest
-from reference import attention_ref, dequantize_ref, quantize_ref, random_tensor, rel_l2
+from harness.engine import engine_held
+from harness.tensors import qkv, random_tensor
+from reference import attention_ref, dequantize_ref, quantize_ref, rel_l2
 
 from q8kv.server.backends.base import AttendItem
 from q8kv.server.backends.numpy_backend import NumpyBackend
@@ -65,13 +66,8 @@ class Harness:
         return await self.engine.call(lambda: self.store.create(geometry, **kwargs))
 
     def request(self, session: Session, layer: int, n: int, dtype=np.float32) -> AppendRequest:
-        g = session.geometry
         return AppendRequest(
-            session.id,
-            layer,
-            random_tensor(self.rng, (n, g.num_heads, g.head_dim), dtype),
-            random_tensor(self.rng, (n, g.num_kv_heads, g.head_dim), dtype),
-            random_tensor(self.rng, (n, g.num_kv_heads, g.head_dim), dtype),
+            session.id, layer, *qkv(self.rng, n, session.geometry, dtype, tensor=random_tensor)
         )
 
     async def append(self, *requests: AppendRequest, **kwargs: Any):
@@ -79,25 +75,10 @@ class Harness:
 
     async def coalesced(self, *jobs: Callable[[], Awaitable[Any]]) -> list[Any]:
         """Start every job while the engine is held busy, release it, and gather the results
-        (exceptions returned, not raised).
-
-        The hold is submitted from another thread: an idle engine may run a job inline on
-        the submitting event loop, and this loop must stay free to queue the jobs."""
-        gate, started = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            started.set()
-            gate.wait(TIMEOUT)
-
-        holder = threading.Thread(target=lambda: asyncio.run(self.engine.call(hold)))
-        holder.start()
-        try:
-            assert await asyncio.to_thread(started.wait, TIMEOUT)
+        (exceptions returned, not raised)."""
+        async with engine_held(self.engine, TIMEOUT):
             tasks = [asyncio.ensure_future(job()) for job in jobs]
             await asyncio.sleep(0.02)  # every task has queued its job behind the hold
-        finally:
-            gate.set()
-            await asyncio.to_thread(holder.join, TIMEOUT)
         return await asyncio.gather(*tasks, return_exceptions=True)
 
     async def snapshot(self) -> tuple[dict, int, int]:
@@ -535,24 +516,12 @@ def test_cancelled_call_is_not_applied(queue_delay_us: int) -> None:
         await h.append(h.request(s, 0, 5))
         before = await h.snapshot()
         gone, kept = h.request(s, 0, 20), h.request(s, 1, 2)
-        gate, started = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            started.set()
-            gate.wait(TIMEOUT)
-
-        holder = threading.Thread(target=lambda: asyncio.run(h.engine.call(hold)))
-        holder.start()
-        try:
-            assert await asyncio.to_thread(started.wait, TIMEOUT)
+        async with engine_held(h.engine, TIMEOUT):
             cancelled = asyncio.ensure_future(h.append(gone))
             other = asyncio.ensure_future(h.append(kept))
             await asyncio.sleep(0.02)  # both queued behind the hold
             cancelled.cancel()
             await asyncio.sleep(0)
-        finally:
-            gate.set()
-            await asyncio.to_thread(holder.join, TIMEOUT)
         with pytest.raises(asyncio.CancelledError):
             await cancelled
         [(out, length)] = await other

@@ -1,11 +1,11 @@
-"""Hostile-tenant review, items 1, 2 and 14: eviction during a call, and whose sessions go.
+"""Eviction during a call, and whose sessions go.
 
-1. Reserving pages for a later item of a batch must never evict a session an earlier item
-   (of this or another call in the batch) already prepared: the earlier caller would get OK
-   for a session that no longer exists, attending over another tenant's token.
-2. Same root: a rollback after such an eviction gave the evicted session's pages back a
-   second time (double free).
-14. LRU eviction takes the appending tenant's own idle sessions before other tenants'.
+- Reserving pages for a later item of a batch never evicts a session an earlier item (of
+  this or another call in the batch) already prepared: the earlier caller would get OK for
+  a session that no longer exists, attending over another tenant's token.
+- A rollback after an eviction gives back exactly the pages the call took, never an
+  evicted session's pages a second time (double free).
+- LRU eviction takes the appending tenant's own idle sessions before other tenants'.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from collections import Counter
 import grpc
 import numpy as np
 import pytest
-from reference import attention_ref, random_tensor, rel_l2
-from trust_util import bearer, stub
+from harness.engine import engine_held
+from harness.geometry import Geo
+from harness.rpc import attend_item, bearer, stub
+from harness.tensors import qkv, random_tensor
+from reference import attention_ref, rel_l2
 
 from q8kv import wire
 from q8kv.server import cache as cache_module
@@ -36,13 +39,8 @@ TIMEOUT = 20.0
 
 
 def request(rng, session: Session, layer: int, n: int) -> AppendRequest:
-    g = session.geometry
     return AppendRequest(
-        session.id,
-        layer,
-        random_tensor(rng, (n, g.num_heads, g.head_dim), np.float32),
-        random_tensor(rng, (n, g.num_kv_heads, g.head_dim), np.float32),
-        random_tensor(rng, (n, g.num_kv_heads, g.head_dim), np.float32),
+        session.id, layer, *qkv(rng, n, session.geometry, tensor=random_tensor)
     )
 
 
@@ -57,23 +55,11 @@ def start_engine(num_pages: int, **store_kwargs) -> Engine:
 async def coalesced(engine: Engine, *calls) -> list:
     """Queue every call while the worker is held busy, then release it: one batch, in
     order. Returns results, exceptions included."""
-    gate, started = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        started.set()
-        gate.wait(TIMEOUT)
-
-    holder = threading.Thread(target=lambda: asyncio.run(engine.call(hold)))
-    holder.start()
-    try:
-        assert await asyncio.to_thread(started.wait, TIMEOUT)
+    async with engine_held(engine, TIMEOUT):
         tasks = []
         for call in calls:
             tasks.append(asyncio.ensure_future(call()))
             await asyncio.sleep(0.01)  # queued in this order
-    finally:
-        gate.set()
-        await asyncio.to_thread(holder.join, TIMEOUT)
     return await asyncio.gather(*tasks, return_exceptions=True)
 
 
@@ -83,7 +69,7 @@ def layer_state(engine: Engine, session: Session, layer: int):
     return view.length, view.pages, k, v
 
 
-# -- item 1 ------------------------------------------------------------------------------
+# -- a later item of a batch evicts nothing an earlier one prepared --------------------
 
 
 def test_later_item_cannot_evict_a_session_an_earlier_call_prepared() -> None:
@@ -129,7 +115,7 @@ def test_later_item_cannot_evict_a_session_an_earlier_call_prepared() -> None:
         engine.stop(timeout=5)
 
 
-# -- item 2 ------------------------------------------------------------------------------
+# -- a rollback after an eviction frees each page once ---------------------------------
 
 
 def test_rollback_after_an_eviction_frees_no_page_twice() -> None:
@@ -173,7 +159,7 @@ def test_rollback_after_an_eviction_frees_no_page_twice() -> None:
         engine.stop(timeout=5)
 
 
-# -- item 14 -----------------------------------------------------------------------------
+# -- LRU takes the appending tenant's own idle sessions first ---------------------------
 
 
 class FakeClock:
@@ -236,20 +222,16 @@ def test_lru_takes_no_session_of_another_tenant_that_is_not_idle(clock: FakeCloc
     store.check_invariants()
 
 
-# -- item 1 end to end: two tenants through a real server -----------------------------------
+# -- the same end to end: two tenants through a real server ------------------------------
 
 TOKEN_ALICE = "alice-token-0123456789"
 TOKEN_BOB = "bob-token-9876543210"
-E2E_GEOM = dict(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64, max_len=1024)
+E2E_GEOM = Geo(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64, max_len=1024)
 
 
 def e2e_item(sid: str, rng, n: int) -> tuple[pb.AttendItem, np.ndarray]:
-    q = random_tensor(rng, (n, 4, 64), np.float32)
-    k, v = (random_tensor(rng, (n, 2, 64), np.float32) for _ in range(2))
-    item = pb.AttendItem(
-        session_id=sid, layer=0, q=wire.encode(q), k=wire.encode(k), v=wire.encode(v)
-    )
-    return item, q
+    q, k, v = qkv(rng, n, E2E_GEOM, tensor=random_tensor)
+    return attend_item(sid, 0, q, k, v), q
 
 
 def test_batch_of_two_tenants_keeps_the_prepared_session(start_server, tmp_path) -> None:
@@ -275,8 +257,8 @@ def test_batch_of_two_tenants_keeps_the_prepared_session(start_server, tmp_path)
                                      metadata=meta, timeout=30)
 
         for sid, meta, n in (("b", bob, 16), ("a", alice, 16 * 7 - 1)):
-            s.CreateSession(pb.CreateSessionRequest(session_id=sid, geometry=pb.Geometry(
-                **E2E_GEOM)), metadata=meta, timeout=10)
+            s.CreateSession(pb.CreateSessionRequest(session_id=sid, geometry=E2E_GEOM.pb()),
+                            metadata=meta, timeout=10)
             attend(meta, e2e_item(sid, rng, n)[0])  # the pool is now full
         mine, q = e2e_item("a", rng, 1)
         answers: dict[str, object] = {}

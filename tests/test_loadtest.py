@@ -14,7 +14,8 @@ import time
 from importlib import metadata
 
 import pytest
-from observability import Samples, scrape
+from harness.scrape import metric
+from harness.server import free_port
 
 from q8kv.client import Client
 from q8kv.client.loadtest.cli import main, parse_duration
@@ -54,7 +55,7 @@ def spawn(*args: str) -> subprocess.Popen:
 
 
 def tokens_counter(server) -> float:
-    return Samples(scrape(server.metrics_url)).get("q8kv_tokens_appended_total")
+    return metric(server.metrics_url, "q8kv_tokens_appended_total")
 
 
 def assert_clean_failure(result, exit_code: int, words: str) -> None:
@@ -139,8 +140,6 @@ def test_untimed_prefill_counts_setup_tokens(start_server):
 
 
 def test_bad_target_fails_fast_with_a_clear_message(start_server):
-    from conftest import free_port
-
     started = time.monotonic()
     result = loadtest(f"127.0.0.1:{free_port()}", "-n", "10")
     assert_clean_failure(result, 2, "cannot reach 127.0.0.1:")

@@ -10,12 +10,13 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess
-from observability import Driver, Geo
+from harness.geometry import Geo
+from harness.rpc import Driver
+from harness.server import ServerProcess
 
 from q8kv.v1 import kvcache_pb2 as pb
 
-GEO = Geo(layers=2, heads=4, kv_heads=2, head_dim=64, max_len=32)
+GEO = Geo(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, max_len=32)
 K_VALUE = np.float32(1234.5678)  # distinctive values to look for in the log
 Q_VALUE = np.float32(-8765.4321)
 
@@ -28,11 +29,11 @@ def log_lines():
     try:
         d.create("kept", GEO)
         d.create("short-lived", GEO, ttl=1.0)
-        k = np.full((3, GEO.kv_heads, GEO.head_dim), K_VALUE, np.float32)
+        k = np.full((3, GEO.num_kv_heads, GEO.head_dim), K_VALUE, np.float32)
         item = d.item("kept", GEO, 0, 3, k=k)
         item.q.CopyFrom(pb.Tensor(
-            dtype=pb.FLOAT32, shape=[3, GEO.heads, GEO.head_dim],
-            data=np.full(3 * GEO.heads * GEO.head_dim, Q_VALUE, "<f4").tobytes(),
+            dtype=pb.FLOAT32, shape=[3, GEO.num_heads, GEO.head_dim],
+            data=np.full(3 * GEO.num_heads * GEO.head_dim, Q_VALUE, "<f4").tobytes(),
         ))
         d.attend(item)
         d.attend(d.item("short-lived", GEO, 1, 2, k=k[:2]))
@@ -96,7 +97,7 @@ def test_startup_configuration(log_lines):
 def test_session_lifecycle_events(log_lines):
     created = {r["session"]: r for r in events(log_lines, "session_created")}
     assert set(created) == {"kept", "short-lived"}
-    assert created["kept"]["layers"] == GEO.layers
+    assert created["kept"]["layers"] == GEO.num_layers
     assert created["kept"]["head_dim"] == GEO.head_dim
     [deleted] = events(log_lines, "session_deleted")
     assert deleted["session"] == "kept"

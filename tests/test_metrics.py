@@ -1,5 +1,5 @@
-"""/metrics after a scripted workload: every metric of the observability issue has the value
-the workload implies (bytes to the byte, the ratio, token, session, batch and RPC counts by
+"""/metrics after a scripted workload: every metric the server exports has the value the
+workload implies (bytes to the byte, the ratio, token, session, batch and RPC counts by
 method and code, including the error codes the workload provokes).
 
 The workload runs once per module against a real server subprocess with a known page size
@@ -8,15 +8,17 @@ and a small memory budget; each test checks one group of metrics on the same scr
 
 from __future__ import annotations
 
-import os
 import time
 from importlib import metadata
 
 import grpc
 import numpy as np
 import pytest
-from conftest import TEST_BACKEND, ServerProcess
-from observability import SERVICE, Driver, Geo, Samples, page_bytes, pages_for, scrape
+from harness.geometry import Geo, page_bytes, pages_for
+from harness.proc import listening_ports
+from harness.rpc import SERVICE, Driver
+from harness.scrape import Samples, scrape
+from harness.server import TEST_BACKEND, ServerProcess
 
 from q8kv import wire
 from q8kv.server.backends.base import tokens_per_page
@@ -24,9 +26,9 @@ from q8kv.v1 import kvcache_pb2 as pb
 
 PAGE_CODE_BYTES = 8192
 POOL_PAGES = 24
-GEO = Geo(layers=2, heads=4, kv_heads=2, head_dim=64, max_len=4096)
-SHORT = Geo(layers=2, heads=4, kv_heads=2, head_dim=64, max_len=64)
-T = tokens_per_page(PAGE_CODE_BYTES, GEO.kv_heads, GEO.head_dim)  # 32 tokens per page
+GEO = Geo(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, max_len=4096)
+SHORT = Geo(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, max_len=64)
+T = tokens_per_page(PAGE_CODE_BYTES, GEO.num_kv_heads, GEO.head_dim)  # 32 tokens per page
 C = grpc.StatusCode
 
 # Final layer lengths once the workload is done (the TTL session and "b" are gone).
@@ -88,7 +90,7 @@ def run_workload(d: Driver) -> None:
     replies = list(stream)
     assert [(r.request_id, r.error_code) for r in replies] == [(1, 0), (2, 0)]
     k = d.stub.Dequantize(pb.DequantizeRequest(session_id="a", layer=0)).k
-    assert list(k.shape) == [GEO.kv_heads, 35, GEO.head_dim]
+    assert list(k.shape) == [GEO.num_kv_heads, 35, GEO.head_dim]
     assert d.stub.GetSession(pb.GetSessionRequest(session_id="c")).session.layer_lengths == [
         33, 3,
     ]
@@ -101,12 +103,13 @@ def run_workload(d: Driver) -> None:
     d.expect_error(C.ALREADY_EXISTS, d.stub.CreateSession,
                    pb.CreateSessionRequest(session_id="a", geometry=GEO.pb()))
     nan = d.item("a", GEO, 0, 1)
-    nan.k.CopyFrom(pb.Tensor(dtype=pb.FLOAT32, shape=nan.k.shape,
-                             data=np.full(GEO.kv_heads * GEO.head_dim, np.nan, "<f4").tobytes()))
+    nan_k = np.full(GEO.num_kv_heads * GEO.head_dim, np.nan, "<f4")
+    nan.k.CopyFrom(pb.Tensor(dtype=pb.FLOAT32, shape=nan.k.shape, data=nan_k.tobytes()))
     d.expect_error(C.INVALID_ARGUMENT, d.stub.AppendAndAttend,
                    pb.AppendAndAttendRequest(items=[nan]))
     misshaped = d.item("a", GEO, 0, 1)
-    misshaped.k.CopyFrom(wire.encode(np.ones((1, GEO.kv_heads + 1, GEO.head_dim), np.float32)))
+    one_head_too_many = (1, GEO.num_kv_heads + 1, GEO.head_dim)
+    misshaped.k.CopyFrom(wire.encode(np.ones(one_head_too_many, np.float32)))
     d.expect_error(C.INVALID_ARGUMENT, d.stub.AppendAndAttend,
                    pb.AppendAndAttendRequest(items=[misshaped]))
     d.expect_error(C.NOT_FOUND, d.stub.AppendAndAttend,
@@ -252,26 +255,6 @@ def test_types_and_no_session_ids_in_labels(scraped):
     assert not values & set(SESSION_IDS)
 
 
-def _listening_ports(pid: int) -> set[int]:
-    """TCP ports a process listens on: its socket inodes matched against /proc/net/tcp*."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                cols = line.split()
-                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
-                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
 def test_metrics_off_no_endpoint_service_works(start_server):
     server = start_server("--metrics-port", "-1")
     assert server.metrics_url is None
@@ -283,13 +266,13 @@ def test_metrics_off_no_endpoint_service_works(start_server):
         d.expect_error(C.NOT_FOUND, d.stub.GetSession, pb.GetSessionRequest(session_id="x"))
     finally:
         d.close()
-    assert _listening_ports(server.proc.pid) == {server.port}
+    assert listening_ports(server.proc.pid) == {server.port}
     assert "metrics_port=None" in server.logs()
 
 
 def test_metrics_on_listens_on_its_port(start_server):
     server = start_server()
-    assert _listening_ports(server.proc.pid) == {server.port, server.metrics_port}
+    assert listening_ports(server.proc.pid) == {server.port, server.metrics_port}
     samples = Samples(scrape(server.metrics_url))
     assert samples.get("q8kv_cache_bytes") == 0
     assert samples.get("q8kv_cache_compression_ratio") == 0

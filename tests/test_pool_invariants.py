@@ -1,21 +1,22 @@
-"""The page pool's bookkeeping stays exact under anything a caller can do (hostile-tenant
-review, items 1-2): ``SessionStore.check_invariants`` after every step of random batches
-driven through the Engine (invalid items, near-zero TTLs, LRU eviction of anything idle, a
-full pool, failing device calls, callers that go away), and the ``Allocation`` contract."""
+"""The page pool's bookkeeping stays exact under anything a caller can do (evictions and
+rollbacks in the middle of a batch included): ``SessionStore.check_invariants`` after every
+step of random batches driven through the Engine (invalid items, near-zero TTLs, LRU
+eviction of anything idle, a full pool, failing device calls, callers that go away), and
+the ``Allocation`` contract."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from harness.engine import engine_held
+from harness.tensors import random_tensor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import random_tensor
 
 from q8kv.server.backends.base import AttendItem
 from q8kv.server.backends.numpy_backend import NumpyBackend
@@ -248,16 +249,7 @@ class Driver:
         })
         requests = [[self.request(i, sessions, job.tenant) for i in job.items] for job in jobs]
         self.engine.backend.fail_with = failure
-        gate, started = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            started.set()
-            gate.wait(TIMEOUT)
-
-        holder = threading.Thread(target=lambda: asyncio.run(self.engine.call(hold)))
-        holder.start()
-        try:
-            assert await asyncio.to_thread(started.wait, TIMEOUT)
+        async with engine_held(self.engine, TIMEOUT):
             tasks = []
             for job, reqs in zip(jobs, requests, strict=True):
                 tasks.append(asyncio.ensure_future(
@@ -269,9 +261,6 @@ class Driver:
                 if job.cancel:
                     task.cancel()
             await asyncio.sleep(0)
-        finally:
-            gate.set()
-            await asyncio.to_thread(holder.join, TIMEOUT)
         results = await asyncio.gather(*tasks, return_exceptions=True)
         self.engine.backend.fail_with = None
         await self.engine.call(lambda: self.check_outcome(jobs, requests, results, before))

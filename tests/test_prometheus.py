@@ -21,14 +21,17 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from conftest import REPO, ServerProcess, free_port
-from observability import SERVICE, Driver, Geo, Samples, scrape
+from harness.geometry import Geo
+from harness.proc import stop_process
+from harness.rpc import SERVICE, Driver
+from harness.scrape import Samples, scrape
+from harness.server import REPO, ServerProcess, free_port
 
 from q8kv.v1 import kvcache_pb2 as pb
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "q8kv.json"
 PROMETHEUS_YML = REPO / "deploy" / "prometheus.yml"
-GEO = Geo(layers=2, heads=8, kv_heads=2, head_dim=64)
+GEO = Geo(num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64)
 APPENDS_OK = 6  # AppendAndAttend calls that succeed in the workload
 NOT_FOUND = 2
 
@@ -99,13 +102,7 @@ class Prometheus:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
 
 
 def workload(d: Driver) -> None:
@@ -252,7 +249,8 @@ def test_dashboard_names_only_exported_metrics(stack):
     used = set().union(*map(metric_names, dashboard_expressions())) | template_metrics()
     missing = sorted(used - samples.names)
     assert not missing, f"dashboard metrics the server does not export: {missing}"
-    # It shows what the issue asks for (one name from each panel group).
+    # It shows every panel group: memory, compression, RPCs, kernels, batching, sessions,
+    # pool and quantization error (one name from each).
     for name in (
         "q8kv_cache_bytes", "q8kv_cache_fp32_equivalent_bytes",
         "q8kv_cache_fp16_equivalent_bytes", "q8kv_cache_compression_ratio",

@@ -1,8 +1,8 @@
-"""Issue 6, nothing lost: with --snapshot-dir, SIGTERM writes every session (a set: one
-file per session and a manifest written last) and the next start loads them: Dequantize
-bit for bit, appends continue with correct attention, tenants kept. A corrupted and a
-truncated snapshot are logged, moved to corrupt/ and never loaded; the good ones still load
-and stay in place until the next snapshot replaces them."""
+"""Nothing lost in a restart: with --snapshot-dir, SIGTERM writes every session (a set:
+one file per session and a manifest written last) and the next start loads them:
+Dequantize bit for bit, appends continue with correct attention, tenants kept. A corrupted
+and a truncated snapshot are logged, moved to corrupt/ and never loaded; the good ones
+still load and stay in place until the next snapshot replaces them."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import signal
 import grpc
 import numpy as np
 import pytest
+from harness.geometry import GEOM
+from harness.sessions import caches, fill
+from harness.tensors import qkv
 from reference import attention_ref, rel_l2
-from trust_util import GEOM, caches, fill, qkv
 
 from q8kv.client import Client, Q8KVError
 
@@ -102,7 +104,7 @@ def test_sessions_survive_a_restart(start_server, tmp_path):
         s = a.session("keep-1")
         for layer, n in ((0, 1), (1, 6), (2, 3), (1, 1)):
             start = s.length(layer)
-            q, k, v = qkv(rng, n)
+            q, k, v = qkv(rng, n, GEOM)
             out = s.append_and_attend(layer, q, k, v, with_length=True)
             assert out.length == start + n
             keys, values = s.dequantize(layer)

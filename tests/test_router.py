@@ -17,7 +17,8 @@ import grpc
 import numpy as np
 import pytest
 import routing
-from conftest import free_port
+from harness.server import free_port
+from harness.tensors import qkv
 from routing import GEO, check_step
 
 from q8kv.client import Client, Q8KVError
@@ -40,17 +41,14 @@ def test_router_affinity_outputs_and_replica_death(topology):
     router, replicas = topology
     rng = np.random.default_rng(7)
 
-    def tensors(n: int):
-        return routing.tensors(rng, n)
-
     with Client(router.address, timeout=10) as client:
         sessions = [client.create_session(**GEO) for _ in range(SESSIONS)]
         sent: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
         # Prefill both layers, then two decode steps, interleaving sessions.
         for n in (PREFILL, 1, 1):
             for s in sessions:
-                for layer in range(GEO["num_layers"]):
-                    check_step(s, layer, *tensors(n), sent[s.id, layer])
+                for layer in range(GEO.num_layers):
+                    check_step(s, layer, *qkv(rng, n, GEO), sent[s.id, layer])
 
         # Where each session lives, from the replicas' own session lists.
         held = []
@@ -64,7 +62,7 @@ def test_router_affinity_outputs_and_replica_death(topology):
         # Every append of every session landed on its replica: the lengths add up there.
         for owner in held:
             for info in owner.values():
-                assert info.layer_lengths == [PREFILL + 2] * GEO["num_layers"]
+                assert info.layer_lengths == [PREFILL + 2] * GEO.num_layers
 
         # The router's own record: one upstream per session id, the replica that holds it.
         upstreams: dict[str, set[str]] = defaultdict(set)
@@ -84,16 +82,16 @@ def test_router_affinity_outputs_and_replica_death(topology):
         kept = [s for s in sessions if s.id in held[1]]
         for s in lost:
             with pytest.raises(Q8KVError) as err:
-                s.append_and_attend(0, *tensors(1))
+                s.append_and_attend(0, *qkv(rng, 1, GEO))
             # The router skips the dead replica; the survivor does not know the id.
             assert err.value.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
             if err.value.code == grpc.StatusCode.NOT_FOUND:
                 assert s.id in err.value.message
         for s in kept:
-            check_step(s, 0, *tensors(1), sent[s.id, 0])
+            check_step(s, 0, *qkv(rng, 1, GEO), sent[s.id, 0])
 
         # The client's recovery path: re-create the lost session under its id, re-prefill.
         again = client.create_session(**GEO, session_id=lost[0].id)
-        check_step(again, 0, *tensors(PREFILL), [])
+        check_step(again, 0, *qkv(rng, PREFILL, GEO), [])
         with Client(alive.address, timeout=10) as direct:
             assert lost[0].id in {info.id for info in direct.list_sessions()}

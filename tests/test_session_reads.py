@@ -1,5 +1,5 @@
-"""Hostile-tenant review, items 8 and 13, through a real gRPC server on loopback (started in
-this process, so the test can hold the engine's worker busy):
+"""Session reads and TTLs, through a real gRPC server on loopback (started in this process,
+so the test can hold the engine's worker busy):
 
 - GetSession and ListSessions are answered from a snapshot of the store, without queueing
   behind the engine's worker; ListSessions pages hold at most 100 sessions.
@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from harness.engine import hold_engine
+from harness.geometry import Geo
 
 from q8kv.server.backends.numpy_backend import NumpyBackend
 from q8kv.server.cache import MIN_TTL_SECONDS, PagePool, SessionStore
@@ -26,7 +28,7 @@ from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 
 PCB = 4096
-GEOMETRY = pb.Geometry(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, max_len=256)
+GEOMETRY = Geo(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, max_len=256).pb()
 SERVER_TTL = 600.0
 TIMEOUT = 20.0
 
@@ -62,15 +64,7 @@ class LoopbackServer:
 
     def hold_engine(self) -> threading.Event:
         """Keep the engine's worker busy until the returned event is set."""
-        gate, started = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            started.set()
-            gate.wait(TIMEOUT)
-
-        threading.Thread(target=lambda: asyncio.run(self.engine.call(hold)), daemon=True).start()
-        assert started.wait(TIMEOUT)
-        return gate
+        return hold_engine(self.engine, TIMEOUT)
 
     def create(self, sid: str, **kwargs) -> pb.SessionInfo:
         request = pb.CreateSessionRequest(session_id=sid, geometry=GEOMETRY, **kwargs)

@@ -10,11 +10,13 @@ import time
 import grpc
 import numpy as np
 import pytest
-from trust_util import wait_for_log
+from harness.geometry import Geo
+from harness.logs import wait_for_log
+from harness.tensors import qkv
 
 from q8kv.client import Client, Q8KVError
 
-GEOM = dict(num_layers=1, num_heads=8, num_kv_heads=2, head_dim=64, max_len=100_000)
+GEOM = Geo(num_layers=1, num_heads=8, num_kv_heads=2, head_dim=64, max_len=100_000)
 
 
 def test_sigterm_under_load_drains(start_server):
@@ -30,8 +32,7 @@ def test_sigterm_under_load_drains(start_server):
                 s = c.create_session(**GEOM)
                 length = 0
                 while not stop.is_set():
-                    q = rng.standard_normal((4, 8, 64)).astype(np.float32)
-                    k = rng.standard_normal((4, 2, 64)).astype(np.float32)
+                    q, k, _ = qkv(rng, 4, GEOM)
                     try:
                         out = s.append_and_attend(0, q, k, k)
                         length += 4
@@ -80,20 +81,15 @@ def test_open_stream_messages_after_drain_began_are_refused_unapplied(start_serv
     srv = start_server("--grace-seconds", "30", "--snapshot-dir", str(directory))
     rng = np.random.default_rng(31)
 
-    def message(n: int):
-        q = rng.standard_normal((n, 8, 64)).astype(np.float32)
-        k = rng.standard_normal((n, 2, 64)).astype(np.float32)
-        return q, k, rng.standard_normal((n, 2, 64)).astype(np.float32)
-
     with Client(srv.address, timeout=30) as c:
         s = c.create_session(**GEOM)
         stream = c.stream()
-        ((_, length),) = stream.attend([(s, 0, *message(3))], with_lengths=True)
+        ((_, length),) = stream.attend([(s, 0, *qkv(rng, 3, GEOM))], with_lengths=True)
         assert length == 3
         srv.signal()
         wait_for_log(srv, "event=draining")
         for _ in range(3):
-            request_id = stream.send([(s, 0, *message(2))])
+            request_id = stream.send([(s, 0, *qkv(rng, 2, GEOM))])
             with pytest.raises(Q8KVError) as err:
                 stream.recv(request_id)
             assert err.value.code == grpc.StatusCode.UNAVAILABLE

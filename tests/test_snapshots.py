@@ -10,16 +10,15 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import grpc
 import numpy as np
 import pytest
-from conftest import REPO, ServerProcess, free_port
-from trust_util import GEOM, caches, fill, wait_for_log
+from harness.geometry import GEOM, page_bytes
+from harness.logs import wait_for_log
+from harness.server import free_port, listening_socket, run_server
+from harness.sessions import caches, fill
 
 from q8kv.client import Client, Q8KVError
 
@@ -49,7 +48,7 @@ def make_snapshot(start_server, directory, plan, seed=0):
         with Client(srv.address, token=token) as c:
             s = c.create_session(**GEOM, session_id=sid)
             fill(s, rng, lengths)
-            before[(token, sid)] = caches(s, GEOM["num_layers"])
+            before[(token, sid)] = caches(s, GEOM.num_layers)
     srv.signal(signal.SIGTERM)
     assert srv.proc.wait(30) == 0, srv.logs()
     assert set_dirs(directory) == ["set-000000000001"]
@@ -59,7 +58,7 @@ def make_snapshot(start_server, directory, plan, seed=0):
 def assert_sessions(server, expected) -> None:
     for (token, sid), want in expected.items():
         with Client(server.address, token=token) as c:
-            assert caches(c.session(sid), GEOM["num_layers"]) == want, sid
+            assert caches(c.session(sid), GEOM.num_layers) == want, sid
 
 
 PLAN = {(A, "one"): [5, 3, 0], (A, "two"): [1, 0, 7], (B, "one"): [2, 2, 2]}
@@ -99,16 +98,6 @@ def test_a_save_cut_short_is_ignored_and_the_previous_set_loads(start_server, tm
         assert [i.id for i in a.list_sessions()] == ["one"]
 
 
-def start_paused(directory, *flags, env=None) -> ServerProcess:
-    """A server subprocess that is not waited for (it may never serve)."""
-
-    class Paused(ServerProcess):
-        def wait_serving(self, timeout: float = 60.0) -> None:
-            pass
-
-    return Paused("--snapshot-dir", str(directory), *flags, env=env)
-
-
 def feed_fifo(path, data: bytes, timeout: float = 30.0) -> None:
     """Write ``data`` into the named pipe once the server opened it for reading."""
     deadline = time.monotonic() + timeout
@@ -143,7 +132,7 @@ def test_sigterm_while_loading_exits_cleanly_and_keeps_every_file(start_server, 
     kept = {name: body for name, body in listing(directory).items() if name != str(
         fifo.relative_to(directory))}
 
-    srv = start_paused(directory, env=TOKENS)
+    srv = start_server("--snapshot-dir", str(directory), env=TOKENS, wait=False)
     wait_for_log(srv, "event=snapshot_loading", timeout=60)
     srv.signal(signal.SIGTERM)
     wait_for_log(srv, "event=stop_requested signal=SIGTERM")
@@ -168,18 +157,16 @@ def test_sighup_while_loading_reloads_tokens_and_the_load_goes_on(start_server, 
     fifo, data = block_the_first_file(directory / "set-000000000001")
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{A} alpha\n")
-    srv = start_paused(directory, "--auth-tokens-file", str(tokens))
-    try:
-        wait_for_log(srv, "event=snapshot_loading", timeout=60)
-        tokens.write_text(f"{A} alpha\n{B} bravo\n")
-        srv.signal(signal.SIGHUP)
-        wait_for_log(srv, "event=auth_reloaded")
-        feed_fifo(fifo, data)
-        ServerProcess.wait_serving(srv)
-        assert "event=snapshot_loaded sessions=3" in srv.logs()
-        assert_sessions(srv, before)  # bravo's token came with the reload
-    finally:
-        srv.stop()
+    srv = start_server("--snapshot-dir", str(directory), "--auth-tokens-file", str(tokens),
+                       wait=False)
+    wait_for_log(srv, "event=snapshot_loading", timeout=60)
+    tokens.write_text(f"{A} alpha\n{B} bravo\n")
+    srv.signal(signal.SIGHUP)
+    wait_for_log(srv, "event=auth_reloaded")
+    feed_fifo(fifo, data)
+    srv.wait_serving()
+    assert "event=snapshot_loaded sessions=3" in srv.logs()
+    assert_sessions(srv, before)  # bravo's token came with the reload
 
 
 def test_sessions_that_do_not_fit_a_smaller_budget_are_kept(start_server, tmp_path):
@@ -187,7 +174,7 @@ def test_sessions_that_do_not_fit_a_smaller_budget_are_kept(start_server, tmp_pa
     # 600 tokens of one layer: 3 pages of 64 KiB codes each; four sessions need 12 pages.
     plan = {(A, f"big-{i}"): [600, 0, 0] for i in range(4)}
     before = make_snapshot(start_server, directory, plan, seed=4)
-    page = 64 * 1024 + 64 * 1024 // 32 * 4  # codes and their scales
+    page = page_bytes(64 * 1024)  # codes and their scales
     small = start_server("--snapshot-dir", str(directory), "--memory-budget", str(7 * page),
                          env=TOKENS)
     logs = small.logs()
@@ -218,15 +205,11 @@ def test_a_start_that_fails_after_binding_keeps_the_snapshot(start_server, tmp_p
     directory = tmp_path / "snaps"
     before = make_snapshot(start_server, directory, PLAN, seed=5)
     untouched = listing(directory)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        result = subprocess.run(
-            [sys.executable, "-m", "q8kv.server", "--host", "127.0.0.1",
-             "--port", str(free_port()), "--backend", "numpy", "--memory-budget", "64MiB",
-             "--snapshot-dir", str(directory), "--metrics-port",
-             str(taken.getsockname()[1])],
-            capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, **TOKENS},
+    with listening_socket() as taken:
+        result = run_server(
+            "--port", str(free_port()), "--backend", "numpy", "--memory-budget", "64MiB",
+            "--snapshot-dir", str(directory), "--metrics-port", str(taken.getsockname()[1]),
+            env=TOKENS,
         )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("q8kv-server: error: --metrics-port")

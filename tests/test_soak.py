@@ -1,4 +1,4 @@
-"""Issue 6, soak (bounded): 16 clients create, append, read and delete sessions in a loop.
+"""Soak (bounded): 16 clients create, append, read and delete sessions in a loop.
 No call fails, and afterwards the pool's used bytes and the session count are back where
 they started, and the server's resident memory is within a stated slack of what it was
 after a warm-up of the same load.
@@ -13,7 +13,10 @@ import threading
 import time
 
 import numpy as np
-from trust_util import metric, rss_bytes
+from harness.geometry import Geo
+from harness.proc import rss_bytes
+from harness.scrape import metric
+from harness.tensors import qkv
 
 from q8kv.client import Client
 
@@ -32,12 +35,12 @@ def workload(address: str, index: int, stop: threading.Event, counts: list, erro
         with Client(address, timeout=30) as c:
             while not stop.is_set():
                 layers = int(rng.integers(1, 3))
-                s = c.create_session(num_layers=layers, num_heads=8, num_kv_heads=2,
-                                     head_dim=64, max_len=512)
+                geo = Geo(num_layers=layers, num_heads=8, num_kv_heads=2, head_dim=64,
+                          max_len=512)
+                s = c.create_session(**geo)
                 length = 0
                 for n in (int(rng.integers(1, 64)), 1, 1, 1):
-                    q = rng.standard_normal((n, 8, 64)).astype(np.float32)
-                    k = rng.standard_normal((n, 2, 64)).astype(np.float32)
+                    q, k, _ = qkv(rng, n, geo)
                     for layer in range(layers):
                         result = s.append_and_attend(layer, q, k, k, with_length=True)
                         assert result.length == length + n

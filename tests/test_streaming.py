@@ -9,23 +9,16 @@ import uuid
 import grpc
 import numpy as np
 import pytest
+from harness.geometry import Geo
+from harness.rpc import attend_item, stub
+from harness.tensors import normal, qkv
 
 from q8kv import format as q8
-from q8kv import wire
 from q8kv.client import AppendItem, Client, Q8KVError
 from q8kv.v1 import kvcache_pb2 as pb
-from q8kv.v1 import kvcache_pb2_grpc
 
-GEOM = dict(num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, max_len=4096)
-H, KVH, D = GEOM["num_heads"], GEOM["num_kv_heads"], GEOM["head_dim"]
-
-
-def qkv(rng, n, dtype=np.float32):
-    return (
-        rng.standard_normal((n, H, D)).astype(dtype),
-        rng.standard_normal((n, KVH, D)).astype(dtype),
-        rng.standard_normal((n, KVH, D)).astype(dtype),
-    )
+GEOM = Geo(num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, max_len=4096)
+KVH, D = GEOM.num_kv_heads, GEOM.head_dim
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +34,7 @@ def test_stream_answers_equal_the_unary_calls(client, dtype):
     unary = client.create_session(**GEOM)
     streamed = client.create_session(**GEOM)
     rng = np.random.default_rng(3)
-    steps = [(layer, qkv(rng, n, dtype)) for n in (17, 1, 1, 3, 1) for layer in (0, 1)]
+    steps = [(layer, qkv(rng, n, GEOM, dtype)) for n in (17, 1, 1, 3, 1) for layer in (0, 1)]
     with client.stream() as stream:
         for layer, (q, k, v) in steps:
             out_u, len_u = unary.append_and_attend(layer, q, k, v, with_length=True)
@@ -76,17 +69,15 @@ def test_a_stream_cut_mid_way_leaves_no_partial_append(server, client, cut):
     tokens_per_message, messages = 4, 300
     s = client.create_session(**GEOM)
     rng = np.random.default_rng(5)
-    sent = [qkv(rng, tokens_per_message) for _ in range(messages)]
+    sent = [qkv(rng, tokens_per_message, GEOM) for _ in range(messages)]
 
     def requests():
         for i, (q, k, v) in enumerate(sent):
-            items = [pb.AttendItem(session_id=s.id, layer=layer, q=wire.encode(q),
-                                   k=wire.encode(k), v=wire.encode(v)) for layer in (0, 1)]
+            items = [attend_item(s.id, layer, q, k, v) for layer in (0, 1)]
             yield pb.AppendAndAttendStreamRequest(request_id=i + 1, items=items)
 
     channel = grpc.insecure_channel(server.address)
-    stub = kvcache_pb2_grpc.KVCacheServiceStub(channel)
-    call = stub.AppendAndAttendStream(requests())
+    call = stub(channel).AppendAndAttendStream(requests())
     answered = 0
     for response in call:  # read a few answers: the stream is busy, messages queued behind
         assert response.error_code == 0, response.error_message
@@ -116,8 +107,8 @@ def test_a_stream_cut_mid_way_leaves_no_partial_append(server, client, cut):
 def test_an_error_answers_one_message_and_the_stream_goes_on(server, client):
     s = client.create_session(**GEOM)
     rng = np.random.default_rng(9)
-    q, k, v = qkv(rng, 1)
-    bad_k = rng.standard_normal((1, KVH + 1, D)).astype(np.float32)  # one kv head too many
+    q, k, v = qkv(rng, 1, GEOM)
+    bad_k = normal(rng, (1, KVH + 1, D))  # one kv head too many
     ghost = f"no-such-{uuid.uuid4().hex[:8]}"
     with client.stream() as stream:
         ok1 = stream.send([(s, 0, q, k, v)])
@@ -149,19 +140,17 @@ def test_stream_error_codes_on_the_wire(server, client):
     field, results are empty; the next message is answered normally."""
     s = client.create_session(**GEOM)
     rng = np.random.default_rng(1)
-    q, k, v = qkv(rng, 2)
+    q, k, v = qkv(rng, 2, GEOM)
 
     def item(k_tensor):
-        return pb.AttendItem(session_id=s.id, layer=0, q=wire.encode(q),
-                             k=wire.encode(k_tensor), v=wire.encode(v))
+        return attend_item(s.id, 0, q, k_tensor, v)
 
     messages = [
         pb.AppendAndAttendStreamRequest(request_id=7, items=[item(k[:1])]),
         pb.AppendAndAttendStreamRequest(request_id=8, items=[item(k)]),
     ]
     with grpc.insecure_channel(server.address) as channel:
-        stub = kvcache_pb2_grpc.KVCacheServiceStub(channel)
-        responses = list(stub.AppendAndAttendStream(iter(messages), timeout=30))
+        responses = list(stub(channel).AppendAndAttendStream(iter(messages), timeout=30))
     by_id = {r.request_id: r for r in responses}
     assert set(by_id) == {7, 8}
     assert by_id[7].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -177,7 +166,7 @@ def test_conditional_stream_messages_apply_once_and_resend_safely(server, client
     tells the first attempt landed."""
     s = client.create_session(**GEOM)
     rng = np.random.default_rng(12)
-    steps = [qkv(rng, n) for n in (4, 1, 2)]
+    steps = [qkv(rng, n, GEOM) for n in (4, 1, 2)]
     with client.stream() as stream:
         ((_, length),) = stream.attend([AppendItem(s, 0, *steps[0], 0)], with_lengths=True)
         assert length == 4

@@ -1,4 +1,4 @@
-"""Issue 6, TLS and mutual TLS with certificates this test makes (openssl CLI: the
+"""TLS and mutual TLS with certificates this test makes (openssl CLI: the
 ``cryptography`` package is not a dependency): a CA, a server certificate for 127.0.0.1 and
 localhost (SAN), a client certificate, and a rogue CA's client certificate."""
 
@@ -9,8 +9,9 @@ import subprocess
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess
-from trust_util import GEOM, qkv
+from harness.geometry import GEOM
+from harness.server import ServerProcess
+from harness.tensors import qkv
 
 from q8kv.client import Client, Q8KVError
 
@@ -54,46 +55,32 @@ def pki(tmp_path_factory):
              "rogue-client.pem", "rogue-client.key", "rogue-ca.pem")}
 
 
-class TLSServer(ServerProcess):
-    """A ServerProcess whose health wait talks TLS (conftest's waits over plaintext)."""
-
-    def __init__(self, *args: str, credentials: grpc.ChannelCredentials, **kwargs) -> None:
-        self.credentials = credentials
-        super().__init__(*args, **kwargs)
-
-    def channel(self) -> grpc.Channel:
-        return grpc.secure_channel(self.address, self.credentials)
-
-
 def read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
 
 
 @pytest.fixture
-def tls_server(pki):
-    started = []
+def tls_server(start_server, pki):
+    """Factory: a TLS server (its health wait talks TLS: with a client certificate where
+    ``client_cert``)."""
 
-    def start(*flags: str, client_cert: bool = False) -> TLSServer:
+    def start(*flags: str, client_cert: bool = False) -> ServerProcess:
         creds = grpc.ssl_channel_credentials(
             read(pki["ca.pem"]),
             read(pki["client.key"]) if client_cert else None,
             read(pki["client.pem"]) if client_cert else None,
         )
-        srv = TLSServer("--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"],
-                        *flags, credentials=creds,
-                        env={"Q8KV_AUTH_TOKENS": f"{TOKEN} tls-tenant"})
-        started.append(srv)
-        return srv
+        return start_server("--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"],
+                            *flags, credentials=creds,
+                            env={"Q8KV_AUTH_TOKENS": f"{TOKEN} tls-tenant"})
 
-    yield start
-    for srv in started:
-        srv.stop()
+    return start
 
 
 def round_trip(client: Client) -> None:
     s = client.create_session(**GEOM)
-    q, k, v = qkv(np.random.default_rng(0), 4)
+    q, k, v = qkv(np.random.default_rng(0), 4, GEOM)
     out = s.append_and_attend(0, q, k, v)
     assert out.shape == q.shape and np.isfinite(out).all()
     keys, _ = s.dequantize(0)

@@ -1,5 +1,5 @@
-"""Issue 6, sessions that move: ExportSession from one server, ImportSession into another
-with another page size, bit for bit; appends continue there. A stream with a bad checksum
+"""Sessions that move: ExportSession from one server, ImportSession into another with
+another page size, bit for bit; appends continue there. A stream with a bad checksum
 or cut short creates nothing; an existing id is ALREADY_EXISTS; another tenant cannot
 export your session."""
 
@@ -10,8 +10,12 @@ import hashlib
 import grpc
 import numpy as np
 import pytest
+from harness.geometry import Geo
+from harness.scrape import metric
+from harness.server import ServerProcess
+from harness.sessions import caches, fill
+from harness.tensors import qkv
 from reference import attention_ref, rel_l2
-from trust_util import caches, fill, metric, qkv
 
 from q8kv.client import Client, Q8KVError
 from q8kv.v1 import kvcache_pb2 as pb
@@ -20,14 +24,12 @@ TOKEN_A = "transfer-alpha-0123456"
 TOKEN_B = "transfer-bravo-6543210"
 TOKENS = {"Q8KV_AUTH_TOKENS": f"{TOKEN_A} alpha,{TOKEN_B} bravo"}
 # 2 * 8 * 128 code bytes per token: 2,048 tokens per 4 MiB chunk, so layer 0 spans two.
-GEOM = dict(num_layers=3, num_heads=8, num_kv_heads=8, head_dim=128, max_len=8192)
+GEOM = Geo(num_layers=3, num_heads=8, num_kv_heads=8, head_dim=128, max_len=8192)
 LENGTHS = [2100, 37, 0]
 
 
 @pytest.fixture(scope="module")
 def servers():
-    from conftest import ServerProcess
-
     src = ServerProcess("--page-bytes", "65536", env=TOKENS)
     dst = ServerProcess("--page-bytes", "16384", env=TOKENS)
     yield src, dst
@@ -186,7 +188,7 @@ SMALL_LIMIT = 1024 * 1024
 
 def layer_tokens(chunks, layer):
     """One layer's codes and scales, joined over its chunks (whatever their boundaries)."""
-    kvh, dim = GEOM["num_kv_heads"], GEOM["head_dim"]
+    kvh, dim = GEOM.num_kv_heads, GEOM.head_dim
     parts = [c.tokens for c in chunks if c.WhichOneof("part") == "tokens"]
     parts = [p for p in parts if p.layer == layer]
     assert [p.start for p in parts] == list(np.cumsum([0] + [p.count for p in parts])[:-1])

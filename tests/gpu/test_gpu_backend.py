@@ -18,9 +18,12 @@ missing.
 
 from __future__ import annotations
 
+import zlib
+
 import ml_dtypes
 import numpy as np
 import pytest
+from reference import attention_ref, rel_l2
 
 from q8kv.server.backends import GpuTuning, cuda_available
 from q8kv.server.backends.base import AttendItem, LayerLayout, tokens_per_page
@@ -36,12 +39,6 @@ pytestmark = pytest.mark.gpu
 
 TOL = 1e-5
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
-
-
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.all(np.isfinite(a64)), "non-finite output (unwritten element?)"
-    return float(np.linalg.norm(a64 - b64) / np.linalg.norm(b64))
 
 
 class Pair:
@@ -99,35 +96,16 @@ def rand(rng: np.random.Generator, shape, dtype, spread: int = 2) -> np.ndarray:
     return x.astype(dtype)
 
 
-def attend64(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, scale: float):
-    """Causal attention in float64: q [n, H, D]; keys/values [KVH, >= start + n, D]."""
-    n, h, _ = q.shape
-    g = h // keys.shape[0]
-    total = start + n
-    k64 = keys[:, :total].astype(np.float64)
-    v64 = values[:, :total].astype(np.float64)
-    q64 = q.astype(np.float64)
-    hidden = np.arange(total)[None, :] > (start + np.arange(n))[:, None]
-    out = np.empty(q.shape, np.float64)
-    for head in range(h):
-        s = (q64[:, head] @ k64[head // g].T) * scale
-        s[hidden] = -np.inf
-        s -= s.max(axis=1, keepdims=True)
-        p = np.exp(s)
-        p /= p.sum(axis=1, keepdims=True)
-        out[:, head] = p @ v64[head // g]
-    return out
-
-
 def run_and_check(pair: Pair, items: list[AttendItem], final_pages: list[tuple]) -> None:
     """Run both backends on ``items``; check codes, outputs vs numpy and vs float64."""
     out_gpu = pair.gpu.append_and_attend(items)
     out_ref = pair.ref.append_and_attend(items)
     for it, og, orf in zip(items, out_gpu, out_ref, strict=True):
         assert og.shape == orf.shape and og.dtype == np.float32
+        assert np.all(np.isfinite(og)), "non-finite output (unwritten element?)"
         err_ref = rel_l2(og, orf)
         keys, values = pair.ref.dequantize(it.layout, it.page_ids, 0, it.start + it.n)
-        ref64 = attend64(it.q.astype(np.float32), keys, values, it.start, it.softmax_scale)
+        ref64 = attention_ref(it.q.astype(np.float32), keys, values, it.start, it.softmax_scale)
         err64 = rel_l2(og, ref64)
         where = f"start={it.start} n={it.n} layout={it.layout}"
         msg = f"vs numpy {err_ref:.2e}, vs float64 {err64:.2e} ({where})"
@@ -141,7 +119,8 @@ def run_and_check(pair: Pair, items: list[AttendItem], final_pages: list[tuple])
 
 @pytest.fixture
 def rng(request) -> np.random.Generator:
-    return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
+    # crc32, not hash(): str hashes are salted per process, and a failing case must replay.
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
