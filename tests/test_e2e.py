@@ -20,6 +20,7 @@ import pytest
 from harness.fakes import FakeRpcError
 from harness.geometry import Geo
 from harness.rpc import attend_item, stub
+from harness.server import TEST_BACKEND
 from harness.tensors import normal, qkv
 from reference import attention_ref, rel_l2
 
@@ -549,18 +550,22 @@ def test_async_client_ids_a_header_cannot_carry(server):
 
 # -- finite extremes ---------------------------------------------------------------------
 
+MAX_HEAD_DIM = {"numpy": 1024, "cupy": 256}  # the largest head_dim each backend takes
+
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_values_near_the_bound_give_finite_attention(client, dtype):
-    """The worst case of the bound's derivation: head_dim 1024, softmax_scale 1e3, every
-    |q|, |k| near 1e15 (scores near 1e36): finite, and still the reference's answer."""
-    geom = Geo(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=1024, max_len=64)
+    """The worst case of the bound's derivation: the largest head_dim the backend takes
+    (1024 on numpy, 256 on cupy), softmax_scale 1e3, every |q|, |k| near 1e15 (scores near
+    1e36): finite, and still the reference's answer."""
+    d = MAX_HEAD_DIM[TEST_BACKEND]
+    geom = Geo(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=d, max_len=64)
     s = client.create_session(**geom, softmax_scale=1e3)
     rng = np.random.default_rng(35)
 
     def extreme(n, heads):
-        signs = rng.choice([-1.0, 1.0], (n, heads, 1024))
-        return (signs * rng.uniform(0.5e15, 0.99e15, (n, heads, 1024))).astype(dtype)
+        signs = rng.choice([-1.0, 1.0], (n, heads, d))
+        return (signs * rng.uniform(0.5e15, 0.99e15, (n, heads, d))).astype(dtype)
 
     start = 0
     for n in (5, 1, 3):
