@@ -63,7 +63,12 @@ def build_engine(config: Config) -> Engine:
             f"--memory-budget: expected room for at least one page "
             f"({page_bytes(config.page_bytes)} bytes with scales), got {budget} bytes"
         )
-    backend = create_backend(name, num_pages, config.page_bytes, GpuTuning.from_config(config))
+    try:
+        backend = create_backend(
+            name, num_pages, config.page_bytes, GpuTuning.from_config(config)
+        )
+    except ValueError as exc:  # a tuning the device cannot run: the message names the flags
+        raise ConfigError(str(exc)) from None
     store = SessionStore(
         PagePool(num_pages, config.page_bytes),
         max_sessions=config.max_sessions,

@@ -1,5 +1,5 @@
 """Errors the service answers with: each carries its gRPC status code and a message that
-names the field, the expected and the actual value (DESIGN.md, "Errors")."""
+names the field, the expected and the actual value (docs/design.md, "Errors")."""
 
 from __future__ import annotations
 
