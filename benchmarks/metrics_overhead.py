@@ -1,11 +1,11 @@
 """What the Prometheus metrics cost: decode-step round trip with metrics on vs off.
 
 Two q8kv servers run as subprocesses of this script, started in the same run with the same
-flags except that one has ``--metrics-port -1`` (no registry, no RPC counting in the front door, no engine
-observer, no quantization-error sampler, no kernel hooks). The client (raw generated stub,
-request built once) runs a decode step on each: one AppendAndAttend of one layer, n = 1,
-H=32, KVH=8, D=128, float16 on the wire, over a cache of ``--length`` tokens (the session
-is truncated back after every measured step; the truncation is not timed).
+flags except that one has ``--metrics-port -1`` (no registry, no RPC counting in the front
+door, no engine observer, no quantization-error sampler, no kernel hooks). The client (raw
+generated stub, request built once) runs a decode step on each: one AppendAndAttend of one
+layer, n = 1, H=32, KVH=8, D=128, float16 on the wire, over a cache of ``--length`` tokens
+(the session is truncated back after every measured step; the truncation is not timed).
 
 Drift (CPU frequency, other load) is cancelled by interleaving: each round runs a block of
 steps on one server then the other, in alternating order (ABBA...), and the percentiles are
