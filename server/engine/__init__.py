@@ -2,7 +2,7 @@
 append transaction, and every other operation as a named method (``Engine``)."""
 
 from ..cache import Geometry, SessionSnapshot
-from .jobs import AppendRequest, EngineObserver
+from .jobs import AppendRequest, EngineObserver, PackedBatch
 from .operations import Engine
 from .worker import INLINE_MAX_TOKENS
 
@@ -11,6 +11,7 @@ __all__ = [
     "AppendRequest",
     "Engine",
     "EngineObserver",
+    "PackedBatch",
     "Geometry",
     "SessionSnapshot",
 ]

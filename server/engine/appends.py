@@ -108,7 +108,14 @@ class AppendTransaction:
         prepared = _Prepared(job, allocation, [], [])
         try:
             for index, request in enumerate(job.items):
-                session, item = self._prepare_item(index, request, job.tenant, allocation)
+                try:
+                    session, item = self._prepare_item(index, request, job, allocation)
+                except ServiceError as exc:
+                    if job.label == "batch":  # name the batch index and the session
+                        raise type(exc)(
+                            f"batch[{index}] (session {request.session_id!r}): {exc.message}"
+                        ) from None
+                    raise
                 prepared.items.append(item)
                 prepared.sessions.append(session)
         except BaseException:
@@ -117,25 +124,25 @@ class AppendTransaction:
         return prepared
 
     def _prepare_item(
-        self, index: int, request: AppendRequest, tenant: str, allocation: Allocation
+        self, index: int, request: AppendRequest, job: AppendJob, allocation: Allocation
     ) -> tuple[Session, AttendItem]:
         # The lookup touches the session (a batch's sessions never look idle) and the pin
         # keeps it from eviction until the job is answered.
-        session = self.store.get(request.session_id, tenant)
+        session = self.store.get(request.session_id, job.tenant)
         allocation.pin(session)
         layer = session.layer(request.layer)
         g = session.geometry
         n = request.q.shape[0] if request.q.ndim == 3 else -1
-        prefix = f"items[{index}]"
-        check_shape(f"{prefix}.q", request.q.shape, (n, g.num_heads, g.head_dim))
-        check_shape(f"{prefix}.k", request.k.shape, (n, g.num_kv_heads, g.head_dim))
-        check_shape(f"{prefix}.v", request.v.shape, (n, g.num_kv_heads, g.head_dim))
+        prefix = "" if job.label == "batch" else f"items[{index}]."
+        check_shape(f"{prefix}q", request.q.shape, (n, g.num_heads, g.head_dim))
+        check_shape(f"{prefix}k", request.k.shape, (n, g.num_kv_heads, g.head_dim))
+        check_shape(f"{prefix}v", request.v.shape, (n, g.num_kv_heads, g.head_dim))
         if n < 1:
-            raise InvalidArgument(f"{prefix}.q.shape[0]: expected >= 1 tokens, got {n}")
+            raise InvalidArgument(f"{prefix}q.shape[0]: expected >= 1 tokens, got {n}")
         old_length = layer.length
         if request.expected_length is not None and request.expected_length != old_length:
             raise Aborted(
-                f"{prefix}.expected_length: expected the layer's length {old_length}, "
+                f"{prefix}expected_length: expected the layer's length {old_length}, "
                 f"got {request.expected_length}"
             )
         allocation.grow(session, request.layer, old_length + n)

@@ -28,6 +28,19 @@ class AppendRequest:
 
 
 @dataclass
+class PackedBatch:
+    """One layer of one step for B sessions (AttendBatch), decoded and checked: same n,
+    heads and head_dim for all; each session's own geometry is checked by the engine."""
+
+    session_ids: list[str]  # [B], distinct
+    layer: int
+    q: np.ndarray  # [B, n, H, D]
+    k: np.ndarray  # [B, n, KVH, D]
+    v: np.ndarray  # [B, n, KVH, D]
+    expected_lengths: list[int] | None = None  # [B], or None: unconditional
+
+
+@dataclass
 class EngineObserver:
     """Hooks for metrics; every one runs on the worker thread and must be cheap."""
 
@@ -81,6 +94,9 @@ class AppendJob(Job):
     items: Sequence[AppendRequest] = ()
     tenant: str = ""
     deadline: float | None = None  # time.monotonic() by which the work must start
+    # How errors name an item: "items[i]" for AppendAndAttend, "batch[i]" for AttendBatch
+    # (whose errors also name the item's session).
+    label: str = "items"
 
     @property
     def tokens(self) -> int:

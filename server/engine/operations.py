@@ -21,7 +21,7 @@ from ..errors import FailedPrecondition, InvalidArgument, OutOfRange
 from ..persistence import transfer
 from .appends import AppendTransaction
 from .batcher import collect_batch
-from .jobs import AppendJob, AppendRequest, CallJob, EngineObserver, Job, answer
+from .jobs import AppendJob, AppendRequest, CallJob, EngineObserver, Job, PackedBatch, answer
 from .worker import Worker, log
 
 
@@ -120,6 +120,27 @@ class Engine:
             deadline=deadline,
         )
         return await self.worker.append(job)
+
+    async def attend_batch(
+        self, batch: PackedBatch, tenant: str = "", deadline: float | None = None
+    ) -> tuple[np.ndarray, list[int]]:
+        """A packed batch (one layer, B sessions, n tokens each) as one job: float32 output
+        [B, n, H, D] and each session's new layer length. All or none."""
+        loop = asyncio.get_running_loop()
+        layer, expected = batch.layer, batch.expected_lengths
+        items = [
+            AppendRequest(
+                sid, layer, batch.q[b], batch.k[b], batch.v[b],
+                None if expected is None else expected[b],
+            )
+            for b, sid in enumerate(batch.session_ids)
+        ]
+        job = AppendJob(
+            future=loop.create_future(), loop=loop, items=items, tenant=tenant,
+            deadline=deadline, label="batch",
+        )
+        results = await self.worker.append(job)
+        return np.stack([out for out, _ in results]), [length for _, length in results]
 
     async def dequantize(
         self, session_id: str, tenant: str, layer: int, start: int, end: int | None

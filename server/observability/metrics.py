@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable
 from importlib import metadata
 
 import grpc
@@ -20,7 +21,7 @@ from q8kv import format as q8
 
 from ..backends.base import Backend
 from ..cache import SessionStore
-from ..engine import AppendRequest, EngineObserver
+from ..engine import EngineObserver
 
 KERNEL_BUCKETS = (
     1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
@@ -158,13 +159,13 @@ class Metrics:
             on_append=lambda session, tokens: self.tokens.inc(tokens),
         )
 
-    def sample_quantization(self, requests: list[AppendRequest]) -> None:
-        """Quantize a sample of the new k/v here (codes are bit-identical on every backend)
-        and record how far the stored values are from what was sent."""
-        for request in requests:
+    def sample_quantization(self, appended: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Quantize a sample of the appended (k, v) pairs here (codes are bit-identical on
+        every backend) and record how far the stored values are from what was sent."""
+        for k, v in appended:
             if random.random() >= self.quant_error_sample_rate:
                 continue
-            sent = np.stack([request.k, request.v]).astype(np.float32)
+            sent = np.stack([k, v]).astype(np.float32)
             stored = q8.dequantize(*q8.quantize(sent))
             # In float64: the sum of squares of values near the 1e15 input bound overflows
             # float32, and one NaN would poison the histogram's sum for good.

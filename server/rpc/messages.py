@@ -12,7 +12,7 @@ import numpy as np
 from q8kv import wire
 from q8kv.v1 import kvcache_pb2 as pb
 
-from ..engine import AppendRequest, Geometry, SessionSnapshot
+from ..engine import AppendRequest, Geometry, PackedBatch, SessionSnapshot
 from ..errors import InvalidArgument
 
 
@@ -73,6 +73,59 @@ def decode_items(items, limits: CallLimits = CallLimits()) -> list[AppendRequest
     return [_decode_item(f"items[{index}]", item) for index, item in enumerate(items)]
 
 
+def decode_batch(request, limits: CallLimits = CallLimits()) -> PackedBatch:
+    """An AttendBatchRequest, decoded without copying and checked as a whole: one pass over
+    each tensor, however many sessions it carries."""
+    ids = list(request.session_ids)
+    count = len(ids)
+    if not 1 <= count <= limits.max_items:
+        raise InvalidArgument(
+            f"session_ids: expected 1..{limits.max_items} sessions per call, got {count}"
+        )
+    if len(set(ids)) != count:
+        seen: dict[str, int] = {}
+        for b, sid in enumerate(ids):
+            if sid in seen:
+                raise InvalidArgument(
+                    f"session_ids[{b}]: expected each session once, got {sid!r} again "
+                    f"(first at session_ids[{seen[sid]}])"
+                )
+            seen[sid] = b
+    if "" in ids:
+        raise InvalidArgument(f"session_ids[{ids.index('')}]: expected a session id, got ''")
+    q, k, v = (_decode_tensor(name, getattr(request, name), 4) for name in ("q", "k", "v"))
+    b, n, _, d = q.shape
+    for name, array in (("k", k), ("v", v)):
+        if array.shape[:2] != (b, n) or array.shape[3] != d or array.shape[2] != k.shape[2]:
+            raise InvalidArgument(
+                f"{name}.shape: expected [{b}, {n}, num_kv_heads, {d}] (from q.shape and "
+                f"k.shape), got {list(array.shape)}"
+            )
+    if b != count:
+        raise InvalidArgument(
+            f"q.shape[0]: expected {count} (one row per session id), got {b}"
+        )
+    if b * n > limits.max_tokens:
+        raise InvalidArgument(
+            f"q.shape: expected at most {limits.max_tokens} new tokens per call, got "
+            f"{b} x {n} = {b * n}"
+        )
+    _check_tensors("", {"q": q, "k": k, "v": v})
+    expected = list(request.expected_lengths) or None
+    if expected is not None:
+        if len(expected) != count:
+            raise InvalidArgument(
+                f"expected_lengths: expected none or {count} (one per session), got "
+                f"{len(expected)}"
+            )
+        if min(expected) < 0:
+            bad = next(i for i, e in enumerate(expected) if e < 0)
+            raise InvalidArgument(
+                f"expected_lengths[{bad}]: expected >= 0, got {expected[bad]}"
+            )
+    return PackedBatch(ids, request.layer, q, k, v, expected)
+
+
 def attend_results(requests: list[AppendRequest], results) -> list[pb.AttendResult]:
     """Each item's float32 output, encoded in its q's dtype, with the layer's new length."""
     return [
@@ -83,13 +136,10 @@ def attend_results(requests: list[AppendRequest], results) -> list[pb.AttendResu
 
 def _decode_item(prefix: str, item) -> AppendRequest:
     tensors = {
-        name: _decode_tensor(f"{prefix}.{name}", getattr(item, name)) for name in ("q", "k", "v")
+        name: _decode_tensor(f"{prefix}.{name}", getattr(item, name), 3)
+        for name in ("q", "k", "v")
     }
-    for name, array in tensors.items():
-        bound, why = MAX_ABS_VALUE, "so attention cannot overflow float32"
-        if name == "v" and tensors["q"].dtype in _OUTPUT_MAX:
-            bound, why = _OUTPUT_MAX[tensors["q"].dtype], "the output travels in q's float16"
-        _check_values(f"{prefix}.{name}", array, bound, why)
+    _check_tensors(f"{prefix}.", tensors)
     if not item.session_id:
         raise InvalidArgument(f"{prefix}.session_id: expected a session id, got ''")
     expected = item.expected_length if item.HasField("expected_length") else None
@@ -98,16 +148,29 @@ def _decode_item(prefix: str, item) -> AppendRequest:
     return AppendRequest(item.session_id, item.layer, **tensors, expected_length=expected)
 
 
-def _decode_tensor(field: str, tensor) -> np.ndarray:
+_DIMENSIONS = {3: "[n, heads, head_dim]", 4: "[B, n, heads, head_dim]"}
+
+
+def _decode_tensor(field: str, tensor, ndim: int) -> np.ndarray:
     try:
         array = wire.decode(tensor, field)
     except wire.TensorError as exc:
         raise InvalidArgument(str(exc)) from None
-    if array.ndim != 3:
+    if array.ndim != ndim:
         raise InvalidArgument(
-            f"{field}.shape: expected 3 dimensions [n, heads, head_dim], got {list(array.shape)}"
+            f"{field}.shape: expected {ndim} dimensions {_DIMENSIONS[ndim]}, "
+            f"got {list(array.shape)}"
         )
     return array
+
+
+def _check_tensors(prefix: str, tensors: dict[str, np.ndarray]) -> None:
+    """Every value of q, k and v finite and within the bound attention needs."""
+    for name, array in tensors.items():
+        bound, why = MAX_ABS_VALUE, "so attention cannot overflow float32"
+        if name == "v" and tensors["q"].dtype in _OUTPUT_MAX:
+            bound, why = _OUTPUT_MAX[tensors["q"].dtype], "the output travels in q's float16"
+        _check_values(f"{prefix}{name}", array, bound, why)
 
 
 def _check_values(field: str, array: np.ndarray, bound: float, why: str) -> None:

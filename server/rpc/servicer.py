@@ -20,6 +20,7 @@ from .messages import (
     CallLimits,
     attend_results,
     deadline_of,
+    decode_batch,
     decode_items,
     geometry_of,
     session_info,
@@ -44,7 +45,7 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         self.engine = engine
         self.drain = drain or Drain()
         self.limits = limits or CallLimits()
-        # Sees the items of every AppendAndAttend that landed (the quantization-error sampler).
+        # Sees the (k, v) of every append that landed (the quantization-error sampler).
         self.on_appended = on_appended or (lambda requests: None)
 
     def _info(self, snap) -> pb.SessionInfo:
@@ -92,7 +93,8 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         results = await self.engine.append_and_attend(
             requests, tenant=current_tenant.get(), deadline=deadline_of(context)
         )
-        self.on_appended(requests)  # only appends that landed (their shapes are checked)
+        # Only appends that landed (their shapes are checked).
+        self.on_appended((r.k, r.v) for r in requests)
         return attend_results(requests, results)
 
     async def AppendAndAttend(self, request, context):
@@ -100,12 +102,37 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
             results=await self._append_and_attend(request.items, context)
         )
 
+    async def _attend_batch(self, request, context) -> pb.AttendBatchResponse:
+        batch = decode_batch(request, self.limits)
+        output, lengths = await self.engine.attend_batch(
+            batch, tenant=current_tenant.get(), deadline=deadline_of(context)
+        )
+        self.on_appended(zip(batch.k, batch.v, strict=True))
+        return pb.AttendBatchResponse(
+            output=wire.encode(output, batch.q.dtype), lengths=lengths
+        )
+
+    async def AttendBatch(self, request, context):
+        return await self._attend_batch(request, context)
+
     async def AppendAndAttendStream(self, request_iterator, context):
-        """Each message is one AppendAndAttend; an error answers that message alone."""
+        """Each message is one AppendAndAttend (items) or one AttendBatch (batch); an error
+        answers that message alone."""
         async for message in request_iterator:
             try:
                 if self.drain.draining:  # shutting down: apply nothing more, say so
                     raise Unavailable("server: shutting down, message not applied")
+                if message.HasField("batch"):
+                    if message.items:
+                        raise InvalidArgument(
+                            f"items: expected none in a message that carries a batch, got "
+                            f"{len(message.items)}"
+                        )
+                    batch = await self._attend_batch(message.batch, context)
+                    yield pb.AppendAndAttendStreamResponse(
+                        request_id=message.request_id, batch=batch
+                    )
+                    continue
                 results = await self._append_and_attend(message.items, context)
                 yield pb.AppendAndAttendStreamResponse(
                     request_id=message.request_id, results=results

@@ -172,25 +172,53 @@ class AppendAndAttendResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[AttendResult]
     def __init__(self, results: _Optional[_Iterable[_Union[AttendResult, _Mapping]]] = ...) -> None: ...
 
+class AttendBatchRequest(_message.Message):
+    __slots__ = ("session_ids", "layer", "q", "k", "v", "expected_lengths")
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    V_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    layer: int
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    expected_lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., layer: _Optional[int] = ..., q: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[_Union[Tensor, _Mapping]] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ..., expected_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AttendBatchResponse(_message.Message):
+    __slots__ = ("output", "lengths")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    output: Tensor
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class AppendAndAttendStreamRequest(_message.Message):
-    __slots__ = ("request_id", "items")
+    __slots__ = ("request_id", "items", "batch")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     items: _containers.RepeatedCompositeFieldContainer[AttendItem]
-    def __init__(self, request_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[AttendItem, _Mapping]]] = ...) -> None: ...
+    batch: AttendBatchRequest
+    def __init__(self, request_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[AttendItem, _Mapping]]] = ..., batch: _Optional[_Union[AttendBatchRequest, _Mapping]] = ...) -> None: ...
 
 class AppendAndAttendStreamResponse(_message.Message):
-    __slots__ = ("request_id", "results", "error_code", "error_message")
+    __slots__ = ("request_id", "results", "error_code", "error_message", "batch")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     results: _containers.RepeatedCompositeFieldContainer[AttendResult]
     error_code: int
     error_message: str
-    def __init__(self, request_id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[AttendResult, _Mapping]]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+    batch: AttendBatchResponse
+    def __init__(self, request_id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[AttendResult, _Mapping]]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., batch: _Optional[_Union[AttendBatchResponse, _Mapping]] = ...) -> None: ...
 
 class DequantizeRequest(_message.Message):
     __slots__ = ("session_id", "layer", "start", "end")

@@ -69,6 +69,11 @@ class KVCacheServiceStub:
                 request_serializer=q8kv_dot_v1_dot_kvcache__pb2.AppendAndAttendStreamRequest.SerializeToString,
                 response_deserializer=q8kv_dot_v1_dot_kvcache__pb2.AppendAndAttendStreamResponse.FromString,
                 _registered_method=True)
+        self.AttendBatch = channel.unary_unary(
+                '/q8kv.v1.KVCacheService/AttendBatch',
+                request_serializer=q8kv_dot_v1_dot_kvcache__pb2.AttendBatchRequest.SerializeToString,
+                response_deserializer=q8kv_dot_v1_dot_kvcache__pb2.AttendBatchResponse.FromString,
+                _registered_method=True)
         self.Dequantize = channel.unary_unary(
                 '/q8kv.v1.KVCacheService/Dequantize',
                 request_serializer=q8kv_dot_v1_dot_kvcache__pb2.DequantizeRequest.SerializeToString,
@@ -139,6 +144,16 @@ class KVCacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttendBatch(self, request, context):
+        """One layer of one step for B sessions in one message, packed: the call an orchestrator
+        makes per layer for its whole micro-batch. Every session must have the same geometry
+        (num_heads, num_kv_heads, head_dim) and appear once; their lengths may differ. All or
+        none, as AppendAndAttend; errors name the batch index and the session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Dequantize(self, request, context):
         """Returns a layer's K and V, dequantized, as float32 [num_kv_heads, end - start, head_dim].
         """
@@ -200,6 +215,11 @@ def add_KVCacheServiceServicer_to_server(servicer, server):
                     servicer.AppendAndAttendStream,
                     request_deserializer=q8kv_dot_v1_dot_kvcache__pb2.AppendAndAttendStreamRequest.FromString,
                     response_serializer=q8kv_dot_v1_dot_kvcache__pb2.AppendAndAttendStreamResponse.SerializeToString,
+            ),
+            'AttendBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttendBatch,
+                    request_deserializer=q8kv_dot_v1_dot_kvcache__pb2.AttendBatchRequest.FromString,
+                    response_serializer=q8kv_dot_v1_dot_kvcache__pb2.AttendBatchResponse.SerializeToString,
             ),
             'Dequantize': grpc.unary_unary_rpc_method_handler(
                     servicer.Dequantize,
@@ -406,6 +426,33 @@ class KVCacheService:
             '/q8kv.v1.KVCacheService/AppendAndAttendStream',
             q8kv_dot_v1_dot_kvcache__pb2.AppendAndAttendStreamRequest.SerializeToString,
             q8kv_dot_v1_dot_kvcache__pb2.AppendAndAttendStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttendBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/q8kv.v1.KVCacheService/AttendBatch',
+            q8kv_dot_v1_dot_kvcache__pb2.AttendBatchRequest.SerializeToString,
+            q8kv_dot_v1_dot_kvcache__pb2.AttendBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
