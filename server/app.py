@@ -83,7 +83,10 @@ def build_engine(config: Config) -> Engine:
     )
     # Batching off: every request is its own device call (for comparison benchmarks).
     batch_items = config.max_batch_items if config.batching == "on" else 0
-    return Engine(backend, store, batch_items, config.max_queue_delay_us)
+    return Engine(
+        backend, store, batch_items, config.max_queue_delay_us,
+        prefill_chunk_tokens=config.prefill_chunk_tokens,
+    )
 
 
 class Server:

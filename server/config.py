@@ -52,6 +52,7 @@ class Config:
     batching: str = "on"
     max_batch_items: int = 64
     max_queue_delay_us: int = 0
+    prefill_chunk_tokens: int = 512
     grace_seconds: float = 10.0
     max_items_per_call: int = 1024
     max_tokens_per_call: int = 65536
@@ -95,6 +96,11 @@ _FLAGS: dict[str, tuple[object, str]] = {
     "batching": (str, "on | off: coalesce concurrent AppendAndAttend calls into one launch"),
     "max_batch_items": (int, "most (session, layer) items the engine runs in one launch"),
     "max_queue_delay_us": (int, "how long the engine waits to fill a batch (0: no wait)"),
+    "prefill_chunk_tokens": (
+        int,
+        "a call appending more new tokens runs in chunks of this many, other sessions' "
+        "decode steps interleaved between them (0: never chunked)",
+    ),
     "grace_seconds": (float, "on SIGTERM/SIGINT, how long in-flight calls may finish"),
     "max_items_per_call": (int, "most (session, layer) items in one AppendAndAttend"),
     "max_tokens_per_call": (int, "most new tokens, summed over items, in one AppendAndAttend"),
@@ -192,7 +198,7 @@ def _check(config: Config, parser: argparse.ArgumentParser) -> None:
         parser.error("--tls-cert and --tls-key: expected both or neither, got one")
     if config.tls_client_ca and not config.tls_cert:
         parser.error("--tls-client-ca: expected with --tls-cert/--tls-key (mTLS needs TLS)")
-    for name in ("tenant_max_sessions", "tenant_max_bytes"):
+    for name in ("tenant_max_sessions", "tenant_max_bytes", "prefill_chunk_tokens"):
         if getattr(config, name) < 0:
             parser.error(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(config, name)}")
     if config.batching not in ("on", "off"):

@@ -11,10 +11,13 @@ all-or-nothing: one that fails validation fails alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..backends.base import AttendItem, Backend
 from ..cache import Allocation, Session, SessionStore
@@ -22,6 +25,15 @@ from ..errors import Aborted, DeadlineExceeded, InvalidArgument, ServiceError
 from .jobs import AppendJob, AppendRequest, EngineObserver, answer
 
 log = logging.getLogger("q8kv.engine")
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How a large job runs: ``tokens`` new tokens per backend call, and ``between(keys)``
+    called after each chunk with the (tenant, session id) keys the job holds."""
+
+    tokens: int
+    between: Callable[[set[tuple[str, str]]], None]
 
 
 @dataclass
@@ -47,12 +59,14 @@ class AppendTransaction:
         self._claim = claim
         self._observer = observer  # read per batch: metrics may be attached after start
 
-    def run(self, batch: list[AppendJob]) -> None:
+    def run(self, batch: list[AppendJob], chunks: Chunking | None = None) -> None:
+        """Apply ``batch``; with ``chunks``, its one large job runs in chunks of tokens,
+        other work interleaved between them (see ``Chunking``)."""
         accepted: list[_Prepared] = []
         try:
             self._prepare_batch(batch, accepted)
             if accepted:
-                self._apply(accepted)
+                self._apply(accepted, chunks)
         finally:
             # Only after a bug: nothing may stay pinned or half-applied.
             for prepared in reversed(accepted):
@@ -75,11 +89,16 @@ class AppendTransaction:
                     log.exception("request failed in validation")
                 job.resolve(error=answer(exc))
 
-    def _apply(self, accepted: list[_Prepared]) -> None:
+    def _apply(self, accepted: list[_Prepared], chunks: Chunking | None = None) -> None:
         items = [item for prepared in accepted for item in prepared.items]
         started = time.perf_counter()
         try:
-            outputs = self.backend.append_and_attend(items)
+            if chunks is None:
+                outputs = self.backend.append_and_attend(items)
+            else:
+                keys = {(prepared.job.tenant, s.id) for prepared in accepted
+                        for s in prepared.sessions}
+                outputs = self._attend_in_chunks(items, chunks, keys)
         except Exception as exc:
             if not isinstance(exc, MemoryError):
                 log.exception("device call failed; rolling back %d requests", len(accepted))
@@ -100,6 +119,29 @@ class AppendTransaction:
                 position += 1
                 observer.on_append(session, item.n)
             prepared.job.resolve(results)
+
+    def _attend_in_chunks(
+        self, items: list[AttendItem], chunks: Chunking, keys: set[tuple[str, str]]
+    ) -> list[np.ndarray]:
+        """Append and attend each item ``chunks.tokens`` new tokens at a time. Causal
+        attention makes this exact: a chunk's queries read the cache up to their own
+        position, which earlier chunks wrote. Between chunks, ``chunks.between(keys)`` runs
+        work for other sessions; the job's own sessions (``keys``) wait."""
+        outputs = []
+        for item in items:
+            out = np.empty((item.n, item.layout.num_heads, item.layout.head_dim), np.float32)
+            for first in range(0, item.n, chunks.tokens):
+                last = min(item.n, first + chunks.tokens)
+                pages = -(-(item.start + last) // item.layout.tokens_per_page)
+                part = dataclasses.replace(
+                    item, page_ids=item.page_ids[:pages], start=item.start + first,
+                    q=item.q[first:last], k=item.k[first:last], v=item.v[first:last],
+                )
+                out[first:last] = self.backend.append_and_attend([part])[0]
+                if last < item.n or item is not items[-1]:
+                    chunks.between(keys)
+            outputs.append(out)
+        return outputs
 
     def _prepare(self, job: AppendJob) -> _Prepared:
         """Check every item against its session, reserve pages and advance lengths in one

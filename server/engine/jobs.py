@@ -97,10 +97,11 @@ class AppendJob(Job):
     # How errors name an item: "items[i]" for AppendAndAttend, "batch[i]" for AttendBatch
     # (whose errors also name the item's session).
     label: str = "items"
+    tokens: int = field(init=False)  # new tokens over all items
 
-    @property
-    def tokens(self) -> int:
-        return sum(item.k.shape[0] for item in self.items)
+    def __post_init__(self) -> None:
+        # Here, on the caller's side: an item too broken to count fails its own call.
+        self.tokens = sum(item.k.shape[0] for item in self.items)
 
 
 def answer(exc: BaseException) -> BaseException:

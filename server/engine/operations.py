@@ -19,8 +19,8 @@ from ..backends.base import Backend
 from ..cache import Geometry, SessionSnapshot, SessionStore
 from ..errors import FailedPrecondition, InvalidArgument, OutOfRange
 from ..persistence import transfer
-from .appends import AppendTransaction
-from .batcher import collect_batch
+from .appends import AppendTransaction, Chunking
+from .batcher import collect_batch, take_interleaved
 from .jobs import AppendJob, AppendRequest, CallJob, EngineObserver, Job, PackedBatch, answer
 from .worker import Worker, log
 
@@ -33,12 +33,16 @@ class Engine:
         max_batch_items: int = 64,
         max_queue_delay_us: int = 0,
         observer: EngineObserver | None = None,
+        prefill_chunk_tokens: int = 0,
     ) -> None:
         self.backend = backend
         self.store = store
         self.max_batch_items = max_batch_items
         self.max_queue_delay = max_queue_delay_us / 1e6
         self.observer = observer or EngineObserver()
+        # A job of more new tokens runs in chunks of this many, other sessions' appends
+        # interleaved between them (0: never chunked).
+        self.prefill_chunk_tokens = prefill_chunk_tokens or 2**62
         # Inline runs are off when a queue delay is asked for: the delay exists to batch.
         self.worker = Worker(self._execute, inline_when_idle=max_queue_delay_us == 0)
         self.appends = AppendTransaction(store, backend, self.worker.claim, lambda: self.observer)
@@ -215,10 +219,27 @@ class Engine:
             self.worker.run_call(job)
             return
         assert isinstance(job, AppendJob)
-        batch = collect_batch(self.worker.queue, job, self.max_batch_items, self.max_queue_delay)
+        chunk = self.prefill_chunk_tokens
+        if job.tokens > chunk:
+            self._run_batch([job], Chunking(chunk, self._interleave))
+        else:
+            queue = self.worker.queue
+            self._run_batch(
+                collect_batch(queue, job, self.max_batch_items, self.max_queue_delay, chunk)
+            )
+
+    def _run_batch(self, batch: list[AppendJob], chunks: Chunking | None = None) -> None:
         try:
-            self.appends.run(batch)
+            self.appends.run(batch, chunks)
         except Exception as exc:  # a bug: answer INTERNAL, but never let the worker die
             log.exception("append batch failed")
             for pending in batch:
                 pending.resolve(error=answer(exc))  # no-op for jobs already answered
+
+    def _interleave(self, held: set[tuple[str, str]]) -> None:
+        """Between two chunks of a long prefill: other sessions' queued decode steps."""
+        taken = take_interleaved(
+            self.worker.queue, held, max(self.max_batch_items, 1), self.prefill_chunk_tokens
+        )
+        if taken:
+            self._run_batch(taken)
