@@ -6,6 +6,11 @@
                              max_len=4096)
         out = s.append_and_attend(0, q, k, v)   # q [n, H, D], k/v [n, KVH, D]
 
+One layer of a step for B sessions in one packed call (split by the client into calls
+that fit ``max_message_bytes`` when it is larger; see Client.attend_batch):
+
+    out = c.attend_batch(0, sessions, q, k, v)  # q [B, n, H, D], k/v [B, n, KVH, D]
+
 Every failure raises Q8KVError (``.code`` a grpc.StatusCode, ``.message`` the details).
 
 Retrying appends: UNAVAILABLE, DEADLINE_EXCEEDED and CANCELLED are ambiguous (the append may
@@ -29,7 +34,7 @@ from __future__ import annotations
 from .aio import AsyncClient, AsyncSession, AsyncStream
 from .errors import AlreadyApplied, Q8KVError
 from .sync import Client, Session, Stream
-from .types import AppendItem, AttendResult, SessionInfo
+from .types import AppendItem, AttendResult, BatchResult, SessionInfo
 
 __all__ = [
     "AlreadyApplied",
@@ -38,6 +43,7 @@ __all__ = [
     "AsyncSession",
     "AsyncStream",
     "AttendResult",
+    "BatchResult",
     "Client",
     "Q8KVError",
     "Session",

@@ -27,11 +27,12 @@ from .core import (
     conditional_items,
     lengths_of,
     outputs,
+    retry_items,
     retry_step,
     session_ids,
 )
 from .errors import Q8KVError, rpc_errors
-from .types import AttendResult, SessionInfo
+from .types import AttendResult, BatchResult, SessionInfo
 
 T = TypeVar("T")
 
@@ -190,10 +191,32 @@ class AsyncClient(ClientCore):
                 if step is RetryStep.RAISE:
                     raise
                 if step is RetryStep.CHECK:
-                    items = call.request.items
+                    items = retry_items(call.request)
                     raise m.already_applied(items, await self._lengths(items), exc) from None
             await asyncio.sleep(m.retry_delay(attempt))
             attempt += 1
+
+    async def attend_batch(
+        self,
+        layer: int,
+        sessions: Iterable[Any],
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        expected_lengths: Iterable[int] | None = None,
+        with_lengths: bool = False,
+        retries: int = 0,
+    ) -> np.ndarray | BatchResult:
+        """As Client.attend_batch (splitting to max_message_bytes included). Several may
+        be in flight at once (micro-batches of distinct sessions)."""
+        plan = self._batch_plan(layer, sessions, q, k, v, expected_lengths, retries)
+        for part in plan.parts:
+            try:
+                call = self._batch_call(plan, part)
+                plan.put(part, await self._append_retrying(call, retries))
+            except Q8KVError as exc:
+                raise plan.failed(part, exc) from None
+        return plan.result(with_lengths)
 
     async def _lengths(self, items: Sequence[pb.AttendItem]) -> Lengths:
         infos = {sid: await self.session_info(sid) for sid in session_ids(items)}
@@ -229,9 +252,11 @@ class AsyncStream(StreamCore):
     it: a reader task hands each response to the future of its request_id.
 
     ``await send(items)`` -> request id; ``await recv(request_id=None)`` (default: the
-    oldest outstanding); ``await attend(items)`` does both. A failed message raises
-    Q8KVError (with ``request_id``) for that message only. Resending after a broken
-    stream: as for Stream (``expected_length`` items, ``await client.applied(items)``).
+    oldest outstanding); ``await attend(items)`` does both; ``send_batch`` and
+    ``attend_batch`` as on Stream (micro-batches from several tasks may share the stream).
+    A failed message raises Q8KVError (with ``request_id``) for that message only.
+    Resending after a broken stream: as for Stream (``expected_length`` items,
+    ``await client.applied(items)``).
     """
 
     def __init__(self, client: AsyncClient, session_id: str | None = None) -> None:
@@ -241,7 +266,42 @@ class AsyncStream(StreamCore):
         self._write_lock = asyncio.Lock()  # grpc.aio allows one write in flight
 
     async def send(self, items: Iterable[m.BatchItem]) -> int:
-        request_id, request = self._build(items)
+        return await self._send(*self._build(items))
+
+    async def send_batch(
+        self,
+        layer: int,
+        sessions: Iterable[Any],
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        expected_lengths: Iterable[int] | None = None,
+    ) -> int:
+        """As Stream.send_batch."""
+        plan = self._batch_plan(layer, sessions, q, k, v, expected_lengths)
+        return await self._send(*self._build_batch(plan.one_message()))
+
+    async def attend_batch(
+        self,
+        layer: int,
+        sessions: Iterable[Any],
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        expected_lengths: Iterable[int] | None = None,
+        with_lengths: bool = False,
+    ) -> np.ndarray | BatchResult:
+        """As Stream.attend_batch."""
+        plan = self._batch_plan(layer, sessions, q, k, v, expected_lengths)
+        for part in plan.parts:
+            try:
+                request_id = await self._send(*self._build_batch(plan.request(part)))
+                plan.put(part, await self.recv(request_id, with_lengths=True))
+            except Q8KVError as exc:
+                raise plan.failed(part, exc) from None
+        return plan.result(with_lengths)
+
+    async def _send(self, request_id: int, request: pb.AppendAndAttendStreamRequest) -> int:
         loop = asyncio.get_running_loop()
         if self._call is None:
             self._call = self._client._stub.AppendAndAttendStream(**self._open_options(request))
@@ -262,7 +322,8 @@ class AsyncStream(StreamCore):
 
     async def recv(
         self, request_id: int | None = None, with_lengths: bool = False
-    ) -> list[np.ndarray] | list[AttendResult]:
+    ) -> list[np.ndarray] | list[AttendResult] | np.ndarray | BatchResult:
+        """As Stream.recv."""
         wanted = self._book.wanted(request_id)
         try:
             response = await self._futures[wanted]

@@ -18,7 +18,7 @@ from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.wire import TensorError, decode, encode
 
 from .errors import AlreadyApplied, Q8KVError, invalid_argument, status_code
-from .types import AppendItem, AttendResult, SessionInfo
+from .types import AppendItem, AttendResult, BatchResult, SessionInfo
 
 # A batch item: (session handle or id, layer, q, k, v), the same with expected_length last
 # (AppendItem), or a ready AttendItem message.
@@ -128,6 +128,35 @@ def batch_items(items: Iterable[BatchItem]) -> list[pb.AttendItem]:
     return out
 
 
+def batch_request(
+    session_ids: Sequence[str],
+    layer: int,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    expected_lengths: Sequence[int] | None = None,
+) -> pb.AttendBatchRequest:
+    """One AttendBatch message: q [B, n, H, D], k/v [B, n, KVH, D] as one tensor each, in
+    their own dtypes; ``expected_lengths`` [B] or None (unconditional)."""
+    return pb.AttendBatchRequest(
+        session_ids=session_ids,
+        layer=layer,
+        q=_tensor(q, "q"),
+        k=_tensor(k, "k"),
+        v=_tensor(v, "v"),
+        expected_lengths=expected_lengths or (),
+    )
+
+
+def decode_batch_response(response: pb.AttendBatchResponse, field: str = "") -> BatchResult:
+    """An AttendBatchResponse -> (output [B, n, H, D], lengths [B])."""
+    try:
+        output = decode(response.output, f"{field}output")
+    except TensorError as exc:  # a server bug or a version skew: say exactly what
+        raise Q8KVError(grpc.StatusCode.INTERNAL, str(exc)) from None
+    return BatchResult(output, [int(n) for n in response.lengths])
+
+
 # --- conditional appends: safe retries ---------------------------------------------------
 
 # Failures after which the call may or may not have applied (a drained server's job still
@@ -232,14 +261,19 @@ def stream_request(request_id: int, items: Iterable[BatchItem]) -> pb.AppendAndA
     return pb.AppendAndAttendStreamRequest(request_id=request_id, items=batch_items(items))
 
 
-def stream_results(response: pb.AppendAndAttendStreamResponse) -> list[AttendResult]:
-    """One stream response -> its results, or Q8KVError (with request_id) if it failed."""
+def stream_results(
+    response: pb.AppendAndAttendStreamResponse,
+) -> list[AttendResult] | BatchResult:
+    """One stream response -> its results (a BatchResult for a batch message), or
+    Q8KVError (with request_id) if it failed."""
     if response.error_code != 0:
         raise Q8KVError(
             status_code(response.error_code),
             response.error_message or "stream message failed",
             request_id=int(response.request_id),
         )
+    if response.HasField("batch"):
+        return decode_batch_response(response.batch, "batch.")
     return decode_results(response.results)
 
 
@@ -264,6 +298,14 @@ class StreamBook:
         self._next_id += 1
         return request_id, request
 
+    def build_batch(
+        self, batch: pb.AttendBatchRequest
+    ) -> tuple[int, pb.AppendAndAttendStreamRequest]:
+        """The next request id and a message carrying ``batch`` (AttendBatch on the stream)."""
+        request_id = self._next_id
+        self._next_id += 1
+        return request_id, pb.AppendAndAttendStreamRequest(request_id=request_id, batch=batch)
+
     def sent(self, request_id: int) -> None:
         self.pending.append(request_id)
 
@@ -283,7 +325,7 @@ class StreamBook:
             self.pending.remove(request_id)
         self.arrived.pop(request_id, None)
 
-    def take(self, request_id: int) -> list[AttendResult] | None:
+    def take(self, request_id: int) -> list[AttendResult] | BatchResult | None:
         """The results of ``request_id`` if its response has arrived (raises if it failed)."""
         response = self.arrived.pop(request_id, None)
         if response is None:

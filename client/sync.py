@@ -29,11 +29,12 @@ from .core import (
     conditional_items,
     lengths_of,
     outputs,
+    retry_items,
     retry_step,
     session_ids,
 )
 from .errors import Q8KVError, rpc_errors
-from .types import AttendResult, SessionInfo
+from .types import AttendResult, BatchResult, SessionInfo
 
 T = TypeVar("T")
 
@@ -221,10 +222,51 @@ class Client(ClientCore):
                 if step is RetryStep.RAISE:
                     raise
                 if step is RetryStep.CHECK:
-                    items = call.request.items
+                    items = retry_items(call.request)
                     raise m.already_applied(items, self._lengths(items), exc) from None
             time.sleep(m.retry_delay(attempt))
             attempt += 1
+
+    def attend_batch(
+        self,
+        layer: int,
+        sessions: Iterable[Any],
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        expected_lengths: Iterable[int] | None = None,
+        with_lengths: bool = False,
+        retries: int = 0,
+    ) -> np.ndarray | BatchResult:
+        """One layer of one step for B sessions as one packed AttendBatch: ``sessions``
+        [B] (handles or ids, each once), q [B, n, H, D], k and v [B, n, KVH, D] (the same
+        n for all; the sessions' lengths may differ). Appends each session's k/v to
+        ``layer`` and attends its q over its cache. Returns the outputs [B, n, H, D] in
+        q's dtype, or BatchResult(output, lengths) with ``with_lengths=True`` (each
+        session's layer length after the append). Routed by the first session.
+
+        One call is all or none. ``expected_lengths`` [B] makes it conditional (ABORTED,
+        nothing applied, if a layer's length differs); ``retries`` as in
+        append_and_attend_batch (needs ``expected_lengths``).
+
+        A call over this client's ``max_message_bytes`` (request, or the answer's
+        B*n*H*D*itemsize bytes of output) is split before sending into calls that fit,
+        sent in order: by sessions, and for a prefill too long for one session's row, by
+        tokens as well (each session's chunks in order: causal attention makes chunked
+        appends give the same outputs). A split call is NOT all or none across its
+        parts: when a part fails, the earlier parts have applied and later ones are not
+        sent; the error names the part, its sessions and tokens. Each part carries
+        expected_lengths[b] + the tokens of session b's earlier chunks, so resending
+        the same call (or ``retries``) never appends a token twice: a part that had
+        applied answers ABORTED. If even one token of one session cannot fit,
+        RESOURCE_EXHAUSTED naming the limit is raised before anything is sent."""
+        plan = self._batch_plan(layer, sessions, q, k, v, expected_lengths, retries)
+        for part in plan.parts:
+            try:
+                plan.put(part, self._append_retrying(self._batch_call(plan, part), retries))
+            except Q8KVError as exc:
+                raise plan.failed(part, exc) from None
+        return plan.result(with_lengths)
 
     def _lengths(self, items: Sequence[pb.AttendItem]) -> Lengths:
         """The current length of each (session id, layer) of ``items``."""
@@ -265,9 +307,13 @@ class Stream(StreamCore):
 
     ``send(items)`` returns a request id; ``recv(request_id=None)`` waits for that id's
     answer (default: the oldest outstanding one), keeping others that arrive first;
-    ``attend(items)`` does both. A failed message raises Q8KVError (with ``request_id``)
-    for that message only; the stream stays open. Use from one thread at a time. The
-    stream has no deadline (it lives as long as the decode loop); close() ends it.
+    ``attend(items)`` does both. ``send_batch(layer, sessions, q, k, v)`` sends one packed
+    batch message (as Client.attend_batch; its recv gives the [B, n, H, D] output, or a
+    BatchResult with ``with_lengths``); ``attend_batch`` sends and waits, split into
+    several messages where one would exceed max_message_bytes. A failed message raises
+    Q8KVError (with ``request_id``) for that message only; the stream stays open. Use
+    from one thread at a time. The stream has no deadline (it lives as long as the decode
+    loop); close() ends it.
 
     Items may carry ``expected_length`` (AppendItem). If the stream breaks (UNAVAILABLE,
     CANCELLED), its outstanding messages may or may not have applied: resend them on a new
@@ -284,7 +330,46 @@ class Stream(StreamCore):
             yield request
 
     def send(self, items: Iterable[m.BatchItem]) -> int:
-        request_id, request = self._build(items)
+        return self._send(*self._build(items))
+
+    def send_batch(
+        self,
+        layer: int,
+        sessions: Iterable[Any],
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        expected_lengths: Iterable[int] | None = None,
+    ) -> int:
+        """Send one packed batch message (see Client.attend_batch); returns its request id.
+        One that would exceed max_message_bytes is refused before sending
+        (RESOURCE_EXHAUSTED): attend_batch splits it."""
+        plan = self._batch_plan(layer, sessions, q, k, v, expected_lengths)
+        return self._send(*self._build_batch(plan.one_message()))
+
+    def attend_batch(
+        self,
+        layer: int,
+        sessions: Iterable[Any],
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        expected_lengths: Iterable[int] | None = None,
+        with_lengths: bool = False,
+    ) -> np.ndarray | BatchResult:
+        """Send a packed batch and wait for its answer, as Client.attend_batch: split into
+        messages that fit max_message_bytes, each sent once the one before it answered
+        (then not all or none across them; the same rules)."""
+        plan = self._batch_plan(layer, sessions, q, k, v, expected_lengths)
+        for part in plan.parts:
+            try:
+                request_id = self._send(*self._build_batch(plan.request(part)))
+                plan.put(part, self.recv(request_id, with_lengths=True))
+            except Q8KVError as exc:
+                raise plan.failed(part, exc) from None
+        return plan.result(with_lengths)
+
+    def _send(self, request_id: int, request: pb.AppendAndAttendStreamRequest) -> int:
         if self._call is None:
             stub = self._client._stub
             self._call = stub.AppendAndAttendStream(self._outgoing(), **self._open_options(request))
@@ -294,7 +379,9 @@ class Stream(StreamCore):
 
     def recv(
         self, request_id: int | None = None, with_lengths: bool = False
-    ) -> list[np.ndarray] | list[AttendResult]:
+    ) -> list[np.ndarray] | list[AttendResult] | np.ndarray | BatchResult:
+        """The answer of ``request_id``: its outputs (list), or for a batch message its
+        output array; (output, length) pairs or a BatchResult with ``with_lengths``."""
         wanted = self._book.wanted(request_id)
         while (results := self._book.take(wanted)) is None:
             response = self._read(wanted)

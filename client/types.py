@@ -56,6 +56,15 @@ class AttendResult(NamedTuple):
     length: int
 
 
+class BatchResult(NamedTuple):
+    """A packed batch's answer (attend_batch): the outputs [B, n, H, D] in q's dtype and
+    each session's layer length after the append, in the order of the call's sessions.
+    A tuple, so ``out, lengths = result`` works."""
+
+    output: np.ndarray
+    lengths: list[int]
+
+
 class AppendItem(NamedTuple):
     """One item of ``append_and_attend_batch`` or of a stream message; a plain tuple of the
     first five fields (or all six) works as well.

@@ -29,6 +29,7 @@ from q8kv.client import (
     AsyncSession,
     AsyncStream,
     AttendResult,
+    BatchResult,
     Client,
     Q8KVError,
     Session,
@@ -38,6 +39,7 @@ from q8kv.client import (
 from q8kv.client import channel as ch
 from q8kv.client import health as health_probe
 from q8kv.client import messages as m
+from q8kv.client.core import BatchPlan
 from q8kv.client.errors import from_rpc_error, rpc_errors, status_code
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.wire import TensorError, decode, encode, largest_magnitude
@@ -840,6 +842,225 @@ def test_applied_lengths_follow_several_items_on_one_layer():
     assert m.applied_lengths(items) == {("s", 0): 10, ("t", 2): 3}
 
 
+# --- attend_batch: the plan (checks, cutting to the limit) and the calls ----------------
+
+
+def _plan(sessions, n, limit, dtype=np.float32, heads=(8, 2, 64), expected=None, ids=None):
+    h, kvh, d = heads
+    ids = ids or [f"s{b}" for b in range(sessions)]
+    q = rand((sessions, n, h, d), dtype)
+    k, v = rand((sessions, n, kvh, d), dtype), rand((sessions, n, kvh, d), dtype)
+    return BatchPlan(3, ids, q, k, v, expected, limit)
+
+
+@pytest.mark.parametrize(
+    ("sessions", "n", "limit", "dtype", "heads"),
+    [
+        (5, 7, 2**20, np.float32, (8, 2, 64)),  # fits: one call
+        (24, 16, 256 * 1024, np.float32, (8, 2, 64)),  # by sessions
+        (3, 170, 256 * 1024, np.float32, (8, 2, 64)),  # by tokens
+        (64, 300, 2**20, np.float16, (4, 1, 32)),  # by tokens, then groups of sessions
+        (2, 41, 8192, ml_dtypes.bfloat16, (8, 2, 64)),  # 2 tokens a call
+    ],
+)
+def test_batch_plan_covers_each_row_and_token_once_in_order_within_the_limit(
+    sessions, n, limit, dtype, heads
+):
+    ids = [f"{b:03d}-" + "x" * 124 for b in range(sessions)]  # the longest ids there are
+    expected = [int(e) for e in rng.integers(0, 1000, sessions)]
+    plan = _plan(sessions, n, limit, dtype, heads, expected, ids)
+    covered = np.zeros((sessions, n), np.int64)
+    next_token = [0] * sessions  # each session's chunks arrive in token order
+    fits = plan.message_bytes(sessions, n) <= limit
+    assert (len(plan.parts) == 1) is fits
+    for i, part in enumerate(plan.parts):
+        r, t = part.rows, part.tokens
+        assert part.index == i and r.stop > r.start and t.stop > t.start
+        covered[r, t] += 1
+        for b in range(r.start, r.stop):
+            assert next_token[b] == t.start
+            next_token[b] = t.stop
+        request = plan.request(part)
+        assert list(request.session_ids) == ids[r]
+        assert list(request.expected_lengths) == [e + t.start for e in expected[r]]
+        np.testing.assert_array_equal(decode(request.q), plan.q[r, t])
+        np.testing.assert_array_equal(decode(request.v), plan.v[r, t])
+        # The largest envelope there is: a stream message with the largest request id,
+        # and the answer with the largest lengths.
+        message = pb.AppendAndAttendStreamRequest(request_id=2**64 - 1, batch=request)
+        rows, tokens = r.stop - r.start, t.stop - t.start
+        output = np.ones((rows, tokens, *plan.q.shape[2:]), plan.q.dtype)
+        answer_ = pb.AppendAndAttendStreamResponse(
+            request_id=2**64 - 1,
+            batch=pb.AttendBatchResponse(output=encode(output), lengths=[2**63 - 1] * rows),
+        )
+        assert message.ByteSize() <= limit and answer_.ByteSize() <= limit
+    assert (covered == 1).all()
+
+
+def test_batch_plan_refuses_what_cannot_fit_and_checks_its_input():
+    with pytest.raises(Q8KVError) as info:
+        _plan(2, 3, 4096)  # one token of one session: 3072 bytes + ids + envelope
+    assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.message.startswith("max_message_bytes: expected at least 41")
+    assert "(one token of one session: 3072 bytes of q, k and v" in info.value.message
+    assert "got 4096; this call needs" in info.value.message
+    q, kv = rand((2, 1, 8, 64)), rand((2, 1, 2, 64))
+    for sessions, pattern in [
+        ("ab", r"sessions: expected a sequence of session handles or ids, got str"),
+        (["a", ""], r"sessions\[1\]: expected a session handle or a non-empty id"),
+        (["a", "a"], r"sessions\[1\]: expected each session once, got 'a' again"),
+        (["a"], r"q\.shape\[0\]: expected 1 \(one row per session\), got 2"),
+    ]:
+        with pytest.raises(Q8KVError, match=f"^INVALID_ARGUMENT: {pattern}"):
+            BatchPlan(0, sessions, q, kv, kv, None, 2**20)
+    with pytest.raises(Q8KVError, match=r"^INVALID_ARGUMENT: q\.shape: expected 4 dim"):
+        BatchPlan(0, ["a", "b"], q[0], kv, kv, None, 2**20)
+    with pytest.raises(Q8KVError, match=r"^INVALID_ARGUMENT: v\.shape: expected \[2, 1, "):
+        BatchPlan(0, ["a", "b"], q, kv, kv[:, :, :1], None, 2**20)
+    with pytest.raises(Q8KVError, match=r"^INVALID_ARGUMENT: k\.dtype: expected float32"):
+        BatchPlan(0, ["a", "b"], q, kv.astype(np.int8), kv, None, 2**20)
+    with pytest.raises(Q8KVError, match=r"^INVALID_ARGUMENT: expected_lengths\[1\]: exp"):
+        BatchPlan(0, ["a", "b"], q, kv, kv, [0, "x"], 2**20)
+
+
+def test_batch_plan_errors_of_a_split_call_name_the_part_and_the_callers_index():
+    plan = _plan(12, 16, 256 * 1024)
+    assert [(p.rows.start, p.rows.stop) for p in plan.parts] == [(0, 4), (4, 8), (8, 12)]
+    error = Q8KVError(grpc.StatusCode.NOT_FOUND, "batch[1] (session 's9'): not found", 7)
+    failed = plan.failed(plan.parts[2], error)
+    assert failed.code is grpc.StatusCode.NOT_FOUND and failed.request_id == 7
+    assert failed.message == (
+        "attend_batch: part 3 of 3 (sessions[8:12], tokens[0:16]) of a call split to fit "
+        "max_message_bytes 262144 failed (parts 1-2 applied, later parts not sent): "
+        "batch[9] (session 's9'): not found"
+    )
+    applied = plan.failed(plan.parts[0], AlreadyApplied("an earlier attempt", {("s0", 3): 5}))
+    assert isinstance(applied, AlreadyApplied) and applied.lengths == {("s0", 3): 5}
+    assert "(nothing applied, later parts not sent)" in applied.message
+    whole = _plan(2, 1, 2**20)
+    assert whole.failed(whole.parts[0], error) is error  # a call not split: as it came
+
+
+def _batch_reply(request):
+    """Echo q as the output; each length: expected + n (or n + 16)."""
+    q = decode(request.q)
+    n = q.shape[1]
+    grown = [e + n for e in request.expected_lengths] or [n + 16] * q.shape[0]
+    return pb.AttendBatchResponse(output=encode(q), lengths=grown)
+
+
+class BatchStub:
+    """AttendBatch answers from ``script`` in turn (an exception or 'ok'); GetSession
+    reports ``lengths`` for every session."""
+
+    def __init__(self, script, lengths, is_async=False):
+        self.log, self.script = [], list(script)
+
+        def attend(request):
+            step = self.script.pop(0)
+            return _batch_reply(request) if step == "ok" else step
+
+        def get(request):
+            info = pb.SessionInfo(session_id=request.session_id, layer_lengths=lengths)
+            return pb.GetSessionResponse(session=info)
+
+        self.AttendBatch = FakeUnary(self.log, "AttendBatch", attend, is_async)
+        self.GetSession = FakeUnary(self.log, "GetSession", get, is_async)
+
+
+def run_batch(script, lengths, is_async, limit=2**20, **kwargs):
+    """attend_batch of 2 tokens for sessions 'a' and 'b' on layer 1 -> (the result or the
+    exception, the stub's log)."""
+    q, kv = rand((2, 2, 8, 64), np.float16), rand((2, 2, 2, 64))
+    stub = BatchStub(script, lengths, is_async)
+
+    async def main():
+        async with AsyncClient("127.0.0.1:1", token="tok", max_message_bytes=limit) as c:
+            c._stub = stub
+            return await c.attend_batch(1, ["a", c.session("b")], q, kv, kv, **kwargs)
+
+    try:
+        if is_async:
+            outcome = asyncio.run(main())
+        else:
+            with Client("127.0.0.1:1", token="tok", max_message_bytes=limit) as c:
+                c._stub = stub
+                outcome = c.attend_batch(1, ["a", c.session("b")], q, kv, kv, **kwargs)
+    except Q8KVError as exc:
+        outcome = exc
+    return outcome, stub.log
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_attend_batch_call_routing_and_answer(is_async):
+    out, log = run_batch(["ok"], [], is_async)
+    assert isinstance(out, np.ndarray) and out.shape == (2, 2, 8, 64) and out.dtype == np.float16
+    ((name, request, kwargs),) = log
+    assert name == "AttendBatch" and list(request.session_ids) == ["a", "b"]
+    assert request.layer == 1 and list(request.expected_lengths) == []
+    assert ("x-session-id", "a") in kwargs["metadata"]  # routed by the first session
+    assert ("authorization", "Bearer tok") in kwargs["metadata"]
+    result, log = run_batch(["ok"], [], is_async, expected_lengths=[3, 0], with_lengths=True)
+    assert isinstance(result, BatchResult) and result.lengths == [5, 2]
+    assert list(log[0][1].expected_lengths) == [3, 0]
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_attend_batch_split_by_a_small_limit_reassembles_the_parts(is_async):
+    # a row of one session: 2 tokens x (8*64*2 + 2*2*64*4) = 4096 bytes; one session a call
+    result, log = run_batch(["ok"] * 2, [], is_async, limit=6000, expected_lengths=[3, 0],
+                            with_lengths=True)
+    assert [list(r.session_ids) for _, r, _ in log] == [["a"], ["b"]]
+    assert [_session_header(kw) for _, _, kw in log] == ["a", "b"]  # each part its own
+    assert result.lengths == [5, 2] and result.output.shape == (2, 2, 8, 64)
+    result, log = run_batch(["ok"] * 4, [], is_async, limit=4000, expected_lengths=[3, 0],
+                            with_lengths=True)  # one token a call
+    assert [(list(r.session_ids), list(r.expected_lengths)) for _, r, _ in log] == [
+        (["a"], [3]), (["b"], [0]), (["a"], [4]), (["b"], [1])
+    ]
+    assert result.lengths == [5, 2]
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_attend_batch_retries(no_backoff, is_async):
+    out, log = run_batch([UNAVAILABLE, "ok"], [0, 0], is_async, expected_lengths=[3, 0],
+                         retries=2)
+    assert isinstance(out, np.ndarray) and [n for n, _, _ in log] == ["AttendBatch"] * 2
+    assert log[0][1] == log[1][1]
+    err, log = run_batch([UNAVAILABLE, ABORTED], [0, 2], is_async, expected_lengths=[0, 0],
+                         retries=2)
+    assert isinstance(err, AlreadyApplied) and err.lengths == {("a", 1): 2, ("b", 1): 2}
+    assert [n for n, _, _ in log] == ["AttendBatch", "AttendBatch", "GetSession", "GetSession"]
+    err, log = run_batch([UNAVAILABLE, ABORTED], [0, 2], is_async, expected_lengths=[0, 1],
+                         retries=2)
+    assert type(err) is Q8KVError and err.code is grpc.StatusCode.ABORTED  # b moved
+    err, log = run_batch(["ok"], [0, 0], is_async, retries=1)
+    assert err.code is grpc.StatusCode.INVALID_ARGUMENT and log == []
+    assert err.message.startswith("expected_lengths: expected one per session with retries=1")
+
+
+def test_stream_book_builds_batch_messages_and_decodes_their_answers():
+    book = m.StreamBook()
+    q, kv = rand((2, 1, 8, 64)), rand((2, 1, 2, 64))
+    batch = m.batch_request(["a", "b"], 0, q, kv, kv, [4, 0])
+    rid, request = book.build_batch(batch)
+    assert rid == 1 and request.request_id == 1 and request.batch == batch
+    assert not request.items
+    book.sent(rid)
+    book.arrived[rid] = pb.AppendAndAttendStreamResponse(
+        request_id=rid, batch=pb.AttendBatchResponse(output=encode(q), lengths=[5, 1])
+    )
+    result = book.take(rid)
+    assert isinstance(result, BatchResult) and result.lengths == [5, 1]
+    np.testing.assert_array_equal(result.output, q)
+    broken = pb.AppendAndAttendStreamResponse(
+        request_id=2, batch=pb.AttendBatchResponse(output=pb.Tensor(dtype=99))
+    )
+    with pytest.raises(Q8KVError, match=r"^INTERNAL: batch\.output\.dtype: expected FLOAT32"):
+        m.stream_results(broken)
+
+
 # --- largest_magnitude: the server's one-pass finiteness and magnitude check -----------
 
 
@@ -922,6 +1143,8 @@ def test_fit_chunks_refuses_a_stream_damaged_before_it_splits():
 
 SHELLS = [(Client, AsyncClient), (Session, AsyncSession), (Stream, AsyncStream)]
 NO_ROUND_TRIP = {"session", "stream"}  # handles made locally: plain methods in both shells
+# Methods each pair must have (the packed batch of issue 12 on the clients and streams).
+REQUIRED = {Client: {"attend_batch"}, Stream: {"attend_batch", "send_batch", "recv"}}
 
 
 def public_methods(cls):
@@ -933,6 +1156,7 @@ def public_methods(cls):
 def test_sync_and_async_shells_expose_the_same_methods_and_signatures(sync_cls, async_cls):
     blocking, awaited = public_methods(sync_cls), public_methods(async_cls)
     assert sorted(blocking) == sorted(awaited)
+    assert REQUIRED.get(sync_cls, set()) <= set(blocking)
     for name, method in blocking.items():
         twin = awaited[name]
         # parameters only: the return types differ by design (Session vs AsyncSession)

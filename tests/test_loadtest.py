@@ -14,7 +14,7 @@ import time
 from importlib import metadata
 
 import pytest
-from harness.scrape import metric
+from harness.scrape import Samples, metric, scrape
 from harness.server import free_port
 
 from q8kv.client import Client
@@ -112,6 +112,47 @@ def test_bounded_run_is_exact_and_reports_every_field(start_server, streaming):
         assert c.list_sessions() == []
 
 
+@pytest.mark.parametrize(
+    ("flags", "parts"),
+    [([], 1), (["--streaming"], 1), (["--max-message-bytes", "64KiB"], 8)],
+    ids=["unary", "streaming", "split"],
+)
+def test_packed_run_with_micro_batches_in_flight_verifies(start_server, flags, parts):
+    """--packed --batch 8 --in-flight 2: one AttendBatch per call for 8 sessions, two such
+    micro-batches per orchestrator at once; every output verified. With a small
+    --max-message-bytes the client splits the calls (a prefill of 8 sessions x 24 tokens
+    is 384 KiB: 8 calls of one session each) and the run still verifies."""
+    server = start_server()
+    result = loadtest(
+        server.address, *GEOMETRY, "--requests", "60", "--concurrency", "2", "--packed",
+        "--batch", "8", "--in-flight", "2", "--verify", "1.0", "--output", "json", *flags,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["errors"] == 0 and report["count"] == 60
+    assert report["items"] == 8 * report["count"]  # --batch 8: eight sessions per call
+    assert report["verified"] == report["items"] and report["mismatches"] == 0
+    assert 0 < report["max_rel_error"] < report["tolerance"]
+    assert report["options"]["packed"] and report["options"]["in_flight"] == 2
+    # 2 orchestrators x 2 micro-batches each prefilled their 8 sessions at least once
+    assert report["by_kind"]["prefill"]["count"] >= 4
+    assert report["tokens"] == tokens_counter(server)
+    # The calls were packed: AttendBatch answered them (one RPC each, more when split).
+    samples = Samples(scrape(server.metrics_url))
+    started = {
+        method: samples.value_or_zero("grpc_server_started_total", grpc_method=method)
+        for method in ("AttendBatch", "AppendAndAttend", "AppendAndAttendStream")
+    }
+    kinds = report["by_kind"]
+    if "--streaming" in flags:  # one stream per orchestrator, its micro-batches share it
+        assert started == {"AttendBatch": 0, "AppendAndAttend": 0, "AppendAndAttendStream": 2}
+    else:
+        calls = kinds["decode"]["count"] + parts * kinds["prefill"]["count"]
+        assert started == {"AttendBatch": calls, "AppendAndAttend": 0,
+                           "AppendAndAttendStream": 0}
+    assert report["sessions_left"] == 0
+
+
 def test_text_report_open_loop_and_csv(start_server):
     server = start_server()
     result = loadtest(server.address, *GEOMETRY, "-n", "40", "--rate", "200",
@@ -182,6 +223,12 @@ def test_ctrl_c_prints_the_partial_report(start_server):
         (["-n", "0"], "--requests: expected 1.."),
         (["-n", "10", "--tls", "/no/such/ca.pem"], "is not a readable file"),
         (["-n", "10", "--bogus"], "unrecognized arguments: --bogus"),
+        (["-n", "10", "--in-flight", "0"], "--in-flight: expected >= 1, got 0"),
+        (["-n", "10", "--max-message-bytes", "lots"], "expected a size like 512MiB"),
+        (["-n", "10", "--batch", "64", "--prefill", "1024", "--max-message-bytes", "1MiB"],
+         "--max-message-bytes: a call of 64 session(s) x 1024 tokens needs"),
+        (["-n", "10", "--packed", "--max-message-bytes", "2KiB"],
+         "--max-message-bytes: expected at least"),
     ],
 )
 def test_bad_flags_exit_2_with_the_flag_named(flags, words, capsys):

@@ -3,6 +3,7 @@ ghz). See ``q8kv-loadtest --help``; the load itself is described in run.py.
 
     q8kv-loadtest 127.0.0.1:50051 --concurrency 16 --duration 30s --prefill 512 --steps 64
     q8kv-loadtest 127.0.0.1:50051 -n 2000 --streaming --verify 0.1 --output json
+    q8kv-loadtest 127.0.0.1:50051 -z 30s --packed --batch 64 --in-flight 2 -c 1
 
 Exit status: 0 all calls succeeded and every verified output matched; 1 a call failed, an
 output mismatched or the server stopped answering; 2 the run could not start (bad flag,
@@ -27,6 +28,9 @@ from typing import Any
 import grpc
 
 from q8kv.client import AsyncClient, Q8KVError
+from q8kv.client.channel import DEFAULT_MAX_MESSAGE_BYTES
+from q8kv.client.core import ROW_OVERHEAD_BYTES
+from q8kv.client.messages import ENVELOPE_BYTES
 
 from . import report as report_mod
 from .run import CallFailed, LoadSpec, Orchestrator, Shared, delete_sessions
@@ -43,6 +47,9 @@ PROBE_TIMEOUT_S = 5.0
 EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+# Per item of an AppendAndAttend besides its tensors' data: session id, tags, shapes.
+ITEM_OVERHEAD_BYTES = 256
 
 
 def parse_duration(text: str) -> float:
@@ -51,6 +58,17 @@ def parse_duration(text: str) -> float:
     if not match:
         raise argparse.ArgumentTypeError(f"expected a duration like 30s, 2m or 500ms, got {text!r}")
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """'256KiB', '512MiB', '1GB', '65536' -> bytes (KiB/MiB/GiB: powers of 1024, K/M/G of
+    1000), as the server's --max-message-bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size like 512MiB or 65536, got {text!r}")
+    unit = (match.group(2) or "").lower()
+    power = "kmg".find(unit[:1]) + 1 if unit[:1] in ("k", "m", "g") else 0
+    return int(match.group(1)) * (1024 if "i" in unit else 1000) ** power
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +102,11 @@ def _session_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=16,
                    help="decode steps per sequence, one call per layer each [16]")
     g.add_argument("--batch", type=int, default=1,
-                   help="sessions per orchestrator, sent together as one call's items [1]")
+                   help="sessions per micro-batch, sent together in one call: its items, or "
+                   "one packed AttendBatch with --packed [1]")
+    g.add_argument("--in-flight", type=int, default=1,
+                   help="micro-batches per orchestrator, each its own --batch sessions, "
+                   "their calls in flight at once [1]")
 
 
 def _load_flags(p: argparse.ArgumentParser) -> None:
@@ -96,12 +118,16 @@ def _load_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-z", "--duration", type=parse_duration,
                    help=f"stop after this long (e.g. 30s, 2m; at most {MAX_DURATION_S:g}s)")
     g.add_argument("-n", "--requests", type=int,
-                   help=f"stop after this many AppendAndAttend calls (at most {MAX_REQUESTS})")
+                   help=f"stop after this many calls (at most {MAX_REQUESTS})")
     g.add_argument("-r", "--rate", type=float,
                    help="open loop: start calls at this many per second overall "
                    "(default: closed loop, each orchestrator calls again at once)")
     g.add_argument("--streaming", action="store_true",
                    help="one AppendAndAttendStream per orchestrator instead of unary calls")
+    g.add_argument("--packed", action="store_true",
+                   help="each call one packed AttendBatch (q [B, n, H, D] as one tensor) "
+                   "instead of one item per session; split by the client to fit "
+                   "--max-message-bytes")
     g.add_argument("--untimed-prefill", action="store_true",
                    help="run every session's first prefill before the clock starts (not in "
                    "the latency/throughput figures): a decode benchmark at a given length")
@@ -115,6 +141,10 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--token", help="bearer token (or env Q8KV_TOKEN)")
     g.add_argument("--tls", metavar="CA_PATH",
                    help="use TLS, trusting this CA bundle ('system' for the system roots)")
+    g.add_argument("--max-message-bytes", type=parse_size, default=DEFAULT_MAX_MESSAGE_BYTES,
+                   metavar="SIZE",
+                   help="largest message sent or received, e.g. 256KiB (set it to the "
+                   "server's --max-message-bytes when that is smaller) [512MiB]")
 
 
 def _report_flags(p: argparse.ArgumentParser) -> None:
@@ -142,8 +172,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Loa
         if value < minimum:
             parser.error(f"--{name.replace('_', '-')}: expected >= {minimum}, got {value}")
 
-    for name in ("layers", "heads", "kv_heads", "head_dim", "batch", "concurrency",
-                 "connections"):
+    for name in ("layers", "heads", "kv_heads", "head_dim", "batch", "in_flight",
+                 "concurrency", "connections"):
         positive(name)
     positive("prefill", 0)
     positive("steps", 0)
@@ -175,7 +205,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Loa
         parser.error(f"--tls: CA bundle {args.tls!r} is not a readable file")
     if args.plot and (missing := report_mod.matplotlib_missing()):
         parser.error(missing)
-    sessions = args.concurrency * args.batch
+    _check_message_size(args, parser)
+    sessions = args.concurrency * args.in_flight * args.batch
     copy_bytes = (sessions * args.layers * (args.prefill + args.steps) * args.kv_heads
                   * args.head_dim * 4 * 2)
     if args.verify > 0 and copy_bytes > MAX_VERIFY_COPY_BYTES:
@@ -185,13 +216,35 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Loa
     return LoadSpec(
         target=args.target, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
         head_dim=args.head_dim, dtype=args.dtype, prefill=args.prefill, steps=args.steps,
-        batch=args.batch, concurrency=args.concurrency, connections=args.connections,
+        batch=args.batch, in_flight=args.in_flight, packed=args.packed,
+        max_message_bytes=args.max_message_bytes, concurrency=args.concurrency,
+        connections=args.connections,
         duration=args.duration, requests=args.requests, rate=args.rate,
         streaming=args.streaming, token=args.token or os.environ.get("Q8KV_TOKEN") or None,
         tls=args.tls, timeout=args.timeout, verify=args.verify,
         tolerance=args.tolerance or DEFAULT_TOLERANCE[args.dtype],
         untimed_prefill=args.untimed_prefill, seed=args.seed,
     )
+
+
+def _check_message_size(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """No call may need a message over --max-message-bytes: a packed call is split by the
+    client down to one token of one session; an AppendAndAttend is not split at all."""
+    itemsize = 2 if args.dtype == "float16" else 4
+    token = (args.heads + 2 * args.kv_heads) * args.head_dim * itemsize
+    limit = args.max_message_bytes
+    if args.packed:
+        need = token + ROW_OVERHEAD_BYTES + 64 + ENVELOPE_BYTES  # 64: a loadtest id
+        if need > limit:
+            parser.error(f"--max-message-bytes: expected at least {need} (one token of one "
+                         f"session of a packed call), got {limit}")
+        return
+    tokens = max(args.prefill, 1)
+    need = args.batch * (tokens * token + ITEM_OVERHEAD_BYTES) + ENVELOPE_BYTES
+    if need > limit:
+        parser.error(f"--max-message-bytes: a call of {args.batch} session(s) x {tokens} "
+                     f"tokens needs {need} bytes, over the limit {limit}; use --packed (the "
+                     "client splits it to the limit), or fewer sessions or tokens")
 
 
 class SetupError(Exception):
@@ -262,7 +315,8 @@ class Runner:
         spec, shared = self.spec, self.shared
         tls: Any = True if spec.tls == "system" else spec.tls
         clients = [
-            AsyncClient(spec.target, timeout=spec.timeout, token=spec.token, tls=tls)
+            AsyncClient(spec.target, timeout=spec.timeout, token=spec.token, tls=tls,
+                        max_message_bytes=spec.max_message_bytes)
             for _ in range(spec.connections)
         ]
         orchestrators = [

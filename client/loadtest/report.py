@@ -180,12 +180,13 @@ def text(report: dict[str, Any]) -> str:
 
 def _summary(report: dict[str, Any]) -> list[str]:
     o = report["options"]
-    mode = "streaming" if o["streaming"] else "unary"
+    mode = ("streaming" if o["streaming"] else "unary") + (", packed" if o["packed"] else "")
     loop = f"open loop at {o['rate']:g} calls/s" if o["rate"] else "closed loop"
     lines: list[str] = []
     add = lines.append
     add(f"  Target:       {report['target']} ({mode}, {loop})")
-    add(f"  Load:         {o['concurrency']} orchestrators x {o['batch']} session(s); "
+    add(f"  Load:         {o['concurrency']} orchestrators x {o['in_flight']} micro-batch(es) "
+        f"x {o['batch']} session(s); "
         f"{o['layers']} layer(s), H={o['heads']} KVH={o['kv_heads']} D={o['head_dim']} "
         f"{o['dtype']}; prefill {o['prefill']}, {o['steps']} decode steps")
     if report["interrupted"]:

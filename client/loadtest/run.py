@@ -1,18 +1,23 @@
 """The load of q8kv-loadtest: virtual orchestrators driving sessions like model runners do.
 
-Each orchestrator owns ``batch`` sessions. A sequence is: prefill ``prefill`` tokens (one
-call per layer, the orchestrator's sessions as the call's items), then ``steps`` decode
-steps, each one call per layer with one token per session; then the sessions are
-truncated to 0 and the next sequence starts. The calls of one orchestrator are sequential
-(a layer's output feeds the next layer in a real model); ``concurrency`` orchestrators run
-at once. Closed loop: each orchestrator calls again as soon as its call returns. Open
-loop: calls start on a fixed schedule (``rate`` per second) shared by every orchestrator;
-a call whose slot comes while every orchestrator is busy starts late, and is counted.
+Each orchestrator owns ``in_flight`` micro-batches of ``batch`` sessions each. A micro-
+batch's sequence is: prefill ``prefill`` tokens (one call per layer, its sessions as the
+call's items, or with ``packed`` as one AttendBatch), then ``steps`` decode steps, each one
+call per layer with one token per session; then the sessions are truncated to 0 and the
+next sequence starts. The calls of one micro-batch are sequential (a layer's output feeds
+the next layer in a real model); an orchestrator's micro-batches run at once (a runner
+overlaps one micro-batch's attention with the rest of the layer for another), and
+``concurrency`` orchestrators run at once. Closed loop: each micro-batch calls again as
+soon as its call returns. Open loop: calls start on a fixed schedule (``rate`` per second)
+shared by all; a call whose slot comes while every micro-batch is busy starts late, and is
+counted. A packed call larger than ``max_message_bytes`` is split by the client into calls
+that fit (and still counts as one call).
 
-A failed call changes nothing on the server (all or none), but after a client-side
-timeout or a broken stream the client cannot know, so after any error the orchestrator
-resets its sessions (truncate to 0, or create them again if they are gone) and starts a
-new sequence: the local verification copy always equals the server's cache.
+A failed call changes nothing on the server (all or none; a split packed call may have
+applied its first parts), and after a client-side timeout or a broken stream the client
+cannot know, so after any error the micro-batch resets its sessions (truncate to 0, or
+create them again if they are gone) and starts a new sequence: the local verification
+copy always equals the server's cache.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import numpy as np
 
-from q8kv.client import AsyncClient, AsyncStream, Q8KVError
+from q8kv.client import AsyncClient, AsyncStream, AttendResult, Q8KVError
+from q8kv.client.channel import DEFAULT_MAX_MESSAGE_BYTES
 
 from .stats import Recorder
 from .verify import LayerCopy, check
@@ -37,6 +44,7 @@ from .verify import LayerCopy, check
 # the report with the same error.
 UNAVAILABLE_LIMIT = 8
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,9 @@ class LoadSpec:
     prefill: int = 64
     steps: int = 16
     batch: int = 1
+    in_flight: int = 1  # micro-batches per orchestrator, each its own ``batch`` sessions
+    packed: bool = False  # one AttendBatch per call instead of an AppendAndAttend of items
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     concurrency: int = 4
     connections: int = 1
     duration: float | None = None
@@ -139,7 +150,7 @@ class Shared:
             self.unavailable_streak = 0
             return
         self.unavailable_streak += 1
-        limit = max(UNAVAILABLE_LIMIT, 2 * self.spec.concurrency)
+        limit = max(UNAVAILABLE_LIMIT, 2 * self.spec.concurrency * self.spec.in_flight)
         if self.unavailable_streak >= limit and not self.stopped:
             self.stopped = True
             self.abort_reason = (
@@ -149,16 +160,62 @@ class Shared:
 
 
 class Orchestrator:
-    """One virtual model runner: its sessions, its stream, its decode loop."""
+    """One virtual model runner: ``in_flight`` micro-batches of ``batch`` sessions each,
+    every one running its own sequence at once (as a runner overlaps the attention of one
+    micro-batch with the rest of the layer for another), over one client and, with
+    --streaming, one stream they share."""
 
     def __init__(self, index: int, client: AsyncClient, shared: Shared) -> None:
         self.index = index
         self.client = client
         self.shared = shared
-        self.spec = shared.spec
-        self.rng = np.random.default_rng([self.spec.seed, index])
+        self.stream: AsyncStream | None = None
+        self.micro_batches = [MicroBatch(self, lane) for lane in range(shared.spec.in_flight)]
+
+    @property
+    def session_ids(self) -> list[str]:
+        return [sid for mb in self.micro_batches for sid in mb.session_ids]
+
+    async def create(self) -> None:
+        for mb in self.micro_batches:
+            await mb.create()
+
+    async def first_prefill(self) -> None:
+        """--untimed-prefill: each micro-batch's first prefill, one after another."""
+        for mb in self.micro_batches:
+            await mb.first_prefill()
+
+    async def run(self, skip_first_prefill: bool) -> None:
+        """Every micro-batch's loop at once; a bug in one stops the others."""
+        async with asyncio.TaskGroup() as group:
+            for mb in self.micro_batches:
+                group.create_task(mb.run(skip_first_prefill))
+
+    def open_stream(self) -> AsyncStream:
+        if self.stream is None:
+            self.stream = self.client.stream(self.micro_batches[0].session_ids[0])
+        return self.stream
+
+    async def close_stream(self) -> None:
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stream.close(), 2.0)
+
+
+class MicroBatch:
+    """One micro-batch of an orchestrator: its sessions (one call's items, or one packed
+    AttendBatch with --packed), their local copies, its sequence loop."""
+
+    def __init__(self, owner: Orchestrator, lane: int) -> None:
+        self.owner = owner
+        self.client = owner.client
+        self.shared = owner.shared
+        self.spec = owner.shared.spec
+        self.rng = np.random.default_rng([self.spec.seed, owner.index, lane])
         self.session_ids = [
-            f"loadtest-{shared.run_id}-{index}-{j}" for j in range(self.spec.batch)
+            f"loadtest-{self.shared.run_id}-{owner.index}-{lane}-{j}"
+            for j in range(self.spec.batch)
         ]
         self.copies: dict[str, list[LayerCopy]] = {}
         if self.spec.verify > 0:
@@ -169,7 +226,6 @@ class Orchestrator:
                 ]
                 for sid in self.session_ids
             }
-        self.stream: AsyncStream | None = None
         self.scale = 1.0 / float(np.sqrt(self.spec.head_dim))
 
     # -- set-up and clean-up ---------------------------------------------------------------
@@ -206,12 +262,6 @@ class Orchestrator:
             for copy in self.copies.get(sid, ()):
                 copy.reset()
 
-    async def close_stream(self) -> None:
-        if self.stream is not None:
-            stream, self.stream = self.stream, None
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(stream.close(), 2.0)
-
     # -- the load --------------------------------------------------------------------------
 
     async def run(self, skip_first_prefill: bool) -> None:
@@ -231,7 +281,7 @@ class Orchestrator:
             except (CallFailed, Q8KVError) as exc:
                 error = exc.error if isinstance(exc, CallFailed) else exc
                 if error.request_id is None:  # the stream itself may be broken
-                    await self.close_stream()
+                    await self.owner.close_stream()
                 self.shared.saw(error)
                 if self.shared.stopped:
                     return
@@ -247,24 +297,36 @@ class Orchestrator:
             for layer in range(self.spec.layers):
                 await self._call("decode", layer, 1)
 
-    def _tensors(self, n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def _tensors(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """q [B, n, H, D], k and v [B, n, KVH, D] for the micro-batch's B sessions."""
         s, dtype = self.spec, self.spec.np_dtype
-        out = []
-        for _ in self.session_ids:
-            q = self.rng.standard_normal((n, s.heads, s.head_dim), dtype=np.float32)
-            kv = self.rng.standard_normal((2, n, s.kv_heads, s.head_dim), dtype=np.float32)
-            out.append((q.astype(dtype), kv[0].astype(dtype), kv[1].astype(dtype)))
-        return out
+        b = len(self.session_ids)
+        q = self.rng.standard_normal((b, n, s.heads, s.head_dim), dtype=np.float32)
+        kv = self.rng.standard_normal((2, b, n, s.kv_heads, s.head_dim), dtype=np.float32)
+        return q.astype(dtype), kv[0].astype(dtype), kv[1].astype(dtype)
 
-    async def _send(self, items: list) -> list:
+    async def _send(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> list:
+        """One call (packed: AttendBatch, split by the client to its message limit; else
+        AppendAndAttend with one item per session) -> an AttendResult per session."""
+        sids = self.session_ids
+        if self.spec.packed:
+            if self.spec.streaming:
+                call = self.owner.open_stream().attend_batch
+            else:
+                call = self.client.attend_batch
+            batch = await self._bounded(call(layer, sids, q, k, v, with_lengths=True))
+            return [AttendResult(batch.output[b], n) for b, n in enumerate(batch.lengths)]
+        items = [(sid, layer, q[b], k[b], v[b]) for b, sid in enumerate(sids)]
         if not self.spec.streaming:
             return await self.client.append_and_attend_batch(items, with_lengths=True)
-        if self.stream is None:
-            self.stream = self.client.stream(self.session_ids[0])
+        return await self._bounded(self.owner.open_stream().attend(items, with_lengths=True))
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        """A unary call has its deadline; a stream's answers get --timeout here."""
+        if not self.spec.streaming:
+            return await call
         try:
-            return await asyncio.wait_for(
-                self.stream.attend(items, with_lengths=True), self.spec.timeout
-            )
+            return await asyncio.wait_for(call, self.spec.timeout)
         except TimeoutError:
             raise Q8KVError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -278,20 +340,19 @@ class Orchestrator:
             if not shared.take():
                 raise StopRun
         tensors = self._tensors(n)
-        items = [(sid, layer, q, k, v) for sid, (q, k, v) in zip(self.session_ids, tensors,
-                                                                 strict=True)]
         started = time.perf_counter()
         try:
-            results = await self._send(items)
+            results = await self._send(layer, *tensors)
             error = None
         except Q8KVError as exc:
             results, error = [], exc
         latency = time.perf_counter() - started
-        tokens = n * len(items)
+        items = len(self.session_ids)
+        tokens = n * items
         if timed:
             status = "OK" if error is None else error.code.name
             shared.recorder.record(
-                kind, started - shared.t0, latency, len(items), tokens, status,
+                kind, started - shared.t0, latency, items, tokens, status,
                 "" if error is None else error.message,
             )
         if error is not None:
@@ -303,17 +364,18 @@ class Orchestrator:
         if self.copies:
             self._keep_and_verify(layer, tensors, results)
 
-    def _keep_and_verify(self, layer: int, tensors: list, results: list) -> None:
+    def _keep_and_verify(self, layer: int, tensors: tuple, results: list) -> None:
         verify = self.rng.random() < self.spec.verify
-        for sid, (q, k, v), result in zip(self.session_ids, tensors, results, strict=True):
+        q, k, v = tensors
+        for b, (sid, result) in enumerate(zip(self.session_ids, results, strict=True)):
             copy = self.copies[sid][layer]
-            copy.append(k, v)
+            copy.append(k[b], v[b])
             if result.length != copy.length:
                 self._mismatch(f"{sid} layer {layer}: length {result.length}, "
                                f"expected {copy.length}")
             if not verify:
                 continue
-            error = check(copy, q, result.output, self.scale)
+            error = check(copy, q[b], result.output, self.scale)
             shared = self.shared
             shared.verified += 1
             if not error <= self.spec.tolerance:  # NaN counts as a mismatch too
