@@ -24,9 +24,11 @@ that were outstanding on a new stream with expected_length; on ABORTED, ``client
 tells whether the first attempt applied.
 
 Inside: core.py holds what is not I/O (ClientCore builds each call and decodes its answer,
-and decides retries); sync.py and aio.py are thin shells that run the calls, blocking or
-awaited; errors.rpc_errors() is the one point where grpc.RpcError becomes Q8KVError;
-tensors go through q8kv.wire, which the server shares.
+and decides retries; batching.py plans packed batches; messages.py and stream_messages.py
+build and decode the messages); sync.py and aio.py (and their streams, sync_stream.py and
+aio_stream.py) are thin shells that run the calls, blocking or awaited;
+errors.rpc_errors() is the one point where grpc.RpcError becomes Q8KVError; tensors go
+through q8kv.wire, which the server shares.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ from q8kv.client import (
 from q8kv.client import channel as ch
 from q8kv.client import health as health_probe
 from q8kv.client import messages as m
-from q8kv.client.core import BatchPlan
+from q8kv.client import stream_messages as sm
+from q8kv.client.batching import BatchPlan
 from q8kv.client.errors import from_rpc_error, rpc_errors, status_code
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.wire import TensorError, decode, encode, largest_magnitude
@@ -487,7 +488,7 @@ def _stream_response(request, fail_layer=None):
 
 
 def test_stream_book_builds_requests_and_matches_ids():
-    book = m.StreamBook()
+    book = sm.StreamBook()
     q, kv = rand((1, 8, 64)), rand((1, 2, 64))
     rid, req = book.build([("s", 0, q, kv, kv), ("t", 1, q, kv, kv)])
     assert rid == 1 and req.request_id == 1 and [i.session_id for i in req.items] == ["s", "t"]
@@ -1041,7 +1042,7 @@ def test_attend_batch_retries(no_backoff, is_async):
 
 
 def test_stream_book_builds_batch_messages_and_decodes_their_answers():
-    book = m.StreamBook()
+    book = sm.StreamBook()
     q, kv = rand((2, 1, 8, 64)), rand((2, 1, 2, 64))
     batch = m.batch_request(["a", "b"], 0, q, kv, kv, [4, 0])
     rid, request = book.build_batch(batch)
@@ -1058,7 +1059,7 @@ def test_stream_book_builds_batch_messages_and_decodes_their_answers():
         request_id=2, batch=pb.AttendBatchResponse(output=pb.Tensor(dtype=99))
     )
     with pytest.raises(Q8KVError, match=r"^INTERNAL: batch\.output\.dtype: expected FLOAT32"):
-        m.stream_results(broken)
+        sm.stream_results(broken)
 
 
 # --- largest_magnitude: the server's one-pass finiteness and magnitude check -----------

@@ -18,7 +18,8 @@ from harness.scrape import Samples, metric, scrape
 from harness.server import free_port
 
 from q8kv.client import Client
-from q8kv.client.loadtest.cli import main, parse_duration
+from q8kv.client.loadtest.cli import main
+from q8kv.client.loadtest.flags import parse_duration
 from q8kv.client.loadtest.stats import histogram, latency_summary, percentile
 
 # Geometry small enough for CI: each run takes well under a second of server time.

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import asdict
 from typing import Any
 
-from .run import LoadSpec, Shared
+from .state import LoadSpec, Shared
 from .stats import KINDS, histogram
 
 # Series read from the server's /metrics (sums over label sets).
