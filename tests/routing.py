@@ -1,9 +1,14 @@
 """Render deploy/nginx.conf (the router of docker-compose.yml) for other addresses, run
-nginx with it: the loopback router test and the config checks use the project's own file,
-changed only where an address or a path must differ."""
+nginx with it: the loopback router test, the config checks and benchmarks/multiprocess.py
+use the project's own file, changed only where an address or a path must differ.
+
+Packed calls (AttendBatch) route as a whole by their one ``x-session-id`` header, so the
+sessions of one micro-batch must live on one replica: create them all through the router
+under one routing key (``create_group``) and send their batches with it (``routed``)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -12,11 +17,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import numpy as np
 from harness.geometry import Geo
 from harness.proc import stop_process
 from harness.server import REPO
 from reference import attention_ref
+
+from q8kv import wire
+from q8kv.client.channel import SESSION_HEADER
+from q8kv.v1 import kvcache_pb2 as pb
 
 NGINX_CONF = REPO / "deploy" / "nginx.conf"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -31,20 +41,34 @@ def _sub(pattern: str, repl: str, text: str) -> str:
     return out
 
 
+def with_replicas(
+    text: str, replicas: Sequence[str], server_params: str = "max_fails=1 fail_timeout=5s"
+) -> str:
+    """nginx.conf ``text`` with the lines between its `replicas:` markers (the markers
+    included) replaced by one ``server`` line per address."""
+    if not _REPLICAS.search(text):
+        raise ValueError("deploy/nginx.conf: no '# replicas: begin/end' block")
+    servers = "".join(f"\\1server {addr} {server_params};\n" for addr in replicas)
+    return _REPLICAS.sub(servers, text, count=1)
+
+
 def render(
     listen: str,
     replicas: Sequence[str],
     workdir: Path,
     source: Path = NGINX_CONF,
     server_params: str = "max_fails=1 fail_timeout=5s",
+    workers: str | None = None,
+    user: str | None = None,
 ) -> str:
     """deploy/nginx.conf with ``listen`` (e.g. "127.0.0.1:8443"), the replica addresses,
-    and pid/log/temp files under ``workdir``."""
-    text = source.read_text()
-    if not _REPLICAS.search(text):
-        raise ValueError("deploy/nginx.conf: no '# replicas: begin/end' block")
-    servers = "".join(f"\\1server {addr} {server_params};\n" for addr in replicas)
-    text = _REPLICAS.sub(servers, text, count=1)
+    pid/log/temp files under ``workdir`` and, if given, ``workers`` worker processes and
+    the workers' ``user`` ("root root")."""
+    text = with_replicas(source.read_text(), replicas, server_params)
+    if workers is not None:
+        text = _sub(r"^worker_processes\s+\S+;", f"worker_processes {workers};", text)
+    if user is not None:
+        text = _sub(r"^user\s+[^;]+;", f"user {user};", text)
     text = _sub(r"^(\s*)listen\s+\S+(\s+http2;)", rf"\g<1>listen {listen}\g<2>", text)
     text = _sub(r"^pid\s+\S+;", f"pid {workdir}/nginx.pid;", text)
     text = _sub(r"^error_log\s+\S+", f"error_log {workdir}/error.log", text)
@@ -57,35 +81,62 @@ def render(
     return _sub(r"^http \{\n", "http {\n" + temps, text)
 
 
-def write(workdir: Path, listen: str, replicas: Sequence[str]) -> Path:
+def write(
+    workdir: Path, listen: str, replicas: Sequence[str], workers: str | None = None,
+    user: str | None = None,
+) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
+    # A root-run nginx's workers are `nobody`: they must reach their temp dirs in here.
+    os.chmod(workdir, 0o755)
     conf = workdir / "nginx.conf"
-    conf.write_text(render(listen, replicas, workdir))
+    conf.write_text(render(listen, replicas, workdir, workers=workers, user=user))
     return conf
 
 
-def check(conf: Path) -> subprocess.CompletedProcess:
+def command(nginx: str, conf: Path, *args: str) -> list[str]:
+    """nginx run on ``conf`` with its own prefix and error log (``-e``, nginx >= 1.19.5), so
+    nothing of the binary's compiled-in paths (/etc/nginx, /var/log/nginx) is needed: an
+    nginx unpacked from a .deb under /tmp runs as well as an installed one."""
+    return [nginx, "-e", str(conf.parent / "error.log"), "-p", str(conf.parent),
+            "-c", str(conf), *args]
+
+
+def check(
+    conf: Path, nginx: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """``nginx -t`` on a rendered file (exit 0 when nginx accepts it)."""
     return subprocess.run(
-        [NGINX, "-t", "-q", "-p", str(conf.parent), "-c", str(conf)],
+        command(nginx or NGINX, conf, "-t", "-q"),
         capture_output=True,
         text=True,
         timeout=30,
+        env={**os.environ, **(env or {})},
     )
 
 
 class Router:
-    """nginx in the foreground on ``port`` of 127.0.0.1, routing to ``replicas``."""
+    """nginx in the foreground on ``port`` of 127.0.0.1, routing to ``replicas``; ``nginx``
+    and ``env`` (LD_LIBRARY_PATH for an unpacked one) pick another binary."""
 
-    def __init__(self, workdir: Path, port: int, replicas: Sequence[str]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int,
+        replicas: Sequence[str],
+        nginx: str | None = None,
+        env: dict[str, str] | None = None,
+        workers: str | None = None,
+        user: str | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = port
         self.address = f"127.0.0.1:{port}"
-        self.conf = write(workdir, self.address, replicas)
+        self.conf = write(workdir, self.address, replicas, workers, user)
         self.proc = subprocess.Popen(
-            [NGINX, "-p", str(workdir), "-c", str(self.conf), "-g", "daemon off;"],
+            command(nginx or NGINX, self.conf, "-g", "daemon off;"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         self._wait_listening()
 
@@ -132,3 +183,48 @@ def check_step(session, layer: int, q, k, v, sent_k: list[np.ndarray]) -> None:
     assert np.all(err <= step * 0.5 * (1 + 1e-4) + 1e-30)
     expected = attention_ref(q, cache_k, cache_v, length - len(q), 1 / np.sqrt(GEO.head_dim))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+# --- packed calls through the router: one routing key per micro-batch -----------------
+
+
+def routed(key: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata that routes by ``key`` (the header the router hashes)."""
+    return ((SESSION_HEADER, key),)
+
+
+def create_group(
+    stub, ids: Sequence[str], geometry: pb.Geometry, key: str | None = None,
+    timeout: float = 30.0,
+) -> str:
+    """Create sessions ``ids`` through the router, every one under the routing key ``key``
+    (default: the first id), so they land on one replica; returns the key."""
+    key = key or ids[0]
+    for sid in ids:
+        request = pb.CreateSessionRequest(session_id=sid, geometry=geometry)
+        stub.CreateSession(request, metadata=routed(key), timeout=timeout)
+    return key
+
+
+def batch_request(ids: Sequence[str], layer: int, q, k, v) -> pb.AttendBatchRequest:
+    """An AttendBatchRequest: q [B, n, H, D], k/v [B, n, KVH, D] in their own dtypes."""
+    return pb.AttendBatchRequest(
+        session_ids=list(ids), layer=layer, q=wire.encode(q), k=wire.encode(k),
+        v=wire.encode(v),
+    )
+
+
+def holder(stubs: Sequence, sid: str, timeout: float = 10.0) -> int:
+    """The index of the replica (a direct stub each) that holds session ``sid``."""
+    found = []
+    for index, stub in enumerate(stubs):
+        try:
+            stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=timeout)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            continue
+        found.append(index)
+    if len(found) != 1:
+        raise AssertionError(f"session {sid!r}: expected on one replica, found on {found}")
+    return found[0]

@@ -18,6 +18,11 @@ REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 OVERRIDE = REPO / "tests" / "docker-compose.test.yml"
 REPLICAS = ("q8kv-0", "q8kv-1")
+# Four replicas on one GPU: docker-compose.yml + deploy/replicas-4/compose.yml.
+FOUR = REPO / "deploy" / "replicas-4"
+FOUR_REPLICAS = tuple(f"q8kv-{i}" for i in range(4))
+FOUR_ARGS = ("--env-file", str(FOUR / "one-gpu.env"), "-f", "docker-compose.yml",
+             "-f", str(FOUR / "compose.yml"))
 
 
 def run(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -45,6 +50,80 @@ def test_compose_file_is_accepted(files):
         flags = [arg for f in files for arg in ("-f", f)]
         proc = run(*cmd, *flags, "config", "-q")
         assert proc.returncode == 0, f"{' '.join(cmd)} config: {proc.stderr}"
+
+
+def test_four_replica_compose_is_accepted():
+    commands = compose_commands()
+    if not commands:
+        pytest.skip("neither docker-compose nor `docker compose` is installed")
+    for cmd in commands:
+        proc = run(*cmd, *FOUR_ARGS, "config", "-q", env={"Q8KV_MEMORY_BUDGET": "30GiB"})
+        assert proc.returncode == 0, f"{' '.join(cmd)} config: {proc.stderr}"
+        # Replicas sharing a GPU must not each take `auto` (90% of it): no budget, no stack.
+        env = {k: v for k, v in os.environ.items() if k != "Q8KV_MEMORY_BUDGET"}
+        proc = subprocess.run([*cmd, *FOUR_ARGS, "config", "-q"], capture_output=True,
+                              text=True, timeout=60, cwd=REPO, env=env)
+        assert proc.returncode != 0 and "Q8KV_MEMORY_BUDGET" in proc.stderr, proc.stderr
+
+
+def _merged_four() -> dict:
+    if not shutil.which("docker-compose"):
+        pytest.skip("docker-compose is not installed")
+    proc = run("docker-compose", *FOUR_ARGS, "config", env={"Q8KV_MEMORY_BUDGET": "30GiB"})
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)["services"]
+
+
+def test_four_replicas_share_gpu_zero_with_a_quarter_each():
+    """The merged four-replica stack: four replicas alike but for name, volumes and GPU,
+    all on GPU 0 with the budget given, own snapshot volumes; the router and Prometheus
+    use the four-replica configs and the router waits for all four."""
+    services = _merged_four()
+    assert tuple(sorted(s for s in services if s.startswith("q8kv-"))) == FOUR_REPLICAS
+    own = ("hostname", "volumes", "deploy")
+    alike = [{k: v for k, v in services[name].items() if k not in own} for name in FOUR_REPLICAS]
+    assert all(a == alike[0] for a in alike), "replicas differ beyond name, volumes and GPU"
+    assert alike[0]["environment"]["Q8KV_MEMORY_BUDGET"] == "30GiB"
+    snapshots = set()
+    for name in FOUR_REPLICAS:
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["device_ids"] == ["0"], (name, device)
+        snapshots |= {v for v in services[name]["volumes"] if "/var/lib/q8kv/snapshots" in v}
+    assert len(snapshots) == len(FOUR_REPLICAS), snapshots
+    router = services["router"]
+    (mount,) = router["volumes"]
+    assert mount.endswith("deploy/replicas-4/nginx.conf:/etc/nginx/nginx.conf:ro"), mount
+    assert {n: d["condition"] for n, d in router["depends_on"].items()} == dict.fromkeys(
+        FOUR_REPLICAS, "service_healthy"
+    )
+    assert any(v.endswith("deploy/replicas-4/prometheus.yml:/etc/prometheus/prometheus.yml:ro")
+               for v in services["prometheus"]["volumes"])
+
+
+def test_four_replica_router_config_is_the_base_one_with_four_servers(tmp_path):
+    """deploy/replicas-4/nginx.conf differs from deploy/nginx.conf only in its header
+    comment and its replica list, and nginx accepts it."""
+    base = routing.NGINX_CONF.read_text()
+    four = (FOUR / "nginx.conf").read_text()
+    servers = re.findall(r"^\s*server (\S+) max_fails=1 fail_timeout=5s;", four, re.M)
+    assert servers == [f"{name}:50051" for name in FOUR_REPLICAS]
+    body = [routing.with_replicas(text.split("\n\n", 1)[1], ["x:1"]) for text in (base, four)]
+    assert body[0] == body[1], "deploy/replicas-4/nginx.conf drifted from deploy/nginx.conf"
+    if routing.NGINX is not None:
+        conf = tmp_path / "nginx.conf"
+        addresses = [f"127.0.0.1:{50001 + i}" for i in range(4)]
+        conf.write_text(routing.render("127.0.0.1:50999", addresses, tmp_path, FOUR / "nginx.conf"))
+        proc = routing.check(conf)
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_four_replica_prometheus_config_is_the_base_one_with_four_targets():
+    base = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    four = yaml.safe_load((FOUR / "prometheus.yml").read_text())
+    base["scrape_configs"][0]["static_configs"][0]["targets"] = [
+        f"{name}:9464" for name in FOUR_REPLICAS
+    ]
+    assert four == base
 
 
 def test_compose_topology():

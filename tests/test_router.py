@@ -11,6 +11,7 @@ and the outputs must match a float64 attention over the replica's own Dequantize
 from __future__ import annotations
 
 import re
+import uuid
 from collections import defaultdict
 
 import grpc
@@ -19,9 +20,13 @@ import pytest
 import routing
 from harness.server import free_port
 from harness.tensors import qkv
+from reference import attention_ref
 from routing import GEO, check_step
 
+from q8kv import wire
 from q8kv.client import Client, Q8KVError
+from q8kv.v1 import kvcache_pb2 as pb
+from q8kv.v1 import kvcache_pb2_grpc
 
 pytestmark = pytest.mark.skipif(routing.NGINX is None, reason="nginx is not installed")
 
@@ -95,3 +100,71 @@ def test_router_affinity_outputs_and_replica_death(topology):
         check_step(again, 0, *qkv(rng, PREFILL, GEO), [])
         with Client(alive.address, timeout=10) as direct:
             assert lost[0].id in {info.id for info in direct.list_sessions()}
+
+
+GROUP = 6  # sessions per packed call
+
+
+def _batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, ...]:
+    """q [GROUP, n, H, D], k and v [GROUP, n, KVH, D]: random, never zeros."""
+    parts = [qkv(rng, n, GEO) for _ in range(GROUP)]
+    return tuple(np.stack(x) for x in zip(*parts, strict=True))
+
+
+def _check_batch(stub, direct, ids, n: int, rng) -> None:
+    """One AttendBatch of ``ids`` through the router under their routing key, checked per
+    session against float64 attention over the owning replica's own cache."""
+    q, k, v = _batch(rng, n)
+    reply = stub.AttendBatch(
+        routing.batch_request(ids, 0, q, k, v), metadata=routing.routed(ids[0]), timeout=30
+    )
+    out = wire.decode(reply.output)
+    assert out.shape == q.shape
+    for b, sid in enumerate(ids):
+        cache = direct.Dequantize(pb.DequantizeRequest(session_id=sid, layer=0), timeout=10)
+        length = cache.length
+        assert reply.lengths[b] == length
+        expected = attention_ref(
+            q[b], wire.decode(cache.k), wire.decode(cache.v), length - n, 1 / np.sqrt(GEO.head_dim)
+        )
+        np.testing.assert_allclose(out[b], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_batch_through_router_needs_one_routing_key(topology):
+    """Sessions created through the router under one shared routing header all land on one
+    replica, whatever their own ids hash to; a packed call of them sent with that header
+    reaches that replica and attends correctly; the same call routed by a key of the other
+    replica answers NOT_FOUND there and appends nothing."""
+    router, replicas = topology
+    rng = np.random.default_rng(11)
+    channels = [grpc.insecure_channel(a) for a in [router.address, *(r.address for r in replicas)]]
+    try:
+        stub, *direct = (kvcache_pb2_grpc.KVCacheServiceStub(c) for c in channels)
+        groups: dict[int, list[str]] = {}  # replica index -> the ids of one group there
+        for attempt in range(64):  # until a group sits on each replica (1 in 2**63 fails)
+            ids = [f"grp{attempt}-{uuid.uuid4().hex[:8]}-{i}" for i in range(GROUP)]
+            routing.create_group(stub, ids, GEO.pb())
+            owners = {routing.holder(direct, sid) for sid in ids}
+            assert len(owners) == 1, f"group {ids[0]} split over replicas {owners}"
+            groups.setdefault(owners.pop(), ids)
+            if len(groups) == len(replicas):
+                break
+        assert groups.keys() == {0, 1}
+
+        for index, ids in groups.items():
+            _check_batch(stub, direct[index], ids, 3, rng)  # a prefill of 3 tokens each
+            _check_batch(stub, direct[index], ids, 1, rng)  # one decode step
+
+        # Routed by the other group's key: the other replica holds none of these sessions.
+        ids, other = groups[0], groups[1]
+        request = routing.batch_request(ids, 0, *_batch(rng, 1))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.AttendBatch(request, metadata=routing.routed(other[0]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert ids[0] in err.value.details()
+        for sid in ids:
+            info = direct[0].GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
+            assert list(info.session.layer_lengths) == [4, 0]
+    finally:
+        for c in channels:
+            c.close()
