@@ -1,10 +1,17 @@
-"""What the service benchmarks share: a q8kv-server subprocess on loopback and the JSON
-result file. (Scripts import it as a sibling: ``python benchmarks/<script>.py``.)"""
+"""What the service benchmarks share: a q8kv-server subprocess on loopback, a bare gRPC
+echo server subprocess, the machine's description and the JSON result file. (Scripts import
+it as a sibling: ``python benchmarks/<script>.py``.)"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
+import datetime as dt
 import json
+import os
+import platform
+import re
 import socket
 import subprocess
 import sys
@@ -18,6 +25,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
+ECHO_SERVICE = "q8kv.bench.Echo"
+MAX_MESSAGE = 512 * 1024 * 1024  # the q8kv server's default --max-message-bytes
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+]
 
 
 def free_port() -> int:
@@ -67,14 +80,21 @@ class ServerProcess:
     def logs(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
-    def metric(self, name: str) -> float:
-        """Sum of every sample named ``name`` on the server's /metrics."""
+    def samples(self, name: str) -> list:
+        """Every sample named ``name`` on the server's /metrics (with its labels)."""
         with urllib.request.urlopen(self.metrics_url, timeout=10) as reply:
             text = reply.read().decode()
-        return sum(
-            s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if s.name == name
-        )
+        return [s for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == name]
+
+    def metric(self, name: str) -> float:
+        """Sum of every sample named ``name`` on the server's /metrics."""
+        return sum(s.value for s in self.samples(name))
+
+    def build_info(self) -> dict[str, str]:
+        """version, backend and device, as the server reports them (q8kv_build_info)."""
+        found = self.samples("q8kv_build_info")
+        return dict(found[0].labels) if found else {}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -87,6 +107,110 @@ class ServerProcess:
         self.log.close()
 
 
+class EchoProcess:
+    """A bare grpc.aio server in its own process: a generic handler with identity
+    serializers (bytes pass through untouched, no protobuf). Method ``/q8kv.bench.Echo/<name>``
+    answers a pre-built payload of ``responses[name]`` bytes, whatever it receives; the
+    floor the transport allows for a call of those request and response sizes."""
+
+    def __init__(self, responses: dict[str, int], wait_seconds: float = 60.0) -> None:
+        self.responses = responses
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        sizes = [f"{name}={size}" for name, size in responses.items()]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "echo", str(self.port), *sizes]
+        self.log = tempfile.NamedTemporaryFile(prefix="echo-", suffix=".log")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready(wait_seconds)
+        except BaseException:
+            self.stop()
+            raise
+
+    def path(self, name: str) -> str:
+        return f"/{ECHO_SERVICE}/{name}"
+
+    def _wait_ready(self, limit: float) -> None:
+        name = next(iter(self.responses))
+        deadline = time.monotonic() + limit
+        with grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
+            call = channel.unary_unary(self.path(name))
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"echo server exited:\n{self.logs()}")
+                with contextlib.suppress(grpc.RpcError):
+                    if len(call(b"ready", timeout=1)) == self.responses[name]:
+                        return
+                time.sleep(0.1)
+        raise SystemExit(f"echo server not ready after {limit}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+async def serve_echo(port: int, responses: dict[str, int]) -> None:
+    """The echo server itself (``python bench_util.py echo PORT name=bytes ...``)."""
+
+    def answer(payload: bytes):
+        async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return payload
+
+        return grpc.unary_unary_rpc_method_handler(echo)  # no (de)serializers: raw bytes
+
+    handlers = {name: answer(os.urandom(size)) for name, size in responses.items()}
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(ECHO_SERVICE, handlers),)
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine(backend: str, device: str) -> dict:
+    """Where a result was measured: card (or CPU), cores, versions, date."""
+    import numpy as np
+
+    return {
+        "backend": backend,
+        "device": device,
+        "cpu_model": cpu_model(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+        "grpcio": grpc.__version__,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def card_slug(backend: str, device: str) -> str:
+    """``cpu`` on the numpy backend; else the card's model, short (NVIDIA H200 -> h200)."""
+    if backend != "cupy":
+        return "cpu"
+    model = re.search(r"\b[A-Z]{1,3}\d{2,4}[A-Za-z]*\b", device)
+    return (model.group(0) if model else re.sub(r"[^A-Za-z0-9]+", "-", device)).lower()
+
+
 def write_json(out: str | Path, filename: str, result: dict) -> Path:
     """Write ``result`` as ``out/filename`` (creating ``out``) and say where."""
     directory = Path(out)
@@ -95,3 +219,17 @@ def write_json(out: str | Path, filename: str, result: dict) -> Path:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="bench_util helpers")
+    parser.add_argument("what", choices=["echo"])
+    parser.add_argument("port", type=int)
+    parser.add_argument("responses", nargs="+", help="method=response_bytes")
+    args = parser.parse_args()
+    sizes = dict(item.split("=", 1) for item in args.responses)
+    asyncio.run(serve_echo(args.port, {name: int(size) for name, size in sizes.items()}))
+
+
+if __name__ == "__main__":
+    _main()

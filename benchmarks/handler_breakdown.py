@@ -2,7 +2,17 @@
 the backend's append and attention, the engine run inline on the event loop vs handed to
 its worker thread, encoding the output. Median microseconds over --iters calls.
 
-    .venv/bin/python benchmarks/handler_breakdown.py [--backend numpy] [--length 16]
+The packed path (AttendBatch) at ``--batch`` sessions (64), each with a ``--length`` cache:
+decode_batch (parse checks and the finite/range pass over q, k, v), the engine's
+attend_batch (one job: lookups, reservations, the backend), the backend alone, the output's
+encode, and the whole handler; the B sessions are truncated back after each call, untimed.
+
+``--front``: what the front door (server/rpc/front.py) costs per call, from outside: one
+single-item decode step (raw stub, one at a time, truncated back untimed) through servers
+with metrics off/on and auth off/on, run in alternating rounds so drift hits all alike.
+Drain and the decode guard are always on, so "bare" includes them.
+
+    .venv/bin/python benchmarks/handler_breakdown.py [--backend numpy] [--length 16] [--front]
 """
 
 from __future__ import annotations
@@ -10,18 +20,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
+import grpc
 import numpy as np
+from bench_util import ServerProcess
 
 from q8kv import wire
 from q8kv.server.app import build_engine
 from q8kv.server.backends.base import AttendItem
 from q8kv.server.config import load_config
-from q8kv.server.rpc.messages import decode_items
+from q8kv.server.rpc.messages import decode_batch, decode_items
 from q8kv.server.rpc.servicer import KVCacheService
 from q8kv.v1 import kvcache_pb2 as pb
+from q8kv.v1 import kvcache_pb2_grpc as pb_grpc
 
 H, KVH, D = 32, 8, 128
 
@@ -40,12 +54,15 @@ def _median_us(fn: Callable[[], object], iters: int) -> float:
     return statistics.median(times) * 1e6
 
 
-async def _median_us_async(fn, iters: int) -> float:
+async def _median_us_async(fn, iters: int, after: Callable[[], object] | None = None) -> float:
+    """``after`` runs untimed after each call."""
     times = []
     for _ in range(iters):
         started = time.perf_counter()
         await fn()
         times.append(time.perf_counter() - started)
+        if after is not None:
+            after()
     return statistics.median(times) * 1e6
 
 
@@ -100,9 +117,125 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         "handler, inline": await _median_us_async(handler, args.iters),
         "engine via worker": await _median_us_async(worker_path, args.iters),
     }
+    if args.batch:
+        figures.update(await packed(args, service, engine, rng))
     engine.stop()
     backend.close()
     return figures
+
+
+async def packed(args, service: KVCacheService, engine, rng) -> dict[str, float]:
+    """The AttendBatch path at --batch sessions of --length tokens each."""
+    b = args.batch
+    geometry = pb.Geometry(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D,
+                           max_len=args.length + 8)
+
+    def tensor(*shape: int) -> pb.Tensor:
+        return wire.encode(rng.standard_normal(shape), args.dtype)
+
+    ids = []
+    for _ in range(b):
+        created = await service.CreateSession(pb.CreateSessionRequest(geometry=geometry),
+                                              _Context())
+        sid = created.session.session_id
+        item = pb.AttendItem(session_id=sid, layer=0, q=tensor(args.length, H, D),
+                             k=tensor(args.length, KVH, D), v=tensor(args.length, KVH, D))
+        await service.AppendAndAttend(pb.AppendAndAttendRequest(items=[item]), _Context())
+        ids.append(sid)
+    request = pb.AttendBatchRequest(session_ids=ids, layer=0, q=tensor(b, 1, H, D),
+                                    k=tensor(b, 1, KVH, D), v=tensor(b, 1, KVH, D))
+    store, backend = engine.store, engine.backend
+    sessions = [store.get(sid) for sid in ids]
+
+    def rewind() -> None:  # keep every cache at --length tokens
+        for session in sessions:
+            store.truncate(session, args.length)
+
+    batch = decode_batch(request)
+    items = [AttendItem(s.layout, s.softmax_scale, s.layers[0].page_table(), args.length,
+                        batch.q[i], batch.k[i], batch.v[i]) for i, s in enumerate(sessions)]
+    out = np.zeros((b, 1, H, D), np.float32)
+    iters = max(20, args.iters // 10)
+    figures = {
+        "decode_batch": _median_us(lambda: decode_batch(request), iters),
+        "backend append+attend": _median_us(lambda: backend.append_and_attend(items), iters),
+        "engine attend_batch": await _median_us_async(
+            lambda: engine.attend_batch(batch), iters, rewind),
+        "encode output": _median_us(lambda: wire.encode(out, args.dtype), iters),
+        "handler": await _median_us_async(
+            lambda: service.AttendBatch(request, _Context()), iters, rewind),
+    }
+    return {f"packed B={b}: {name}": us for name, us in figures.items()}
+
+
+FRONT_CONFIGS = {  # name: (metrics on, auth on)
+    "bare": (False, False),
+    "metrics": (True, False),
+    "auth": (False, True),
+    "metrics+auth": (True, True),
+}
+TOKEN = "bench-token-0123456789"
+
+
+def front_server(args, metrics: bool, auth: bool, tokens_file: str) -> ServerProcess:
+    flags = ["--backend", args.backend, "--memory-budget", "256MiB", "--log-level", "WARNING"]
+    if not metrics:
+        flags += ["--metrics-port", "-1"]
+    if auth:
+        flags += ["--auth-tokens-file", tokens_file]
+    return ServerProcess(flags, name="q8kv-front", metrics=metrics)
+
+
+def front_step(server: ServerProcess, args, auth: bool, rng):
+    """A session of --length tokens on ``server``; (step, rewind) calls of a decode step."""
+    channel = grpc.insecure_channel(server.address)
+    stub = pb_grpc.KVCacheServiceStub(channel)
+    metadata = (("authorization", f"Bearer {TOKEN}"),) if auth else ()
+    geometry = pb.Geometry(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D,
+                           max_len=args.length + 8)
+    sid = stub.CreateSession(pb.CreateSessionRequest(geometry=geometry),
+                             metadata=metadata).session.session_id
+    metadata = (*metadata, ("x-session-id", sid))
+
+    def item(n: int) -> pb.AppendAndAttendRequest:
+        def tensor(heads: int) -> pb.Tensor:
+            return wire.encode(rng.standard_normal((n, heads, D)), args.dtype)
+
+        one = pb.AttendItem(session_id=sid, layer=0, q=tensor(H), k=tensor(KVH), v=tensor(KVH))
+        return pb.AppendAndAttendRequest(items=[one])
+
+    stub.AppendAndAttend(item(args.length), metadata=metadata)
+    step, truncate = item(1), pb.TruncateSessionRequest(session_id=sid, length=args.length)
+    return (lambda: stub.AppendAndAttend(step, metadata=metadata),
+            lambda: stub.TruncateSession(truncate, metadata=metadata), channel)
+
+
+def front(args: argparse.Namespace) -> dict[str, float]:
+    """p50 of a decode step through each front-door configuration (see the docstring)."""
+    rng = np.random.default_rng(1)
+    samples: dict[str, list[float]] = {name: [] for name in FRONT_CONFIGS}
+    with tempfile.NamedTemporaryFile("w", suffix=".tokens") as tokens:
+        tokens.write(f"{TOKEN} bench\n")
+        tokens.flush()
+        servers = {name: front_server(args, *config, tokens.name)
+                   for name, config in FRONT_CONFIGS.items()}
+        try:
+            steps = {name: front_step(servers[name], args, FRONT_CONFIGS[name][1], rng)
+                     for name in FRONT_CONFIGS}
+            for _ in range(args.front_rounds):
+                for name, (step, rewind, _) in steps.items():
+                    for _ in range(args.front_iters):
+                        started = time.perf_counter()
+                        step()
+                        samples[name].append(time.perf_counter() - started)
+                        rewind()
+            for _, _, channel in steps.values():
+                channel.close()
+        finally:
+            for server in servers.values():
+                server.stop()
+    return {f"front {name}: decode step p50": statistics.median(times) * 1e6
+            for name, times in samples.items()}
 
 
 def main() -> None:
@@ -111,9 +244,24 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16, help="cache tokens")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--iters", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=64, help="packed path sessions (0: skip)")
+    parser.add_argument("--front", action="store_true",
+                        help="also time a call through servers with metrics/auth off and on")
+    parser.add_argument("--front-rounds", type=int, default=5)
+    parser.add_argument("--front-iters", type=int, default=300, help="calls per round")
     args = parser.parse_args()
-    for name, us in asyncio.run(run(args)).items():
-        print(f"{name:24s} {us:8.1f} us")
+    figures = asyncio.run(run(args))
+    if args.front:
+        figures.update(front(args))
+    width = max(len(name) for name in figures)
+    for name, us in figures.items():
+        per_item = f"  ({us / args.batch:7.1f} us per item)" if name.startswith("packed") else ""
+        print(f"{name:{width}s} {us:9.1f} us{per_item}")
+    if args.front:
+        bare = figures["front bare: decode step p50"]
+        for name in list(FRONT_CONFIGS)[1:]:
+            extra = figures[f"front {name}: decode step p50"] - bare
+            print(f"front door {name} costs {extra:+.1f} us per call over bare")
 
 
 if __name__ == "__main__":
