@@ -22,10 +22,16 @@ case "${1:-tests}" in
       --ignore=tests/test_soak.py 2>&1 | tee -a "$OUT/tests.log" | tail -12
     ;;
   bench)
-    python3 benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -12
-    python3 benchmarks/service_latency.py --backend cupy --iters 2000 --out "$OUT" 2>&1 \
-      | tee -a "$OUT/bench.log" | tail -9
-    python3 benchmarks/throughput.py --backend cupy --seconds 8 --out "$OUT" 2>&1 \
-      | tee -a "$OUT/bench.log" | tail -10
+    # The packed path against a gRPC echo of its bytes, prefill interference, replicas per
+    # GPU behind nginx (carry .deb/ from scripts/fetch_nginx_debs.sh), the handler's pieces.
+    python3 benchmarks/batch_path.py --backend cupy --out "$OUT" 2>&1 \
+      | tee "$OUT/bench.log" | tail -30
+    python3 benchmarks/prefill_interference.py --backend cupy --decoders 64 --prompt 8192 \
+      --heads 32 --kv-heads 8 --head-dim 128 --length 1024 --seconds 6 --out "$OUT" 2>&1 \
+      | tee -a "$OUT/bench.log" | tail -4
+    python3 benchmarks/multiprocess.py --backend cupy --total-budget 64GiB --seconds 8 \
+      --nginx-deb-dir .deb --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | tail -8
+    python3 benchmarks/handler_breakdown.py --backend cupy 2>&1 | tee -a "$OUT/bench.log" \
+      | tail -16
     ;;
 esac
