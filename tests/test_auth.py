@@ -50,6 +50,18 @@ def authed(tokens_file):
     srv.stop()
 
 
+def batch_of(sid: str, item: pb.AttendItem) -> pb.AttendBatchRequest:
+    """``item`` as a packed batch of one session (a batch axis of length 1)."""
+
+    def one_row(tensor: pb.Tensor) -> pb.Tensor:
+        return pb.Tensor(dtype=tensor.dtype, shape=[1, *tensor.shape], data=tensor.data)
+
+    return pb.AttendBatchRequest(
+        session_ids=[sid], layer=item.layer, q=one_row(item.q), k=one_row(item.k),
+        v=one_row(item.v),
+    )
+
+
 def every_rpc(s, metadata, sid="some-session", rng=None):
     """Call every KVCacheService RPC once; returns {name: (code, details)}."""
     rng = rng or np.random.default_rng(0)
@@ -80,6 +92,9 @@ def every_rpc(s, metadata, sid="some-session", rng=None):
                 iter([pb.AppendAndAttendStreamRequest(request_id=1, items=[item])]),
                 metadata=metadata, timeout=10,
             )
+        ),
+        "AttendBatch": lambda: s.AttendBatch(
+            batch_of(sid, item), metadata=metadata, timeout=10
         ),
         "Dequantize": lambda: s.Dequantize(
             pb.DequantizeRequest(session_id=sid, layer=0), metadata=metadata, timeout=10
@@ -198,6 +213,8 @@ def test_second_tenant_cannot_tell_a_session_from_a_missing_one(authed):
                 "AppendAndAttend": lambda sid: bravo.AppendAndAttend(
                     pb.AppendAndAttendRequest(items=[random_item(sid, 0, rng)]),
                     metadata=metadata, timeout=10),
+                "AttendBatch": lambda sid: bravo.AttendBatch(
+                    batch_of(sid, random_item(sid, 0, rng)), metadata=metadata, timeout=10),
                 "Dequantize": lambda sid: bravo.Dequantize(
                     pb.DequantizeRequest(session_id=sid, layer=0), metadata=metadata,
                     timeout=10),
@@ -211,7 +228,10 @@ def test_second_tenant_cannot_tell_a_session_from_a_missing_one(authed):
                         probe(sid)
                     answers.append((err.value.code(), err.value.details().replace(sid, "<id>")))
                 assert answers[0] == answers[1], (name, answers)
-                assert answers[0] == (grpc.StatusCode.NOT_FOUND, "session_id: no session '<id>'")
+                prefix = "batch[0] (session '<id>'): " if name == "AttendBatch" else ""
+                assert answers[0] == (
+                    grpc.StatusCode.NOT_FOUND, f"{prefix}session_id: no session '<id>'"
+                )
             # In a stream, a message on alpha's session fails like one on a missing id.
             (reply,) = bravo.AppendAndAttendStream(
                 iter([
