@@ -564,6 +564,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="B 1,8,64, 1 s runs, fewer latency calls")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
+    p.add_argument("--tag", help="appended to the file name: batch_path-<card>-<tag>.json")
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.seconds, args.latency_seconds = "1,8,64", 1.0, 0.75
@@ -600,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {**machine(backend, device), "q8kv_version": info.get("version")},
         "geometry": {"num_heads": H, "num_kv_heads": KVH, "head_dim": D, "layers": 1, "n": 1,
                      "wire_dtype": DTYPE.name},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "profile")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "profile", "tag")},
         "server_flags": server_flags,
         # BLAS threads spinning on a small machine skew the numpy backend's figures.
         "thread_env": {name: os.environ.get(name) for name in
@@ -614,7 +615,8 @@ def main(argv: list[str] | None = None) -> None:
         "loadavg_1m": [load_before[0], os.getloadavg()[0]],
     }
     result["comparisons"] = comparisons(result, args)
-    write_json(args.out, f"batch_path-{card_slug(backend, device)}.json", result)
+    stem = "-".join(filter(None, ["batch_path", card_slug(backend, device), args.tag]))
+    write_json(args.out, f"{stem}.json", result)
     print(table(result))
 
 
