@@ -16,7 +16,7 @@ from q8kv.v1 import kvcache_pb2 as pb
 
 from . import messages as m
 from .aio_stream import AsyncStream
-from .channel import make_aio_channel
+from .channel import checked_routing_key, make_aio_channel
 from .core import (
     ClientCore,
     Lengths,
@@ -53,29 +53,29 @@ class AsyncSession(SessionCore):
         """As Session.append_and_attend (``expected_length`` and ``retries`` included)."""
         item = (self.id, layer, q, k, v, expected_length)
         (result,) = await self.client.append_and_attend_batch(
-            [item], with_lengths=True, retries=retries
+            [item], with_lengths=True, retries=retries, routing_key=self.routing_key
         )
         return result if with_length else result.output
 
     async def dequantize(
         self, layer: int, start: int = 0, end: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        return await self.client.dequantize(self.id, layer, start, end)
+        return await self.client.dequantize(self, layer, start, end)
 
     async def truncate(self, length: int) -> SessionInfo:
-        return await self.client.truncate_session(self.id, length)
+        return await self.client.truncate_session(self, length)
 
     async def info(self) -> SessionInfo:
-        return await self.client.session_info(self.id)
+        return await self.client.session_info(self)
 
     async def length(self, layer: int) -> int:
         return (await self.info()).layer_lengths[layer]
 
     async def delete(self) -> int:
-        return await self.client.delete_session(self.id)
+        return await self.client.delete_session(self)
 
     async def export(self) -> list[pb.SessionChunk]:
-        return await self.client.export_session(self.id)
+        return await self.client.export_session(self)
 
 
 class AsyncClient(ClientCore):
@@ -111,10 +111,13 @@ class AsyncClient(ClientCore):
         session_id: str | None = None,
         ttl_seconds: float | None = None,
         softmax_scale: float | None = None,
+        *,
+        routing_key: str | None = None,
     ) -> AsyncSession:
-        """Create a session; without ``session_id`` the client makes a UUID4."""
+        """As Client.create_session (``routing_key`` included)."""
         return await self._unary(
             self._create_call(
+                routing_key,
                 num_layers=num_layers,
                 num_heads=num_heads,
                 num_kv_heads=num_kv_heads,
@@ -126,17 +129,18 @@ class AsyncClient(ClientCore):
             )
         )
 
-    def session(self, session_id: str) -> AsyncSession:
-        """A handle for an existing id, without a round trip (see get_session)."""
-        return AsyncSession(self, m.session_id_of(session_id, "session_id"))
+    def session(self, session_id: str, *, routing_key: str | None = None) -> AsyncSession:
+        """A handle for an existing id, without a round trip (see get_session); its calls
+        are routed by ``routing_key`` (the one it was created under), else by the id."""
+        return AsyncSession(self, m.session_id_of(session_id, "session_id"), routing_key)
 
-    async def get_session(self, session_id: str) -> AsyncSession:
+    async def get_session(self, session_id: str, *, routing_key: str | None = None) -> AsyncSession:
         """A handle for an existing session; NOT_FOUND if there is none."""
-        handle = self.session(session_id)
+        handle = self.session(session_id, routing_key=routing_key)
         await handle.info()
         return handle
 
-    async def session_info(self, session_id: str) -> SessionInfo:
+    async def session_info(self, session_id: Any) -> SessionInfo:
         return await self._unary(self._info_call(session_id))
 
     async def list_sessions(self, page_size: int = 0) -> list[SessionInfo]:
@@ -172,10 +176,15 @@ class AsyncClient(ClientCore):
     # --- attention ---------------------------------------------------------------------
 
     async def append_and_attend_batch(
-        self, items: Iterable[m.BatchItem], with_lengths: bool = False, retries: int = 0
+        self,
+        items: Iterable[m.BatchItem],
+        with_lengths: bool = False,
+        retries: int = 0,
+        *,
+        routing_key: str | None = None,
     ) -> list[np.ndarray] | list[AttendResult]:
         """As Client.append_and_attend_batch (``retries`` and AlreadyApplied included)."""
-        call = self._attend_call(items, with_lengths, retries)
+        call = self._attend_call(items, with_lengths, retries, routing_key)
         return [] if call is None else await self._append_retrying(call, retries)
 
     async def _append_retrying(self, call: Unary[T], retries: int) -> T:
@@ -190,7 +199,8 @@ class AsyncClient(ClientCore):
                     raise
                 if step is RetryStep.CHECK:
                     items = retry_items(call.request)
-                    raise m.already_applied(items, await self._lengths(items), exc) from None
+                    lengths = await self._lengths(items, call.session_id)  # where it went
+                    raise m.already_applied(items, lengths, exc) from None
             await asyncio.sleep(m.retry_delay(attempt))
             attempt += 1
 
@@ -204,10 +214,12 @@ class AsyncClient(ClientCore):
         expected_lengths: Iterable[int] | None = None,
         with_lengths: bool = False,
         retries: int = 0,
+        *,
+        routing_key: str | None = None,
     ) -> np.ndarray | BatchResult:
         """As Client.attend_batch (splitting to max_message_bytes included). Several may
         be in flight at once (micro-batches of distinct sessions)."""
-        plan = self._batch_plan(layer, sessions, q, k, v, expected_lengths, retries)
+        plan = self._batch_plan(layer, sessions, q, k, v, expected_lengths, retries, routing_key)
         for part in plan.parts:
             try:
                 call = self._batch_call(plan, part)
@@ -216,14 +228,17 @@ class AsyncClient(ClientCore):
                 raise plan.failed(part, exc) from None
         return plan.result(with_lengths)
 
-    async def _lengths(self, items: Sequence[pb.AttendItem]) -> Lengths:
-        infos = {sid: await self.session_info(sid) for sid in session_ids(items)}
+    async def _lengths(self, items: Sequence[pb.AttendItem], route: str | None = None) -> Lengths:
+        infos = {sid: await self._unary(self._info_call(sid, route)) for sid in session_ids(items)}
         return lengths_of(items, infos)
 
-    async def applied(self, items: Iterable[m.BatchItem]) -> bool:
+    async def applied(
+        self, items: Iterable[m.BatchItem], *, routing_key: str | None = None
+    ) -> bool:
         """As Client.applied."""
         request_items = conditional_items(items)
-        return await self._lengths(request_items) == m.applied_lengths(request_items)
+        lengths = await self._lengths(request_items, checked_routing_key(routing_key))
+        return lengths == m.applied_lengths(request_items)
 
     def stream(self, session_id: str | None = None) -> AsyncStream:
         """An AppendAndAttendStream; routed by ``session_id``, else by the first item sent."""

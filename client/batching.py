@@ -71,6 +71,7 @@ class BatchPlan:
         _check_distinct(self.ids)
         self.expected = _expected_lengths(expected_lengths, len(self.ids))
         self.limit = int(max_message_bytes)
+        self.routing_key: str | None = None  # the header of every part (set by the client)
         # q, k and v bytes of one token of one session (the output's are q's: fewer), and
         # a session's bytes besides its tokens (the longest id and the framing).
         self.token_bytes = sum(

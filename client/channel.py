@@ -12,6 +12,8 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from .errors import invalid_argument
+
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 
 # Keepalive pings find a dead connection (a replica gone without a FIN, a NAT that dropped
@@ -37,6 +39,22 @@ SESSION_HEADER = "x-session-id"  # what a session-affine router hashes on
 # 16 KiB fail the call before it is sent): it goes without the header, in the message only,
 # so the server gives its own answer (NOT_FOUND, INVALID_ARGUMENT).
 ROUTABLE_SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def checked_routing_key(key: Any) -> str | None:
+    """A caller's ``routing_key`` checked: None, or what the header can carry (the id
+    alphabet), else INVALID_ARGUMENT before anything is sent (a key silently dropped would
+    scatter the calls it was meant to keep together)."""
+    if key is None or (isinstance(key, str) and ROUTABLE_SESSION_ID.fullmatch(key)):
+        return key
+    raise invalid_argument(
+        f"routing_key: expected 1-128 characters of [A-Za-z0-9._:-], got {key!r}"
+    )
+
+
+def route_of(session: Any) -> Any:
+    """What a per-session call routes by: a handle's routing_key, else the id."""
+    return getattr(session, "routing_key", None) or getattr(session, "id", session)
 
 
 def channel_options(

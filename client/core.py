@@ -31,6 +31,8 @@ from .channel import (
     base_metadata,
     call_metadata,
     channel_options,
+    checked_routing_key,
+    route_of,
 )
 from .errors import Q8KVError, invalid_argument
 from .stream_messages import StreamBook
@@ -153,8 +155,8 @@ class ClientCore:
             "wait_for_ready": self.wait_for_ready,
         }
 
-    def _handle(self, session_id: str) -> Any:
-        return self._session_type(self, session_id)
+    def _handle(self, session_id: str, routing_key: str | None = None) -> Any:
+        return self._session_type(self, session_id, routing_key)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r})"
@@ -162,20 +164,28 @@ class ClientCore:
     # --- the calls: built here, run by the shells -----------------------------------------
     # The stub's method is looked up when a call is built, so a replaced stub (tests) counts.
 
-    def _create_call(self, **geometry_and_options: Any) -> Unary[Any]:
-        request = m.create_request(**geometry_and_options)
+    def _create_call(self, routing_key: str | None, **geometry: Any) -> Unary[Any]:
+        """Routed by ``routing_key`` when given (the handle keeps it), else by the id."""
+        key = checked_routing_key(routing_key)
+        request = m.create_request(**geometry)
         sid = request.session_id
         return Unary(
             self._stub.CreateSession,
             request,
-            sid,
-            lambda r: self._handle(r.session.session_id or sid),
+            key or sid,
+            lambda r: self._handle(r.session.session_id or sid, key),
         )
 
-    def _info_call(self, session_id: str) -> Unary[SessionInfo]:
-        request = pb.GetSessionRequest(session_id=session_id)
+    def _info_call(self, session: Any, route: str | None = None) -> Unary[SessionInfo]:
+        """A handle or an id (unchecked: the server answers a bad one); routed by
+        ``route``, else the handle's key, else the id."""
+        sid = session if isinstance(session, str) else m.session_id_of(session)
+        request = pb.GetSessionRequest(session_id=sid)
         return Unary(
-            self._stub.GetSession, request, session_id, lambda r: SessionInfo.from_proto(r.session)
+            self._stub.GetSession,
+            request,
+            route or route_of(session),
+            lambda r: SessionInfo.from_proto(r.session),
         )
 
     def _list_call(self, page_size: int, page_token: str) -> Unary[tuple[list[SessionInfo], str]]:
@@ -191,13 +201,18 @@ class ClientCore:
     def _delete_call(self, session: Any) -> Unary[int]:
         sid = m.session_id_of(session)
         request = pb.DeleteSessionRequest(session_id=sid)
-        return Unary(self._stub.DeleteSession, request, sid, lambda r: int(r.freed_bytes))
+        return Unary(
+            self._stub.DeleteSession, request, route_of(session), lambda r: int(r.freed_bytes)
+        )
 
     def _truncate_call(self, session: Any, length: int) -> Unary[SessionInfo]:
         sid = m.session_id_of(session)
         request = pb.TruncateSessionRequest(session_id=sid, length=m.as_int(length, "length"))
         return Unary(
-            self._stub.TruncateSession, request, sid, lambda r: SessionInfo.from_proto(r.session)
+            self._stub.TruncateSession,
+            request,
+            route_of(session),
+            lambda r: SessionInfo.from_proto(r.session),
         )
 
     def _dequantize_call(
@@ -205,13 +220,13 @@ class ClientCore:
     ) -> Unary[tuple[np.ndarray, np.ndarray]]:
         sid = m.session_id_of(session)
         request = m.dequantize_request(sid, layer, start, end)
-        return Unary(self._stub.Dequantize, request, sid, m.decode_dequantize)
+        return Unary(self._stub.Dequantize, request, route_of(session), m.decode_dequantize)
 
     def _export_call(self, session: Any) -> Unary[list[pb.SessionChunk]]:
         """Server streaming: the shell collects the chunks into a list."""
         sid = m.session_id_of(session)
         request = pb.ExportSessionRequest(session_id=sid)
-        return Unary(self._stub.ExportSession, request, sid, lambda chunks: chunks)
+        return Unary(self._stub.ExportSession, request, route_of(session), lambda chunks: chunks)
 
     def _import_call(
         self, chunks: Iterable[pb.SessionChunk], max_message_bytes: int | None
@@ -227,9 +242,15 @@ class ClientCore:
         )
 
     def _attend_call(
-        self, items: Iterable[m.BatchItem], with_lengths: bool, retries: int
+        self,
+        items: Iterable[m.BatchItem],
+        with_lengths: bool,
+        retries: int,
+        routing_key: str | None = None,
     ) -> Unary[list[Any]] | None:
-        """The AppendAndAttend of a batch, routed by its first item; None for no items."""
+        """The AppendAndAttend of a batch, routed by ``routing_key``, else by its first
+        item; None for no items."""
+        key = checked_routing_key(routing_key)
         request_items = m.batch_items(items)
         m.check_retries(request_items, retries)
         if not request_items:
@@ -240,7 +261,8 @@ class ClientCore:
             m.check_result_count(len(request_items), len(response.results))
             return outputs(m.decode_results(response.results), with_lengths)
 
-        return Unary(self._stub.AppendAndAttend, request, request_items[0].session_id, decode)
+        route = key or request_items[0].session_id
+        return Unary(self._stub.AppendAndAttend, request, route, decode)
 
     def _batch_plan(
         self,
@@ -251,9 +273,13 @@ class ClientCore:
         v: Any,
         expected_lengths: Iterable[int] | None,
         retries: int = 0,
+        routing_key: str | None = None,
     ) -> BatchPlan:
-        """An attend_batch checked and cut to this client's max_message_bytes."""
+        """An attend_batch checked and cut to this client's max_message_bytes; every part
+        routed by ``routing_key`` when given."""
+        key = checked_routing_key(routing_key)
         plan = BatchPlan(layer, sessions, q, k, v, expected_lengths, self.max_message_bytes)
+        plan.routing_key = key
         retries = m.as_int(retries, "retries")
         if retries < 0:
             raise invalid_argument(f"retries: expected >= 0, got {retries}")
@@ -265,10 +291,11 @@ class ClientCore:
         return plan
 
     def _batch_call(self, plan: BatchPlan, part: BatchPart) -> Unary[BatchResult]:
-        """One part's AttendBatch, routed by its first session."""
+        """One part's AttendBatch, routed by the plan's routing_key, else its first session."""
         request = plan.request(part)
         sid = request.session_ids[0] if request.session_ids else None
-        return Unary(self._stub.AttendBatch, request, sid, m.decode_batch_response)
+        route = plan.routing_key or sid
+        return Unary(self._stub.AttendBatch, request, route, m.decode_batch_response)
 
     def _health_call(self, service: str) -> Unary[str]:
         request = health_pb2.HealthCheckRequest(service=service)
@@ -281,11 +308,13 @@ class ClientCore:
 
 
 class SessionCore:
-    """What Session and AsyncSession share: the id, and equality and hashing by it."""
+    """What Session and AsyncSession share: the id, and equality and hashing by it; and
+    the routing_key its calls are routed by (None: by the id)."""
 
-    def __init__(self, client: Any, session_id: str) -> None:
+    def __init__(self, client: Any, session_id: str, routing_key: str | None = None) -> None:
         self.client = client
         self.id = session_id
+        self.routing_key = checked_routing_key(routing_key)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, type(self)) and other.id == self.id
@@ -294,7 +323,8 @@ class SessionCore:
         return hash(self.id)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.id!r})"
+        key = f", routing_key={self.routing_key!r}" if self.routing_key else ""
+        return f"{type(self).__name__}({self.id!r}{key})"
 
 
 class StreamCore:
@@ -335,9 +365,7 @@ class StreamCore:
         expected_lengths: Iterable[int] | None,
     ) -> BatchPlan:
         """A batch message checked and cut to the client's max_message_bytes."""
-        return BatchPlan(
-            layer, sessions, q, k, v, expected_lengths, self._client.max_message_bytes
-        )
+        return BatchPlan(layer, sessions, q, k, v, expected_lengths, self._client.max_message_bytes)
 
     def _open_options(self, request: pb.AppendAndAttendStreamRequest) -> dict[str, Any]:
         """The stream's keyword arguments: no deadline (it lives as long as the decode

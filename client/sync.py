@@ -16,7 +16,7 @@ import numpy as np
 from q8kv.v1 import kvcache_pb2 as pb
 
 from . import messages as m
-from .channel import make_sync_channel
+from .channel import checked_routing_key, make_sync_channel
 from .core import (
     ClientCore,
     Lengths,
@@ -60,7 +60,7 @@ class Session(SessionCore):
         Client.append_and_attend_batch)."""
         item = (self.id, layer, q, k, v, expected_length)
         (result,) = self.client.append_and_attend_batch(
-            [item], with_lengths=True, retries=retries
+            [item], with_lengths=True, retries=retries, routing_key=self.routing_key
         )
         return result if with_length else result.output
 
@@ -68,14 +68,14 @@ class Session(SessionCore):
         self, layer: int, start: int = 0, end: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """K and V of tokens [start, end) as float32 [KVH, end - start, D]."""
-        return self.client.dequantize(self.id, layer, start, end)
+        return self.client.dequantize(self, layer, start, end)
 
     def truncate(self, length: int) -> SessionInfo:
         """Cut every layer to at most ``length`` tokens."""
-        return self.client.truncate_session(self.id, length)
+        return self.client.truncate_session(self, length)
 
     def info(self) -> SessionInfo:
-        return self.client.session_info(self.id)
+        return self.client.session_info(self)
 
     def length(self, layer: int) -> int:
         """Tokens cached in ``layer`` (one GetSession round trip)."""
@@ -83,11 +83,11 @@ class Session(SessionCore):
 
     def delete(self) -> int:
         """Delete the session; returns the bytes freed."""
-        return self.client.delete_session(self.id)
+        return self.client.delete_session(self)
 
     def export(self) -> list[pb.SessionChunk]:
         """As Client.export_session."""
-        return self.client.export_session(self.id)
+        return self.client.export_session(self)
 
 
 class Client(ClientCore):
@@ -125,10 +125,18 @@ class Client(ClientCore):
         session_id: str | None = None,
         ttl_seconds: float | None = None,
         softmax_scale: float | None = None,
+        *,
+        routing_key: str | None = None,
     ) -> Session:
-        """Create a session; without ``session_id`` the client makes a UUID4."""
+        """Create a session; without ``session_id`` the client makes a UUID4.
+
+        ``routing_key``: route the call by it instead of the id (the ``x-session-id``
+        header a session-affine router hashes on; 1-128 of [A-Za-z0-9._:-], else
+        INVALID_ARGUMENT). The handle keeps it for all its own calls; create every session
+        of one attend_batch under the same key so they live on the same replica."""
         return self._unary(
             self._create_call(
+                routing_key,
                 num_layers=num_layers,
                 num_heads=num_heads,
                 num_kv_heads=num_kv_heads,
@@ -140,17 +148,18 @@ class Client(ClientCore):
             )
         )
 
-    def session(self, session_id: str) -> Session:
-        """A handle for an existing id, without a round trip (see get_session)."""
-        return Session(self, m.session_id_of(session_id, "session_id"))
+    def session(self, session_id: str, *, routing_key: str | None = None) -> Session:
+        """A handle for an existing id, without a round trip (see get_session); its calls
+        are routed by ``routing_key`` (the one it was created under), else by the id."""
+        return Session(self, m.session_id_of(session_id, "session_id"), routing_key)
 
-    def get_session(self, session_id: str) -> Session:
+    def get_session(self, session_id: str, *, routing_key: str | None = None) -> Session:
         """A handle for an existing session; NOT_FOUND if there is none."""
-        handle = self.session(session_id)
+        handle = self.session(session_id, routing_key=routing_key)
         handle.info()
         return handle
 
-    def session_info(self, session_id: str) -> SessionInfo:
+    def session_info(self, session_id: Any) -> SessionInfo:
         return self._unary(self._info_call(session_id))
 
     def list_sessions(self, page_size: int = 0) -> list[SessionInfo]:
@@ -191,7 +200,12 @@ class Client(ClientCore):
     # --- attention ---------------------------------------------------------------------
 
     def append_and_attend_batch(
-        self, items: Iterable[m.BatchItem], with_lengths: bool = False, retries: int = 0
+        self,
+        items: Iterable[m.BatchItem],
+        with_lengths: bool = False,
+        retries: int = 0,
+        *,
+        routing_key: str | None = None,
     ) -> list[np.ndarray] | list[AttendResult]:
         """One call for many (session, layer) items, all or none. Items: ``(session handle
         or id, layer, q, k, v)``, or AppendItem / the same with ``expected_length`` last (a
@@ -205,7 +219,7 @@ class Client(ClientCore):
         at most once. If a resend answers ABORTED and every layer is at expected_length + n
         (an earlier attempt applied), AlreadyApplied is raised: the tokens are cached but
         their outputs are lost. Any other ABORTED is raised as it is."""
-        call = self._attend_call(items, with_lengths, retries)
+        call = self._attend_call(items, with_lengths, retries, routing_key)
         return [] if call is None else self._append_retrying(call, retries)
 
     def _append_retrying(self, call: Unary[T], retries: int) -> T:
@@ -220,7 +234,8 @@ class Client(ClientCore):
                     raise
                 if step is RetryStep.CHECK:
                     items = retry_items(call.request)
-                    raise m.already_applied(items, self._lengths(items), exc) from None
+                    lengths = self._lengths(items, call.session_id)  # where it went
+                    raise m.already_applied(items, lengths, exc) from None
             time.sleep(m.retry_delay(attempt))
             attempt += 1
 
@@ -234,13 +249,19 @@ class Client(ClientCore):
         expected_lengths: Iterable[int] | None = None,
         with_lengths: bool = False,
         retries: int = 0,
+        *,
+        routing_key: str | None = None,
     ) -> np.ndarray | BatchResult:
         """One layer of one step for B sessions as one packed AttendBatch: ``sessions``
         [B] (handles or ids, each once), q [B, n, H, D], k and v [B, n, KVH, D] (the same
         n for all; the sessions' lengths may differ). Appends each session's k/v to
         ``layer`` and attends its q over its cache. Returns the outputs [B, n, H, D] in
         q's dtype, or BatchResult(output, lengths) with ``with_lengths=True`` (each
-        session's layer length after the append). Routed by the first session.
+        session's layer length after the append). Routed by ``routing_key`` (the
+        ``x-session-id`` header, every part of a split call too) when given, else by the
+        first session: behind a session-affine router all B sessions must live on the
+        replica the header reaches, so create them with create_session(...,
+        routing_key=the same key). An invalid key is INVALID_ARGUMENT, nothing sent.
 
         One call is all or none. ``expected_lengths`` [B] makes it conditional (ABORTED,
         nothing applied, if a layer's length differs); ``retries`` as in
@@ -257,7 +278,7 @@ class Client(ClientCore):
         the same call (or ``retries``) never appends a token twice: a part that had
         applied answers ABORTED. If even one token of one session cannot fit,
         RESOURCE_EXHAUSTED naming the limit is raised before anything is sent."""
-        plan = self._batch_plan(layer, sessions, q, k, v, expected_lengths, retries)
+        plan = self._batch_plan(layer, sessions, q, k, v, expected_lengths, retries, routing_key)
         for part in plan.parts:
             try:
                 plan.put(part, self._append_retrying(self._batch_call(plan, part), retries))
@@ -265,16 +286,19 @@ class Client(ClientCore):
                 raise plan.failed(part, exc) from None
         return plan.result(with_lengths)
 
-    def _lengths(self, items: Sequence[pb.AttendItem]) -> Lengths:
-        """The current length of each (session id, layer) of ``items``."""
-        return lengths_of(items, {sid: self.session_info(sid) for sid in session_ids(items)})
+    def _lengths(self, items: Sequence[pb.AttendItem], route: str | None = None) -> Lengths:
+        """The current length of each (session id, layer) of ``items``, each asked of the
+        replica ``route`` reaches (the one a call of them went to), else by its id."""
+        infos = {sid: self._unary(self._info_call(sid, route)) for sid in session_ids(items)}
+        return lengths_of(items, infos)
 
-    def applied(self, items: Iterable[m.BatchItem]) -> bool:
+    def applied(self, items: Iterable[m.BatchItem], *, routing_key: str | None = None) -> bool:
         """Whether conditional ``items`` were applied: every (session, layer) they touch is
         at expected_length + n. For a stream message resent after a broken stream and
         answered ABORTED (one writer per layer assumed, as expected_length is for)."""
         request_items = conditional_items(items)
-        return self._lengths(request_items) == m.applied_lengths(request_items)
+        lengths = self._lengths(request_items, checked_routing_key(routing_key))
+        return lengths == m.applied_lengths(request_items)
 
     def stream(self, session_id: str | None = None) -> Stream:
         """An AppendAndAttendStream; routed by ``session_id``, else by the first item sent."""

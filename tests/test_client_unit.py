@@ -1041,6 +1041,118 @@ def test_attend_batch_retries(no_backoff, is_async):
     assert err.message.startswith("expected_lengths: expected one per session with retries=1")
 
 
+# --- routing_key: one header for sessions that must share a replica -------------------
+
+
+class _Export:
+    """ExportSession: no chunks, as a list (sync) or an async iterator (asyncio)."""
+
+    def __init__(self, log, is_async):
+        self.log, self.is_async = log, is_async
+
+    def __call__(self, request, **kwargs):
+        self.log.append(("ExportSession", request, kwargs))
+
+        async def none():
+            for chunk in ():
+                yield chunk
+
+        return none() if self.is_async else []
+
+
+def _routed_calls(is_async: bool, limit: int = 2**20) -> list:
+    """Every call of a group under routing key "grp": created, used by its handles, and
+    batched (AttendBatch split by ``limit``), plus a retry's check -> the stub's log."""
+    log: list = []
+    q1, kv1 = rand((1, 8, 64), np.float16), rand((1, 2, 64))
+    q, kv = rand((2, 2, 8, 64), np.float16), rand((2, 2, 2, 64))
+    stub = FakeStub(log, is_async)
+    failures = iter([UNAVAILABLE, ABORTED])  # of the conditional batch: then a check
+
+    def attend(request):
+        return next(failures) if request.expected_lengths else _batch_reply(request)
+
+    stub.AttendBatch = FakeUnary(log, "AttendBatch", attend, is_async)
+    stub.ExportSession = _Export(log, is_async)
+    async def done(call):
+        try:
+            value = call()
+            return await value if is_async else value
+        except Q8KVError as exc:
+            return exc
+
+    async def main():
+        c = (AsyncClient if is_async else Client)("127.0.0.1:1", max_message_bytes=limit)
+        c._stub = stub
+        a = await done(lambda: c.create_session(**GEOMETRY, session_id="a", routing_key="grp"))
+        b = c.session("b", routing_key="grp")
+        assert a.routing_key == b.routing_key == "grp" and repr(b).endswith("'grp')")
+        for call in (lambda: a.append_and_attend(0, q1, kv1, kv1), lambda: a.dequantize(0),
+                     lambda: a.truncate(0), a.info, a.export,
+                     lambda: c.append_and_attend_batch([(b, 0, q1, kv1, kv1)],
+                                                       routing_key="grp"),
+                     lambda: c.attend_batch(1, [a, b], q, kv, kv, routing_key="grp")):
+            assert not isinstance(await done(call), Q8KVError)
+        err = await done(lambda: c.attend_batch(1, ["a", "b"], q, kv, kv, expected_lengths=[0, 0],
+                                                retries=1, routing_key="grp"))
+        assert err.code is grpc.StatusCode.ABORTED  # after the check of where it went
+        assert await done(b.delete) == 65536
+        await c.close() if is_async else c.close()
+
+    asyncio.run(main())
+    return log
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_routing_key_is_the_header_of_every_call_of_its_sessions(is_async):
+    log = _routed_calls(is_async)
+    names = [n for n, _, _ in log]
+    assert {"CreateSession", "AppendAndAttend", "Dequantize", "TruncateSession", "GetSession",
+            "ExportSession", "AttendBatch", "DeleteSession"} <= set(names)
+    assert [_session_header(kw) for _, _, kw in log] == ["grp"] * len(log)
+    create = log[0][1]
+    assert create.session_id == "a"  # the id is the session's; only the route is shared
+
+
+def test_routing_key_routes_every_part_of_a_split_batch():
+    log = _routed_calls(False, limit=6000)  # one session a call
+    parts = [(list(r.session_ids), _session_header(kw)) for n, r, kw in log if n == "AttendBatch"]
+    assert parts[:2] == [(["a"], "grp"), (["b"], "grp")]
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+@pytest.mark.parametrize("key", ["", "a b", "é", "x" * 129, "a\nb", 7])
+def test_invalid_routing_key_is_refused_before_sending(is_async, key):
+    log: list = []
+    q, kv = rand((2, 2, 8, 64), np.float16), rand((2, 2, 2, 64))
+
+    async def main(c):
+        async def maybe(value):
+            return await value if is_async else value
+
+        calls = [
+            lambda: c.create_session(**GEOMETRY, routing_key=key),
+            lambda: c.attend_batch(1, ["a", "b"], q, kv, kv, routing_key=key),
+            lambda: c.append_and_attend_batch([("a", 0, q[0], kv[0], kv[0])], routing_key=key),
+            lambda: c.session("a", routing_key=key),
+        ]
+        for call in calls:
+            with pytest.raises(Q8KVError) as err:
+                await maybe(call())
+            assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.message.startswith("routing_key: expected 1-128 characters")
+            assert repr(key) in err.value.message
+
+    async def run():
+        client = AsyncClient("127.0.0.1:1") if is_async else Client("127.0.0.1:1")
+        client._stub = FakeStub(log, is_async)
+        await main(client)
+        await client.close() if is_async else client.close()
+
+    asyncio.run(run())
+    assert log == []
+
+
 def test_stream_book_builds_batch_messages_and_decodes_their_answers():
     book = sm.StreamBook()
     q, kv = rand((2, 1, 8, 64)), rand((2, 1, 2, 64))

@@ -111,60 +111,67 @@ def _batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, ...]:
     return tuple(np.stack(x) for x in zip(*parts, strict=True))
 
 
-def _check_batch(stub, direct, ids, n: int, rng) -> None:
-    """One AttendBatch of ``ids`` through the router under their routing key, checked per
-    session against float64 attention over the owning replica's own cache."""
+def _check_batch(client, direct, sessions, key: str, n: int, rng) -> None:
+    """One attend_batch of ``sessions`` through the router under their routing ``key``,
+    checked per session against float64 attention over the owning replica's own cache."""
     q, k, v = _batch(rng, n)
-    reply = stub.AttendBatch(
-        routing.batch_request(ids, 0, q, k, v), metadata=routing.routed(ids[0]), timeout=30
-    )
-    out = wire.decode(reply.output)
-    assert out.shape == q.shape
-    for b, sid in enumerate(ids):
-        cache = direct.Dequantize(pb.DequantizeRequest(session_id=sid, layer=0), timeout=10)
+    reply = client.attend_batch(0, sessions, q, k, v, with_lengths=True, routing_key=key)
+    assert reply.output.shape == q.shape
+    for b, session in enumerate(sessions):
+        cache = direct.Dequantize(pb.DequantizeRequest(session_id=session.id, layer=0), timeout=10)
         length = cache.length
         assert reply.lengths[b] == length
         expected = attention_ref(
             q[b], wire.decode(cache.k), wire.decode(cache.v), length - n, 1 / np.sqrt(GEO.head_dim)
         )
-        np.testing.assert_allclose(out[b], expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(reply.output[b], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_packed_batch_through_router_needs_one_routing_key(topology):
-    """Sessions created through the router under one shared routing header all land on one
-    replica, whatever their own ids hash to; a packed call of them sent with that header
-    reaches that replica and attends correctly; the same call routed by a key of the other
+    """Sessions created through the router with the client's routing_key (one shared key)
+    all land on one replica, whatever their own ids hash to; attend_batch with that key
+    reaches that replica and attends correctly, and each handle's own calls (and a handle
+    made by id with the key) reach it too; the same batch under a key of the other
     replica answers NOT_FOUND there and appends nothing."""
     router, replicas = topology
     rng = np.random.default_rng(11)
-    channels = [grpc.insecure_channel(a) for a in [router.address, *(r.address for r in replicas)]]
+    channels = [grpc.insecure_channel(r.address) for r in replicas]
+    client = Client(router.address, timeout=30)
     try:
-        stub, *direct = (kvcache_pb2_grpc.KVCacheServiceStub(c) for c in channels)
-        groups: dict[int, list[str]] = {}  # replica index -> the ids of one group there
+        direct = [kvcache_pb2_grpc.KVCacheServiceStub(c) for c in channels]
+        groups: dict[int, tuple[str, list]] = {}  # replica index -> (key, handles) there
         for attempt in range(64):  # until a group sits on each replica (1 in 2**63 fails)
-            ids = [f"grp{attempt}-{uuid.uuid4().hex[:8]}-{i}" for i in range(GROUP)]
-            routing.create_group(stub, ids, GEO.pb())
-            owners = {routing.holder(direct, sid) for sid in ids}
-            assert len(owners) == 1, f"group {ids[0]} split over replicas {owners}"
-            groups.setdefault(owners.pop(), ids)
+            key = f"grp{attempt}-{uuid.uuid4().hex[:8]}"
+            group = [
+                client.create_session(**GEO, session_id=f"{key}-{i}", routing_key=key)
+                for i in range(GROUP)
+            ]
+            owners = {routing.holder(direct, s.id) for s in group}
+            assert len(owners) == 1, f"group {key} split over replicas {owners}"
+            groups.setdefault(owners.pop(), (key, group))
             if len(groups) == len(replicas):
                 break
         assert groups.keys() == {0, 1}
 
-        for index, ids in groups.items():
-            _check_batch(stub, direct[index], ids, 3, rng)  # a prefill of 3 tokens each
-            _check_batch(stub, direct[index], ids, 1, rng)  # one decode step
+        for index, (key, group) in groups.items():
+            _check_batch(client, direct[index], group, key, 3, rng)  # a prefill of 3 each
+            _check_batch(client, direct[index], group, key, 1, rng)  # one decode step
+            for session in group:  # every per-session call of a handle reaches its replica
+                assert session.info().layer_lengths == [4, 0]
+                assert session.dequantize(0)[0].shape[1] == 4
+            again = client.session(group[0].id, routing_key=key)
+            assert again.length(0) == 4 and again.truncate(4).layer_lengths == [4, 0]
 
         # Routed by the other group's key: the other replica holds none of these sessions.
-        ids, other = groups[0], groups[1]
-        request = routing.batch_request(ids, 0, *_batch(rng, 1))
-        with pytest.raises(grpc.RpcError) as err:
-            stub.AttendBatch(request, metadata=routing.routed(other[0]), timeout=30)
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        assert ids[0] in err.value.details()
-        for sid in ids:
-            info = direct[0].GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
-            assert list(info.session.layer_lengths) == [4, 0]
+        (key, group), (other, _) = groups[0], groups[1]
+        with pytest.raises(Q8KVError) as err:
+            client.attend_batch(0, group, *_batch(rng, 1), routing_key=other)
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+        assert group[0].id in err.value.message
+        for session in group:
+            assert session.info().layer_lengths == [4, 0]
+            assert session.delete() > 0
     finally:
+        client.close()
         for c in channels:
             c.close()
