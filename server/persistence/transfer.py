@@ -21,7 +21,7 @@ from q8kv.v1 import kvcache_pb2 as pb
 
 from ..backends.base import Backend
 from ..cache import Geometry, Session, SessionStore
-from ..errors import InvalidArgument, ResourceExhausted, ServiceError
+from ..errors import InvalidArgument, ResourceExhausted
 
 FORMAT_VERSION = 1
 CHUNK_BYTES = 4 * 1024 * 1024  # codes per token chunk at most, however large the limit
@@ -211,27 +211,33 @@ def install(
         )
     session = store.create(geometry, h.session_id, h.ttl_seconds, h.softmax_scale, tenant)
     try:
-        for index, length in enumerate(h.layer_lengths):
-            layer = session.layers[index]
-            store.reserve(session, layer, length)
-            for tokens in imported.tokens.get(index, []):
-                codes = np.frombuffer(tokens.codes, dtype=np.int8).reshape(
-                    2, g.num_kv_heads, tokens.count, g.head_dim
-                )
-                scales = np.frombuffer(tokens.scales, dtype="<f4").reshape(
-                    2, g.num_kv_heads, tokens.count, g.head_dim // 32
-                )
-                if not np.isfinite(scales).all() or (scales < 0).any():
-                    raise InvalidArgument(
-                        f"tokens.scales: layer {index} holds negative or non-finite scales"
-                    )
-                backend.write_tokens(session.layout, layer.page_table(), tokens.start, codes,
-                                     scales)
-            store.set_length(session, layer, length)
-    except ServiceError:
-        store.delete(session.id, tenant)
+        # One allocation, as for an append: the pages and lengths of every layer.
+        with store.begin() as allocation:
+            for index, length in enumerate(h.layer_lengths):
+                allocation.grow(session, index, length)
+                _write_layer(backend, session, index, imported.tokens.get(index, []))
+    except BaseException:
+        store.delete(session.id, tenant)  # nothing half-made stays
         raise
     return session
+
+
+def _write_layer(backend: Backend, session: Session, index: int, chunks) -> None:
+    g = session.geometry
+    for tokens in chunks:
+        codes = np.frombuffer(tokens.codes, dtype=np.int8).reshape(
+            2, g.num_kv_heads, tokens.count, g.head_dim
+        )
+        scales = np.frombuffer(tokens.scales, dtype="<f4").reshape(
+            2, g.num_kv_heads, tokens.count, g.head_dim // 32
+        )
+        if not np.isfinite(scales).all() or (scales < 0).any():
+            raise InvalidArgument(
+                f"tokens.scales: layer {index} holds negative or non-finite scales"
+            )
+        backend.write_tokens(
+            session.layout, session.layers[index].page_table(), tokens.start, codes, scales
+        )
 
 
 # -- snapshot files ------------------------------------------------------------------------
