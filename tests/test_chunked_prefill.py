@@ -11,9 +11,9 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from harness.engine_run import Harness, assert_same_state, run
 from harness.tensors import random_tensor
 from reference import attention_ref, rel_l2
-from test_engine import Harness, assert_same_state, run
 
 from q8kv.server.backends.base import AttendItem
 from q8kv.server.backends.numpy_backend import NumpyBackend
