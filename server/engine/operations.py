@@ -128,8 +128,9 @@ class Engine:
     async def attend_batch(
         self, batch: PackedBatch, tenant: str = "", deadline: float | None = None
     ) -> tuple[np.ndarray, list[int]]:
-        """A packed batch (one layer, B sessions, n tokens each) as one job: float32 output
-        [B, n, H, D] and each session's new layer length. All or none."""
+        """A packed batch (one layer, B sessions, n tokens each) as one job: the output
+        [B, n, H, D] in q's dtype (computed in float32) and each session's new layer
+        length. All or none."""
         loop = asyncio.get_running_loop()
         layer, expected = batch.layer, batch.expected_lengths
         items = [
@@ -144,7 +145,9 @@ class Engine:
             deadline=deadline, label="batch",
         )
         results = await self.worker.append(job)
-        return np.stack([out for out, _ in results]), [length for _, length in results]
+        # Cast to q's dtype (the output's) while stacking: one pass, no float32 copy.
+        output = np.stack([out for out, _ in results], dtype=batch.q.dtype, casting="unsafe")
+        return output, [length for _, length in results]
 
     async def dequantize(
         self, session_id: str, tenant: str, layer: int, start: int, end: int | None

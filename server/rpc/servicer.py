@@ -109,7 +109,7 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         )
         self.on_appended(zip(batch.k, batch.v, strict=True))
         return pb.AttendBatchResponse(
-            output=wire.encode(output, batch.q.dtype), lengths=lengths
+            output=wire.encode(output), lengths=lengths
         )
 
     async def AttendBatch(self, request, context):
