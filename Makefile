@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-EXTRAS ?= dev
+EXTRAS ?= dev,kernels
 PROTO_SRC := proto/q8kv/v1/kvcache.proto
 
 .PHONY: venv run test lint proto wheel bench clean

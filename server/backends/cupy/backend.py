@@ -119,8 +119,8 @@ class CupyBackend(Backend):
             cp.get_default_memory_pool().free_all_blocks()
             cp.get_default_pinned_memory_pool().free_all_blocks()
 
-    def _attn_kernel(self, head_dim: int) -> AttnKernel:
-        return kernels.attention_kernel(self._dev_id, head_dim, self.tuning)
+    def _attn_kernel(self, head_dim: int, wire16: bool = False) -> AttnKernel:
+        return kernels.attention_kernel(self._dev_id, head_dim, self.tuning, wire16)
 
     # -- packing ---------------------------------------------------------------------------
 

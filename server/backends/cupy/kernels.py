@@ -69,8 +69,9 @@ def attention_smem(head_dim: int, tuning: GpuTuning) -> int:
     return tuning.tc_nstages * stage
 
 
-def attention_options(head_dim: int, tuning: GpuTuning) -> tuple[str, ...]:
-    """NVRTC options of the attention kernel (its compile-time constants)."""
+def attention_options(head_dim: int, tuning: GpuTuning, wire16: bool = False) -> tuple[str, ...]:
+    """NVRTC options of the attention kernel (its compile-time constants). ``wire16``: the
+    launch's items are float16/bfloat16, computed at that precision (WIRE16 in the .cu)."""
     return (
         "--std=c++17",
         f"-DHEAD_DIM={head_dim}",
@@ -80,6 +81,9 @@ def attention_options(head_dim: int, tuning: GpuTuning) -> tuple[str, ...]:
         f"-DNSTAGES={tuning.tc_nstages}",
         f"-DSTAGE_CODE_TARGET={tuning.tc_stage_bytes}",
         f"-DMINBLOCKS={tuning.tc_minblocks if head_dim <= 128 else 1}",
+        # Past D = 128 the q digits would spill from registers: shared memory holds them.
+        f"-DQD_SMEM={int(head_dim > 128)}",
+        f"-DWIRE16={int(wire16)}",
     )
 
 
@@ -109,17 +113,22 @@ def pages_module(device_id: int) -> cp.RawModule:
     return mod
 
 
-def attention_kernel(device_id: int, head_dim: int, tuning: GpuTuning) -> AttnKernel:
-    """q8_attend for ``head_dim`` on ``device_id``, compiled once per tuning."""
+def attention_kernel(
+    device_id: int, head_dim: int, tuning: GpuTuning, wire16: bool = False
+) -> AttnKernel:
+    """q8_attend for ``head_dim`` (and 16-bit items or not) on ``device_id``, compiled once
+    per tuning."""
     # split_waves and max_splits only steer the planning: they do not recompile.
-    key = (device_id, head_dim, tuning.tc_minblocks, tuning.tc_nstages, tuning.tc_stage_bytes)
+    key = (device_id, head_dim, wire16, tuning.tc_minblocks, tuning.tc_nstages,
+           tuning.tc_stage_bytes)  # fmt: skip
     kern = _ATTN_KERNELS.get(key)
     if kern is None:
         import cupy as cp
 
         with cp.cuda.Device(device_id):
             mod = cp.RawModule(
-                code=source("q8_attention_tc.cu"), options=attention_options(head_dim, tuning)
+                code=source("q8_attention_tc.cu"),
+                options=attention_options(head_dim, tuning, wire16),
             )
             fn = mod.get_function("q8_attend")
             smem = attention_smem(head_dim, tuning)

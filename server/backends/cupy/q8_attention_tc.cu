@@ -13,7 +13,8 @@
 //   exp2, rescaling the output only when a row's max grows.
 // - PV^T on tf32 tensor cores (mma m16n8k8, fp32 accumulate): O^T[dims, rows] +=
 //   V^T[dims, tokens] P'^T[tokens, rows] with P' = p * v_scale[token, block] split into
-//   tf32 hi + lo halves (~22 bits, float32 range), V codes exact in tf32.
+//   tf32 hi + lo halves (~22 bits, float32 range), V codes exact in tf32. A launch of 16-bit
+//   items (WIRE16) rounds P' once to tf32 instead: SDPA fp16's precision, half the products.
 // Rows per tile GT = 8 (the N of both products); a row is one (new token, query head).
 #include "q8_common.cuh"
 
@@ -38,6 +39,9 @@
 #ifndef MAX_HEAD_DIM
 #error "MAX_HEAD_DIM: the host (kernels.py) defines the largest head_dim the kernels take"
 #endif
+#ifndef QD_SMEM  // q digits in shared memory, not registers (the host sets it past D = 128)
+#define QD_SMEM 0
+#endif
 #define MAXP 512  // page ids of one split held in shared memory
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -56,9 +60,22 @@ static_assert(GT == 8, "the tensor-core kernel serves 8 rows per tile");
 static_assert(NT >= PIECES, "head_dim too large for the copy mapping");
 static_assert(NWARPS * GT * (D + 2) * 4 <= NSTAGES * STAGE_BYTES, "reduction scratch too big");
 
+// WIRE16 (set by the host for launches of float16/bfloat16 items): P' = p * v_scale is
+// rounded once to tf32 for PV, as SDPA in fp16 rounds P to fp16, instead of the hi + lo
+// split float32 wires need. STAGING_ONLY / COMPUTE_ONLY are diagnostics
+// (benchmarks/kernel_variants.py): the copies alone, or the math on zero-filled stages.
+#ifndef WIRE16
+#define WIRE16 0
+#endif
+#ifndef STAGING_ONLY
+#define STAGING_ONLY 0
+#endif
+#ifndef COMPUTE_ONLY
+#define COMPUTE_ONLY 0
+#endif
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-  int n = valid ? 16 : 0;
+  int n = valid && !COMPUTE_ONLY ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
@@ -70,6 +87,13 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int N>
 __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// x rounded to the nearest tf32 (10-bit mantissa), as the bits an mma operand takes.
+__device__ __forceinline__ float to_tf32(float x) {
+  unsigned u;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(x));
+  return __uint_as_float(u);
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -130,6 +154,11 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int pages_s[MAXP];
   __shared__ int last_s;
+#if QD_SMEM
+  // The tile's q digits, the same for every warp: [b][digit][lane] as (h0, h1) pairs, read
+  // back per tile (conflict-free) so they hold no registers across the pipeline loop.
+  __shared__ uint2 qd_s[NB * 3 * 32];
+#endif
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c = lane & 3;  // mma group (row / column) and thread in group
@@ -157,7 +186,7 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   // Row g of the tile (pad rows repeat the last row; they are not written): its causal
   // limit, and q as three int8 digits per value with one scale per row. Thread (g, c) holds
   // the A fragment of row g: dims 32b + 4c + [0, 4) and 32b + 16 + 4c + [0, 4).
-  unsigned qd[NB][3][2];
+  unsigned qd[NB][3][2];  // with QD_SMEM, live only in the prologue (the loop reads qd_s)
   float qsc;
   int lim;
   {
@@ -204,6 +233,14 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
         qd[b][1][h] = pack4(d1[0], d1[1], d1[2], d1[3]);
         qd[b][2][h] = pack4(d2[0], d2[1], d2[2], d2[3]);
       }
+#if QD_SMEM
+    if (warp == 0) {
+#pragma unroll
+      for (int b = 0; b < NB; ++b)
+#pragma unroll
+        for (int d = 0; d < 3; ++d) qd_s[(b * 3 + d) * 32 + lane] = make_uint2(qd[b][d][0], qd[b][d][1]);
+    }
+#endif
   }
   __syncthreads();
 
@@ -295,6 +332,7 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
     const unsigned char* sb = smem + sofs;
     const float* ks = reinterpret_cast<const float*>(sb + STAGE_CODE_BYTES);
     const float* vs = ks + TOK * NB;
+    if (STAGING_ONLY) continue;  // diagnostics: the copies alone
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int t0 = (warp * U + u) * 16;  // first token of this warp's tile in the stage
@@ -307,12 +345,20 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
       for (int b = 0; b < NB; ++b) {
         unsigned kb[4];
         ldsm_x4(kaddr + 32 * b, kb[0], kb[1], kb[2], kb[3]);
+#if QD_SMEM
+        const uint2 q0 = qd_s[(b * 3 + 0) * 32 + lane], q1 = qd_s[(b * 3 + 1) * 32 + lane],
+                    q2 = qd_s[(b * 3 + 2) * 32 + lane];
+#else
+        const uint2 q0 = make_uint2(qd[b][0][0], qd[b][0][1]);
+        const uint2 q1 = make_uint2(qd[b][1][0], qd[b][1][1]);
+        const uint2 q2 = make_uint2(qd[b][2][0], qd[b][2][1]);
+#endif
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           int a0[2], a1[2], a2[2];
-          imma(a0[0], a0[1], qd[b][0][0], qd[b][0][1], kb[2 * j], kb[2 * j + 1]);
-          imma(a1[0], a1[1], qd[b][1][0], qd[b][1][1], kb[2 * j], kb[2 * j + 1]);
-          imma(a2[0], a2[1], qd[b][2][0], qd[b][2][1], kb[2 * j], kb[2 * j + 1]);
+          imma(a0[0], a0[1], q0.x, q0.y, kb[2 * j], kb[2 * j + 1]);
+          imma(a1[0], a1[1], q1.x, q1.y, kb[2 * j], kb[2 * j + 1]);
+          imma(a2[0], a2[1], q2.x, q2.y, kb[2 * j], kb[2 * j + 1]);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const float f = fmaf((float)a0[e], 16384.0f, (float)(a1[e] * 128 + a2[e]));
@@ -375,16 +421,23 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           const float x0 = p[j][0] * vs[ta * NB + b], x1 = p[j][1] * vs[(ta + 1) * NB + b];
-          const float h0 = __uint_as_float(__float_as_uint(x0) & 0xffffe000u);
-          const float h1 = __uint_as_float(__float_as_uint(x1) & 0xffffe000u);
-          const float l0 = x0 - h0, l1 = x1 - h1;
           float w0[4], w1[4];
           i8x4(*reinterpret_cast<const unsigned*>(vc + ta * RS + 32 * b + 4 * g), w0);
           i8x4(*reinterpret_cast<const unsigned*>(vc + (ta + 1) * RS + 32 * b + 4 * g), w1);
+          if (WIRE16) {
+            const float r0 = to_tf32(x0), r1 = to_tf32(x1);
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            tmma(acc[b][h], w0[2 * h], w0[2 * h + 1], w1[2 * h], w1[2 * h + 1], h0, h1);
-            tmma(acc[b][h], w0[2 * h], w0[2 * h + 1], w1[2 * h], w1[2 * h + 1], l0, l1);
+            for (int h = 0; h < 2; ++h)
+              tmma(acc[b][h], w0[2 * h], w0[2 * h + 1], w1[2 * h], w1[2 * h + 1], r0, r1);
+          } else {
+            const float h0 = __uint_as_float(__float_as_uint(x0) & 0xffffe000u);
+            const float h1 = __uint_as_float(__float_as_uint(x1) & 0xffffe000u);
+            const float l0 = x0 - h0, l1 = x1 - h1;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              tmma(acc[b][h], w0[2 * h], w0[2 * h + 1], w1[2 * h], w1[2 * h + 1], h0, h1);
+              tmma(acc[b][h], w0[2 * h], w0[2 * h + 1], w1[2 * h], w1[2 * h + 1], l0, l1);
+            }
           }
         }
       }

@@ -1,0 +1,70 @@
+"""The attention kernel compiled with extra defines (experimental switches in
+q8_attention_tc.cu), each timed on the decode shapes of benchmarks/kernels.py and checked
+against float64: a kernel experiment costs one GPU call, not a code change per variant.
+
+    python3 benchmarks/kernel_variants.py \
+        --variant base=2:2:32768 --variant qd=2:2:32768:QD_SMEM=1 [--shapes 64x16384]
+
+A variant is NAME=minblocks:nstages:stage_bytes[:DEFINE=VALUE...]. Prints one JSON line per
+(variant, shape): median device time (spin-hidden launch gaps) and the relative L2 error
+of session 0's output against float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cupy as cp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import SHAPES, bench_q8  # noqa: E402
+
+from q8kv.server.backends.cupy import kernels  # noqa: E402
+from q8kv.server.backends.cupy.tuning import GpuTuning  # noqa: E402
+
+_options = kernels.attention_options
+
+
+def parse_variant(text: str) -> tuple[str, GpuTuning, tuple[str, ...]]:
+    name, spec = text.split("=", 1)
+    parts = spec.split(":")
+    mb, ns, sb = (int(x) for x in parts[:3])
+    tuning = GpuTuning(tc_minblocks=mb, tc_nstages=ns, tc_stage_bytes=sb)
+    return name, tuning, tuple(f"-D{d}" for d in parts[3:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", action="append", required=True)
+    ap.add_argument("--shapes", default=",".join(f"{b}x{n}" for b, n in SHAPES))
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args()
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
+    spin_cycles = int(props["clockRate"] * 1000 * 300e-6)
+    rng = np.random.default_rng()
+    for text in args.variant:
+        name, tuning, defines = parse_variant(text)
+        kernels.attention_options = lambda d, t, w=False, extra=defines: _options(d, t, w) + extra
+        kernels._ATTN_KERNELS.clear()  # the cache key does not know the extra defines
+        for batch, length in shapes:
+            res = bench_q8(batch, length, args.reps, spin_cycles, rng, [1.0], True, tuning)
+            cp.get_default_memory_pool().free_all_blocks()
+            kern = kernels.attention_kernel(0, 128, tuning, True)  # the fp16 inputs' kernel
+            row = {"variant": name, "defines": defines, "batch": batch, "seq_len": length,
+                   "q8kv_us": round(res["q8kv_us"], 2),
+                   "with_launch_us": round(res["q8kv_with_launch_us"], 2),
+                   "rel_l2_vs_float64": res["check_rel_l2"],
+                   "sdpa_fp16_rel_l2_vs_float64": res["sdpa_fp16_rel_l2"],
+                   "regs": kern.kernel.num_regs,
+                   "blocks_per_sm": kern.blocks_per_sm}  # fmt: skip
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

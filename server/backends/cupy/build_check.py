@@ -1,0 +1,95 @@
+"""Compile every CUDA kernel of the GPU backend for sm_90 with NVRTC, under the options the
+backend really compiles them with, and report each kernel's registers, shared memory and
+spills. Needs CuPy's NVRTC bindings and the NVRTC library (``cupy-cuda12x`` and
+``nvidia-cuda-nvrtc-cu12``, the ``kernels`` extra), not a driver or a device, so CI runs it.
+
+    python -m q8kv.server.backends.cupy.build_check      # exit 1 on an error or a spill
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+
+from q8kv.format import QBLOCK
+
+from . import kernels
+from .tuning import GpuTuning
+
+ARCH = "sm_90"
+
+
+@dataclass
+class Build:
+    """What ptxas said of one kernel under one set of options."""
+
+    name: str  # the .cu file and the options that differ between builds
+    ok: bool
+    registers: int = 0
+    smem_bytes: int = 0  # static shared memory (the dynamic part is set at launch)
+    spill_bytes: int = 0  # spill stores + spill loads
+    stack_bytes: int = 0
+    log: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return self.ok and self.spill_bytes == 0 and self.stack_bytes == 0
+
+
+def builds(tuning: GpuTuning | None = None) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(name, source, options) of every kernel build the backend can make under ``tuning``:
+    the page kernels once, the attention kernel per head_dim and wire precision."""
+    tuning = GpuTuning() if tuning is None else tuning
+    out = [("q8_pages.cu", kernels.source("q8_pages.cu"), kernels._PAGES_OPTIONS)]
+    attention = kernels.source("q8_attention_tc.cu")
+    for head_dim in range(QBLOCK, kernels.MAX_HEAD_DIM + 1, QBLOCK):
+        for wire16 in (False, True):
+            name = f"q8_attention_tc.cu D={head_dim} {'16-bit' if wire16 else 'float32'}"
+            out.append((name, attention, kernels.attention_options(head_dim, tuning, wire16)))
+    return out
+
+
+def compile_one(name: str, source: str, options: tuple[str, ...]) -> Build:
+    from cupy_backends.cuda.libs import nvrtc  # only here: the rest imports without CuPy
+
+    # CuPy adds -ftz=true to every compile it makes (kernels.py); so do we.
+    opts = [f"-arch={ARCH}", "--ptxas-options=-v", "-ftz=true", *options]
+    prog = nvrtc.createProgram(source, name.split()[0], [], [])
+    try:
+        nvrtc.compileProgram(prog, opts)
+        ok = True
+    except Exception:  # noqa: BLE001 - the log says why
+        ok = False
+    log = nvrtc.getProgramLog(prog).replace("\x00", "").strip()
+    build = Build(name, ok, log=log)
+
+    def number(pattern: str) -> int:
+        return sum(int(m) for m in re.findall(pattern, log))
+
+    build.registers = max((int(m) for m in re.findall(r"Used (\d+) registers", log)), default=0)
+    build.smem_bytes = number(r"(\d+) bytes smem")
+    build.spill_bytes = number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads")
+    build.stack_bytes = number(r"(\d+) bytes stack frame")
+    return build
+
+
+def main() -> int:
+    results = [compile_one(*b) for b in builds()]
+    width = max(len(r.name) for r in results)
+    print(f"{'kernel build':<{width}}  {'regs':>5} {'smem':>6} {'spill':>6} {'stack':>6}")
+    for r in results:
+        status = "" if r.clean else ("  FAILED" if not r.ok else "  SPILLS")
+        print(
+            f"{r.name:<{width}}  {r.registers:>5} {r.smem_bytes:>6} {r.spill_bytes:>6} "
+            f"{r.stack_bytes:>6}{status}"
+        )
+        if not r.ok:
+            print(r.log)
+    bad = [r.name for r in results if not r.clean]
+    print(f"{len(results)} kernel builds for {ARCH}: {len(results) - len(bad)} clean")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
