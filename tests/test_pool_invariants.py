@@ -313,8 +313,9 @@ class Driver:
 )
 def test_random_batches_keep_the_pool_exact(steps, evict_idle, seed) -> None:
     """Random creates, forks (sharing pages; appends copy a shared partial page),
-    deletes, truncates and coalesced batches of valid and invalid calls, on an 8-page pool that fills up, with sessions whose TTL is near zero and LRU
-    eviction of anything idle: the invariants hold after every step, and no successful
+    deletes, truncates and coalesced batches of valid and invalid calls, on an 8-page
+    pool that fills up, with sessions whose TTL is near zero and LRU eviction of anything
+    idle: the invariants hold after every step, and no successful
     call loses its session."""
     store = SessionStore(
         PagePool(8, PCB), max_sessions=6, evict_idle_seconds=evict_idle, default_ttl=0

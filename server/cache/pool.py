@@ -4,6 +4,7 @@ come back whole when their last reference is given back."""
 
 from __future__ import annotations
 
+import array
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -14,7 +15,10 @@ from ..errors import ResourceExhausted
 
 
 def as_ids(pages: Iterable[int] | np.ndarray) -> np.ndarray:
-    """Page ids as an int32 array (a list, an ``array.array`` or an array)."""
+    """Page ids as an int32 array (a list, an ``array.array`` (a view: not to be resized
+    while the result lives) or an array)."""
+    if isinstance(pages, array.array):
+        return np.frombuffer(pages, dtype=np.int32)
     return np.asarray(pages if isinstance(pages, np.ndarray | Sequence) else list(pages),
                       dtype=np.int32)
 
@@ -61,9 +65,12 @@ class PagePool:
     def share(self, pages: np.ndarray) -> None:
         """One more reference to each of ``pages`` (held, distinct ids)."""
         ids = as_ids(pages)
-        if ids.size and (self.refs[ids] <= 0).any():
+        if not ids.size:
+            return
+        refs = self.refs[ids]  # one gather and one scatter: a fork of 32k pages stays fast
+        if refs.min() <= 0:
             raise AssertionError("pool: sharing a free page")
-        self.refs[ids] += 1
+        self.refs[ids] = refs + 1
         self.references += int(ids.size)
 
     def give_back(self, pages: Iterable[int] | np.ndarray) -> list[int]:
@@ -72,10 +79,11 @@ class PagePool:
         ids = as_ids(pages)
         if not ids.size:
             return []
-        if (self.refs[ids] <= 0).any():
+        refs = self.refs[ids] - 1
+        if refs.min() < 0:
             raise AssertionError("pool: giving back a free page")
-        self.refs[ids] -= 1
+        self.refs[ids] = refs
         self.references -= int(ids.size)
-        freed = ids[self.refs[ids] == 0].tolist()
+        freed = ids[refs == 0].tolist()
         self._free.extend(reversed(freed))
         return freed

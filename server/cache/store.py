@@ -338,16 +338,16 @@ class SessionStore:
         if not len(pages):
             return 0
         table = session.page_lists.get(index, array.array("i"))
-        if table[len(table) - len(pages) :].tolist() != list(pages):
+        tail = table[len(table) - len(pages) :]  # a copy: the table is cut next
+        if tail != (pages if isinstance(pages, array.array) else array.array("i", pages)):
             raise AssertionError(
                 f"session {session.id!r} layer {index}: giving back pages it does not end with"
             )
-        pages = list(pages)  # may alias the table, which is cut next
-        del table[len(table) - len(pages) :]
+        del table[len(table) - len(tail) :]
         if not table:
             session.page_lists.pop(index, None)
-        session.pages_held -= len(pages)
-        return self._release(session.tenant, pages)
+        session.pages_held -= len(tail)
+        return self._release(session.tenant, tail)
 
     # -- eviction (the policy: eviction.py) -------------------------------------------------
 
