@@ -17,7 +17,7 @@ from q8kv.v1 import kvcache_pb2 as pb
 
 from ..backends.base import Backend
 from ..cache import Geometry, SessionSnapshot, SessionStore
-from ..errors import FailedPrecondition, InvalidArgument, OutOfRange
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from ..persistence import transfer
 from .appends import AppendTransaction, Chunking
 from .batcher import collect_batch, take_interleaved
@@ -108,7 +108,10 @@ class Engine:
         store = self.store
 
         def fork() -> SessionSnapshot:
-            source = store.get(source_id, tenant)
+            try:
+                source = store.get(source_id, tenant)
+            except NotFound as exc:  # name the request's field
+                raise NotFound(f"source_{exc.message}") from None
             return store.snapshot(store.fork(source, session_id, length, ttl_seconds))
 
         return await self.call(fork)
