@@ -8,9 +8,11 @@
    alone. Each fork is deleted before the next.
 2. Pool bytes: a ``--prompt``-token source (random Q8 codes written straight into its
    pages, as an ImportSession would), ``--forks`` forks of it, each decoding ``--decode``
-   tokens through the Engine (real quantize-append and attention, all forks' items of a
-   step in one call). The pool's used bytes against: one prompt plus the tails (the
-   ideal), and ``--forks`` independent sessions of prompt + decode tokens.
+   tokens through the Engine (all forks' items of a step in one call: the real append
+   transaction, copy-on-write and quantize-append into the pages; attention only with
+   ``--attend``: it changes no pool byte and takes the numpy backend ~10 minutes here).
+   The pool's used bytes against: one prompt plus the tails (the ideal), and ``--forks``
+   independent sessions of prompt + decode tokens.
 
     .venv/bin/python benchmarks/fork.py --out benchmarks/results
 """
@@ -33,6 +35,16 @@ from q8kv.format import tokens_per_page  # noqa: E402
 from q8kv.server.backends.numpy_backend import NumpyBackend  # noqa: E402
 from q8kv.server.cache import Geometry, PagePool, SessionStore  # noqa: E402
 from q8kv.server.engine import AppendRequest, Engine  # noqa: E402
+
+
+class AppendOnly(NumpyBackend):
+    """Quantize-append only (the pool-bytes part without ``--attend``): the pages are
+    written as by a real append; the outputs are zeros."""
+
+    def append_and_attend(self, items):
+        for item in items:
+            self._append(item)
+        return [np.zeros(item.q.shape, np.float32) for item in items]
 
 
 def built(store: SessionStore, geometry: Geometry, tokens: int, sid: str = "src"):
@@ -92,7 +104,7 @@ def pool_bytes(args) -> dict:
     per_session = args.layers * -(-(args.prompt + args.decode) // tpp)
     num_pages = args.layers * -(-args.prompt // tpp) + args.forks * per_session
     store = SessionStore(PagePool(num_pages, args.page_bytes_small), max_sessions=64)
-    backend = NumpyBackend(num_pages, args.page_bytes_small)
+    backend = (NumpyBackend if args.attend else AppendOnly)(num_pages, args.page_bytes_small)
     engine = Engine(backend, store, max_batch_items=4096)
     rng = np.random.default_rng(0)
     source = built(store, geo, args.prompt)
@@ -134,6 +146,7 @@ def pool_bytes(args) -> dict:
         "geometry": {"layers": args.layers, "heads": geo.num_heads,
                      "kv_heads": geo.num_kv_heads, "head_dim": geo.head_dim,
                      "page_bytes": args.page_bytes_small, "tokens_per_page": tpp},
+        "attention": bool(args.attend),
         "prompt_tokens": args.prompt, "forks": args.forks, "decode_tokens": args.decode,
         "pool_used_bytes": used,
         "shared_saved_bytes": store.pool.shared_saved_pages * page,
@@ -162,7 +175,9 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=16384)
     p.add_argument("--forks", type=int, default=16)
     p.add_argument("--decode", type=int, default=256)
-    p.add_argument("--out", default=None, help="directory for fork-cpu.json")
+    p.add_argument("--attend", action="store_true", help="run attention on every decode step")
+    p.add_argument("--out", default=None, help="directory for the result file")
+    p.add_argument("--name", default="fork-cpu.json", help="the result file's name")
     args = p.parse_args()
     result = {
         "benchmark": "fork",
@@ -182,7 +197,7 @@ def main() -> None:
           f"{pb['independent_sessions_bytes'] / 2**20:.1f} MiB "
           f"({pb['independent_over_used']:.1f}x more)")
     if args.out:
-        write_json(args.out, "fork-cpu.json", result)
+        write_json(args.out, args.name, result)
 
 
 if __name__ == "__main__":
