@@ -30,6 +30,7 @@ from .core import (
     session_ids,
 )
 from .errors import Q8KVError, rpc_errors
+from .forks import fork_call
 from .types import AttendResult, BatchResult, SessionInfo
 
 T = TypeVar("T")
@@ -70,6 +71,15 @@ class AsyncSession(SessionCore):
 
     async def length(self, layer: int) -> int:
         return (await self.info()).layer_lengths[layer]
+
+    async def fork(
+        self,
+        session_id: str | None = None,
+        length: int | None = None,
+        ttl_seconds: float | None = None,
+    ) -> AsyncSession:
+        """As AsyncClient.fork_session: a new session sharing this one's tokens."""
+        return await self.client.fork_session(self, session_id, length, ttl_seconds)
 
     async def delete(self) -> int:
         return await self.client.delete_session(self)
@@ -157,6 +167,16 @@ class AsyncClient(ClientCore):
 
     async def truncate_session(self, session: Any, length: int) -> SessionInfo:
         return await self._unary(self._truncate_call(session, length))
+
+    async def fork_session(
+        self,
+        source: Any,
+        session_id: str | None = None,
+        length: int | None = None,
+        ttl_seconds: float | None = None,
+    ) -> AsyncSession:
+        """As Client.fork_session."""
+        return await self._unary(fork_call(self, source, session_id, length, ttl_seconds))
 
     async def dequantize(
         self, session: Any, layer: int, start: int = 0, end: int | None = None

@@ -30,6 +30,7 @@ from .core import (
     session_ids,
 )
 from .errors import Q8KVError, rpc_errors
+from .forks import fork_call
 from .sync_stream import Stream
 from .types import AttendResult, BatchResult, SessionInfo
 
@@ -84,6 +85,15 @@ class Session(SessionCore):
     def delete(self) -> int:
         """Delete the session; returns the bytes freed."""
         return self.client.delete_session(self)
+
+    def fork(
+        self,
+        session_id: str | None = None,
+        length: int | None = None,
+        ttl_seconds: float | None = None,
+    ) -> Session:
+        """As Client.fork_session: a new session sharing this one's tokens."""
+        return self.client.fork_session(self, session_id, length, ttl_seconds)
 
     def export(self) -> list[pb.SessionChunk]:
         """As Client.export_session."""
@@ -176,6 +186,18 @@ class Client(ClientCore):
 
     def truncate_session(self, session: Any, length: int) -> SessionInfo:
         return self._unary(self._truncate_call(session, length))
+
+    def fork_session(
+        self,
+        source: Any,
+        session_id: str | None = None,
+        length: int | None = None,
+        ttl_seconds: float | None = None,
+    ) -> Session:
+        """A new session (``session_id``, else a UUID4) sharing the first ``length`` tokens
+        of every layer of ``source`` (None: all of each), copy-on-write; see
+        docs/design.md#forks. Routed as the source, and the handle keeps that route."""
+        return self._unary(fork_call(self, source, session_id, length, ttl_seconds))
 
     def dequantize(
         self, session: Any, layer: int, start: int = 0, end: int | None = None

@@ -84,6 +84,9 @@ def every_rpc(s, metadata, sid="some-session", rng=None):
         "TruncateSession": lambda: s.TruncateSession(
             pb.TruncateSessionRequest(session_id=sid, length=0), metadata=metadata, timeout=10
         ),
+        "ForkSession": lambda: s.ForkSession(
+            pb.ForkSessionRequest(source_session_id=sid), metadata=metadata, timeout=10
+        ),
         "AppendAndAttend": lambda: s.AppendAndAttend(
             pb.AppendAndAttendRequest(items=[item]), metadata=metadata, timeout=10
         ),
@@ -213,6 +216,9 @@ def test_second_tenant_cannot_tell_a_session_from_a_missing_one(authed):
                 "AppendAndAttend": lambda sid: bravo.AppendAndAttend(
                     pb.AppendAndAttendRequest(items=[random_item(sid, 0, rng)]),
                     metadata=metadata, timeout=10),
+                "ForkSession": lambda sid: bravo.ForkSession(
+                    pb.ForkSessionRequest(source_session_id=sid, session_id="bravo-fork"),
+                    metadata=metadata, timeout=10),
                 "AttendBatch": lambda sid: bravo.AttendBatch(
                     batch_of(sid, random_item(sid, 0, rng)), metadata=metadata, timeout=10),
                 "Dequantize": lambda sid: bravo.Dequantize(
@@ -228,7 +234,8 @@ def test_second_tenant_cannot_tell_a_session_from_a_missing_one(authed):
                         probe(sid)
                     answers.append((err.value.code(), err.value.details().replace(sid, "<id>")))
                 assert answers[0] == answers[1], (name, answers)
-                prefix = "batch[0] (session '<id>'): " if name == "AttendBatch" else ""
+                prefix = {"AttendBatch": "batch[0] (session '<id>'): ",
+                          "ForkSession": "source_"}.get(name, "")
                 assert answers[0] == (
                     grpc.StatusCode.NOT_FOUND, f"{prefix}session_id: no session '<id>'"
                 )

@@ -179,6 +179,9 @@ STEPS = st.one_of(
     st.tuples(st.just("create"), st.sampled_from(TENANTS), st.sampled_from([0, 1e-6])),
     st.tuples(st.just("delete"), st.integers(0, 7)),
     st.tuples(st.just("truncate"), st.integers(0, 7), st.integers(0, 40)),
+    # Forks share pages; appends into a shared partial page copy it (inside the batch).
+    st.tuples(st.just("fork"), st.integers(0, 7), st.one_of(st.none(), st.integers(0, 40))),
+    st.tuples(st.just("fork"), st.integers(0, 7), st.none()),
     st.tuples(st.just("idle"), st.integers(0, 7)),
     st.tuples(st.just("expire"), st.integers(0, 7)),
 )
@@ -233,7 +236,14 @@ class Driver:
         if not sessions:
             return
         session = sessions[args[0] % len(sessions)]
-        if kind == "delete":
+        if kind == "fork":
+            if len(self.store) < self.store.max_sessions:
+                self.created += 1
+                length = args[1]
+                if length is not None:
+                    length = min(length, int(session.lengths.min()))
+                self.store.fork(session, f"s{self.created}", length)
+        elif kind == "delete":
             self.store.delete(session.id, session.tenant)
         elif kind == "truncate":
             self.store.truncate(session, args[1])
@@ -302,9 +312,10 @@ class Driver:
     seed=st.integers(0, 2**32 - 1),
 )
 def test_random_batches_keep_the_pool_exact(steps, evict_idle, seed) -> None:
-    """Random creates, deletes, truncates and coalesced batches of valid and invalid
-    calls, on an 8-page pool that fills up, with sessions whose TTL is near zero and LRU
-    eviction of anything idle: the invariants hold after every step, and no successful
+    """Random creates, forks (sharing pages; appends copy a shared partial page),
+    deletes, truncates and coalesced batches of valid and invalid calls, on an 8-page
+    pool that fills up, with sessions whose TTL is near zero and LRU eviction of anything
+    idle: the invariants hold after every step, and no successful
     call loses its session."""
     store = SessionStore(
         PagePool(8, PCB), max_sessions=6, evict_idle_seconds=evict_idle, default_ttl=0

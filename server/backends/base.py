@@ -101,6 +101,12 @@ class Backend(ABC):
     def write_pages(self, page_ids: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
         """Overwrite whole pages with raw contents from ``read_pages`` (snapshots, import)."""
 
+    def copy_page(self, source: int, target: int) -> None:
+        """Copy one whole page (the copy-on-write of a shared page). Ordered before any
+        later call of this backend; the backends override it with one device copy."""
+        codes, scales = self.read_pages(np.asarray([source], dtype=np.int32))
+        self.write_pages(np.asarray([target], dtype=np.int32), codes, scales)
+
     # -- token-major access (export, import, snapshots), built on the raw page copies ------
 
     def read_tokens(

@@ -132,3 +132,7 @@ class NumpyBackend(Backend):
     def write_pages(self, page_ids, codes, scales):
         self.codes[page_ids] = codes
         self.scales[page_ids] = scales
+
+    def copy_page(self, source: int, target: int) -> None:
+        self.codes[target] = self.codes[source]
+        self.scales[target] = self.scales[source]

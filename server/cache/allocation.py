@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import sharing
 from .session import Session
 
 if TYPE_CHECKING:
@@ -15,7 +16,8 @@ class Allocation:
 
     Made by ``SessionStore.begin()``. Every session the call looks up is pinned (never
     evicted, by TTL or LRU) until the allocation ends, so nothing the call prepared can be
-    taken from under it. ``grow`` takes pages and advances a layer's length; the allocation
+    taken from under it. ``grow`` takes pages and advances a layer's length (first copying a
+    shared, partly filled last page it would write into: ``sharing.py``); the allocation
     then ends exactly once: ``commit()`` keeps every change, ``roll_back()`` undoes them in
     reverse order. Ending it twice is a bug and raises AssertionError. Used as a context
     manager it commits on success and rolls back on an exception.
@@ -24,8 +26,9 @@ class Allocation:
     def __init__(self, store: SessionStore) -> None:
         self._store = store
         self._pinned: dict[int, Session] = {}  # by id(): each session pinned once
-        # (session, layer, length before, pages added), in the order they happened.
-        self._steps: list[tuple[Session, int, int, list[int]]] = []
+        # (session, layer, length before, pages added, shared page copied or None), in the
+        # order they happened.
+        self._steps: list[tuple[Session, int, int, list[int], sharing.Unshared | None]] = []
         self.state = "open"
 
     def __enter__(self) -> Allocation:
@@ -55,21 +58,36 @@ class Allocation:
         store = self._store
         with store.lock:
             old_length = int(session.lengths[index])
-            added = store._take_pages(session, index, new_length)
+            store._check_max_len(session, index, new_length)  # before copying anything
+            unshared = None
+            if new_length > old_length:
+                unshared = sharing.unshare_tail(store, session, index)
+            try:
+                added = store._take_pages(session, index, new_length)
+            except BaseException:
+                if unshared is not None:
+                    sharing.undo_unshare(store, session, unshared)
+                raise
             store._set_length(session, index, new_length)
-        self._steps.append((session, index, old_length, added))
+        self._steps.append((session, index, old_length, added, unshared))
 
     def commit(self) -> None:
         self._require_open("commit")
+        with self._store.lock:
+            for session, _, _, _, unshared in self._steps:
+                if unshared is not None:
+                    sharing.keep_unshared(self._store, session, unshared)
         self._end("committed")
 
     def roll_back(self) -> None:
         self._require_open("roll_back")
         store = self._store
         with store.lock:
-            for session, index, old_length, added in reversed(self._steps):
+            for session, index, old_length, added, unshared in reversed(self._steps):
                 store._set_length(session, index, old_length)
                 store._drop_last_pages(session, index, added)
+                if unshared is not None:
+                    sharing.undo_unshare(store, session, unshared)
         self._end("rolled back")
 
     def _end(self, state: str) -> None:

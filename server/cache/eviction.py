@@ -5,13 +5,15 @@ The policy:
   2. then, only if ``evict_idle_seconds`` > 0, sessions idle at least that long, the
      appending tenant's own first (least recently used first), other tenants' after them;
      sessions holding no pages are never LRU victims (they free nothing), and nothing is
-     evicted unless the eviction frees enough pages for the append.
+     evicted unless the eviction frees enough pages for the append. A page shared with
+     forks is freed only with its last holder, so the count is of pages really freed.
 Sessions pinned by a call in flight are never evicted, by either rule.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -43,11 +45,16 @@ def make_room(store: SessionStore, pages: int, tenant: str = "") -> None:
         key=lambda s: (s.tenant != tenant, s.last_used_mono),
     )
     victims, freed = [], pool.free_pages
+    dropped: Counter[int] = Counter()  # references the victims so far would drop, per page
     for session in idle:
         if freed >= pages:
             break
         victims.append(session)
-        freed += session.pages_held
+        for table in session.page_lists.values():
+            for page in table:
+                dropped[page] += 1
+                # A shared page is freed only when its last holder is a victim too.
+                freed += int(dropped[page] == pool.refs[page])
     if freed < pages:
         return  # evicting cannot make enough room: keep everyone, the append fails
     for session in victims:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from .store import SessionStore
 
@@ -15,22 +17,58 @@ def _require(condition: bool, message: str) -> None:
         raise AssertionError(message)
 
 
+def _holders(store: SessionStore) -> tuple[Counter, dict[int, str]]:
+    """References to each page (session-layers naming it, plus those open allocations
+    keep) and each referenced page's tenant."""
+    refs: Counter[int] = Counter()
+    tenant_of: dict[int, str] = {}
+    keyed = [
+        (s.tenant, p, 1) for s in store._sessions.values() for t in s.page_lists.values()
+        for p in t
+    ] + [(tenant, p, n) for (tenant, p), n in store.deferred.items()]
+    for tenant, page, count in keyed:
+        _require(count > 0, f"pool: page {page}: {count} deferred references")
+        refs[page] += count
+        _require(
+            tenant_of.setdefault(page, tenant) == tenant,
+            f"pool: page {page} is held by two tenants ({tenant_of[page]!r}, {tenant!r})",
+        )
+    return refs, tenant_of
+
+
 def check_pool(store: SessionStore) -> None:
     pool = store.pool
     free = pool._free
-    held = [p for s in store._sessions.values() for t in s.page_lists.values() for p in t]
+    for s in store._sessions.values():
+        named = [p for t in s.page_lists.values() for p in t]
+        _require(
+            len(set(named)) == len(named), f"session {s.id!r}: a page in two of its layers"
+        )
+    refs, _ = _holders(store)
     _require(len(set(free)) == len(free), "pool: a page is on the free list twice")
-    _require(len(set(held)) == len(held), "pool: a page is held by two session-layers")
-    _require(not set(free) & set(held), "pool: a page is both free and held")
+    _require(not set(free) & set(refs), "pool: a page is both free and held")
     _require(
-        sorted(free + held) == list(range(pool.num_pages)),
-        f"pool: {len(free)} free + {len(held)} held != {pool.num_pages} pages",
+        sorted(free + list(refs)) == list(range(pool.num_pages)),
+        f"pool: {len(free)} free + {len(refs)} held != {pool.num_pages} pages",
     )
+    want = np.zeros(pool.num_pages, dtype=np.int64)
+    for page, count in refs.items():
+        want[page] = count
+    wrong = np.flatnonzero(pool.refs != want)
+    _require(
+        not wrong.size,
+        f"pool: page {wrong[:1].tolist()} has {pool.refs[wrong[:1]].tolist()} references, "
+        f"its holders {want[wrong[:1]].tolist()}",
+    )
+    _require(pool.references == int(want.sum()), "pool: the reference total drifted")
     _require(pool.used_pages + pool.free_pages == pool.num_pages, "pool: used + free")
 
 
 def check_sessions(store: SessionStore, at_rest: bool) -> None:
-    values, tenant_pages, tenant_sessions = 0, Counter(), Counter()
+    _require(not (at_rest and store.deferred), f"deferred references at rest: {store.deferred}")
+    values, tenant_sessions = 0, Counter()
+    # A tenant is charged for each page it references once, however many tables name it.
+    tenant_pages = Counter(_holders(store)[1].values())
     for (tenant, sid), s in store._sessions.items():
         _require((s.tenant, s.id) == (tenant, sid), f"session {sid!r}: filed under another key")
         _require(not (at_rest and s.pins), f"session {sid!r}: pinned ({s.pins}) at rest")
@@ -55,7 +93,6 @@ def check_sessions(store: SessionStore, at_rest: bool) -> None:
             f"session {sid!r}: pages_held {s.pages_held} disagrees with its page tables",
         )
         values += s.tokens * store._values_per_token(s)
-        tenant_pages[tenant] += s.pages_held
         tenant_sessions[tenant] += 1
     _require(store.cached_values == values, f"cached_values {store.cached_values} != {values}")
     for name, counted, counter in (

@@ -3,6 +3,7 @@ validation of what a client may ask for. Kept small: an idle layer costs 4 bytes
 
 from __future__ import annotations
 
+import array
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ class LayerCache:
         return list(self.session.page_lists.get(self.index, ()))
 
     def page_table(self) -> np.ndarray:
-        return np.asarray(self.session.page_lists.get(self.index, ()), dtype=np.int32)
+        return np.array(self.session.page_lists.get(self.index, ()), dtype=np.int32)
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -90,7 +91,9 @@ class Session:
     """One session's metadata, kept small (a client must not hold host memory it is not
     charged for): the layer lengths are one int32 array and page lists exist only for
     layers that hold pages, so an empty 4,096-layer session costs ~17 KiB, not one object
-    per layer.
+    per layer. A page may be named by several sessions' tables (a fork shares its
+    source's pages; the pool counts the references); ``pages_held`` counts the pages this
+    session's tables name, shared ones included.
 
     ``pins`` counts the calls in flight that reference the session: a pinned session is
     never evicted (TTL or LRU), so a batch never loses a session it already prepared."""
@@ -102,7 +105,8 @@ class Session:
     softmax_scale: float
     ttl_seconds: float
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
-    page_lists: dict[int, list[int]] = field(default_factory=dict)
+    # int32 page ids (array.array: a fork copies and counts them with memcpy speed).
+    page_lists: dict[int, array.array] = field(default_factory=dict)
     pages_held: int = 0
     pins: int = 0
     created_at: float = field(default_factory=time.time)

@@ -1,9 +1,10 @@
-"""All live sessions and the page pool they draw from: lifecycle (create, get, delete,
-truncate), per-tenant quotas, consistent snapshots for readers off the engine's thread, and
-the page-level primitives an ``Allocation`` builds on."""
+"""All live sessions and the page pool they draw from: lifecycle (create, fork, get,
+delete, truncate), per-tenant quotas, consistent snapshots for readers off the engine's
+thread, and the page-level primitives an ``Allocation`` builds on."""
 
 from __future__ import annotations
 
+import array
 import heapq
 import math
 import threading
@@ -16,7 +17,7 @@ import numpy as np
 from q8kv.format import BYTES_PER_BLOCK, QBLOCK, LayerLayout, tokens_per_page
 
 from ..errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
-from . import eviction, invariants
+from . import eviction, invariants, sharing
 from .allocation import Allocation
 from .pool import PagePool
 from .session import (
@@ -77,6 +78,12 @@ class SessionStore:
         # change so the memory gauges cost O(1) to read.
         self.cached_values = 0
         self.listeners: list[EvictionListener] = []  # called as (session, reason) on eviction
+        # Copies one page's contents to another (the backend's copy_page; the engine sets
+        # it): the copy-on-write of a shared page (sharing.py).
+        self.copy_page: Callable[[int, int], None] | None = None
+        # References that open allocations still hold to pages their sessions copied away
+        # from, by (tenant, page): given back at commit, put back in place on roll back.
+        self.deferred: Counter[tuple[str, int]] = Counter()
         # Held by every change and by readers off the engine's thread; reentrant because
         # an eviction runs inside a reservation.
         self.lock = threading.RLock()
@@ -177,8 +184,20 @@ class SessionStore:
             session.touch()
         return session
 
+    def fork(
+        self,
+        source: Session,
+        session_id: str = "",
+        length: int | None = None,
+        ttl_seconds: float = 0.0,
+    ) -> Session:
+        """A new session of the source's tenant sharing the source's pages up to
+        ``length`` tokens per layer (None: every layer as it is); see ``sharing.fork``."""
+        return sharing.fork(self, source, session_id, length, ttl_seconds)
+
     def delete(self, session_id: str, tenant: str = "") -> int:
-        """Drop a session; returns the bytes of pages it gave back."""
+        """Drop a session; returns the bytes of pages that went back to the pool (a page
+        still named by another session's table stays)."""
         session = self.get(session_id, tenant, touch=False)
         return self._drop(session)
 
@@ -186,9 +205,9 @@ class SessionStore:
         if session.pins:
             raise AssertionError(f"session {session.id!r}: dropped while pinned by a call")
         with self.lock:
-            freed = session.pages_held
+            freed = 0
             for index, pages in list(session.page_lists.items()):
-                self._drop_last_pages(session, index, pages)
+                freed += self._drop_last_pages(session, index, pages)
             self.cached_values -= session.tokens * self._values_per_token(session)
             session.lengths[:] = 0
             del self._sessions[(session.tenant, session.id)]
@@ -268,17 +287,28 @@ class SessionStore:
         self.cached_values += (length - old) * self._values_per_token(session)
         session.lengths[index] = length
 
-    def _take_pages(self, session: Session, index: int, new_length: int) -> list[int]:
-        length = int(session.lengths[index])
+    def _check_max_len(self, session: Session, index: int, new_length: int) -> None:
         if new_length > session.geometry.max_len:
             raise OutOfRange(
-                f"k.shape[0]: appending to length {length} would reach {new_length}, "
-                f"past max_len {session.geometry.max_len} of session {session.id!r}"
+                f"k.shape[0]: appending to length {int(session.lengths[index])} would reach "
+                f"{new_length}, past max_len {session.geometry.max_len} of session "
+                f"{session.id!r}"
             )
+
+    def _take_pages(self, session: Session, index: int, new_length: int) -> list[int]:
+        self._check_max_len(session, index, new_length)
         pages = session.page_lists.get(index, [])
         needed = -(-new_length // session.layout.tokens_per_page) - len(pages)
         if needed <= 0:
             return []
+        added = self._take(session, needed)
+        session.page_lists.setdefault(index, array.array("i")).extend(added)
+        session.pages_held += needed
+        return added
+
+    def _take(self, session: Session, needed: int) -> list[int]:
+        """``needed`` free pages charged to the session's tenant (evicting by the policy
+        when the pool is short; the session itself is never the victim)."""
         held = self.tenant_pages[session.tenant]
         if 0 < self.tenant_max_pages < held + needed:
             raise ResourceExhausted(
@@ -292,27 +322,32 @@ class SessionStore:
             finally:
                 session.pins -= 1
         added = self.pool.take(needed)
-        session.page_lists.setdefault(index, []).extend(added)
-        session.pages_held += needed
         self.tenant_pages[session.tenant] += needed
         return added
 
-    def _drop_last_pages(self, session: Session, index: int, pages: list[int]) -> None:
-        """Give back ``pages``, which must be the last ones of the layer's page table."""
-        if not pages:
-            return
-        table = session.page_lists.get(index, [])
-        if table[len(table) - len(pages) :] != list(pages):
+    def _release(self, tenant: str, pages) -> int:
+        """Drop one reference to each of ``pages`` (of ``tenant``); returns how many went
+        back to the pool. A page's tenant is charged from its first reference to its last."""
+        freed = len(self.pool.give_back(pages))
+        self.tenant_pages[tenant] -= freed
+        return freed
+
+    def _drop_last_pages(self, session: Session, index: int, pages) -> int:
+        """Drop the references of ``pages``, which must be the last ones of the layer's page
+        table; returns how many pages went back to the pool."""
+        if not len(pages):
+            return 0
+        table = session.page_lists.get(index, array.array("i"))
+        tail = table[len(table) - len(pages) :]  # a copy: the table is cut next
+        if tail != (pages if isinstance(pages, array.array) else array.array("i", pages)):
             raise AssertionError(
                 f"session {session.id!r} layer {index}: giving back pages it does not end with"
             )
-        pages = list(pages)  # may alias the table, which is cut next
-        del table[len(table) - len(pages) :]
+        del table[len(table) - len(tail) :]
         if not table:
             session.page_lists.pop(index, None)
-        session.pages_held -= len(pages)
-        self.pool.give_back(pages)
-        self.tenant_pages[session.tenant] -= len(pages)
+        session.pages_held -= len(tail)
+        return self._release(session.tenant, tail)
 
     # -- eviction (the policy: eviction.py) -------------------------------------------------
 
@@ -340,10 +375,12 @@ class SessionStore:
         return self.cached_values * 2
 
     def check_invariants(self, at_rest: bool = True) -> None:
-        """Raise AssertionError unless the bookkeeping is exact: every page is free or held
-        by exactly one session-layer; used + free = capacity; each layer holds exactly
-        ceil(length / T) pages; per-session, per-tenant and value counters match the page
-        tables and lengths. ``at_rest``: no call is in flight, so no session is pinned."""
+        """Raise AssertionError unless the bookkeeping is exact: every page is free or has
+        as many references as session-layers naming it (plus those open allocations keep,
+        see ``deferred``), all of one tenant; used + free = capacity; each layer holds
+        exactly ceil(length / T) pages; per-session, per-tenant (distinct pages) and value
+        counters match the page tables and lengths. ``at_rest``: no call is in flight, so
+        no session is pinned and no reference is deferred."""
         with self.lock:
             invariants.check_pool(self)
             invariants.check_sessions(self, at_rest)

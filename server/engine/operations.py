@@ -17,7 +17,7 @@ from q8kv.v1 import kvcache_pb2 as pb
 
 from ..backends.base import Backend
 from ..cache import Geometry, SessionSnapshot, SessionStore
-from ..errors import FailedPrecondition, InvalidArgument, OutOfRange
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from ..persistence import transfer
 from .appends import AppendTransaction, Chunking
 from .batcher import collect_batch, take_interleaved
@@ -37,6 +37,7 @@ class Engine:
     ) -> None:
         self.backend = backend
         self.store = store
+        store.copy_page = backend.copy_page  # the copy-on-write of shared pages
         self.max_batch_items = max_batch_items
         self.max_queue_delay = max_queue_delay_us / 1e6
         self.observer = observer or EngineObserver()
@@ -93,6 +94,27 @@ class Engine:
         """The tenant's sessions after ``after`` (by id), ``size`` at most, and whether more
         follow; without waiting for the worker."""
         return self.store.list_page(tenant, after, size)
+
+    async def fork_session(
+        self,
+        source_id: str,
+        tenant: str,
+        session_id: str,
+        length: int | None,
+        ttl_seconds: float,
+    ) -> SessionSnapshot:
+        """A new session of ``tenant`` sharing ``source_id``'s pages up to ``length``
+        tokens per layer (None: all); the source's lookup counts as a use."""
+        store = self.store
+
+        def fork() -> SessionSnapshot:
+            try:
+                source = store.get(source_id, tenant)
+            except NotFound as exc:  # name the request's field
+                raise NotFound(f"source_{exc.message}") from None
+            return store.snapshot(store.fork(source, session_id, length, ttl_seconds))
+
+        return await self.call(fork)
 
     async def delete_session(self, session_id: str, tenant: str) -> int:
         """Bytes of the pages the session gave back."""

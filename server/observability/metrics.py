@@ -61,8 +61,8 @@ class Metrics:
             g.set_function(read)
             return g
 
-        gauge("q8kv_cache_bytes", "Device bytes of cached tokens' Q8 codes + scales",
-              store.cache_bytes)
+        gauge("q8kv_cache_bytes", "Q8 codes + scales of every session's cached tokens (a "
+              "token shared by forks counted for each session)", store.cache_bytes)
         gauge("q8kv_cache_fp32_equivalent_bytes", "Bytes the cached tokens would take in fp32",
               store.fp32_equivalent_bytes)
         gauge("q8kv_cache_fp16_equivalent_bytes", "Bytes the cached tokens would take in fp16",
@@ -74,8 +74,11 @@ class Metrics:
         )
         gauge("q8kv_pool_capacity_bytes", "Bytes of the page pool (the memory budget in pages)",
               lambda: pool.num_pages * pool.page_bytes)
-        gauge("q8kv_pool_used_bytes", "Bytes of pages handed out, partly filled ones included",
-              lambda: pool.used_pages * pool.page_bytes)
+        gauge("q8kv_pool_used_bytes", "Bytes of pages handed out, partly filled ones included "
+              "(a page shared by forks counted once)", lambda: pool.used_pages * pool.page_bytes)
+        gauge("q8kv_pool_shared_saved_bytes", "Bytes that sharing pages between forks saves: "
+              "every reference to a page beyond its first",
+              lambda: pool.shared_saved_pages * pool.page_bytes)
         gauge("q8kv_sessions_active", "Live sessions", lambda: len(store))
 
     def _engine_metrics(self, store: SessionStore, backend: Backend) -> None:

@@ -88,6 +88,18 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         )
         return pb.TruncateSessionResponse(session=self._info(snap))
 
+    async def ForkSession(self, request, context):
+        length = request.length if request.HasField("length") else None
+        snap = await self.engine.fork_session(
+            request.source_session_id, current_tenant.get(), request.session_id, length,
+            request.ttl_seconds,
+        )
+        event(
+            log, "session_forked", session=snap.id, source=request.source_session_id,
+            tokens=snap.tokens,
+        )
+        return pb.ForkSessionResponse(session=self._info(snap))
+
     async def _append_and_attend(self, items, context) -> list[pb.AttendResult]:
         requests = decode_items(items, self.limits)
         results = await self.engine.append_and_attend(

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15q8kv/v1/kvcache.proto\x12\x07q8kv.v1\"D\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.q8kv.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"j\n\x08Geometry\x12\x12\n\nnum_layers\x18\x01 \x01(\x03\x12\x11\n\tnum_heads\x18\x02 \x01(\x03\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x03\x12\x10\n\x08head_dim\x18\x04 \x01(\x03\x12\x0f\n\x07max_len\x18\x05 \x01(\x03\"\xe0\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x08geometry\x18\x02 \x01(\x0b\x32\x11.q8kv.v1.Geometry\x12\x15\n\rsoftmax_scale\x18\x03 \x01(\x02\x12\x15\n\rlayer_lengths\x18\x04 \x03(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x03\x12\x16\n\x0ereserved_bytes\x18\x06 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x07 \x01(\x01\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x14\n\x0clast_used_at\x18\t \x01(\x01\"\x92\x01\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x08geometry\x18\x02 \x01(\x0b\x32\x11.q8kv.v1.Geometry\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\x12\x1a\n\rsoftmax_scale\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x10\n\x0e_softmax_scale\">\n\x15\x43reateSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\";\n\x12GetSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.q8kv.v1.SessionInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\",\n\x15\x44\x65leteSessionResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\"<\n\x16TruncateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\"@\n\x17TruncateSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo\"\xb5\x01\n\nAttendItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x1a\n\x01q\x18\x03 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01k\x18\x04 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01v\x18\x05 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1c\n\x0f\x65xpected_length\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x12\n\x10_expected_length\"?\n\x0c\x41ttendResult\x12\x1f\n\x06output\x18\x01 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x0e\n\x06length\x18\x02 \x01(\x03\"<\n\x16\x41ppendAndAttendRequest\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.q8kv.v1.AttendItem\"A\n\x17\x41ppendAndAttendResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.q8kv.v1.AttendResult\"\xa6\x01\n\x12\x41ttendBatchRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x1a\n\x01q\x18\x03 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01k\x18\x04 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01v\x18\x05 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x18\n\x10\x65xpected_lengths\x18\x06 \x03(\x03\"G\n\x13\x41ttendBatchResponse\x12\x1f\n\x06output\x18\x01 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x0f\n\x07lengths\x18\x02 \x03(\x03\"\x82\x01\n\x1c\x41ppendAndAttendStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\"\n\x05items\x18\x02 \x03(\x0b\x32\x13.q8kv.v1.AttendItem\x12*\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1b.q8kv.v1.AttendBatchRequest\"\xb3\x01\n\x1d\x41ppendAndAttendStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12&\n\x07results\x18\x02 \x03(\x0b\x32\x15.q8kv.v1.AttendResult\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12+\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x1c.q8kv.v1.AttendBatchResponse\"_\n\x11\x44\x65quantizeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x10\n\x03\x65nd\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x06\n\x04_end\"\\\n\x12\x44\x65quantizeResponse\x12\x1a\n\x01k\x18\x01 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01v\x18\x02 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\x03\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x93\x01\n\x0cSessionChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.q8kv.v1.SessionHeaderH\x00\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.q8kv.v1.TokenChunkH\x00\x12*\n\x07trailer\x18\x03 \x01(\x0b\x32\x17.q8kv.v1.SessionTrailerH\x00\x42\x06\n\x04part\"\xb3\x01\n\rSessionHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x08geometry\x18\x03 \x01(\x0b\x32\x11.q8kv.v1.Geometry\x12\x15\n\rsoftmax_scale\x18\x04 \x01(\x02\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x01\x12\x15\n\rlayer_lengths\x18\x06 \x03(\x03\x12\x0e\n\x06tenant\x18\x07 \x01(\t\"X\n\nTokenChunk\x12\r\n\x05layer\x18\x01 \x01(\x03\x12\r\n\x05start\x18\x02 \x01(\x03\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\r\n\x05\x63odes\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\" \n\x0eSessionTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\">\n\x15ImportSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x32\x80\x07\n\x0eKVCacheService\x12N\n\rCreateSession\x12\x1d.q8kv.v1.CreateSessionRequest\x1a\x1e.q8kv.v1.CreateSessionResponse\x12\x45\n\nGetSession\x12\x1a.q8kv.v1.GetSessionRequest\x1a\x1b.q8kv.v1.GetSessionResponse\x12K\n\x0cListSessions\x12\x1c.q8kv.v1.ListSessionsRequest\x1a\x1d.q8kv.v1.ListSessionsResponse\x12N\n\rDeleteSession\x12\x1d.q8kv.v1.DeleteSessionRequest\x1a\x1e.q8kv.v1.DeleteSessionResponse\x12T\n\x0fTruncateSession\x12\x1f.q8kv.v1.TruncateSessionRequest\x1a .q8kv.v1.TruncateSessionResponse\x12T\n\x0f\x41ppendAndAttend\x12\x1f.q8kv.v1.AppendAndAttendRequest\x1a .q8kv.v1.AppendAndAttendResponse\x12j\n\x15\x41ppendAndAttendStream\x12%.q8kv.v1.AppendAndAttendStreamRequest\x1a&.q8kv.v1.AppendAndAttendStreamResponse(\x01\x30\x01\x12H\n\x0b\x41ttendBatch\x12\x1b.q8kv.v1.AttendBatchRequest\x1a\x1c.q8kv.v1.AttendBatchResponse\x12\x45\n\nDequantize\x12\x1a.q8kv.v1.DequantizeRequest\x1a\x1b.q8kv.v1.DequantizeResponse\x12G\n\rExportSession\x12\x1d.q8kv.v1.ExportSessionRequest\x1a\x15.q8kv.v1.SessionChunk0\x01\x12H\n\rImportSession\x12\x15.q8kv.v1.SessionChunk\x1a\x1e.q8kv.v1.ImportSessionResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15q8kv/v1/kvcache.proto\x12\x07q8kv.v1\"D\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.q8kv.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"j\n\x08Geometry\x12\x12\n\nnum_layers\x18\x01 \x01(\x03\x12\x11\n\tnum_heads\x18\x02 \x01(\x03\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x03\x12\x10\n\x08head_dim\x18\x04 \x01(\x03\x12\x0f\n\x07max_len\x18\x05 \x01(\x03\"\xe0\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x08geometry\x18\x02 \x01(\x0b\x32\x11.q8kv.v1.Geometry\x12\x15\n\rsoftmax_scale\x18\x03 \x01(\x02\x12\x15\n\rlayer_lengths\x18\x04 \x03(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x03\x12\x16\n\x0ereserved_bytes\x18\x06 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x07 \x01(\x01\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x14\n\x0clast_used_at\x18\t \x01(\x01\"\x92\x01\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x08geometry\x18\x02 \x01(\x0b\x32\x11.q8kv.v1.Geometry\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\x12\x1a\n\rsoftmax_scale\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x10\n\x0e_softmax_scale\">\n\x15\x43reateSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\";\n\x12GetSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.q8kv.v1.SessionInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\",\n\x15\x44\x65leteSessionResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\"<\n\x16TruncateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\"@\n\x17TruncateSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo\"x\n\x12\x46orkSessionRequest\x12\x19\n\x11source_session_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x06length\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x01\x42\t\n\x07_length\"<\n\x13\x46orkSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo\"\xb5\x01\n\nAttendItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x1a\n\x01q\x18\x03 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01k\x18\x04 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01v\x18\x05 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1c\n\x0f\x65xpected_length\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x12\n\x10_expected_length\"?\n\x0c\x41ttendResult\x12\x1f\n\x06output\x18\x01 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x0e\n\x06length\x18\x02 \x01(\x03\"<\n\x16\x41ppendAndAttendRequest\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.q8kv.v1.AttendItem\"A\n\x17\x41ppendAndAttendResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.q8kv.v1.AttendResult\"\xa6\x01\n\x12\x41ttendBatchRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x1a\n\x01q\x18\x03 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01k\x18\x04 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01v\x18\x05 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x18\n\x10\x65xpected_lengths\x18\x06 \x03(\x03\"G\n\x13\x41ttendBatchResponse\x12\x1f\n\x06output\x18\x01 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x0f\n\x07lengths\x18\x02 \x03(\x03\"\x82\x01\n\x1c\x41ppendAndAttendStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\"\n\x05items\x18\x02 \x03(\x0b\x32\x13.q8kv.v1.AttendItem\x12*\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1b.q8kv.v1.AttendBatchRequest\"\xb3\x01\n\x1d\x41ppendAndAttendStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12&\n\x07results\x18\x02 \x03(\x0b\x32\x15.q8kv.v1.AttendResult\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12+\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x1c.q8kv.v1.AttendBatchResponse\"_\n\x11\x44\x65quantizeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x10\n\x03\x65nd\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x06\n\x04_end\"\\\n\x12\x44\x65quantizeResponse\x12\x1a\n\x01k\x18\x01 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x1a\n\x01v\x18\x02 \x01(\x0b\x32\x0f.q8kv.v1.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\x03\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x93\x01\n\x0cSessionChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.q8kv.v1.SessionHeaderH\x00\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.q8kv.v1.TokenChunkH\x00\x12*\n\x07trailer\x18\x03 \x01(\x0b\x32\x17.q8kv.v1.SessionTrailerH\x00\x42\x06\n\x04part\"\xb3\x01\n\rSessionHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x08geometry\x18\x03 \x01(\x0b\x32\x11.q8kv.v1.Geometry\x12\x15\n\rsoftmax_scale\x18\x04 \x01(\x02\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x01\x12\x15\n\rlayer_lengths\x18\x06 \x03(\x03\x12\x0e\n\x06tenant\x18\x07 \x01(\t\"X\n\nTokenChunk\x12\r\n\x05layer\x18\x01 \x01(\x03\x12\r\n\x05start\x18\x02 \x01(\x03\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\r\n\x05\x63odes\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\" \n\x0eSessionTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\">\n\x15ImportSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.q8kv.v1.SessionInfo*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x32\xca\x07\n\x0eKVCacheService\x12N\n\rCreateSession\x12\x1d.q8kv.v1.CreateSessionRequest\x1a\x1e.q8kv.v1.CreateSessionResponse\x12\x45\n\nGetSession\x12\x1a.q8kv.v1.GetSessionRequest\x1a\x1b.q8kv.v1.GetSessionResponse\x12K\n\x0cListSessions\x12\x1c.q8kv.v1.ListSessionsRequest\x1a\x1d.q8kv.v1.ListSessionsResponse\x12N\n\rDeleteSession\x12\x1d.q8kv.v1.DeleteSessionRequest\x1a\x1e.q8kv.v1.DeleteSessionResponse\x12T\n\x0fTruncateSession\x12\x1f.q8kv.v1.TruncateSessionRequest\x1a .q8kv.v1.TruncateSessionResponse\x12H\n\x0b\x46orkSession\x12\x1b.q8kv.v1.ForkSessionRequest\x1a\x1c.q8kv.v1.ForkSessionResponse\x12T\n\x0f\x41ppendAndAttend\x12\x1f.q8kv.v1.AppendAndAttendRequest\x1a .q8kv.v1.AppendAndAttendResponse\x12j\n\x15\x41ppendAndAttendStream\x12%.q8kv.v1.AppendAndAttendStreamRequest\x1a&.q8kv.v1.AppendAndAttendStreamResponse(\x01\x30\x01\x12H\n\x0b\x41ttendBatch\x12\x1b.q8kv.v1.AttendBatchRequest\x1a\x1c.q8kv.v1.AttendBatchResponse\x12\x45\n\nDequantize\x12\x1a.q8kv.v1.DequantizeRequest\x1a\x1b.q8kv.v1.DequantizeResponse\x12G\n\rExportSession\x12\x1d.q8kv.v1.ExportSessionRequest\x1a\x15.q8kv.v1.SessionChunk0\x01\x12H\n\rImportSession\x12\x15.q8kv.v1.SessionChunk\x1a\x1e.q8kv.v1.ImportSessionResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'q8kv.v1.kvcache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2813
-  _globals['_DTYPE']._serialized_end=2883
+  _globals['_DTYPE']._serialized_start=2997
+  _globals['_DTYPE']._serialized_end=3067
   _globals['_TENSOR']._serialized_start=34
   _globals['_TENSOR']._serialized_end=102
   _globals['_GEOMETRY']._serialized_start=104
@@ -59,38 +59,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRUNCATESESSIONREQUEST']._serialized_end=1055
   _globals['_TRUNCATESESSIONRESPONSE']._serialized_start=1057
   _globals['_TRUNCATESESSIONRESPONSE']._serialized_end=1121
-  _globals['_ATTENDITEM']._serialized_start=1124
-  _globals['_ATTENDITEM']._serialized_end=1305
-  _globals['_ATTENDRESULT']._serialized_start=1307
-  _globals['_ATTENDRESULT']._serialized_end=1370
-  _globals['_APPENDANDATTENDREQUEST']._serialized_start=1372
-  _globals['_APPENDANDATTENDREQUEST']._serialized_end=1432
-  _globals['_APPENDANDATTENDRESPONSE']._serialized_start=1434
-  _globals['_APPENDANDATTENDRESPONSE']._serialized_end=1499
-  _globals['_ATTENDBATCHREQUEST']._serialized_start=1502
-  _globals['_ATTENDBATCHREQUEST']._serialized_end=1668
-  _globals['_ATTENDBATCHRESPONSE']._serialized_start=1670
-  _globals['_ATTENDBATCHRESPONSE']._serialized_end=1741
-  _globals['_APPENDANDATTENDSTREAMREQUEST']._serialized_start=1744
-  _globals['_APPENDANDATTENDSTREAMREQUEST']._serialized_end=1874
-  _globals['_APPENDANDATTENDSTREAMRESPONSE']._serialized_start=1877
-  _globals['_APPENDANDATTENDSTREAMRESPONSE']._serialized_end=2056
-  _globals['_DEQUANTIZEREQUEST']._serialized_start=2058
-  _globals['_DEQUANTIZEREQUEST']._serialized_end=2153
-  _globals['_DEQUANTIZERESPONSE']._serialized_start=2155
-  _globals['_DEQUANTIZERESPONSE']._serialized_end=2247
-  _globals['_EXPORTSESSIONREQUEST']._serialized_start=2249
-  _globals['_EXPORTSESSIONREQUEST']._serialized_end=2291
-  _globals['_SESSIONCHUNK']._serialized_start=2294
-  _globals['_SESSIONCHUNK']._serialized_end=2441
-  _globals['_SESSIONHEADER']._serialized_start=2444
-  _globals['_SESSIONHEADER']._serialized_end=2623
-  _globals['_TOKENCHUNK']._serialized_start=2625
-  _globals['_TOKENCHUNK']._serialized_end=2713
-  _globals['_SESSIONTRAILER']._serialized_start=2715
-  _globals['_SESSIONTRAILER']._serialized_end=2747
-  _globals['_IMPORTSESSIONRESPONSE']._serialized_start=2749
-  _globals['_IMPORTSESSIONRESPONSE']._serialized_end=2811
-  _globals['_KVCACHESERVICE']._serialized_start=2886
-  _globals['_KVCACHESERVICE']._serialized_end=3782
+  _globals['_FORKSESSIONREQUEST']._serialized_start=1123
+  _globals['_FORKSESSIONREQUEST']._serialized_end=1243
+  _globals['_FORKSESSIONRESPONSE']._serialized_start=1245
+  _globals['_FORKSESSIONRESPONSE']._serialized_end=1305
+  _globals['_ATTENDITEM']._serialized_start=1308
+  _globals['_ATTENDITEM']._serialized_end=1489
+  _globals['_ATTENDRESULT']._serialized_start=1491
+  _globals['_ATTENDRESULT']._serialized_end=1554
+  _globals['_APPENDANDATTENDREQUEST']._serialized_start=1556
+  _globals['_APPENDANDATTENDREQUEST']._serialized_end=1616
+  _globals['_APPENDANDATTENDRESPONSE']._serialized_start=1618
+  _globals['_APPENDANDATTENDRESPONSE']._serialized_end=1683
+  _globals['_ATTENDBATCHREQUEST']._serialized_start=1686
+  _globals['_ATTENDBATCHREQUEST']._serialized_end=1852
+  _globals['_ATTENDBATCHRESPONSE']._serialized_start=1854
+  _globals['_ATTENDBATCHRESPONSE']._serialized_end=1925
+  _globals['_APPENDANDATTENDSTREAMREQUEST']._serialized_start=1928
+  _globals['_APPENDANDATTENDSTREAMREQUEST']._serialized_end=2058
+  _globals['_APPENDANDATTENDSTREAMRESPONSE']._serialized_start=2061
+  _globals['_APPENDANDATTENDSTREAMRESPONSE']._serialized_end=2240
+  _globals['_DEQUANTIZEREQUEST']._serialized_start=2242
+  _globals['_DEQUANTIZEREQUEST']._serialized_end=2337
+  _globals['_DEQUANTIZERESPONSE']._serialized_start=2339
+  _globals['_DEQUANTIZERESPONSE']._serialized_end=2431
+  _globals['_EXPORTSESSIONREQUEST']._serialized_start=2433
+  _globals['_EXPORTSESSIONREQUEST']._serialized_end=2475
+  _globals['_SESSIONCHUNK']._serialized_start=2478
+  _globals['_SESSIONCHUNK']._serialized_end=2625
+  _globals['_SESSIONHEADER']._serialized_start=2628
+  _globals['_SESSIONHEADER']._serialized_end=2807
+  _globals['_TOKENCHUNK']._serialized_start=2809
+  _globals['_TOKENCHUNK']._serialized_end=2897
+  _globals['_SESSIONTRAILER']._serialized_start=2899
+  _globals['_SESSIONTRAILER']._serialized_end=2931
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_start=2933
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_end=2995
+  _globals['_KVCACHESERVICE']._serialized_start=3070
+  _globals['_KVCACHESERVICE']._serialized_end=4040
 # @@protoc_insertion_point(module_scope)

@@ -136,6 +136,24 @@ class TruncateSessionResponse(_message.Message):
     session: SessionInfo
     def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
 
+class ForkSessionRequest(_message.Message):
+    __slots__ = ("source_session_id", "session_id", "length", "ttl_seconds")
+    SOURCE_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    source_session_id: str
+    session_id: str
+    length: int
+    ttl_seconds: float
+    def __init__(self, source_session_id: _Optional[str] = ..., session_id: _Optional[str] = ..., length: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class ForkSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
+
 class AttendItem(_message.Message):
     __slots__ = ("session_id", "layer", "q", "k", "v", "expected_length")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class KVCacheServiceStub:
                 request_serializer=q8kv_dot_v1_dot_kvcache__pb2.TruncateSessionRequest.SerializeToString,
                 response_deserializer=q8kv_dot_v1_dot_kvcache__pb2.TruncateSessionResponse.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/q8kv.v1.KVCacheService/ForkSession',
+                request_serializer=q8kv_dot_v1_dot_kvcache__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=q8kv_dot_v1_dot_kvcache__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
         self.AppendAndAttend = channel.unary_unary(
                 '/q8kv.v1.KVCacheService/AppendAndAttend',
                 request_serializer=q8kv_dot_v1_dot_kvcache__pb2.AppendAndAttendRequest.SerializeToString,
@@ -119,7 +124,21 @@ class KVCacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TruncateSession(self, request, context):
-        """Cuts every layer of a session to at most `length` tokens.
+        """Cuts every layer of a session to at most `length` tokens. Pages shared with forks are
+        only let go of: the other sessions' tokens never change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkSession(self, request, context):
+        """A new session of the caller's tenant with the source's geometry and softmax scale,
+        sharing the source's cached tokens (up to `length` per layer) by reference: it takes
+        no page and copies no token, whatever the pool's free memory. The two then diverge:
+        the first append of either into a shared, partly filled page copies that one page
+        (copy-on-write: RESOURCE_EXHAUSTED, nothing appended, if no page can be had); full
+        shared pages are never copied. A page is freed when its last session lets go.
+        NOT_FOUND for a source of another tenant; limits as CreateSession.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -205,6 +224,11 @@ def add_KVCacheServiceServicer_to_server(servicer, server):
                     servicer.TruncateSession,
                     request_deserializer=q8kv_dot_v1_dot_kvcache__pb2.TruncateSessionRequest.FromString,
                     response_serializer=q8kv_dot_v1_dot_kvcache__pb2.TruncateSessionResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=q8kv_dot_v1_dot_kvcache__pb2.ForkSessionRequest.FromString,
+                    response_serializer=q8kv_dot_v1_dot_kvcache__pb2.ForkSessionResponse.SerializeToString,
             ),
             'AppendAndAttend': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendAndAttend,
@@ -372,6 +396,33 @@ class KVCacheService:
             '/q8kv.v1.KVCacheService/TruncateSession',
             q8kv_dot_v1_dot_kvcache__pb2.TruncateSessionRequest.SerializeToString,
             q8kv_dot_v1_dot_kvcache__pb2.TruncateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/q8kv.v1.KVCacheService/ForkSession',
+            q8kv_dot_v1_dot_kvcache__pb2.ForkSessionRequest.SerializeToString,
+            q8kv_dot_v1_dot_kvcache__pb2.ForkSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

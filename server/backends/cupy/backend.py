@@ -311,3 +311,9 @@ class CupyBackend(Backend):
             self.codes[ids] = cp.asarray(np.asarray(codes, dtype=np.int8))
             self.scales[ids] = cp.asarray(np.asarray(scales, dtype=np.float32))
             self._stream.synchronize()
+
+    def copy_page(self, source: int, target: int) -> None:
+        # Device to device on the backend's stream, so the append that follows sees it.
+        with self._device, self._stream:
+            self.codes[target] = self.codes[source]
+            self.scales[target] = self.scales[source]
