@@ -88,10 +88,13 @@ def session_ids(count: int) -> list[str]:
 def import_stream(sid: str, length: int, max_len: int, rng) -> list[pb.SessionChunk]:
     """One session as an ImportSession stream: header, random Q8 tokens, checksum."""
     header = pb.SessionHeader(
-        format_version=FORMAT_VERSION, session_id=sid,
-        geometry=pb.Geometry(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D,
-                             max_len=max_len),
-        softmax_scale=1.0 / math.sqrt(D), layer_lengths=[length],
+        format_version=FORMAT_VERSION,
+        session_id=sid,
+        geometry=pb.Geometry(
+            num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D, max_len=max_len
+        ),
+        softmax_scale=1.0 / math.sqrt(D),
+        layer_lengths=[length],
     )
     chunks = [pb.SessionChunk(header=header)]
     step = CHUNK_CODE_BYTES // (2 * KVH * D)
@@ -100,8 +103,9 @@ def import_stream(sid: str, length: int, max_len: int, rng) -> list[pb.SessionCh
         codes = rng.integers(-127, 128, size=(2, KVH, count, D), dtype=np.int8)
         # Scales near max|x|/127 of unit-variance values: dequantized values of order 1.
         scales = rng.uniform(0.005, 0.03, size=(2, KVH, count, D // 32)).astype("<f4")
-        tokens = pb.TokenChunk(layer=0, start=start, count=count, codes=codes.tobytes(),
-                               scales=scales.tobytes())
+        tokens = pb.TokenChunk(
+            layer=0, start=start, count=count, codes=codes.tobytes(), scales=scales.tobytes()
+        )
         chunks.append(pb.SessionChunk(tokens=tokens))
     digest = hashlib.sha256()
     for chunk in chunks:
@@ -117,8 +121,11 @@ def random_tensor(rng, *shape: int) -> pb.Tensor:
 def batch_request(ids: list[str], rng) -> pb.AttendBatchRequest:
     b = len(ids)
     return pb.AttendBatchRequest(
-        session_ids=ids, layer=0, q=random_tensor(rng, b, 1, H, D),
-        k=random_tensor(rng, b, 1, KVH, D), v=random_tensor(rng, b, 1, KVH, D),
+        session_ids=ids,
+        layer=0,
+        q=random_tensor(rng, b, 1, H, D),
+        k=random_tensor(rng, b, 1, KVH, D),
+        v=random_tensor(rng, b, 1, KVH, D),
     )
 
 
@@ -129,8 +136,13 @@ def batch_response_bytes(b: int, length: int) -> int:
 
 
 def item_request(sid: str, rng) -> pb.AppendAndAttendRequest:
-    item = pb.AttendItem(session_id=sid, layer=0, q=random_tensor(rng, 1, H, D),
-                         k=random_tensor(rng, 1, KVH, D), v=random_tensor(rng, 1, KVH, D))
+    item = pb.AttendItem(
+        session_id=sid,
+        layer=0,
+        q=random_tensor(rng, 1, H, D),
+        k=random_tensor(rng, 1, KVH, D),
+        v=random_tensor(rng, 1, KVH, D),
+    )
     return pb.AppendAndAttendRequest(items=[item])
 
 
@@ -144,12 +156,20 @@ def item_response_bytes(length: int) -> int:
 
 def stats_us(seconds: list[float]) -> dict[str, float]:
     us = np.asarray(seconds) * 1e6
-    return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
-            "mean_us": float(us.mean()), "samples": len(us)}
+    return {
+        "p50_us": float(np.percentile(us, 50)),
+        "p99_us": float(np.percentile(us, 99)),
+        "mean_us": float(us.mean()),
+        "samples": len(us),
+    }
 
 
-async def sequential(call: Callable[[int], Awaitable], count: int, seconds: float,
-                     after: Callable[[], Awaitable] | None = None) -> list[float]:
+async def sequential(
+    call: Callable[[int], Awaitable],
+    count: int,
+    seconds: float,
+    after: Callable[[], Awaitable] | None = None,
+) -> list[float]:
     """Seconds of ``call(i)``, one at a time: ``count`` calls, or fewer when ``seconds`` run
     out (at least 5); ``after`` runs untimed after each. The collector is paused."""
     times: list[float] = []
@@ -179,8 +199,9 @@ class Flight:
     latencies: list[float] = field(default_factory=list)
 
 
-async def in_flight(call: Callable[[int], Awaitable], tasks: int, seconds: float,
-                    max_calls: int) -> Flight:
+async def in_flight(
+    call: Callable[[int], Awaitable], tasks: int, seconds: float, max_calls: int
+) -> Flight:
     """``tasks`` loops each keeping one ``call(i)`` in flight until ``seconds`` pass or
     ``max_calls`` were started; wall time until the last call finished."""
     flight = Flight()
@@ -218,8 +239,9 @@ def flight_figures(flight: Flight, items_per_call: int) -> dict[str, float]:
 class Bench:
     """The two servers, the channels and the sessions one run shares."""
 
-    def __init__(self, args: argparse.Namespace, server: ServerProcess, echo: EchoProcess,
-                 ids: list[str]) -> None:
+    def __init__(
+        self, args: argparse.Namespace, server: ServerProcess, echo: EchoProcess, ids: list[str]
+    ) -> None:
         self.args = args
         self.server = server
         self.echo = echo
@@ -254,24 +276,29 @@ class Bench:
 
         wave = 8  # a few streams at a time: bounded memory
         for first in range(0, len(self.ids), wave):
-            await asyncio.gather(*(one(sid, first + i) for i, sid in
-                                   enumerate(self.ids[first:first + wave])))
+            await asyncio.gather(
+                *(one(sid, first + i) for i, sid in enumerate(self.ids[first : first + wave]))
+            )
 
     async def truncate_all(self, ids: list[str] | None = None) -> None:
         """Every session back to --length tokens (after each phase; never timed)."""
         ids = self.ids if ids is None else ids
         for first in range(0, len(ids), 64):
-            await asyncio.gather(*(
-                self.stub.TruncateSession(
-                    pb.TruncateSessionRequest(session_id=sid, length=self.args.length),
-                    timeout=TIMEOUT)
-                for sid in ids[first:first + 64]))
+            await asyncio.gather(
+                *(
+                    self.stub.TruncateSession(
+                        pb.TruncateSessionRequest(session_id=sid, length=self.args.length),
+                        timeout=TIMEOUT,
+                    )
+                    for sid in ids[first : first + 64]
+                )
+            )
 
     # -- the packed path --
 
     async def packed(self, b: int) -> dict:
         groups = len(self.ids) // b
-        requests = [batch_request(self.ids[g * b:(g + 1) * b], self.rng) for g in range(groups)]
+        requests = [batch_request(self.ids[g * b : (g + 1) * b], self.rng) for g in range(groups)]
         name = f"B{b}"
         request_bytes = requests[0].ByteSize()
         payload = requests[0].SerializeToString()
@@ -283,8 +310,12 @@ class Bench:
                 raise SystemExit(f"B={b}: unexpected reply shape {reply.output.shape}")
 
         echo = self.echo_call(name, payload)
-        row: dict = {"B": b, "groups": groups, "request_bytes": request_bytes,
-                     "response_bytes": self.echo.responses[name]}
+        row: dict = {
+            "B": b,
+            "groups": groups,
+            "request_bytes": request_bytes,
+            "response_bytes": self.echo.responses[name],
+        }
         await q8kv(0)  # warm-up (first call of a size: allocations, kernel compiles)
         await echo(0)
         await self.truncate_all()
@@ -293,8 +324,9 @@ class Bench:
         await self.truncate_all()
         echo_times = await sequential(echo, len(svc), self.args.latency_seconds * 4)
         row["latency"] = {"q8kv": stats_us(svc), "echo": stats_us(echo_times)}
-        row["latency"]["ratio_p50"] = (row["latency"]["q8kv"]["p50_us"]
-                                       / row["latency"]["echo"]["p50_us"])
+        row["latency"]["ratio_p50"] = (
+            row["latency"]["q8kv"]["p50_us"] / row["latency"]["echo"]["p50_us"]
+        )
         row["in_flight"] = []
         for tasks in self.args.in_flight:
             row["in_flight"].append(await self.packed_flight(b, tasks, q8kv, echo, max_calls))
@@ -325,7 +357,7 @@ class Bench:
 
     async def orchestrators(self, streaming: bool) -> dict:
         """--orchestrators tasks, one session each, one decode item per call."""
-        ids = self.ids[:self.args.orchestrators]
+        ids = self.ids[: self.args.orchestrators]
         requests = [item_request(sid, self.rng) for sid in ids]
         calls = [0] * len(ids)
         deadline = 0.0
@@ -362,23 +394,37 @@ class Bench:
         wall = time.perf_counter() - started
         device = self.server.metric(DEVICE_SECONDS) - device_before
         await self.truncate_all(ids)
-        return {"rpc": "stream" if streaming else "unary", "orchestrators": len(ids),
-                "calls": sum(calls), "wall_s": wall, "items_per_s": sum(calls) / wall,
-                "device_share": device / wall}
+        return {
+            "rpc": "stream" if streaming else "unary",
+            "orchestrators": len(ids),
+            "calls": sum(calls),
+            "wall_s": wall,
+            "items_per_s": sum(calls) / wall,
+            "device_share": device / wall,
+        }
 
     async def single_short(self) -> dict:
         """One decode step at a --short-length cache, one at a time, vs the echo."""
         short = self.args.short_length
-        geometry = pb.Geometry(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D,
-                               max_len=short + 64)
+        geometry = pb.Geometry(
+            num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D, max_len=short + 64
+        )
         created = await self.stub.CreateSession(
-            pb.CreateSessionRequest(session_id="bench-short", geometry=geometry),
-            timeout=TIMEOUT)
+            pb.CreateSessionRequest(session_id="bench-short", geometry=geometry), timeout=TIMEOUT
+        )
         sid = created.session.session_id
         metadata = (("x-session-id", sid),)
-        prefill = pb.AppendAndAttendRequest(items=[pb.AttendItem(
-            session_id=sid, layer=0, q=random_tensor(self.rng, short, H, D),
-            k=random_tensor(self.rng, short, KVH, D), v=random_tensor(self.rng, short, KVH, D))])
+        prefill = pb.AppendAndAttendRequest(
+            items=[
+                pb.AttendItem(
+                    session_id=sid,
+                    layer=0,
+                    q=random_tensor(self.rng, short, H, D),
+                    k=random_tensor(self.rng, short, KVH, D),
+                    v=random_tensor(self.rng, short, KVH, D),
+                )
+            ]
+        )
         await self.stub.AppendAndAttend(prefill, timeout=TIMEOUT, metadata=metadata)
         request = item_request(sid, self.rng)
         truncate = pb.TruncateSessionRequest(session_id=sid, length=short)
@@ -398,9 +444,14 @@ class Bench:
         echo_times = await sequential(echo, len(svc), seconds * 4)
         await self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=TIMEOUT)
         q8kv_stats, echo_stats = stats_us(svc), stats_us(echo_times)
-        return {"cache_tokens": short, "request_bytes": request.ByteSize(),
-                "response_bytes": self.echo.responses["single"], "q8kv": q8kv_stats,
-                "echo": echo_stats, "ratio_p50": q8kv_stats["p50_us"] / echo_stats["p50_us"]}
+        return {
+            "cache_tokens": short,
+            "request_bytes": request.ByteSize(),
+            "response_bytes": self.echo.responses["single"],
+            "q8kv": q8kv_stats,
+            "echo": echo_stats,
+            "ratio_p50": q8kv_stats["p50_us"] / echo_stats["p50_us"],
+        }
 
     # -- profile --
 
@@ -408,16 +459,27 @@ class Bench:
         if not self.args.profile:
             return None
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        cmd = [spy, "record", "--pid", str(self.server.proc.pid), "--rate", "200",
-               "--duration", str(max(1, int(self.args.seconds))), "--format", "raw",
-               "--output", self.args.profile, "--nonblocking"]
+        cmd = [
+            spy,
+            "record",
+            "--pid",
+            str(self.server.proc.pid),
+            "--rate",
+            "200",
+            "--duration",
+            str(max(1, int(self.args.seconds))),
+            "--format",
+            "raw",
+            "--output",
+            self.args.profile,
+            "--nonblocking",
+        ]
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def finish_profile(self, profiler: subprocess.Popen) -> dict:
         _, err = profiler.communicate(timeout=60)
         if profiler.returncode != 0:
-            print(f"py-spy failed ({profiler.returncode}): {err.decode()[-500:]}",
-                  file=sys.stderr)
+            print(f"py-spy failed ({profiler.returncode}): {err.decode()[-500:]}", file=sys.stderr)
             return {}
         return profile_summary(Path(self.args.profile))
 
@@ -448,13 +510,16 @@ def profile_summary(path: Path, count: int = 20) -> dict[str, list[tuple[str, fl
         mine = [f for f in frames if OURS.search(f)]
         ours[re.sub(r":\d+\)$", ")", mine[-1]) if mine else NONE_OURS] += samples
     total = sum(own.values()) or 1
-    return {"self": [(frame, n / total) for frame, n in own.most_common(count)],
-            "q8kv_function": [(frame, n / total) for frame, n in ours.most_common(count)],
-            "samples": total}
+    return {
+        "self": [(frame, n / total) for frame, n in own.most_common(count)],
+        "q8kv_function": [(frame, n / total) for frame, n in ours.most_common(count)],
+        "samples": total,
+    }
 
 
-async def measure(args: argparse.Namespace, server: ServerProcess, echo: EchoProcess,
-                  ids: list[str]) -> dict:
+async def measure(
+    args: argparse.Namespace, server: ServerProcess, echo: EchoProcess, ids: list[str]
+) -> dict:
     bench = Bench(args, server, echo, ids)
     try:
         started = time.monotonic()
@@ -474,8 +539,13 @@ async def measure(args: argparse.Namespace, server: ServerProcess, echo: EchoPro
         phases["baseline_s"] = time.monotonic() - started
     finally:
         await bench.close()
-    return {"packed": rows, "orchestrators": baseline, "single_item": single,
-            "phases_s": phases, "profile": bench.profile}
+    return {
+        "packed": rows,
+        "orchestrators": baseline,
+        "single_item": single,
+        "phases_s": phases,
+        "profile": bench.profile,
+    }
 
 
 def comparisons(result: dict, args: argparse.Namespace) -> dict:
@@ -497,41 +567,55 @@ def comparisons(result: dict, args: argparse.Namespace) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["one packed AttendBatch call, one at a time (us); ratio = q8kv / echo",
-             f"{'B':>4} {'req KiB':>8} {'resp KiB':>8} | {'q8kv p50':>9} {'q8kv p99':>9} | "
-             f"{'echo p50':>9} {'echo p99':>9} | {'ratio':>5}"]
+    lines = [
+        "one packed AttendBatch call, one at a time (us); ratio = q8kv / echo",
+        f"{'B':>4} {'req KiB':>8} {'resp KiB':>8} | {'q8kv p50':>9} {'q8kv p99':>9} | "
+        f"{'echo p50':>9} {'echo p99':>9} | {'ratio':>5}",
+    ]
     for row in result["packed"]:
         lat = row["latency"]
         lines.append(
             f"{row['B']:>4} {row['request_bytes'] / 1024:8.1f} {row['response_bytes'] / 1024:8.1f}"
             f" | {lat['q8kv']['p50_us']:9.0f} {lat['q8kv']['p99_us']:9.0f} | "
-            f"{lat['echo']['p50_us']:9.0f} {lat['echo']['p99_us']:9.0f} | {lat['ratio_p50']:5.2f}")
-    lines += ["", "items/s (B x calls/s) with calls in flight; device = kernel seconds / wall",
-              f"{'B':>4} {'flight':>6} | {'q8kv':>9} {'echo':>9} {'ratio':>5} | "
-              f"{'q8kv p50 us':>11} {'echo p50 us':>11} | {'device':>6} {'growth':>6}"]
+            f"{lat['echo']['p50_us']:9.0f} {lat['echo']['p99_us']:9.0f} | {lat['ratio_p50']:5.2f}"
+        )
+    lines += [
+        "",
+        "items/s (B x calls/s) with calls in flight; device = kernel seconds / wall",
+        f"{'B':>4} {'flight':>6} | {'q8kv':>9} {'echo':>9} {'ratio':>5} | "
+        f"{'q8kv p50 us':>11} {'echo p50 us':>11} | {'device':>6} {'growth':>6}",
+    ]
     for row in result["packed"]:
         for run in row["in_flight"]:
             lines.append(
                 f"{row['B']:>4} {run['in_flight']:>6} | {run['q8kv']['items_per_s']:9.0f} "
                 f"{run['echo']['items_per_s']:9.0f} {run['ratio_items_per_s']:5.2f} | "
                 f"{run['q8kv']['p50_us']:11.0f} {run['echo']['p50_us']:11.0f} | "
-                f"{run['device_share']:6.1%} {run['cache_growth_tokens']:>6}")
+                f"{run['device_share']:6.1%} {run['cache_growth_tokens']:>6}"
+            )
     lines.append("")
     for base in result["orchestrators"]:
-        lines.append(f"{base['orchestrators']} single-item orchestrators, {base['rpc']:>6}: "
-                     f"{base['items_per_s']:8.0f} items/s (device {base['device_share']:.1%})")
+        lines.append(
+            f"{base['orchestrators']} single-item orchestrators, {base['rpc']:>6}: "
+            f"{base['items_per_s']:8.0f} items/s (device {base['device_share']:.1%})"
+        )
     single = result["single_item"]
-    lines.append(f"single item at a {single['cache_tokens']}-token cache: p50 "
-                 f"{single['q8kv']['p50_us']:.0f} us vs echo {single['echo']['p50_us']:.0f} us"
-                 f" = {single['ratio_p50']:.2f}x (target <= 1.5x)")
+    lines.append(
+        f"single item at a {single['cache_tokens']}-token cache: p50 "
+        f"{single['q8kv']['p50_us']:.0f} us vs echo {single['echo']['p50_us']:.0f} us"
+        f" = {single['ratio_p50']:.2f}x (target <= 1.5x)"
+    )
     for key, value in result["comparisons"].items():
         if key.startswith("packed_"):
             lines.append(f"{key}: {value:.2f}x items/s")
     profile = result.get("profile")
     if profile:
-        lines += ["", f"server profile ({profile['samples']} py-spy samples at B,in-flight "
-                  f"{result['settings']['profile_at']}), share of samples:",
-                  "  by the frame itself:"]
+        lines += [
+            "",
+            f"server profile ({profile['samples']} py-spy samples at B,in-flight "
+            f"{result['settings']['profile_at']}), share of samples:",
+            "  by the frame itself:",
+        ]
         lines += [f"    {share:6.1%}  {frame}" for frame, share in profile["self"][:12]]
         lines += ["  by the innermost q8kv function:"]
         lines += [f"    {share:6.1%}  {name}" for name, share in profile["q8kv_function"][:12]]
@@ -545,24 +629,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--in-flight", default="1,2,4", help="calls in flight, comma-separated")
     p.add_argument("--length", type=int, default=1024, help="cache tokens per session [1024]")
     p.add_argument("--seconds", type=float, default=2.5, help="each in-flight run [2.5]")
-    p.add_argument("--latency-seconds", type=float, default=2.0,
-                   help="time bound of each one-at-a-time latency sample [2]")
+    p.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=2.0,
+        help="time bound of each one-at-a-time latency sample [2]",
+    )
     p.add_argument("--iters", type=int, default=300, help="latency calls per B at most [300]")
-    p.add_argument("--single-iters", type=int, default=1000,
-                   help="single-item latency calls at most [1000]")
+    p.add_argument(
+        "--single-iters", type=int, default=1000, help="single-item latency calls at most [1000]"
+    )
     p.add_argument("--short-length", type=int, default=16, help="single-item cache [16]")
     p.add_argument("--orchestrators", type=int, default=64)
     p.add_argument("--no-stream", action="store_true", help="skip the streaming baseline")
-    p.add_argument("--max-growth", type=int, default=128,
-                   help="tokens a session may grow by in one phase [128]")
+    p.add_argument(
+        "--max-growth",
+        type=int,
+        default=128,
+        help="tokens a session may grow by in one phase [128]",
+    )
     p.add_argument("--memory-budget", default="2GiB", help="the server's page pool [2GiB]")
-    p.add_argument("--server-arg", action="append", default=[],
-                   help="extra q8kv-server flag, repeatable: --server-arg=--batching=off")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra q8kv-server flag, repeatable: --server-arg=--batching=off",
+    )
     p.add_argument("--profile", help="write a py-spy raw profile of the server here")
-    p.add_argument("--profile-at", default="64,2",
-                   help="B,in-flight of the run --profile records [64,2]")
-    p.add_argument("--quick", action="store_true",
-                   help="B 1,8,64, 1 s runs, fewer latency calls")
+    p.add_argument(
+        "--profile-at", default="64,2", help="B,in-flight of the run --profile records [64,2]"
+    )
+    p.add_argument("--quick", action="store_true", help="B 1,8,64, 1 s runs, fewer latency calls")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     p.add_argument("--tag", help="appended to the file name: batch_path-<card>-<tag>.json")
     args = p.parse_args(argv)
@@ -579,8 +676,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     count = max(*args.batches, args.orchestrators)
-    server_flags = ["--backend", args.backend, "--memory-budget", args.memory_budget,
-                    "--log-level", "WARNING", *args.server_arg]
+    server_flags = [
+        "--backend",
+        args.backend,
+        "--memory-budget",
+        args.memory_budget,
+        "--log-level",
+        "WARNING",
+        *args.server_arg,
+    ]
     responses = {f"B{b}": batch_response_bytes(b, args.length) for b in args.batches}
     responses["single"] = item_response_bytes(args.short_length)
     started, load_before = time.monotonic(), os.getloadavg()
@@ -599,16 +703,26 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "batch_path",
         "command": command,
         "machine": {**machine(backend, device), "q8kv_version": info.get("version")},
-        "geometry": {"num_heads": H, "num_kv_heads": KVH, "head_dim": D, "layers": 1, "n": 1,
-                     "wire_dtype": DTYPE.name},
+        "geometry": {
+            "num_heads": H,
+            "num_kv_heads": KVH,
+            "head_dim": D,
+            "layers": 1,
+            "n": 1,
+            "wire_dtype": DTYPE.name,
+        },
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "profile", "tag")},
         "server_flags": server_flags,
         # BLAS threads spinning on a small machine skew the numpy backend's figures.
-        "thread_env": {name: os.environ.get(name) for name in
-                       ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+        "thread_env": {
+            name: os.environ.get(name)
+            for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        },
         "sessions": count,
-        "cache": (f"{args.length} tokens per session written by ImportSession; a phase grows "
-                  f"each by at most --max-growth ({args.max_growth}) tokens, then truncates back"),
+        "cache": (
+            f"{args.length} tokens per session written by ImportSession; a phase grows "
+            f"each by at most --max-growth ({args.max_growth}) tokens, then truncates back"
+        ),
         **result,
         "total_s": time.monotonic() - started,
         # Other work on the host skews every figure: the 1-minute load before and after.

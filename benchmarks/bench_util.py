@@ -43,8 +43,13 @@ class ServerProcess:
     """``python -m q8kv.server`` on a free loopback port with ``flags``; waits until
     its health service says SERVING. ``metrics_url`` is set when ``metrics=True``."""
 
-    def __init__(self, flags: list[str], name: str = "q8kv", metrics: bool = True,
-                 wait_seconds: float = 120.0) -> None:
+    def __init__(
+        self,
+        flags: list[str],
+        name: str = "q8kv",
+        metrics: bool = True,
+        wait_seconds: float = 120.0,
+    ) -> None:
         self.name = name
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -54,8 +59,16 @@ class ServerProcess:
             flags = [*flags, "--metrics-port", str(metrics_port)]
             self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "q8kv.server", "--host", "127.0.0.1",
-               "--port", str(self.port), *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "q8kv.server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *flags,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
         try:
             self._wait_serving(wait_seconds)
@@ -84,8 +97,9 @@ class ServerProcess:
         """Every sample named ``name`` on the server's /metrics (with its labels)."""
         with urllib.request.urlopen(self.metrics_url, timeout=10) as reply:
             text = reply.read().decode()
-        return [s for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == name]
+        return [
+            s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name
+        ]
 
     def metric(self, name: str) -> float:
         """Sum of every sample named ``name`` on the server's /metrics."""
@@ -169,9 +183,7 @@ async def serve_echo(port: int, responses: dict[str, int]) -> None:
 
     handlers = {name: answer(os.urandom(size)) for name, size in responses.items()}
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(ECHO_SERVICE, handlers),)
-    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ECHO_SERVICE, handlers),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()

@@ -29,7 +29,7 @@ def main() -> int:
 
         options = kernels.attention_options
         extra = tuple(f"-D{d}" for d in args.define)
-        kernels.attention_options = lambda d, t, w=False: options(d, t, w) + extra
+        kernels.attention_options = lambda d, t: options(d, t) + extra
     batch, length = (int(x) for x in args.shape.split("x"))
     tunings = parse_tunings(args.tuning)
     backend, _layout, batches = q8_setup(

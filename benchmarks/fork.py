@@ -83,14 +83,21 @@ def fork_time(args) -> dict:
         engine.stop()
     store.check_invariants()
     ms = lambda xs: {  # noqa: E731
-        "p50": statistics.median(xs) * 1e3, "p90": float(np.percentile(xs, 90)) * 1e3,
+        "p50": statistics.median(xs) * 1e3,
+        "p90": float(np.percentile(xs, 90)) * 1e3,
         "min": min(xs) * 1e3,
     }
     return {
-        "geometry": {"layers": args.fork_layers, "tokens_per_layer": args.fork_tokens,
-                     "heads": args.heads, "kv_heads": args.kv_heads,
-                     "head_dim": args.head_dim, "page_bytes": args.page_bytes,
-                     "tokens_per_page": tpp, "pages_shared": pages},
+        "geometry": {
+            "layers": args.fork_layers,
+            "tokens_per_layer": args.fork_tokens,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "head_dim": args.head_dim,
+            "page_bytes": args.page_bytes,
+            "tokens_per_page": tpp,
+            "pages_shared": pages,
+        },
         "repeats": args.repeats,
         "engine_call_ms": ms(worker),
         "store_fork_ms": ms(alone),
@@ -98,8 +105,13 @@ def fork_time(args) -> dict:
 
 
 def pool_bytes(args) -> dict:
-    geo = Geometry(args.layers, args.heads_small, args.kv_heads_small, args.head_dim_small,
-                   args.prompt + args.decode)
+    geo = Geometry(
+        args.layers,
+        args.heads_small,
+        args.kv_heads_small,
+        args.head_dim_small,
+        args.prompt + args.decode,
+    )
     tpp = tokens_per_page(args.page_bytes_small, geo.num_kv_heads, geo.head_dim)
     per_session = args.layers * -(-(args.prompt + args.decode) // tpp)
     num_pages = args.layers * -(-args.prompt // tpp) + args.forks * per_session
@@ -123,10 +135,16 @@ def pool_bytes(args) -> dict:
         started = time.perf_counter()
         for _ in range(args.decode):
             items = [
-                AppendRequest(f"f{i}", layer,
-                              *(rng.standard_normal((1, h, geo.head_dim), dtype=np.float32)
-                                for h in (geo.num_heads, geo.num_kv_heads, geo.num_kv_heads)))
-                for i in range(args.forks) for layer in range(args.layers)
+                AppendRequest(
+                    f"f{i}",
+                    layer,
+                    *(
+                        rng.standard_normal((1, h, geo.head_dim), dtype=np.float32)
+                        for h in (geo.num_heads, geo.num_kv_heads, geo.num_kv_heads)
+                    ),
+                )
+                for i in range(args.forks)
+                for layer in range(args.layers)
             ]
             await engine.append_and_attend(items, "")
         return time.perf_counter() - started
@@ -143,11 +161,18 @@ def pool_bytes(args) -> dict:
     ideal = (prompt_pages + args.forks * tail_pages) * page
     independent = args.forks * per_session * page
     return {
-        "geometry": {"layers": args.layers, "heads": geo.num_heads,
-                     "kv_heads": geo.num_kv_heads, "head_dim": geo.head_dim,
-                     "page_bytes": args.page_bytes_small, "tokens_per_page": tpp},
+        "geometry": {
+            "layers": args.layers,
+            "heads": geo.num_heads,
+            "kv_heads": geo.num_kv_heads,
+            "head_dim": geo.head_dim,
+            "page_bytes": args.page_bytes_small,
+            "tokens_per_page": tpp,
+        },
         "attention": bool(args.attend),
-        "prompt_tokens": args.prompt, "forks": args.forks, "decode_tokens": args.decode,
+        "prompt_tokens": args.prompt,
+        "forks": args.forks,
+        "decode_tokens": args.decode,
         "pool_used_bytes": used,
         "shared_saved_bytes": store.pool.shared_saved_pages * page,
         "one_prompt_plus_tails_bytes": ideal,
@@ -187,15 +212,19 @@ def main() -> None:
         "pool_bytes": pool_bytes(args),
     }
     ft, pb = result["fork_time"], result["pool_bytes"]
-    print(f"fork of {args.fork_layers} x {args.fork_tokens} tokens "
-          f"({ft['geometry']['pages_shared']} pages): engine call p50 "
-          f"{ft['engine_call_ms']['p50']:.3f} ms, store alone p50 "
-          f"{ft['store_fork_ms']['p50']:.3f} ms")
-    print(f"{args.forks} forks of {args.prompt} + {args.decode} each: pool "
-          f"{pb['pool_used_bytes'] / 2**20:.1f} MiB = {pb['used_over_prompt_plus_tails']:.3f}x "
-          f"one prompt plus the tails; independent sessions "
-          f"{pb['independent_sessions_bytes'] / 2**20:.1f} MiB "
-          f"({pb['independent_over_used']:.1f}x more)")
+    print(
+        f"fork of {args.fork_layers} x {args.fork_tokens} tokens "
+        f"({ft['geometry']['pages_shared']} pages): engine call p50 "
+        f"{ft['engine_call_ms']['p50']:.3f} ms, store alone p50 "
+        f"{ft['store_fork_ms']['p50']:.3f} ms"
+    )
+    print(
+        f"{args.forks} forks of {args.prompt} + {args.decode} each: pool "
+        f"{pb['pool_used_bytes'] / 2**20:.1f} MiB = {pb['used_over_prompt_plus_tails']:.3f}x "
+        f"one prompt plus the tails; independent sessions "
+        f"{pb['independent_sessions_bytes'] / 2**20:.1f} MiB "
+        f"({pb['independent_over_used']:.1f}x more)"
+    )
     if args.out:
         write_json(args.out, args.name, result)
 

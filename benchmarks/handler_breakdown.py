@@ -70,8 +70,9 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     engine = build_engine(load_config(["--backend", args.backend, "--memory-budget", "256MiB"]))
     engine.start()
     service = KVCacheService(engine)
-    geometry = pb.Geometry(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D,
-                           max_len=args.length + 8)
+    geometry = pb.Geometry(
+        num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D, max_len=args.length + 8
+    )
     created = await service.CreateSession(pb.CreateSessionRequest(geometry=geometry), _Context())
     sid = created.session.session_id
     rng = np.random.default_rng(0)
@@ -92,8 +93,15 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         store.truncate(session, args.length)
 
     decoded = decode_items(step.items)
-    item = AttendItem(session.layout, session.softmax_scale, session.layers[0].page_table(),
-                      args.length, decoded[0].q, decoded[0].k, decoded[0].v)
+    item = AttendItem(
+        session.layout,
+        session.softmax_scale,
+        session.layers[0].page_table(),
+        args.length,
+        decoded[0].q,
+        decoded[0].k,
+        decoded[0].v,
+    )
     out = np.zeros((1, H, D), np.float32)
 
     async def handler() -> None:
@@ -111,8 +119,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     # The backend rewrites the same slot each time: the cache length stays --length.
     figures = {
         "decode + checks": _median_us(lambda: decode_items(step.items), args.iters),
-        "backend append+attend": _median_us(lambda: backend.append_and_attend([item]),
-                                            args.iters),
+        "backend append+attend": _median_us(lambda: backend.append_and_attend([item]), args.iters),
         "encode output": _median_us(lambda: wire.encode(out, args.dtype), args.iters),
         "handler, inline": await _median_us_async(handler, args.iters),
         "engine via worker": await _median_us_async(worker_path, args.iters),
@@ -127,23 +134,35 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
 async def packed(args, service: KVCacheService, engine, rng) -> dict[str, float]:
     """The AttendBatch path at --batch sessions of --length tokens each."""
     b = args.batch
-    geometry = pb.Geometry(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D,
-                           max_len=args.length + 8)
+    geometry = pb.Geometry(
+        num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D, max_len=args.length + 8
+    )
 
     def tensor(*shape: int) -> pb.Tensor:
         return wire.encode(rng.standard_normal(shape), args.dtype)
 
     ids = []
     for _ in range(b):
-        created = await service.CreateSession(pb.CreateSessionRequest(geometry=geometry),
-                                              _Context())
+        created = await service.CreateSession(
+            pb.CreateSessionRequest(geometry=geometry), _Context()
+        )
         sid = created.session.session_id
-        item = pb.AttendItem(session_id=sid, layer=0, q=tensor(args.length, H, D),
-                             k=tensor(args.length, KVH, D), v=tensor(args.length, KVH, D))
+        item = pb.AttendItem(
+            session_id=sid,
+            layer=0,
+            q=tensor(args.length, H, D),
+            k=tensor(args.length, KVH, D),
+            v=tensor(args.length, KVH, D),
+        )
         await service.AppendAndAttend(pb.AppendAndAttendRequest(items=[item]), _Context())
         ids.append(sid)
-    request = pb.AttendBatchRequest(session_ids=ids, layer=0, q=tensor(b, 1, H, D),
-                                    k=tensor(b, 1, KVH, D), v=tensor(b, 1, KVH, D))
+    request = pb.AttendBatchRequest(
+        session_ids=ids,
+        layer=0,
+        q=tensor(b, 1, H, D),
+        k=tensor(b, 1, KVH, D),
+        v=tensor(b, 1, KVH, D),
+    )
     store, backend = engine.store, engine.backend
     sessions = [store.get(sid) for sid in ids]
 
@@ -152,18 +171,30 @@ async def packed(args, service: KVCacheService, engine, rng) -> dict[str, float]
             store.truncate(session, args.length)
 
     batch = decode_batch(request)
-    items = [AttendItem(s.layout, s.softmax_scale, s.layers[0].page_table(), args.length,
-                        batch.q[i], batch.k[i], batch.v[i]) for i, s in enumerate(sessions)]
+    items = [
+        AttendItem(
+            s.layout,
+            s.softmax_scale,
+            s.layers[0].page_table(),
+            args.length,
+            batch.q[i],
+            batch.k[i],
+            batch.v[i],
+        )
+        for i, s in enumerate(sessions)
+    ]
     out = np.zeros((b, 1, H, D), np.float32)
     iters = max(20, args.iters // 10)
     figures = {
         "decode_batch": _median_us(lambda: decode_batch(request), iters),
         "backend append+attend": _median_us(lambda: backend.append_and_attend(items), iters),
         "engine attend_batch": await _median_us_async(
-            lambda: engine.attend_batch(batch), iters, rewind),
+            lambda: engine.attend_batch(batch), iters, rewind
+        ),
         "encode output": _median_us(lambda: wire.encode(out, args.dtype), iters),
         "handler": await _median_us_async(
-            lambda: service.AttendBatch(request, _Context()), iters, rewind),
+            lambda: service.AttendBatch(request, _Context()), iters, rewind
+        ),
     }
     return {f"packed B={b}: {name}": us for name, us in figures.items()}
 
@@ -191,10 +222,12 @@ def front_step(server: ServerProcess, args, auth: bool, rng):
     channel = grpc.insecure_channel(server.address)
     stub = pb_grpc.KVCacheServiceStub(channel)
     metadata = (("authorization", f"Bearer {TOKEN}"),) if auth else ()
-    geometry = pb.Geometry(num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D,
-                           max_len=args.length + 8)
-    sid = stub.CreateSession(pb.CreateSessionRequest(geometry=geometry),
-                             metadata=metadata).session.session_id
+    geometry = pb.Geometry(
+        num_layers=1, num_heads=H, num_kv_heads=KVH, head_dim=D, max_len=args.length + 8
+    )
+    sid = stub.CreateSession(
+        pb.CreateSessionRequest(geometry=geometry), metadata=metadata
+    ).session.session_id
     metadata = (*metadata, ("x-session-id", sid))
 
     def item(n: int) -> pb.AppendAndAttendRequest:
@@ -206,8 +239,11 @@ def front_step(server: ServerProcess, args, auth: bool, rng):
 
     stub.AppendAndAttend(item(args.length), metadata=metadata)
     step, truncate = item(1), pb.TruncateSessionRequest(session_id=sid, length=args.length)
-    return (lambda: stub.AppendAndAttend(step, metadata=metadata),
-            lambda: stub.TruncateSession(truncate, metadata=metadata), channel)
+    return (
+        lambda: stub.AppendAndAttend(step, metadata=metadata),
+        lambda: stub.TruncateSession(truncate, metadata=metadata),
+        channel,
+    )
 
 
 def front(args: argparse.Namespace) -> dict[str, float]:
@@ -217,11 +253,14 @@ def front(args: argparse.Namespace) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".tokens") as tokens:
         tokens.write(f"{TOKEN} bench\n")
         tokens.flush()
-        servers = {name: front_server(args, *config, tokens.name)
-                   for name, config in FRONT_CONFIGS.items()}
+        servers = {
+            name: front_server(args, *config, tokens.name) for name, config in FRONT_CONFIGS.items()
+        }
         try:
-            steps = {name: front_step(servers[name], args, FRONT_CONFIGS[name][1], rng)
-                     for name in FRONT_CONFIGS}
+            steps = {
+                name: front_step(servers[name], args, FRONT_CONFIGS[name][1], rng)
+                for name in FRONT_CONFIGS
+            }
             for _ in range(args.front_rounds):
                 for name, (step, rewind, _) in steps.items():
                     for _ in range(args.front_iters):
@@ -234,8 +273,10 @@ def front(args: argparse.Namespace) -> dict[str, float]:
         finally:
             for server in servers.values():
                 server.stop()
-    return {f"front {name}: decode step p50": statistics.median(times) * 1e6
-            for name, times in samples.items()}
+    return {
+        f"front {name}: decode step p50": statistics.median(times) * 1e6
+        for name, times in samples.items()
+    }
 
 
 def main() -> None:
@@ -245,8 +286,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=64, help="packed path sessions (0: skip)")
-    parser.add_argument("--front", action="store_true",
-                        help="also time a call through servers with metrics/auth off and on")
+    parser.add_argument(
+        "--front",
+        action="store_true",
+        help="also time a call through servers with metrics/auth off and on",
+    )
     parser.add_argument("--front-rounds", type=int, default=5)
     parser.add_argument("--front-iters", type=int, default=300, help="calls per round")
     args = parser.parse_args()

@@ -49,12 +49,12 @@ def main() -> int:
     rng = np.random.default_rng()
     for text in args.variant:
         name, tuning, defines = parse_variant(text)
-        kernels.attention_options = lambda d, t, w=False, extra=defines: _options(d, t, w) + extra
+        kernels.attention_options = lambda d, t, extra=defines: _options(d, t) + extra
         kernels._ATTN_KERNELS.clear()  # the cache key does not know the extra defines
         for batch, length in shapes:
             res = bench_q8(batch, length, args.reps, spin_cycles, rng, [1.0], True, tuning)
             cp.get_default_memory_pool().free_all_blocks()
-            kern = kernels.attention_kernel(0, 128, tuning, True)  # the fp16 inputs' kernel
+            kern = kernels.attention_kernel(0, 128, tuning)
             row = {"variant": name, "defines": defines, "batch": batch, "seq_len": length,
                    "q8kv_us": round(res["q8kv_us"], 2),
                    "with_launch_us": round(res["q8kv_with_launch_us"], 2),

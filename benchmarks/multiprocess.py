@@ -121,8 +121,9 @@ def unpack_nginx(deb_dir: Path, root: Path) -> tuple[str, dict[str, str]]:
 
 def nginx_version(binary: str, env: dict[str, str]) -> str:
     """``nginx -v``; a binary that cannot start (a missing library) ends the run here."""
-    done = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, **env})
+    done = subprocess.run(
+        [binary, "-v"], capture_output=True, text=True, timeout=30, env={**os.environ, **env}
+    )
     if done.returncode != 0:
         raise SystemExit(f"{binary} -v failed ({done.returncode}), env {env}:\n{done.stderr}")
     return done.stderr.strip()
@@ -158,8 +159,9 @@ def place_groups(args, router_stub, direct) -> tuple[list[tuple[int, list[str]]]
     quota = args.groups // len(direct)
     held = [0] * len(direct)
     groups: list[tuple[int, list[str]]] = []
-    geometry = pb.Geometry(num_layers=args.layers, num_heads=H, num_kv_heads=KVH, head_dim=D,
-                           max_len=args.max_len)
+    geometry = pb.Geometry(
+        num_layers=args.layers, num_heads=H, num_kv_heads=KVH, head_dim=D, max_len=args.max_len
+    )
     run = uuid.uuid4().hex[:8]
     draws = 0
     while len(groups) < args.groups:
@@ -170,8 +172,11 @@ def place_groups(args, router_stub, direct) -> tuple[list[tuple[int, list[str]]]
         routing.create_group(router_stub, ids[:1], geometry)
         owner = routing.holder(direct, ids[0])
         if held[owner] >= quota:
-            router_stub.DeleteSession(pb.DeleteSessionRequest(session_id=ids[0]),
-                                      metadata=routing.routed(ids[0]), timeout=CALL_TIMEOUT)
+            router_stub.DeleteSession(
+                pb.DeleteSessionRequest(session_id=ids[0]),
+                metadata=routing.routed(ids[0]),
+                timeout=CALL_TIMEOUT,
+            )
             continue
         routing.create_group(router_stub, ids[1:], geometry, key=ids[0])
         held[owner] += 1
@@ -181,8 +186,10 @@ def place_groups(args, router_stub, direct) -> tuple[list[tuple[int, list[str]]]
 
 def random_batch(rng: np.random.Generator, b: int, n: int, dtype: str) -> tuple[np.ndarray, ...]:
     """q [b, n, H, D], k and v [b, n, KVH, D], standard normal in ``dtype``."""
-    return tuple(rng.standard_normal((b, n, heads, D), dtype=np.float32).astype(dtype)
-                 for heads in (H, KVH, KVH))
+    return tuple(
+        rng.standard_normal((b, n, heads, D), dtype=np.float32).astype(dtype)
+        for heads in (H, KVH, KVH)
+    )
 
 
 def prefill(args, router_stub, groups, rng) -> None:
@@ -195,14 +202,18 @@ def prefill(args, router_stub, groups, rng) -> None:
             done = 0
             while done < args.prefill:
                 n = min(chunk, args.prefill - done)
-                request = routing.batch_request(ids, layer, *random_batch(rng, len(ids), n,
-                                                                            args.dtype))
-                reply = router_stub.AttendBatch(request, metadata=routing.routed(ids[0]),
-                                                timeout=CALL_TIMEOUT)
+                request = routing.batch_request(
+                    ids, layer, *random_batch(rng, len(ids), n, args.dtype)
+                )
+                reply = router_stub.AttendBatch(
+                    request, metadata=routing.routed(ids[0]), timeout=CALL_TIMEOUT
+                )
                 done += n
                 if list(reply.lengths) != [done] * len(ids):
-                    raise SystemExit(f"prefill {ids[0]} layer {layer}: lengths "
-                                     f"{sorted(set(reply.lengths))}, expected {done}")
+                    raise SystemExit(
+                        f"prefill {ids[0]} layer {layer}: lengths "
+                        f"{sorted(set(reply.lengths))}, expected {done}"
+                    )
 
 
 # --- the load (client processes, asyncio) ---------------------------------------------
@@ -212,12 +223,16 @@ async def _drive(address: str, ids: list[str], args, deadlines, seed: int) -> di
     """One micro-batch in a closed loop: AttendBatch of one token per session, layer after
     layer, the next sent when the last answered. Counts the calls done in the window."""
     rng = np.random.default_rng(seed)
-    requests = [routing.batch_request(ids, layer, *random_batch(rng, len(ids), 1, args.dtype))
-                for layer in range(args.layers)]
+    requests = [
+        routing.batch_request(ids, layer, *random_batch(rng, len(ids), 1, args.dtype))
+        for layer in range(args.layers)
+    ]
     metadata = routing.routed(ids[0])
-    options = [("grpc.use_local_subchannel_pool", 1),  # its own connection to the router
-               ("grpc.max_send_message_length", MAX_MESSAGE),
-               ("grpc.max_receive_message_length", MAX_MESSAGE)]
+    options = [
+        ("grpc.use_local_subchannel_pool", 1),  # its own connection to the router
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ]
     start, stop = deadlines
     latencies: list[float] = []
     step, items, error = 0, 0, None
@@ -226,8 +241,9 @@ async def _drive(address: str, ids: list[str], args, deadlines, seed: int) -> di
         while (sent := time.monotonic()) < stop:
             layer = step % args.layers
             try:
-                reply = await stub.AttendBatch(requests[layer], metadata=metadata,
-                                               timeout=CALL_TIMEOUT)
+                reply = await stub.AttendBatch(
+                    requests[layer], metadata=metadata, timeout=CALL_TIMEOUT
+                )
             except grpc.RpcError as err:
                 error = f"{ids[0]}: {err.code().name}: {err.details()}"
                 break
@@ -249,8 +265,9 @@ async def _client(address: str, groups: list[list[str]], args, barrier, seed: in
     await loop.run_in_executor(None, barrier.wait, 300)  # all clients start together
     now = time.monotonic()
     deadlines = (now + args.warmup, now + args.warmup + args.seconds)
-    return await asyncio.gather(*(_drive(address, ids, args, deadlines, seed + i)
-                                  for i, ids in enumerate(groups)))
+    return await asyncio.gather(
+        *(_drive(address, ids, args, deadlines, seed + i) for i, ids in enumerate(groups))
+    )
 
 
 def client_main(address: str, groups: list[list[str]], args, barrier, results, seed: int):
@@ -281,9 +298,10 @@ def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         with contextlib.suppress(OSError, IndexError):
-            if entry.name.isdigit() and int(
-                (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            ) == pid:
+            if (
+                entry.name.isdigit()
+                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
+            ):
                 found.append(int(entry.name))
     return found
 
@@ -294,12 +312,18 @@ def run_load(args, address: str, groups, watch: dict[str, list[int]]) -> dict[st
     ctx = mp.get_context("spawn")
     clients = min(args.clients, len(groups))
     barrier, results = ctx.Barrier(clients + 1), ctx.Queue()
-    shares = [[ids for i, (_, ids) in enumerate(groups) if i % clients == c]
-              for c in range(clients)]
+    shares = [
+        [ids for i, (_, ids) in enumerate(groups) if i % clients == c] for c in range(clients)
+    ]
     # daemon: a run that fails here does not wait for its clients at exit.
-    procs = [ctx.Process(target=client_main, daemon=True,
-                         args=(address, shares[c], args, barrier, results, 1000 * (c + 1)))
-             for c in range(clients)]
+    procs = [
+        ctx.Process(
+            target=client_main,
+            daemon=True,
+            args=(address, shares[c], args, barrier, results, 1000 * (c + 1)),
+        )
+        for c in range(clients)
+    ]
     for p in procs:
         p.start()
     watch = {**watch, "clients": [p.pid for p in procs]}
@@ -307,8 +331,7 @@ def run_load(args, address: str, groups, watch: dict[str, list[int]]) -> dict[st
     time.sleep(args.warmup)
     before = {name: cpu_seconds(pids) for name, pids in watch.items()}
     time.sleep(args.seconds)
-    cpu = {name: (cpu_seconds(pids) - before[name]) / args.seconds
-           for name, pids in watch.items()}
+    cpu = {name: (cpu_seconds(pids) - before[name]) / args.seconds for name, pids in watch.items()}
     drives = [d for _ in procs for d in results.get(timeout=CALL_TIMEOUT + 60)]
     for p in procs:
         p.join(30)
@@ -323,16 +346,39 @@ def run_n(args, n: int, nginx: str, nginx_env: dict[str, str]) -> dict[str, Any]
     router = None
     try:
         for i in range(n):
-            servers.append(ServerProcess(
-                ["--backend", args.backend, "--memory-budget", str(budget),
-                 "--log-level", "WARNING", *args.server_arg], name=f"q8kv-{i}"))
-        router = routing.Router(prefix, free_port(), [s.address for s in servers],
-                                nginx=nginx, env=nginx_env, workers=args.nginx_workers,
-                                user=worker_user())
-        channels = [grpc.insecure_channel(a, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.max_receive_message_length", MAX_MESSAGE)])
-            for a in [router.address, *(s.address for s in servers)]]
+            servers.append(
+                ServerProcess(
+                    [
+                        "--backend",
+                        args.backend,
+                        "--memory-budget",
+                        str(budget),
+                        "--log-level",
+                        "WARNING",
+                        *args.server_arg,
+                    ],
+                    name=f"q8kv-{i}",
+                )
+            )
+        router = routing.Router(
+            prefix,
+            free_port(),
+            [s.address for s in servers],
+            nginx=nginx,
+            env=nginx_env,
+            workers=args.nginx_workers,
+            user=worker_user(),
+        )
+        channels = [
+            grpc.insecure_channel(
+                a,
+                options=[
+                    ("grpc.max_send_message_length", MAX_MESSAGE),
+                    ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ],
+            )
+            for a in [router.address, *(s.address for s in servers)]
+        ]
         router_stub, *direct = (kvcache_pb2_grpc.KVCacheServiceStub(c) for c in channels)
         started = time.monotonic()
         groups, draws = place_groups(args, router_stub, direct)
@@ -340,8 +386,10 @@ def run_n(args, n: int, nginx: str, nginx_env: dict[str, str]) -> dict[str, Any]
         setup_s = time.monotonic() - started
         for c in channels:
             c.close()
-        watch = {"servers": [s.proc.pid for s in servers],
-                 "nginx": [router.proc.pid, *children(router.proc.pid)]}
+        watch = {
+            "servers": [s.proc.pid for s in servers],
+            "nginx": [router.proc.pid, *children(router.proc.pid)],
+        }
         load = run_load(args, router.address, groups, watch)
     finally:
         if router is not None:
@@ -384,17 +432,26 @@ def summarize(args, n, budget, groups, draws, setup_s, load) -> dict[str, Any]:
 def machine(backend: str) -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f
-                    if line.startswith("model name")), cpu)
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+        )
     card = None
     if backend != "numpy" and shutil.which("nvidia-smi"):
-        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
         card = done.stdout.splitlines()[0].strip() if done.returncode == 0 else None
-    return {"card": card, "cpu": cpu, "cpu_count": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "grpcio": grpc.__version__,
-            "thread_env": {k: os.environ.get(k) for k in THREAD_VARS}}
+    return {
+        "card": card,
+        "cpu": cpu,
+        "cpu_count": len(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "thread_env": {k: os.environ.get(k) for k in THREAD_VARS},
+    }
 
 
 def tag_of(info: dict[str, Any]) -> str:
@@ -412,16 +469,20 @@ def command_line() -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'procs':>5} {'items/s':>9} {'x N=1':>6} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'srv cores':>9} {'nginx':>6} {'errors':>6}")
+    head = (
+        f"{'procs':>5} {'items/s':>9} {'x N=1':>6} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'srv cores':>9} {'nginx':>6} {'errors':>6}"
+    )
     lines = [head, "-" * len(head)]
     base = rows[0]["items_per_s"] or 1.0
     for r in rows:
         p50 = f"{r['p50_ms']:8.2f}" if r["p50_ms"] is not None else f"{'-':>8}"
         p99 = f"{r['p99_ms']:8.2f}" if r["p99_ms"] is not None else f"{'-':>8}"
-        lines.append(f"{r['processes']:>5} {r['items_per_s']:9.0f} "
-                     f"{r['items_per_s'] / base:6.2f} {p50} {p99} "
-                     f"{r['server_cpu_cores']:9.2f} {r['nginx_cpu_cores']:6.2f} {r['errors']:>6}")
+        lines.append(
+            f"{r['processes']:>5} {r['items_per_s']:9.0f} "
+            f"{r['items_per_s'] / base:6.2f} {p50} {p99} "
+            f"{r['server_cpu_cores']:9.2f} {r['nginx_cpu_cores']:6.2f} {r['errors']:>6}"
+        )
     return "\n".join(lines)
 
 
@@ -431,10 +492,18 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="numpy", help="numpy | cupy | auto [numpy]")
     p.add_argument("--processes", default="1,2,4", help="values of N [1,2,4]")
-    p.add_argument("--total-budget", type=parse_size, default="8GiB",
-                   help="the memory budget all N processes share, split evenly [8GiB]")
-    p.add_argument("--groups", type=int, default=8,
-                   help="micro-batches in flight in all (a multiple of every N) [8]")
+    p.add_argument(
+        "--total-budget",
+        type=parse_size,
+        default="8GiB",
+        help="the memory budget all N processes share, split evenly [8GiB]",
+    )
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=8,
+        help="micro-batches in flight in all (a multiple of every N) [8]",
+    )
     p.add_argument("--batch", type=int, default=64, help="sessions per packed call [64]")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--prefill", type=int, default=1024, help="cache length at the start")
@@ -442,16 +511,27 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--seconds", type=float, default=10.0, help="timed window per N [10]")
     p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--clients", type=int, default=max(1, min(8, os.cpu_count() // 4)),
-                   help="load processes [cpu count / 4, 1 to 8]")
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=max(1, min(8, os.cpu_count() // 4)),
+        help="load processes [cpu count / 4, 1 to 8]",
+    )
     p.add_argument("--nginx", help="nginx binary [on PATH or /usr/sbin/nginx]")
     p.add_argument("--nginx-deb-dir", help="unpack these .deb files and use their nginx")
     p.add_argument("--nginx-root", default="/tmp/nginx-root", help="where .debs unpack")
-    p.add_argument("--nginx-prefix", default="/tmp/nginx-prefix",
-                   help="nginx prefix (config, pid, logs); one folder per N inside")
+    p.add_argument(
+        "--nginx-prefix",
+        default="/tmp/nginx-prefix",
+        help="nginx prefix (config, pid, logs); one folder per N inside",
+    )
     p.add_argument("--nginx-workers", default="auto", help="nginx worker_processes [auto]")
-    p.add_argument("--server-arg", action="append", default=[],
-                   help="an extra q8kv-server argument (repeat it)")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="an extra q8kv-server argument (repeat it)",
+    )
     p.add_argument("--tag", help="the <card|cpu> of the file name [from the machine]")
     p.add_argument("--out", help="write multiprocess-<card|cpu>.json into this folder")
     args = p.parse_args()

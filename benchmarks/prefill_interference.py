@@ -36,8 +36,7 @@ def _tensors(rng, n: int, args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 async def _decoder(client, args, seconds: float, latencies: list[float], seed: int) -> None:
     rng = np.random.default_rng(seed)
-    s = await client.create_session(1, args.heads, args.kv_heads, args.head_dim,
-                                    args.length + 128)
+    s = await client.create_session(1, args.heads, args.kv_heads, args.head_dim, args.length + 128)
     await s.append_and_attend(0, *_tensors(rng, args.length, args))
     step = _tensors(rng, 1, args)
     end = time.monotonic() + seconds
@@ -58,8 +57,7 @@ async def _prompter(client, args, seconds: float, prefill_seconds: list[float]) 
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         tick = time.monotonic()
-        s = await client.create_session(1, args.heads, args.kv_heads, args.head_dim,
-                                        args.prompt)
+        s = await client.create_session(1, args.heads, args.kv_heads, args.head_dim, args.prompt)
         await s.append_and_attend(0, *prompt)
         prefill_seconds.append(time.monotonic() - tick)
         await s.delete()
@@ -70,8 +68,9 @@ async def _phase(address: str, args, prompts: bool) -> dict:
     latencies: list[float] = []
     prefills: list[float] = []
     async with AsyncClient(address, timeout=120.0) as client:
-        tasks = [_decoder(client, args, args.seconds, latencies, seed)
-                 for seed in range(args.decoders)]
+        tasks = [
+            _decoder(client, args, args.seconds, latencies, seed) for seed in range(args.decoders)
+        ]
         if prompts:
             tasks.append(_prompter(client, args, args.seconds, prefills))
         await asyncio.gather(*tasks)
@@ -95,29 +94,52 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8.0, help="per phase")
-    parser.add_argument("--chunks", type=int, nargs="+", default=[512, 0],
-                        help="--prefill-chunk-tokens of the servers compared")
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        nargs="+",
+        default=[512, 0],
+        help="--prefill-chunk-tokens of the servers compared",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = []
     for chunk in args.chunks:
-        server = ServerProcess(["--backend", args.backend, "--memory-budget", "2GiB",
-                                "--prefill-chunk-tokens", str(chunk)], metrics=False)
+        server = ServerProcess(
+            [
+                "--backend",
+                args.backend,
+                "--memory-budget",
+                "2GiB",
+                "--prefill-chunk-tokens",
+                str(chunk),
+            ],
+            metrics=False,
+        )
         try:
             alone = asyncio.run(_phase(server.address, args, prompts=False))
             loaded = asyncio.run(_phase(server.address, args, prompts=True))
         finally:
             server.stop()
-        rows.append({"prefill_chunk_tokens": chunk, "without_prompts": alone,
-                     "with_prompts": loaded,
-                     "p99_ratio": round(loaded["p99_ms"] / alone["p99_ms"], 2)})
-    print(f"{'chunk':>6} {'p50 alone':>10} {'p99 alone':>10} {'p50 +prompts':>13} "
-          f"{'p99 +prompts':>13} {'p99 ratio':>10} {'prefill ms':>11}")
+        rows.append(
+            {
+                "prefill_chunk_tokens": chunk,
+                "without_prompts": alone,
+                "with_prompts": loaded,
+                "p99_ratio": round(loaded["p99_ms"] / alone["p99_ms"], 2),
+            }
+        )
+    print(
+        f"{'chunk':>6} {'p50 alone':>10} {'p99 alone':>10} {'p50 +prompts':>13} "
+        f"{'p99 +prompts':>13} {'p99 ratio':>10} {'prefill ms':>11}"
+    )
     for r in rows:
         a, w = r["without_prompts"], r["with_prompts"]
-        print(f"{r['prefill_chunk_tokens']:>6} {a['p50_ms']:>10} {a['p99_ms']:>10} "
-              f"{w['p50_ms']:>13} {w['p99_ms']:>13} {r['p99_ratio']:>10} "
-              f"{w['prefill_ms_median']!s:>11}")
+        print(
+            f"{r['prefill_chunk_tokens']:>6} {a['p50_ms']:>10} {a['p99_ms']:>10} "
+            f"{w['p50_ms']:>13} {w['p99_ms']:>13} {r['p99_ratio']:>10} "
+            f"{w['prefill_ms_median']!s:>11}"
+        )
     if args.out:
         device = platform.processor() or platform.machine()
         if args.backend == "cupy":
@@ -128,9 +150,14 @@ def main() -> None:
             "benchmark": "prefill_interference",
             "device": device,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": "python benchmarks/prefill_interference.py " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                if k not in ("out", "chunks")) + " --chunks " + " ".join(map(str, args.chunks)),
+            "command": "python benchmarks/prefill_interference.py "
+            + " ".join(
+                f"--{k.replace('_', '-')} {v}"
+                for k, v in vars(args).items()
+                if k not in ("out", "chunks")
+            )
+            + " --chunks "
+            + " ".join(map(str, args.chunks)),
             "rows": rows,
         }
         name = "cpu" if args.backend == "numpy" else device.replace(" ", "-").lower()

@@ -76,7 +76,6 @@ async def _serve_echo(port: int) -> None:
 # --- processes ---------------------------------------------------------------------------
 
 
-
 @contextlib.contextmanager
 def subprocess_server(args: list[str], name: str) -> Iterator[subprocess.Popen]:
     """Run a server process; its output goes to a log that is shown if it dies early."""

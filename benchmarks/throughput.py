@@ -39,28 +39,59 @@ CONFIGS = [  # (batching, streaming)
 
 
 def run_config(args: argparse.Namespace, batching: str, streaming: bool) -> dict[str, Any]:
-    extra = ["--memory-budget", args.memory_budget,
-             "--max-batch-items", str(args.max_batch_items),
-             "--max-queue-delay-us", str(args.max_queue_delay_us)]
+    extra = [
+        "--memory-budget",
+        args.memory_budget,
+        "--max-batch-items",
+        str(args.max_batch_items),
+        "--max-queue-delay-us",
+        str(args.max_queue_delay_us),
+    ]
     server = ServerProcess(
         ["--backend", args.backend, "--batching", batching, "--log-level", "WARNING", *extra],
         name="q8kv-bench",
     )
     try:
         cmd = [
-            sys.executable, "-m", "q8kv.client.loadtest", server.address,
-            "--layers", "1", "--heads", str(H), "--kv-heads", str(KVH), "--head-dim", str(D),
-            "--prefill", str(args.prefill), "--steps", str(args.steps), "--untimed-prefill",
-            "--concurrency", str(args.orchestrators), "--duration", f"{args.seconds}s",
-            "--dtype", args.dtype, "--timeout", "120s", "--output", "json", "--quiet",
-            "--metrics-url", server.metrics_url,
+            sys.executable,
+            "-m",
+            "q8kv.client.loadtest",
+            server.address,
+            "--layers",
+            "1",
+            "--heads",
+            str(H),
+            "--kv-heads",
+            str(KVH),
+            "--head-dim",
+            str(D),
+            "--prefill",
+            str(args.prefill),
+            "--steps",
+            str(args.steps),
+            "--untimed-prefill",
+            "--concurrency",
+            str(args.orchestrators),
+            "--duration",
+            f"{args.seconds}s",
+            "--dtype",
+            args.dtype,
+            "--timeout",
+            "120s",
+            "--output",
+            "json",
+            "--quiet",
+            "--metrics-url",
+            server.metrics_url,
         ] + (["--streaming"] if streaming else [])
         started = time.monotonic()
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"q8kv-loadtest failed ({done.returncode}):\n{done.stderr}\n"
-                             f"{done.stdout[-2000:]}\nserver log (end):\n"
-                             f"{server.logs()[-4000:]}")
+            raise SystemExit(
+                f"q8kv-loadtest failed ({done.returncode}):\n{done.stderr}\n"
+                f"{done.stdout[-2000:]}\nserver log (end):\n"
+                f"{server.logs()[-4000:]}"
+            )
         report = json.loads(done.stdout)
         batch_sum = server.metric("q8kv_batch_items_sum")
         batch_count = server.metric("q8kv_batch_items_count")
@@ -84,8 +115,10 @@ def run_config(args: argparse.Namespace, batching: str, streaming: bool) -> dict
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'batching':>8} {'rpc':>9} {'items/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'batch':>6} {'len':>6} {'errors':>6}")
+    head = (
+        f"{'batching':>8} {'rpc':>9} {'items/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'batch':>6} {'len':>6} {'errors':>6}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -98,8 +131,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         on, off = by.get(("on", rpc)), by.get(("off", rpc))
         if on and off and off["items_per_s"]:
             gain = on["items_per_s"] / off["items_per_s"]
-            lines.append(f"{rpc}: batching on / off = {gain:.2f}x items/s, "
-                         f"p99 {on['p99_ms']:.1f} vs {off['p99_ms']:.1f} ms")
+            lines.append(
+                f"{rpc}: batching on / off = {gain:.2f}x items/s, "
+                f"p99 {on['p99_ms']:.1f} vs {off['p99_ms']:.1f} ms"
+            )
     return "\n".join(lines)
 
 
@@ -109,8 +144,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="timed decode per config [10]")
     p.add_argument("--orchestrators", type=int, default=64)
     p.add_argument("--prefill", type=int, default=1024, help="cache length at the start")
-    p.add_argument("--steps", type=int, default=1024, help="decode steps before a sequence "
-                   "would restart (keep it above what --seconds reaches)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=1024,
+        help="decode steps before a sequence would restart (keep it above what --seconds reaches)",
+    )
     p.add_argument("--dtype", choices=("float32", "float16"), default="float16")
     p.add_argument("--max-batch-items", type=int, default=64)
     p.add_argument("--max-queue-delay-us", type=int, default=0)
@@ -123,8 +162,11 @@ def main() -> None:
     for batching, streaming in CONFIGS:
         if args.only and args.only != ("streaming" if streaming else "unary"):
             continue
-        print(f"batching {batching}, {'streaming' if streaming else 'unary'} ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"batching {batching}, {'streaming' if streaming else 'unary'} ...",
+            file=sys.stderr,
+            flush=True,
+        )
         rows.append(run_config(args, batching, streaming))
     print(table(rows))
     if args.out:
@@ -141,6 +183,7 @@ def main() -> None:
             "rows": rows,
         }
         write_json(args.out, f"throughput-{args.backend}-{host}.json", result)
+
 
 if __name__ == "__main__":
     main()

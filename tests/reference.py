@@ -64,23 +64,13 @@ def roundtrip_bound(scales: np.ndarray, dim: int) -> np.ndarray:
 
 
 def attention_ref(
-    q: np.ndarray,
-    keys: np.ndarray,
-    values: np.ndarray,
-    start: int,
-    scale: float,
-    round_p: np.dtype | None = None,
+    q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, scale: float
 ) -> np.ndarray:
     """softmax(q_i . K[:start+i+1]^T * scale) . V[:start+i+1] in float64.
 
     q [n, H, D] (any float dtype), keys / values [KVH, >= start + n, D] (the dequantized
     cache); query head h reads kv head h // (H // KVH). Returns float64 [n, H, D].
-    ``round_p`` (e.g. float16): SDPA's precision yardstick: keys and values are rounded to
-    that dtype, and so are the unnormalized weights exp(s - max) before they meet V, as flash
-    attention in fp16 does.
     """
-    if round_p is not None:
-        keys, values = (np.asarray(x).astype(round_p) for x in (keys, values))
     q64 = np.asarray(q).astype(np.float64)
     n, h, d = q64.shape
     kvh = keys.shape[0]
@@ -93,10 +83,8 @@ def attention_ref(
     scores = np.where(visible[:, None, :], scores, -np.inf)
     scores -= scores.max(axis=-1, keepdims=True)
     weights = np.exp(scores)
-    total_weight = weights.sum(axis=-1, keepdims=True)
-    if round_p is not None:
-        weights = weights.astype(round_p).astype(np.float64)
-    return np.einsum("nht,htd->nhd", weights / total_weight, v64[head_of])
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return np.einsum("nht,htd->nhd", weights, v64[head_of])
 
 
 def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -104,3 +92,4 @@ def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
     return float(np.linalg.norm(a - e) / np.linalg.norm(e))
+

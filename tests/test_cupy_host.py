@@ -60,32 +60,10 @@ def test_the_head_dim_limit_reaches_the_kernel_as_a_define() -> None:
     assert "D <= MAX_HEAD_DIM" in kernels.source("q8_attention_tc.cu")
 
 
-def test_wire_precision_and_large_head_dims_reach_the_kernel_as_defines() -> None:
-    assert "-DWIRE16=0" in kernels.attention_options(128, GpuTuning())
-    assert "-DWIRE16=1" in kernels.attention_options(128, GpuTuning(), wire16=True)
-    # Past D = 128 the q digits live in shared memory (in registers they would spill).
+def test_past_d_128_the_q_digits_live_in_shared_memory() -> None:
+    # In registers they spilled 388 bytes at D = 256 (tests/test_kernel_build.py checks).
     assert "-DQD_SMEM=0" in kernels.attention_options(128, GpuTuning())
     assert "-DQD_SMEM=1" in kernels.attention_options(160, GpuTuning())
-
-
-def test_float32_and_16_bit_items_get_launches_of_their_own() -> None:
-    """Every launch holds one head_dim and one wire precision: float32 items are never
-    computed by the 16-bit kernel, nor the reverse."""
-    rng = np.random.default_rng(14)
-    items = [random_item(rng, int(rng.choice([64, 128])), int(rng.integers(1, 20)))
-             for _ in range(24)]  # fmt: skip
-    batch, host = pack(items, packing.SplitPolicy(132, 1.0, 48))
-    meta = host[: batch.nitems * packing.META * 4].view(np.int32).reshape(-1, packing.META)
-    seen = set()
-    for ln in batch.launches:
-        rows = meta[ln.meta_row : ln.meta_row + ln.nitems]
-        wire16 = {
-            bool(code != packing.DTYPE_CODE[np.dtype(np.float32)]) for code in rows[:, packing.M_DT]
-        }
-        assert wire16 == {ln.kernel.kernel[1]}, "a launch mixes precisions"
-        assert set(rows[:, packing.M_D]) == {ln.head_dim}
-        seen.add((ln.head_dim, ln.kernel.kernel[1]))
-    assert len(seen) == len(batch.launches), "one launch per (head_dim, precision)"
 
 
 # -- packing --------------------------------------------------------------------------------
@@ -101,12 +79,11 @@ def random_item(rng: np.random.Generator, head_dim: int, n: int) -> AttendItem:
     return AttendItem(layout, float(rng.uniform(0.05, 0.2)), pages, start, q, k, v)
 
 
-def fake_kernel(head_dim: int, wire16: bool = False) -> kernels.AttnKernel:
-    """What planning needs of a compiled kernel, without compiling it (``kernel`` records
-    which precision the launch asked for)."""
+def fake_kernel(head_dim: int) -> kernels.AttnKernel:
+    """What planning needs of a compiled kernel, without compiling it."""
     tuning = GpuTuning()
     tok = kernels.tokens_per_stage(head_dim, tuning)
-    return kernels.AttnKernel(("wire16", wire16), tok, kernels.ROWS_PER_TILE, 0, 2)
+    return kernels.AttnKernel(None, tok, kernels.ROWS_PER_TILE, 0, 2)
 
 
 def pack(items: list[AttendItem], policy: packing.SplitPolicy) -> tuple[packing.Batch, np.ndarray]:
@@ -155,7 +132,7 @@ def check_prefixes(rows: np.ndarray, live: list[int], items: list[AttendItem], f
         cnt += tiles
 
 
-def test_pack_lays_out_every_item_and_plans_one_launch_per_head_dim_and_precision() -> None:
+def test_pack_lays_out_every_item_and_plans_one_launch_per_head_dim() -> None:
     rng = np.random.default_rng(11)
     policy = packing.SplitPolicy(sm_count=132, split_waves=1.0, max_splits=48)
     for _ in range(30):
@@ -164,14 +141,15 @@ def test_pack_lays_out_every_item_and_plans_one_launch_per_head_dim_and_precisio
             for _ in range(int(rng.integers(1, 7)))
         ]
         batch, host = pack(items, policy)
-        keys = [(it.layout.head_dim, bool(it.q.dtype != np.float32)) for it in items]
-        live = sorted((j for j, it in enumerate(items) if it.n), key=keys.__getitem__)
+        live = sorted(
+            (j for j, it in enumerate(items) if it.n), key=lambda j: items[j].layout.head_dim
+        )
         meta = host[: len(live) * META * 4].view(np.int32).reshape(len(live), META)
         for row, j in enumerate(live):
             check_row(host, meta[row], items[j], batch.ptab_off)
             check_splits(meta[row], items[j], fake_kernel(items[j].layout.head_dim).tok)
-        assert [(ln.head_dim, ln.kernel.kernel[1]) for ln in batch.launches] == sorted(
-            {keys[j] for j in live}
+        assert [ln.head_dim for ln in batch.launches] == sorted(
+            {items[j].layout.head_dim for j in live}
         )
         for ln in batch.launches:
             check_prefixes(meta[ln.meta_row : ln.meta_row + ln.nitems], live, items, ln.meta_row)

@@ -119,8 +119,8 @@ class CupyBackend(Backend):
             cp.get_default_memory_pool().free_all_blocks()
             cp.get_default_pinned_memory_pool().free_all_blocks()
 
-    def _attn_kernel(self, head_dim: int, wire16: bool = False) -> AttnKernel:
-        return kernels.attention_kernel(self._dev_id, head_dim, self.tuning, wire16)
+    def _attn_kernel(self, head_dim: int) -> AttnKernel:
+        return kernels.attention_kernel(self._dev_id, head_dim, self.tuning)
 
     # -- packing ---------------------------------------------------------------------------
 
@@ -311,9 +311,3 @@ class CupyBackend(Backend):
             self.codes[ids] = cp.asarray(np.asarray(codes, dtype=np.int8))
             self.scales[ids] = cp.asarray(np.asarray(scales, dtype=np.float32))
             self._stream.synchronize()
-
-    def copy_page(self, source: int, target: int) -> None:
-        # Device to device on the backend's stream, so the append that follows sees it.
-        with self._device, self._stream:
-            self.codes[target] = self.codes[source]
-            self.scales[target] = self.scales[source]

@@ -39,14 +39,13 @@ class Build:
 
 def builds(tuning: GpuTuning | None = None) -> list[tuple[str, str, tuple[str, ...]]]:
     """(name, source, options) of every kernel build the backend can make under ``tuning``:
-    the page kernels once, the attention kernel per head_dim and wire precision."""
+    the page kernels once, the attention kernel per head_dim."""
     tuning = GpuTuning() if tuning is None else tuning
     out = [("q8_pages.cu", kernels.source("q8_pages.cu"), kernels._PAGES_OPTIONS)]
     attention = kernels.source("q8_attention_tc.cu")
     for head_dim in range(QBLOCK, kernels.MAX_HEAD_DIM + 1, QBLOCK):
-        for wire16 in (False, True):
-            name = f"q8_attention_tc.cu D={head_dim} {'16-bit' if wire16 else 'float32'}"
-            out.append((name, attention, kernels.attention_options(head_dim, tuning, wire16)))
+        name = f"q8_attention_tc.cu D={head_dim}"
+        out.append((name, attention, kernels.attention_options(head_dim, tuning)))
     return out
 
 

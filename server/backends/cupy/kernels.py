@@ -69,9 +69,8 @@ def attention_smem(head_dim: int, tuning: GpuTuning) -> int:
     return tuning.tc_nstages * stage
 
 
-def attention_options(head_dim: int, tuning: GpuTuning, wire16: bool = False) -> tuple[str, ...]:
-    """NVRTC options of the attention kernel (its compile-time constants). ``wire16``: the
-    launch's items are float16/bfloat16, computed at that precision (WIRE16 in the .cu)."""
+def attention_options(head_dim: int, tuning: GpuTuning) -> tuple[str, ...]:
+    """NVRTC options of the attention kernel (its compile-time constants)."""
     return (
         "--std=c++17",
         f"-DHEAD_DIM={head_dim}",
@@ -83,7 +82,6 @@ def attention_options(head_dim: int, tuning: GpuTuning, wire16: bool = False) ->
         f"-DMINBLOCKS={tuning.tc_minblocks if head_dim <= 128 else 1}",
         # Past D = 128 the q digits would spill from registers: shared memory holds them.
         f"-DQD_SMEM={int(head_dim > 128)}",
-        f"-DWIRE16={int(wire16)}",
     )
 
 
@@ -113,22 +111,17 @@ def pages_module(device_id: int) -> cp.RawModule:
     return mod
 
 
-def attention_kernel(
-    device_id: int, head_dim: int, tuning: GpuTuning, wire16: bool = False
-) -> AttnKernel:
-    """q8_attend for ``head_dim`` (and 16-bit items or not) on ``device_id``, compiled once
-    per tuning."""
+def attention_kernel(device_id: int, head_dim: int, tuning: GpuTuning) -> AttnKernel:
+    """q8_attend for ``head_dim`` on ``device_id``, compiled once per tuning."""
     # split_waves and max_splits only steer the planning: they do not recompile.
-    key = (device_id, head_dim, wire16, tuning.tc_minblocks, tuning.tc_nstages,
-           tuning.tc_stage_bytes)  # fmt: skip
+    key = (device_id, head_dim, tuning.tc_minblocks, tuning.tc_nstages, tuning.tc_stage_bytes)
     kern = _ATTN_KERNELS.get(key)
     if kern is None:
         import cupy as cp
 
         with cp.cuda.Device(device_id):
             mod = cp.RawModule(
-                code=source("q8_attention_tc.cu"),
-                options=attention_options(head_dim, tuning, wire16),
+                code=source("q8_attention_tc.cu"), options=attention_options(head_dim, tuning)
             )
             fn = mod.get_function("q8_attend")
             smem = attention_smem(head_dim, tuning)

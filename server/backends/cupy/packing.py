@@ -7,9 +7,8 @@ The buffer, all int32 rows and 16-byte aligned arrays:
     ptab   [sum of pages]   every item's page ids, back to back
     q k v  per item         raw bytes in the item's dtype (float32, float16 or bfloat16)
 
-Items are ordered by (head_dim, 16-bit wire): one attention launch per pair, since 16-bit
-items run a kernel computed at their own precision; empty items (n = 0) get no row. Host
-work only: the backend does the copies and the launches.
+Items are ordered by head_dim (one attention launch per head_dim); empty items (n = 0) get
+no row. Host work only: the backend does the copies and the launches.
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ MAX_BATCH_BYTES = 2**31  # the kernels address the input buffer with int32 offse
 
 @dataclass
 class Launch:
-    """One attention launch: the items of one head_dim and wire precision, adjacent in the
-    meta rows."""
+    """One attention launch: the items of one head_dim, adjacent in the meta rows."""
 
     kernel: AttnKernel
     meta_row: int  # first meta row of the launch
@@ -104,11 +102,6 @@ def check_layout(item: AttendItem) -> None:
     t = lay.tokens_per_page
     if t <= 0 or t & (t - 1):
         raise ValueError(f"cupy backend: tokens_per_page: expected a power of two, got {t}")
-
-
-def is_wire16(arrays: Sequence[np.ndarray]) -> bool:
-    """Whether a row's q/k/v (as device_arrays returns them) are float16 or bfloat16."""
-    return arrays[0].dtype != np.float32
 
 
 def device_arrays(item: AttendItem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -246,25 +239,21 @@ def plan_launch(
 def plan_attention(
     rows: Sequence[AttendItem],
     meta: np.ndarray,
-    kernel_for: Callable[[int, bool], AttnKernel],
+    kernel_for: Callable[[int], AttnKernel],
     policy: SplitPolicy,
-    wire16: Sequence[bool] | None = None,
 ) -> tuple[list[Launch], int, int]:
-    """One launch per run of equal (head_dim, ``wire16``) in ``rows`` (in meta-row order;
-    ``wire16`` defaults to all False); returns the launches, the floats of split partials and
-    the split counters the largest needs."""
-    wire16 = [False] * len(rows) if wire16 is None else wire16
+    """One launch per run of equal head_dim in ``rows`` (in meta-row order); returns the
+    launches, the floats of split partials and the split counters the largest needs."""
     launches: list[Launch] = []
     part_floats = max_counters = 0
     start = 0
     while start < len(rows):
-        key = (rows[start].layout.head_dim, wire16[start])
-        head_dim = key[0]
+        head_dim = rows[start].layout.head_dim
         end = start
-        while end < len(rows) and (rows[end].layout.head_dim, wire16[end]) == key:
+        while end < len(rows) and rows[end].layout.head_dim == head_dim:
             end += 1
         launch, counters = plan_launch(
-            rows[start:end], meta[start:end], start, kernel_for(*key), policy
+            rows[start:end], meta[start:end], start, kernel_for(head_dim), policy
         )
         launches.append(launch)
         part_floats = max(part_floats, launch.units * launch.kernel.gt * (head_dim + 2))
@@ -276,27 +265,23 @@ def plan_attention(
 def pack(
     items: Sequence[AttendItem],
     host_buffer: Callable[[int], np.ndarray],
-    kernel_for: Callable[[int, bool], AttnKernel],
+    kernel_for: Callable[[int], AttnKernel],
     policy: SplitPolicy,
 ) -> Batch:
     """Pack ``items`` into the buffer ``host_buffer(nbytes)`` returns (uint8, at least
-    nbytes) and plan the launches; ``kernel_for(head_dim, wire16)`` gives each launch's
-    kernel."""
+    nbytes) and plan the launches; ``kernel_for(head_dim)`` gives each launch's kernel."""
     live = [j for j, it in enumerate(items) if it.n > 0]
     for j in live:
         check_layout(items[j])
-    converted = {j: device_arrays(items[j]) for j in live}
-    # One launch per (head_dim, wire precision).
-    order = sorted(live, key=lambda j: (items[j].layout.head_dim, is_wire16(converted[j])))
-    arrays = [converted[j] for j in order]
+    order = sorted(live, key=lambda j: items[j].layout.head_dim)  # one launch per head_dim
+    arrays = [device_arrays(items[j]) for j in order]
     layout = buffer_layout(arrays, [len(items[j].page_ids) for j in order])
     host = host_buffer(layout.nbytes)
     meta = host[: layout.meta_bytes].view(np.int32).reshape(len(order), META)
     meta[:] = 0
     outputs, cur = write_rows(host, meta, items, order, arrays, layout)
     rows = [items[j] for j in order]
-    wire16 = [is_wire16(a) for a in arrays]
-    launches, part_floats, counters = plan_attention(rows, meta, kernel_for, policy, wire16)
+    launches, part_floats, counters = plan_attention(rows, meta, kernel_for, policy)
     return Batch(
         nbytes=layout.nbytes,
         nitems=len(order),

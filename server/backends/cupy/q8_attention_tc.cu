@@ -13,8 +13,7 @@
 //   exp2, rescaling the output only when a row's max grows.
 // - PV^T on tf32 tensor cores (mma m16n8k8, fp32 accumulate): O^T[dims, rows] +=
 //   V^T[dims, tokens] P'^T[tokens, rows] with P' = p * v_scale[token, block] split into
-//   tf32 hi + lo halves (~22 bits, float32 range), V codes exact in tf32. A launch of 16-bit
-//   items (WIRE16) rounds P' once to tf32 instead: SDPA fp16's precision, half the products.
+//   tf32 hi + lo halves (~22 bits, float32 range), V codes exact in tf32.
 // Rows per tile GT = 8 (the N of both products); a row is one (new token, query head).
 #include "q8_common.cuh"
 
@@ -60,13 +59,8 @@ static_assert(GT == 8, "the tensor-core kernel serves 8 rows per tile");
 static_assert(NT >= PIECES, "head_dim too large for the copy mapping");
 static_assert(NWARPS * GT * (D + 2) * 4 <= NSTAGES * STAGE_BYTES, "reduction scratch too big");
 
-// WIRE16 (set by the host for launches of float16/bfloat16 items): P' = p * v_scale is
-// rounded once to tf32 for PV, as SDPA in fp16 rounds P to fp16, instead of the hi + lo
-// split float32 wires need. STAGING_ONLY / COMPUTE_ONLY are diagnostics
-// (benchmarks/kernel_variants.py): the copies alone, or the math on zero-filled stages.
-#ifndef WIRE16
-#define WIRE16 0
-#endif
+// Diagnostics (benchmarks/kernel_variants.py): STAGING_ONLY runs the copies alone,
+// COMPUTE_ONLY the math on zero-filled stages (no global reads).
 #ifndef STAGING_ONLY
 #define STAGING_ONLY 0
 #endif
@@ -87,13 +81,6 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int N>
 __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// x rounded to the nearest tf32 (10-bit mantissa), as the bits an mma operand takes.
-__device__ __forceinline__ float to_tf32(float x) {
-  unsigned u;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(x));
-  return __uint_as_float(u);
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -238,7 +225,8 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
 #pragma unroll
       for (int b = 0; b < NB; ++b)
 #pragma unroll
-        for (int d = 0; d < 3; ++d) qd_s[(b * 3 + d) * 32 + lane] = make_uint2(qd[b][d][0], qd[b][d][1]);
+        for (int d = 0; d < 3; ++d)
+          qd_s[(b * 3 + d) * 32 + lane] = make_uint2(qd[b][d][0], qd[b][d][1]);
     }
 #endif
   }
@@ -421,23 +409,16 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           const float x0 = p[j][0] * vs[ta * NB + b], x1 = p[j][1] * vs[(ta + 1) * NB + b];
+          const float h0 = __uint_as_float(__float_as_uint(x0) & 0xffffe000u);
+          const float h1 = __uint_as_float(__float_as_uint(x1) & 0xffffe000u);
+          const float l0 = x0 - h0, l1 = x1 - h1;
           float w0[4], w1[4];
           i8x4(*reinterpret_cast<const unsigned*>(vc + ta * RS + 32 * b + 4 * g), w0);
           i8x4(*reinterpret_cast<const unsigned*>(vc + (ta + 1) * RS + 32 * b + 4 * g), w1);
-          if (WIRE16) {
-            const float r0 = to_tf32(x0), r1 = to_tf32(x1);
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
-              tmma(acc[b][h], w0[2 * h], w0[2 * h + 1], w1[2 * h], w1[2 * h + 1], r0, r1);
-          } else {
-            const float h0 = __uint_as_float(__float_as_uint(x0) & 0xffffe000u);
-            const float h1 = __uint_as_float(__float_as_uint(x1) & 0xffffe000u);
-            const float l0 = x0 - h0, l1 = x1 - h1;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              tmma(acc[b][h], w0[2 * h], w0[2 * h + 1], w1[2 * h], w1[2 * h + 1], h0, h1);
-              tmma(acc[b][h], w0[2 * h], w0[2 * h + 1], w1[2 * h], w1[2 * h + 1], l0, l1);
-            }
+          for (int h = 0; h < 2; ++h) {
+            tmma(acc[b][h], w0[2 * h], w0[2 * h + 1], w1[2 * h], w1[2 * h + 1], h0, h1);
+            tmma(acc[b][h], w0[2 * h], w0[2 * h + 1], w1[2 * h], w1[2 * h + 1], l0, l1);
           }
         }
       }
