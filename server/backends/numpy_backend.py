@@ -132,23 +132,40 @@ class NumpyBackend(Backend):
         started = time.perf_counter()
         lay, n = batch.layout, batch.n
         out = np.empty((batch.size, n, lay.num_heads, lay.head_dim), batch.out_dtype)
-        lengths = batch.starts + n
-        # Scores of one session in one piece, as _attend computes them when they fit.
-        scores = 4 * lay.num_heads * n * lengths
-        # Its K and V read back: raw pages, token-major codes, float32 values.
-        cache = 16 * lay.num_kv_heads * lay.head_dim * lengths
-        alone = np.flatnonzero(scores > self.score_chunk_bytes)
-        for b in alone:  # long prefills: _attend chunks their rows
-            out[b] = self._attend(batch.item(int(b)))
-        for length in np.unique(lengths[scores <= self.score_chunk_bytes]):
-            same = np.flatnonzero(lengths == length)
-            step = max(1, min(self.score_chunk_bytes // int(scores[same[0]]),
-                              self.group_cache_bytes // int(cache[same[0]])))
-            for first in range(0, len(same), step):
-                rows = same[first : first + step]
-                out[rows] = self._attend_same_length(batch, rows, int(length))
+        for rows, length in self._groups(batch):
+            if length < 0:  # a long prefill: _attend chunks its rows
+                out[rows] = self._attend(batch.item(int(rows)))
+            else:
+                out[rows] = self._attend_same_length(batch, rows, length)
         self._timed("attention", started)
         return out
+
+    def _groups(self, batch: PackedItems) -> list[tuple[slice | np.ndarray | int, int]]:
+        """(sessions, their common length) to attend together, within the memory bounds;
+        length -1 for a session whose scores alone exceed ``score_chunk_bytes``."""
+        lay, n = batch.layout, batch.n
+        lengths = batch.starts + n
+        # One session's scores in one piece (as _attend computes them when they fit), and
+        # its K and V read back: raw pages, token-major codes, float32 values.
+        scores = 4 * lay.num_heads * n * lengths
+        cache = 16 * lay.num_kv_heads * lay.head_dim * lengths
+
+        def runs(rows: np.ndarray | None, first: int) -> list:
+            step = max(1, min(self.score_chunk_bytes // int(scores[first]),
+                              self.group_cache_bytes // int(cache[first])))
+            length = int(lengths[first])
+            if rows is None:  # every session: slices (views, no fancy-index copies)
+                return [(slice(i, i + step), length) for i in range(0, batch.size, step)]
+            return [(rows[i : i + step], length) for i in range(0, len(rows), step)]
+
+        if lengths.min() == lengths.max() and scores[0] <= self.score_chunk_bytes:
+            return runs(None, 0)  # a decode step of sessions in lockstep: the common case
+        fit = scores <= self.score_chunk_bytes
+        groups: list = [(int(b), -1) for b in np.flatnonzero(~fit)]
+        for length in np.unique(lengths[fit]):
+            same = np.flatnonzero(lengths == length)
+            groups += runs(same, int(same[0]))
+        return groups
 
     def _append_packed(self, batch: PackedItems) -> None:
         """Quantize every session's new k/v at once, then one scattered store per pool."""
@@ -169,13 +186,16 @@ class NumpyBackend(Backend):
             # tokens [2, B, n, KVH, w] -> [(B, n), 2, KVH, w], the order of the indices.
             view[pages, :, :, slots] = tokens.transpose(1, 2, 0, 3, 4).reshape(-1, 2, kvh, width)
 
-    def _attend_same_length(self, batch: PackedItems, rows: np.ndarray, total: int) -> np.ndarray:
+    def _attend_same_length(
+        self, batch: PackedItems, rows: slice | np.ndarray, total: int
+    ) -> np.ndarray:
         """Attention of sessions ``rows`` (all holding ``total`` tokens after the append),
         batched over sessions: [len(rows), n, H, D] float32."""
         lay, n = batch.layout, batch.n
         kvh, g, d, t = lay.num_kv_heads, lay.group, lay.head_dim, lay.tokens_per_page
-        start, count, pages = total - n, len(rows), -(-total // t)
-        ids = np.stack([batch.page_ids[b][:pages] for b in rows])  # [R, P]
+        chosen = range(batch.size)[rows] if isinstance(rows, slice) else rows
+        start, count, pages = total - n, len(chosen), -(-total // t)
+        ids = np.stack([batch.page_ids[b][:pages] for b in chosen])  # [R, P]
         kv = []
         for pool, width in ((self.codes, d), (self.scales, lay.blocks)):
             raw = pool[ids][:, :, : 2 * kvh * t * width].reshape(count, pages, 2, kvh, t, width)
@@ -187,9 +207,10 @@ class NumpyBackend(Backend):
         q = q.transpose(0, 2, 1, 3, 4).reshape(count, kvh, n * g, d)
         scores = q @ keys.transpose(0, 1, 3, 2)  # [R, KVH, n*G, total]
         scores *= batch.softmax_scales[rows].astype(np.float32)[:, None, None, None]
-        token = start + np.arange(n * g) // g
-        hidden = np.arange(total)[None, :] > token[:, None]
-        np.copyto(scores, np.float32(-np.inf), where=hidden[None, None])
+        if n > 1:  # causal among the new tokens (a decode step hides nothing)
+            token = start + np.arange(n * g) // g
+            hidden = np.arange(total)[None, :] > token[:, None]
+            np.copyto(scores, np.float32(-np.inf), where=hidden[None, None])
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
