@@ -60,9 +60,9 @@ class AttendItem:
 class PackedItems:
     """B (session, layer) items of one layout and one n, their inputs stacked: one layer of
     one step for B distinct sessions (AttendBatch). ``page_ids[b]`` covers
-    ``starts[b] + n`` tokens (reserved by the caller). q is [B, n, H, D], k and v are
-    [B, n, KVH, D], one dtype (float32, float16 or ml_dtypes.bfloat16), C-contiguous and
-    finite. The output comes back in ``out_dtype``, computed in float32."""
+    ``starts[b] + n`` tokens (reserved by the caller), n >= 1. q is [B, n, H, D], k and v
+    are [B, n, KVH, D], each float32, float16 or ml_dtypes.bfloat16 (as an AttendItem's),
+    C-contiguous and finite. The output comes back in ``out_dtype``, computed in float32."""
 
     layout: LayerLayout
     softmax_scales: np.ndarray  # float64 [B]
