@@ -4,8 +4,9 @@ its worker thread, encoding the output. Median microseconds over --iters calls.
 
 The packed path (AttendBatch) at ``--batch`` sessions (64), each with a ``--length`` cache:
 decode_batch (parse checks and the finite/range pass over q, k, v), the engine's
-attend_batch (one job: lookups, reservations, the backend), the backend alone, the output's
-encode, and the whole handler; the B sessions are truncated back after each call, untimed.
+attend_batch (one job: lookups, reservations, the backend), the backend alone (as B items,
+and packed: attend_packed), the output's encode, and the whole handler; the B sessions are
+truncated back after each call, untimed.
 
 ``--front``: what the front door (server/rpc/front.py) costs per call, from outside: one
 single-item decode step (raw stub, one at a time, truncated back untimed) through servers
@@ -30,7 +31,7 @@ from bench_util import ServerProcess
 
 from q8kv import wire
 from q8kv.server.app import build_engine
-from q8kv.server.backends.base import AttendItem
+from q8kv.server.backends.base import AttendItem, PackedItems
 from q8kv.server.config import load_config
 from q8kv.server.rpc.messages import decode_batch, decode_items
 from q8kv.server.rpc.servicer import KVCacheService
@@ -183,11 +184,23 @@ async def packed(args, service: KVCacheService, engine, rng) -> dict[str, float]
         )
         for i, s in enumerate(sessions)
     ]
+    whole = PackedItems(
+        sessions[0].layout,
+        np.array([s.softmax_scale for s in sessions]),
+        [item.page_ids for item in items],
+        np.full(b, args.length, np.int64),
+        batch.q,
+        batch.k,
+        batch.v,
+        out_dtype=batch.q.dtype,
+    )
     out = np.zeros((b, 1, H, D), np.float32)
     iters = max(20, args.iters // 10)
+    # The backend rewrites the same slots each time: the caches stay at --length tokens.
     figures = {
         "decode_batch": _median_us(lambda: decode_batch(request), iters),
-        "backend append+attend": _median_us(lambda: backend.append_and_attend(items), iters),
+        "backend, per item": _median_us(lambda: backend.append_and_attend(items), iters),
+        "backend attend_packed": _median_us(lambda: backend.attend_packed(whole), iters),
         "engine attend_batch": await _median_us_async(
             lambda: engine.attend_batch(batch), iters, rewind
         ),

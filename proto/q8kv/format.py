@@ -43,7 +43,20 @@ def roundf(y: np.ndarray) -> np.ndarray:
     """
     trunc = np.trunc(y)
     tie = np.abs(y - trunc) == np.float32(0.5)  # exact for |y| < 2**23
-    return np.where(tie, trunc + np.sign(y), np.rint(y))
+    rounded = np.rint(y)
+    if tie.any():  # rare; np.where over every value costs ~10x a plain ufunc pass
+        rounded[tie] = trunc[tie] + np.sign(y[tie])
+    return rounded
+
+
+def _absmax(blocks: np.ndarray) -> np.ndarray:
+    """max |x| over the last axis (a power of two long), as halves folded together: the
+    same values as np.max(axis=-1) (max is exact), a few times faster on short rows."""
+    folded = np.abs(blocks)
+    while folded.shape[-1] > 1:
+        half = folded.shape[-1] // 2
+        folded = np.maximum(folded[..., :half], folded[..., half:])
+    return folded[..., 0]
 
 
 def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +65,7 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if x.shape[-1] % QBLOCK:
         raise ValueError(f"last dimension must be a multiple of {QBLOCK}, got {x.shape[-1]}")
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // QBLOCK, QBLOCK)
-    d = np.max(np.abs(blocks), axis=-1) / np.float32(127.0)
+    d = _absmax(blocks) / np.float32(127.0)
     with np.errstate(over="ignore"):
         inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d != 0)
     # Where max|x| < ~3.7e-37, d is subnormal and 1/d overflows to inf: x * id would give

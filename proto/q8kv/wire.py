@@ -92,7 +92,10 @@ def largest_magnitude(array: np.ndarray) -> float:
     if array.size == 0:
         return 0.0
     kind, mask, inf = _MAGNITUDE_BITS[array.dtype]
-    top = np.max(np.ascontiguousarray(array).view(kind) & kind(mask))
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    # Methods, not np.max: the module-level wrappers cost more than a small tensor's pass.
+    top = (array.view(kind) & kind(mask)).max()
     if top > inf:
         return float("nan")
-    return float(np.array(top, dtype=kind).view(array.dtype))
+    return float(top.view(array.dtype))

@@ -27,6 +27,7 @@ __all__ = [
     "QBLOCK",
     "AttendItem",
     "Backend",
+    "PackedItems",
     "LayerLayout",
     "page_bytes",
     "tokens_per_page",
@@ -53,6 +54,55 @@ class AttendItem:
     @property
     def n(self) -> int:
         return int(self.q.shape[0])
+
+
+@dataclass
+class PackedItems:
+    """B (session, layer) items of one layout and one n, their inputs stacked: one layer of
+    one step for B distinct sessions (AttendBatch). ``page_ids[b]`` covers
+    ``starts[b] + n`` tokens (reserved by the caller), n >= 1. q is [B, n, H, D], k and v
+    are [B, n, KVH, D], each float32, float16 or ml_dtypes.bfloat16 (as an AttendItem's),
+    C-contiguous and finite. The output comes back in ``out_dtype``, computed in float32."""
+
+    layout: LayerLayout
+    softmax_scales: np.ndarray  # float64 [B]
+    page_ids: list[np.ndarray]  # [B] of int32 [ceil((starts[b] + n) / T)]
+    starts: np.ndarray  # int64 [B]: tokens in each layer before this append
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    out_dtype: np.dtype = np.dtype(np.float32)
+
+    @property
+    def size(self) -> int:
+        return int(self.q.shape[0])
+
+    @property
+    def n(self) -> int:
+        return int(self.q.shape[1])
+
+    def item(self, b: int) -> AttendItem:
+        return AttendItem(self.layout, float(self.softmax_scales[b]), self.page_ids[b],
+                          int(self.starts[b]), self.q[b], self.k[b], self.v[b])
+
+    def items(self) -> list[AttendItem]:
+        """The same work as B separate items (the fallback of any backend)."""
+        return [self.item(b) for b in range(self.size)]
+
+    def part(self, sessions: slice, tokens: slice) -> PackedItems:
+        """Sessions ``sessions`` and new tokens ``tokens`` (a chunk of a prefill: its page
+        tables cut to what its last token needs)."""
+        first, last, _ = tokens.indices(self.n)
+        per_page = self.layout.tokens_per_page
+        starts = self.starts[sessions]
+        return PackedItems(
+            self.layout, self.softmax_scales[sessions],
+            [ids[: -(-(int(s) + last) // per_page)]
+             for ids, s in zip(self.page_ids[sessions], starts, strict=True)],
+            starts + first,
+            *(np.ascontiguousarray(a[sessions, first:last]) for a in (self.q, self.k, self.v)),
+            out_dtype=self.out_dtype,
+        )
 
 
 class Backend(ABC):
@@ -86,6 +136,12 @@ class Backend(ABC):
         (session, layer) appended (their start already counts those tokens). Returns one
         float32 [n, H, D] array per item, in order.
         """
+
+    def attend_packed(self, batch: PackedItems) -> np.ndarray:
+        """``append_and_attend`` of a packed batch: [B, n, H, D] in ``batch.out_dtype``.
+        This default runs it as B items; backends override it to skip the per-item work."""
+        outputs = self.append_and_attend(batch.items())
+        return np.stack(outputs, dtype=batch.out_dtype, casting="unsafe")
 
     @abstractmethod
     def dequantize(

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends.base import AttendItem, Backend
+from ..backends.base import AttendItem, Backend, PackedItems
 from ..cache import Allocation, Session, SessionStore
 from ..errors import Aborted, DeadlineExceeded, InvalidArgument, ServiceError
-from .jobs import AppendJob, AppendRequest, EngineObserver, answer
+from .jobs import AppendJob, AppendRequest, EngineObserver, PackedJob, answer
+from .packed import attend_packed_in_chunks, check_shape, prepare_packed
 
 log = logging.getLogger("q8kv.engine")
 
@@ -38,12 +39,14 @@ class Chunking:
 
 @dataclass
 class _Prepared:
-    """One accepted job: its backend items and the allocation that holds its changes."""
+    """One accepted job: its backend items (or its packed batch) and the allocation that
+    holds its changes."""
 
     job: AppendJob
     allocation: Allocation
     items: list[AttendItem]
     sessions: list[Session]
+    packed: PackedItems | None = None
 
 
 class AppendTransaction:
@@ -90,15 +93,20 @@ class AppendTransaction:
                 job.resolve(error=answer(exc))
 
     def _apply(self, accepted: list[_Prepared], chunks: Chunking | None = None) -> None:
-        items = [item for prepared in accepted for item in prepared.items]
         started = time.perf_counter()
         try:
             if chunks is None:
-                outputs = self.backend.append_and_attend(items)
+                outputs = self._device_calls(accepted)
             else:
-                keys = {(prepared.job.tenant, s.id) for prepared in accepted
-                        for s in prepared.sessions}
-                outputs = self._attend_in_chunks(items, chunks, keys)
+                (prepared,) = accepted  # a chunked job runs alone
+                keys = {(prepared.job.tenant, s.id) for s in prepared.sessions}
+                if prepared.packed is not None:
+                    out = attend_packed_in_chunks(
+                        self.backend, prepared.packed, chunks.tokens, chunks.between, keys
+                    )
+                    outputs = [out]
+                else:
+                    outputs = [self._attend_in_chunks(prepared.items, chunks, keys)]
         except Exception as exc:
             if not isinstance(exc, MemoryError):
                 log.exception("device call failed; rolling back %d requests", len(accepted))
@@ -110,15 +118,42 @@ class AppendTransaction:
         for prepared in accepted:
             prepared.allocation.commit()
         observer = self._observer()
-        observer.on_batch(len(items), time.perf_counter() - started)
-        position = 0
-        for prepared in accepted:
+        observer.on_batch(sum(p.job.count for p in accepted), time.perf_counter() - started)
+        for prepared, output in zip(accepted, outputs, strict=True):
+            if prepared.packed is not None:
+                n = prepared.packed.n
+                for session in prepared.sessions:
+                    observer.on_append(session, n)
+                prepared.job.resolve((output, (prepared.packed.starts + n).tolist()))
+                continue
             results = []
-            for item, session in zip(prepared.items, prepared.sessions, strict=True):
-                results.append((outputs[position], item.start + item.n))
-                position += 1
+            for out, item, session in zip(output, prepared.items, prepared.sessions, strict=True):
+                results.append((out, item.start + item.n))
                 observer.on_append(session, item.n)
             prepared.job.resolve(results)
+
+    def _device_calls(self, accepted: list[_Prepared]) -> list:
+        """Per job, in order: its outputs (a list per item, or a packed job's one array).
+        Adjacent item jobs share one backend call; a packed job has its own."""
+        outputs: list = []
+        run: list[_Prepared] = []
+
+        def flush() -> None:
+            if run:
+                flat = self.backend.append_and_attend([it for p in run for it in p.items])
+                for p in run:
+                    outputs.append(flat[: len(p.items)])
+                    del flat[: len(p.items)]
+                run.clear()
+
+        for prepared in accepted:
+            if prepared.packed is None:
+                run.append(prepared)
+                continue
+            flush()
+            outputs.append(self.backend.attend_packed(prepared.packed))
+        flush()
+        return outputs
 
     def _attend_in_chunks(
         self, items: list[AttendItem], chunks: Chunking, keys: set[tuple[str, str]]
@@ -149,6 +184,12 @@ class AppendTransaction:
         allocation = self.store.begin()
         prepared = _Prepared(job, allocation, [], [])
         try:
+            if isinstance(job, PackedJob):
+                assert job.batch is not None
+                prepared.packed = prepare_packed(
+                    self.store, job.batch, job.tenant, allocation, prepared.sessions
+                )
+                return prepared
             for index, request in enumerate(job.items):
                 try:
                     session, item = self._prepare_item(index, request, job, allocation)
@@ -199,13 +240,3 @@ class AppendTransaction:
         )
         return session, item
 
-
-def check_shape(field_name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> None:
-    if tuple(actual) != tuple(expected):
-        shown = ["n" if i == 0 else str(d) for i, d in enumerate(expected)]
-        raise InvalidArgument(
-            f"{field_name}.shape: expected [{', '.join(shown)}] with n = {expected[0]} "
-            f"(q.shape[0]), got {list(actual)}"
-            if expected[0] >= 0
-            else f"{field_name}.shape: expected 3 dimensions, got {list(actual)}"
-        )

@@ -21,7 +21,7 @@ def collect_batch(
 ) -> list[AppendJob]:
     """``first`` and the append jobs queued right behind it (none past a large one: over
     ``max_tokens`` new tokens, it runs alone)."""
-    batch, count = [first], len(first.items)
+    batch, count = [first], first.count
     wait_until = time.monotonic() + max_delay
     with queue.ready:
         while count < max_items:
@@ -33,12 +33,12 @@ def collect_batch(
             nxt = queue.jobs[0]
             if (
                 not isinstance(nxt, AppendJob)
-                or count + len(nxt.items) > max_items
+                or count + nxt.count > max_items
                 or nxt.tokens > max_tokens
             ):
                 break
             batch.append(queue.jobs.popleft())
-            count += len(nxt.items)
+            count += nxt.count
     return batch
 
 
@@ -55,11 +55,11 @@ def take_interleaved(
         for job in list(queue.jobs):
             if not isinstance(job, AppendJob):
                 break
-            keys = {(job.tenant, item.session_id) for item in job.items}
-            if keys & blocked or job.tokens > max_tokens or count + len(job.items) > max_items:
+            keys = {(job.tenant, sid) for sid in job.session_ids()}
+            if keys & blocked or job.tokens > max_tokens or count + job.count > max_items:
                 blocked |= keys
                 continue
             queue.jobs.remove(job)
             taken.append(job)
-            count += len(job.items)
+            count += job.count
     return taken

@@ -103,6 +103,36 @@ class AppendJob(Job):
         # Here, on the caller's side: an item too broken to count fails its own call.
         self.tokens = sum(item.k.shape[0] for item in self.items)
 
+    @property
+    def count(self) -> int:
+        """Items (session-layers) the job appends to."""
+        return len(self.items)
+
+    def session_ids(self) -> list[str]:
+        return [item.session_id for item in self.items]
+
+
+@dataclass
+class PackedJob(AppendJob):
+    """One AttendBatch call: its q/k/v stay [B, n, ...] arrays all the way to the backend.
+    Answered with (output [B, n, H, D] in q's dtype, new layer lengths)."""
+
+    batch: PackedBatch | None = None
+    label: str = "batch"
+
+    def __post_init__(self) -> None:
+        assert self.batch is not None
+        self.tokens = self.batch.k.shape[0] * self.batch.k.shape[1]
+
+    @property
+    def count(self) -> int:
+        assert self.batch is not None
+        return len(self.batch.session_ids)
+
+    def session_ids(self) -> list[str]:
+        assert self.batch is not None
+        return self.batch.session_ids
+
 
 def answer(exc: BaseException) -> BaseException:
     """The error a caller gets: running out of host memory is RESOURCE_EXHAUSTED (the call

@@ -21,7 +21,16 @@ from ..errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from ..persistence import transfer
 from .appends import AppendTransaction, Chunking
 from .batcher import collect_batch, take_interleaved
-from .jobs import AppendJob, AppendRequest, CallJob, EngineObserver, Job, PackedBatch, answer
+from .jobs import (
+    AppendJob,
+    AppendRequest,
+    CallJob,
+    EngineObserver,
+    Job,
+    PackedBatch,
+    PackedJob,
+    answer,
+)
 from .worker import Worker, log
 
 
@@ -154,22 +163,11 @@ class Engine:
         [B, n, H, D] in q's dtype (computed in float32) and each session's new layer
         length. All or none."""
         loop = asyncio.get_running_loop()
-        layer, expected = batch.layer, batch.expected_lengths
-        items = [
-            AppendRequest(
-                sid, layer, batch.q[b], batch.k[b], batch.v[b],
-                None if expected is None else expected[b],
-            )
-            for b, sid in enumerate(batch.session_ids)
-        ]
-        job = AppendJob(
-            future=loop.create_future(), loop=loop, items=items, tenant=tenant,
-            deadline=deadline, label="batch",
+        job = PackedJob(
+            future=loop.create_future(), loop=loop, tenant=tenant, deadline=deadline,
+            batch=batch,
         )
-        results = await self.worker.append(job)
-        # Cast to q's dtype (the output's) while stacking: one pass, no float32 copy.
-        output = np.stack([out for out, _ in results], dtype=batch.q.dtype, casting="unsafe")
-        return output, [length for _, length in results]
+        return await self.worker.append(job)
 
     async def dequantize(
         self, session_id: str, tenant: str, layer: int, start: int, end: int | None

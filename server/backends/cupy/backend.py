@@ -21,10 +21,10 @@ import numpy as np
 
 from q8kv.format import DEFAULT_PAGE_CODE_BYTES, QBLOCK, LayerLayout
 
-from ..base import AttendItem, Backend
+from ..base import AttendItem, Backend, PackedItems
 from . import kernels
 from .kernels import MAX_HEAD_DIM, NWARPS, AttnKernel
-from .packing import META, Batch, SplitPolicy, pack
+from .packing import META, Batch, SplitPolicy, pack, pack_packed
 from .tuning import GpuTuning
 
 
@@ -124,10 +124,12 @@ class CupyBackend(Backend):
 
     # -- packing ---------------------------------------------------------------------------
 
+    def _policy(self) -> SplitPolicy:
+        return SplitPolicy(self._sm_count, self.split_waves, self.tuning.max_splits)
+
     def prepare(self, items: Sequence[AttendItem], own_device_copy: bool = False) -> Batch:
         """Pack ``items`` into the pinned host buffer and plan the launches."""
-        policy = SplitPolicy(self._sm_count, self.split_waves, self.tuning.max_splits)
-        batch = pack(items, self._host_in.get, self._attn_kernel, policy)
+        batch = pack(items, self._host_in.get, self._attn_kernel, self._policy())
         if own_device_copy:
             with self._device:
                 batch.dev = cp.empty(batch.nbytes, cp.uint8)
@@ -209,15 +211,20 @@ class CupyBackend(Backend):
                 shared_mem=ln.kernel.smem,
             )
 
-    def download(self, batch: Batch) -> list[np.ndarray]:
-        """One D2H copy of all outputs, one synchronize, then per-item arrays."""
+    def _download_flat(self, batch: Batch) -> np.ndarray:
+        """One D2H copy of all outputs and one synchronize: float32 [out_floats], a view
+        of the reused pinned buffer (valid until the next call)."""
         host = self._host_out.get(4 * max(batch.out_floats, 1))
         if batch.out_floats:
             self._dev_out.data.copy_to_host_async(
                 ctypes.c_void_p(self._host_out.mem.ptr), 4 * batch.out_floats, self._stream
             )
         self._stream.synchronize()
-        flat = host[: 4 * batch.out_floats].view(np.float32)
+        return host[: 4 * batch.out_floats].view(np.float32)
+
+    def download(self, batch: Batch) -> list[np.ndarray]:
+        """One D2H copy of all outputs, one synchronize, then per-item arrays."""
+        flat = self._download_flat(batch)
         result = []
         for off, shape in batch.outputs:
             if off < 0:
@@ -229,26 +236,49 @@ class CupyBackend(Backend):
 
     # -- Backend ---------------------------------------------------------------------------
 
+    def _run(self, batch: Batch) -> tuple[float, float]:
+        """Upload, quantize-append, attention, with an event around each kernel; returns
+        the host seconds each launch took."""
+        self.upload(batch)
+        marks = self._marks
+        marks[0].record(self._stream)
+        started = time.perf_counter()
+        self.launch_append(batch)
+        appended = time.perf_counter()
+        marks[1].record(self._stream)
+        self.launch_attention(batch)
+        attended = time.perf_counter()
+        marks[2].record(self._stream)
+        return appended - started, attended - appended
+
+    def _report(self, launches: tuple[float, float]) -> None:
+        """Per-kernel metrics, once the stream is synchronized (the events are complete)."""
+        marks, elapsed = self._marks, cp.cuda.get_elapsed_time
+        self.on_kernel("quantize_append", launches[0], elapsed(marks[0], marks[1]) / 1e3)
+        self.on_kernel("attention", launches[1], elapsed(marks[1], marks[2]) / 1e3)
+
     def append_and_attend(self, items: Sequence[AttendItem]) -> list[np.ndarray]:
         if not items:
             return []
         with self._device:
             batch = self.prepare(items)
-            self.upload(batch)
-            marks = self._marks
-            marks[0].record(self._stream)
-            started = time.perf_counter()
-            self.launch_append(batch)
-            appended = time.perf_counter()
-            marks[1].record(self._stream)
-            self.launch_attention(batch)
-            attended = time.perf_counter()
-            marks[2].record(self._stream)
-            outputs = self.download(batch)  # synchronizes: the events below are complete
-        elapsed = cp.cuda.get_elapsed_time
-        self.on_kernel("quantize_append", appended - started, elapsed(marks[0], marks[1]) / 1e3)
-        self.on_kernel("attention", attended - appended, elapsed(marks[1], marks[2]) / 1e3)
+            launches = self._run(batch)
+            outputs = self.download(batch)  # synchronizes: the events are complete
+        self._report(launches)
         return outputs
+
+    def attend_packed(self, batch: PackedItems) -> np.ndarray:
+        """The packed batch through the same launches: inputs copied once per tensor into
+        the pinned buffer, one [B, n, H, D] float32 output copied back, cast once."""
+        with self._device:
+            packed = pack_packed(batch, self._host_in.get, self._attn_kernel, self._policy())
+            launches = self._run(packed)
+            flat = self._download_flat(packed)  # synchronizes
+            lay = batch.layout
+            shape = (batch.size, batch.n, lay.num_heads, lay.head_dim)
+            out = flat.reshape(shape).astype(batch.out_dtype)  # a copy: the buffer is reused
+        self._report(launches)
+        return out
 
     def dequantize_device(self, layout: LayerLayout, page_ids, start: int, end: int) -> cp.ndarray:
         """K and V of tokens [start, end) as a device float32 array [2, KVH, end-start, D].

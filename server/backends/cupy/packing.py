@@ -8,7 +8,10 @@ The buffer, all int32 rows and 16-byte aligned arrays:
     q k v  per item         raw bytes in the item's dtype (float32, float16 or bfloat16)
 
 Items are ordered by head_dim (one attention launch per head_dim); empty items (n = 0) get
-no row. Host work only: the backend does the copies and the launches.
+no row. A packed batch (``pack_packed``: B sessions of one layout, q/k/v stacked) is laid
+out as all q, all k, all v, one copy each, item b at base + b * item bytes; its meta rows
+are built column by column with numpy, and hold what ``pack`` writes for the same items.
+Host work only: the backend does the copies and the launches.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 
 from q8kv.format import QBLOCK
 
-from ..base import AttendItem
+from ..base import AttendItem, PackedItems
 from .kernels import MAX_HEAD_DIM, MAXP, AttnKernel
 
 META = 32  # int32 per item row (META_STRIDE in q8_common.cuh)
@@ -293,3 +296,85 @@ def pack(
         part_floats=part_floats,
         counters=counters,
     )
+
+
+def pack_packed(
+    batch: PackedItems,
+    host_buffer: Callable[[int], np.ndarray],
+    kernel_for: Callable[[int], AttnKernel],
+    policy: SplitPolicy,
+) -> Batch:
+    """``pack`` for a packed batch (n >= 1), without a Python step per item: the same meta
+    rows (but the q/k/v offsets), page ids and input bytes the kernels read. The caller
+    reads the output as one [B, n, H, D] float32 array at float offset 0."""
+    lay, count, n = batch.layout, batch.size, batch.n
+    check_layout(batch.item(0))
+    q, k, v = batch.q, batch.k, batch.v
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPE_CODE:
+        q, k, v = (a.astype(np.float32) for a in (q, k, v))  # as device_arrays does
+    q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
+    counts = np.fromiter((len(ids) for ids in batch.page_ids), np.int64, count)
+    meta_bytes = count * META * 4
+    offsets, off = [], meta_bytes + 4 * int(counts.sum())
+    for a in (q, k, v):
+        off = -(-off // 16) * 16
+        offsets.append(off)
+        off += a.nbytes
+    nbytes = -(-off // 16) * 16
+    if nbytes >= MAX_BATCH_BYTES:
+        raise ValueError(
+            f"batch too large for one launch: expected < {MAX_BATCH_BYTES} bytes "
+            f"of inputs, got {nbytes}"
+        )
+    host = host_buffer(nbytes)
+    for a, o in zip((q, k, v), offsets, strict=True):
+        host[o : o + a.nbytes] = a.reshape(-1).view(np.uint8)
+    ids = np.concatenate(batch.page_ids).astype(np.int32, copy=False)
+    host[meta_bytes : meta_bytes + 4 * ids.size] = ids.view(np.uint8)
+    meta = host[:meta_bytes].view(np.int32).reshape(count, META)
+    meta[:] = 0
+    rows = np.arange(count)
+    for col, a, o in zip((M_Q, M_K, M_V), (q, k, v), offsets, strict=True):
+        meta[:, col] = o + rows * (a.nbytes // count)
+    meta[:, M_DT] = DTYPE_CODE[q.dtype]
+    meta[:, M_PT] = np.cumsum(counts) - counts
+    meta[:, M_START], meta[:, M_N] = batch.starts, n
+    meta[:, M_H], meta[:, M_KVH] = lay.num_heads, lay.num_kv_heads
+    meta[:, M_LOGT] = lay.tokens_per_page.bit_length() - 1
+    out_floats = n * lay.num_heads * lay.head_dim
+    meta[:, M_OUT] = rows * out_floats
+    scales = np.asarray(batch.softmax_scales, np.float64) * _LOG2E
+    meta[:, M_SCALE] = scales.astype(np.float32).view(np.int32)
+    meta[:, M_G], meta[:, M_D] = lay.group, lay.head_dim
+    q_blocks = 2 * n * lay.num_kv_heads * lay.blocks
+    meta[:, M_QB] = rows * q_blocks
+    kern = kernel_for(lay.head_dim)
+    launch, counters = _plan_packed(lay, n, batch.starts + n, meta, kern, policy)
+    return Batch(
+        nbytes=nbytes, nitems=count, ptab_off=meta_bytes, q_blocks=count * q_blocks,
+        launches=[launch], outputs=[], out_floats=count * out_floats,
+        part_floats=launch.units * kern.gt * (lay.head_dim + 2), counters=counters,
+    )
+
+
+def _plan_packed(lay, n: int, lens: np.ndarray, meta: np.ndarray, kern: AttnKernel,
+                 policy: SplitPolicy) -> tuple[Launch, int]:
+    """``plan_launch`` over arrays: every row has the same row tiles; splits per length."""
+    gt, tok, t = kern.gt, kern.tok, lay.tokens_per_page
+    row_tiles = -(-n * lay.group // gt)
+    tiles = lay.num_kv_heads * row_tiles
+    slots = policy.sm_count * kern.blocks_per_sm * policy.split_waves
+    ideal = max(tok, math.ceil(int(tiles * lens.sum()) / slots))
+    max_chunk = max(tok, ((MAXP - 1) * t // tok) * tok)
+    # split(), vectorized: np.rint rounds half to even, as Python's round().
+    nsplit = np.minimum(policy.max_splits, np.maximum(1, np.rint(lens / ideal))).astype(np.int64)
+    nsplit = np.maximum(nsplit, -(-lens // max_chunk))
+    chunk = -(-np.ceil(lens / nsplit).astype(np.int64) // tok) * tok
+    nsplit = -(-lens // chunk)
+    units = tiles * nsplit
+    meta[:, M_RT] = row_tiles
+    meta[:, M_NSPLIT], meta[:, M_CHUNK] = nsplit, chunk
+    meta[:, M_UNIT] = np.cumsum(units) - units
+    meta[:, M_CNT] = np.arange(len(lens)) * tiles
+    total = int(units.sum())
+    return Launch(kern, 0, len(lens), total, lay.head_dim), len(lens) * tiles

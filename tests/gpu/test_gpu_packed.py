@@ -1,0 +1,89 @@
+"""CupyBackend.attend_packed against the same batch run as items (append_and_attend) on a
+second GPU backend holding the same pages: the kernels read identical inputs, so outputs
+(in the wire dtype) and the pages written must be equal bit for bit; and against the numpy
+backend's packed path within the attention tolerance. Marked ``gpu``; skips without CUDA."""
+
+from __future__ import annotations
+
+import zlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+from reference import rel_l2
+
+from q8kv.format import LayerLayout, tokens_per_page
+from q8kv.server.backends import cuda_available
+from q8kv.server.backends.base import PackedItems
+from q8kv.server.backends.numpy_backend import NumpyBackend
+
+pytest.importorskip("cupy", reason="CuPy is not installed: GPU backend tests skipped")
+if not cuda_available():
+    pytest.skip("no CUDA device visible to CuPy: GPU tests skipped", allow_module_level=True)
+
+from q8kv.server.backends.cupy.backend import CupyBackend  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+PAGE, PAGES = 65536, 4096
+DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
+
+
+def backends(rng: np.random.Generator):
+    """Two GPU backends and a numpy one whose pools hold the same random codes/scales."""
+    ref = NumpyBackend(PAGES, PAGE)
+    ref.codes[:] = rng.integers(-127, 128, ref.codes.shape, dtype=np.int8)
+    ref.scales[:] = rng.uniform(1e-3, 2e-2, ref.scales.shape).astype(np.float32)
+    gpus = [CupyBackend(PAGES, PAGE), CupyBackend(PAGES, PAGE)]
+    ids = np.arange(PAGES, dtype=np.int32)
+    for gpu in gpus:
+        gpu.poison_outputs = True
+        gpu.write_pages(ids, ref.codes, ref.scales)
+    return ref, gpus
+
+
+def random_batch(rng, h, kvh, d, starts, n, dtype) -> PackedItems:
+    layout = LayerLayout(h, kvh, d, tokens_per_page(PAGE, kvh, d))
+    free = rng.permutation(PAGES).astype(np.int32)
+    tables, used = [], 0
+    for start in starts:
+        count = -(-(start + n) // layout.tokens_per_page)
+        tables.append(free[used : used + count])
+        used += count
+    b = len(starts)
+
+    def rand(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+
+    return PackedItems(
+        layout, rng.uniform(0.05, 0.2, b), tables, np.array(starts, np.int64),
+        rand(b, n, h, d), rand(b, n, kvh, d), rand(b, n, kvh, d), out_dtype=np.dtype(dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize(
+    "h,kvh,d,n", [(32, 8, 128, 1), (8, 2, 64, 17), (4, 4, 256, 1)], ids=["g4", "prefill", "mha"]
+)
+def test_packed_equals_items_bit_for_bit(dtype, h, kvh, d, n, rng):
+    ref, (packed_gpu, items_gpu) = backends(rng)
+    starts = list(rng.choice([0, 1, 1023, 1024, 5000], size=9)) + [777] * 8
+    batch = random_batch(rng, h, kvh, d, starts, n, dtype)
+    out = packed_gpu.attend_packed(batch)
+    items = np.stack(items_gpu.append_and_attend(batch.items()), dtype=batch.out_dtype,
+                     casting="unsafe")
+    assert out.dtype == batch.out_dtype and out.shape == batch.q.shape
+    np.testing.assert_array_equal(out.view(np.uint8), items.view(np.uint8))
+    touched = np.concatenate(batch.page_ids)
+    for a, b in zip(packed_gpu.read_pages(touched), items_gpu.read_pages(touched), strict=True):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+    expected = ref.attend_packed(batch).astype(np.float32)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-2  # the output's rounding
+    assert rel_l2(out.astype(np.float32), expected) <= tolerance
+    for backend in (packed_gpu, items_gpu):
+        backend.close()
