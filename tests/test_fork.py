@@ -116,16 +116,18 @@ def test_concurrent_appends_to_branches(start_server):
             for layer, t in enumerate(prefix):
                 await src.append_and_attend(layer, *t)
             forks = await asyncio.gather(*(src.fork() for _ in range(8)))
-            steps = [[[qkv(rng, 1, GEO) for _ in range(GEO.num_layers)] for _ in forks]
-                     for _ in range(3)]
+            steps = [
+                [[qkv(rng, 1, GEO) for _ in range(GEO.num_layers)] for _ in forks] for _ in range(3)
+            ]
 
             async def run(f, tokens):
                 return [await f.append_and_attend(layer, *t) for layer, t in enumerate(tokens)]
 
-            outs = [await asyncio.gather(*(run(f, step[i]) for i, f in enumerate(forks)))
-                    for step in steps]
-            return {"prefix": prefix, "steps": steps, "outs": outs,
-                    "ids": [f.id for f in forks]}
+            outs = [
+                await asyncio.gather(*(run(f, step[i]) for i, f in enumerate(forks)))
+                for step in steps
+            ]
+            return {"prefix": prefix, "steps": steps, "outs": outs, "ids": [f.id for f in forks]}
 
     got = asyncio.run(body())
     with Client(srv.address, timeout=30) as c:
@@ -150,8 +152,11 @@ def test_bad_forks_fail_clearly_and_change_nothing(start_server):
         shown = lambda: [(i.id, i.layer_lengths) for i in c.list_sessions()]  # noqa: E731
         before = shown()
         cases = [
-            (dict(length=38), grpc.StatusCode.INVALID_ARGUMENT,
-             f"length: expected 0..37 (the shortest layer of session '{src.id}'), got 38"),
+            (
+                dict(length=38),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"length: expected 0..37 (the shortest layer of session '{src.id}'), got 38",
+            ),
             (dict(length=-1), grpc.StatusCode.INVALID_ARGUMENT, "got -1"),
             (dict(session_id=src.id), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
             (dict(session_id="bad id!"), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
@@ -196,8 +201,10 @@ def test_another_tenants_session_cannot_be_forked(start_server):
     srv = start_server(
         "--page-bytes", str(PCB), env={"Q8KV_AUTH_TOKENS": f"{TOKEN_A} alpha,{TOKEN_B} bravo"}
     )
-    with Client(srv.address, token=TOKEN_A, timeout=30) as a, \
-            Client(srv.address, token=TOKEN_B, timeout=30) as b:
+    with (
+        Client(srv.address, token=TOKEN_A, timeout=30) as a,
+        Client(srv.address, token=TOKEN_B, timeout=30) as b,
+    ):
         src = Tree(a, np.random.default_rng(9)).root(37, session_id="shared-name")
         cache = caches(src, GEO.num_layers)
         errors = []
@@ -218,12 +225,18 @@ def test_forking_cannot_get_a_tenant_past_its_limits(start_server):
     copies their appends make count, and stop at --tenant-max-bytes with nothing appended.
     Another tenant is unaffected."""
     srv = start_server(
-        "--page-bytes", str(PCB), "--tenant-max-sessions", "4",
-        "--tenant-max-bytes", str(8 * PAGE),
+        "--page-bytes",
+        str(PCB),
+        "--tenant-max-sessions",
+        "4",
+        "--tenant-max-bytes",
+        str(8 * PAGE),
         env={"Q8KV_AUTH_TOKENS": f"{TOKEN_A} alpha,{TOKEN_B} bravo"},
     )
-    with Client(srv.address, token=TOKEN_A, timeout=30) as a, \
-            Client(srv.address, token=TOKEN_B, timeout=30) as b:
+    with (
+        Client(srv.address, token=TOKEN_A, timeout=30) as a,
+        Client(srv.address, token=TOKEN_B, timeout=30) as b,
+    ):
         tree = Tree(a, np.random.default_rng(11))
         src = tree.root(37)  # 6 pages
         forks = [tree.fork(src) for _ in range(3)]
@@ -242,3 +255,31 @@ def test_forking_cannot_get_a_tenant_past_its_limits(start_server):
         tree.append(forks[1], 1)
         assert [f.info().layer_lengths for f in forks[1:]] == [[38, 38], [37, 37]]
         assert caches(forks[2], GEO.num_layers) == caches(src, GEO.num_layers)
+
+
+def test_a_packed_batch_of_a_source_and_its_forks_copies_the_shared_page_per_session(
+    start_server,
+):
+    """One AttendBatch names a source and two forks that share its partly filled last page:
+    each session copies the page for itself inside the one packed call, and every output
+    and cache equals a session fed the same tokens from scratch."""
+    srv = start_server("--page-bytes", str(PCB))
+    rng = np.random.default_rng(61)
+    with Client(srv.address, timeout=30) as c:
+        tree = Tree(c, rng)
+        source = tree.root(T + 5)  # a partly filled second page
+        forks = [tree.fork(source), tree.fork(source, length=T + 2)]
+        members = [source, *forks]
+        for step in range(3):  # decode steps, then a short prefill
+            n = 1 if step < 2 else 4
+            for layer in range(GEO.num_layers):
+                ts = [qkv(rng, n, GEO) for _ in members]
+                q, k, v = (np.stack([t[i] for t in ts]) for i in range(3))
+                out = c.attend_batch(layer, members, q, k, v)
+                for b, s in enumerate(members):
+                    tree.calls[s].append((layer, ts[b], out[b]))
+        for s in members:
+            tree.check(s)
+        for s in members:
+            s.delete()
+        assert metric(srv.metrics_url, "q8kv_pool_used_bytes") == 0
