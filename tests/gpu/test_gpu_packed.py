@@ -61,8 +61,14 @@ def random_batch(rng, h, kvh, d, starts, n, dtype) -> PackedItems:
         return (rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
 
     return PackedItems(
-        layout, rng.uniform(0.05, 0.2, b), tables, np.array(starts, np.int64),
-        rand(b, n, h, d), rand(b, n, kvh, d), rand(b, n, kvh, d), out_dtype=np.dtype(dtype),
+        layout,
+        rng.uniform(0.05, 0.2, b),
+        tables,
+        np.array(starts, np.int64),
+        rand(b, n, h, d),
+        rand(b, n, kvh, d),
+        rand(b, n, kvh, d),
+        out_dtype=np.dtype(dtype),
     )
 
 
@@ -75,8 +81,9 @@ def test_packed_equals_items_bit_for_bit(dtype, h, kvh, d, n, rng):
     starts = list(rng.choice([0, 1, 1023, 1024, 5000], size=9)) + [777] * 8
     batch = random_batch(rng, h, kvh, d, starts, n, dtype)
     out = packed_gpu.attend_packed(batch)
-    items = np.stack(items_gpu.append_and_attend(batch.items()), dtype=batch.out_dtype,
-                     casting="unsafe")
+    items = np.stack(
+        items_gpu.append_and_attend(batch.items()), dtype=batch.out_dtype, casting="unsafe"
+    )
     assert out.dtype == batch.out_dtype and out.shape == batch.q.shape
     np.testing.assert_array_equal(out.view(np.uint8), items.view(np.uint8))
     touched = np.concatenate(batch.page_ids)
@@ -87,3 +94,30 @@ def test_packed_equals_items_bit_for_bit(dtype, h, kvh, d, n, rng):
     assert rel_l2(out.astype(np.float32), expected) <= tolerance
     for backend in (packed_gpu, items_gpu):
         backend.close()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["f16", "bf16"])
+def test_the_device_narrowing_rounds_as_numpy_does(dtype, rng):
+    """q8_narrow (the packed output's float32 -> 16-bit wire dtype on the device) equals the
+    host's astype bit for bit on random values, exact ties, values that overflow or fall
+    into the 16-bit subnormals, signed zeros and infinities; NaN stays NaN."""
+    import cupy as cp
+
+    gpu = CupyBackend(8, 4096)
+    tie16 = np.float32(1 + 2**-11)  # halfway between two float16 values
+    tie_bf = np.float32(1 + 2**-8)  # halfway between two bfloat16 values
+    special = np.array([0.0, -0.0, tie16, -tie16, tie_bf, -tie_bf, 65504.0, 65520.0, 7e4,
+                        3.4e38, 1e-6, -3e-8, 6e-8, 1e-40, np.inf, -np.inf], np.float32)  # fmt: skip
+    values = np.concatenate([special, rng.standard_normal(10_000).astype(np.float32) * 1e3])
+
+    def narrow(x: np.ndarray) -> np.ndarray:
+        out = cp.empty(x.size, cp.uint16)
+        bf16 = np.int32(dtype == ml_dtypes.bfloat16)
+        gpu._narrow_k((-(-x.size // 256),), (256,), (cp.asarray(x), out, np.int64(x.size), bf16))
+        return out.get().view(dtype)
+
+    np.testing.assert_array_equal(
+        narrow(values).view(np.uint16), values.astype(dtype).view(np.uint16)
+    )
+    assert np.all(np.isnan(narrow(np.array([np.nan, -np.nan], np.float32)).astype(np.float32)))
+    gpu.close()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 import cupy as cp
+import ml_dtypes
 import numpy as np
 
 from q8kv.format import DEFAULT_PAGE_CODE_BYTES, QBLOCK, LayerLayout
@@ -83,11 +84,13 @@ class CupyBackend(Backend):
             self._marks = [cp.cuda.Event() for _ in range(3)]
             self._append_k = mod.get_function("q8_append")
             self._dequant_k = mod.get_function("q8_dequantize")
+            self._narrow_k = mod.get_function("q8_narrow")
         self._dev_id = dev_id
         self._host_in = _Pinned()
         self._host_out = _Pinned()
         self._dev_in: cp.ndarray | None = None
         self._dev_out: cp.ndarray | None = None
+        self._dev_narrow: cp.ndarray | None = None  # the output in a 16-bit wire dtype
         self._part: cp.ndarray | None = None
         self._counters: cp.ndarray | None = None
 
@@ -112,7 +115,8 @@ class CupyBackend(Backend):
     def close(self) -> None:
         with self._device:
             self._stream.synchronize()
-            for attr in ("codes", "scales", "_dev_in", "_dev_out", "_part", "_counters"):
+            for attr in ("codes", "scales", "_dev_in", "_dev_out", "_dev_narrow", "_part",
+                         "_counters"):  # fmt: skip
                 setattr(self, attr, None)
             self._host_in = _Pinned()
             self._host_out = _Pinned()
@@ -222,6 +226,24 @@ class CupyBackend(Backend):
         self._stream.synchronize()
         return host[: 4 * batch.out_floats].view(np.float32)
 
+    def _download_narrow(self, batch: Batch, dtype: np.dtype) -> np.ndarray:
+        """The outputs narrowed to a 16-bit ``dtype`` on the device, one D2H copy of half
+        the bytes, one synchronize: [out_floats] of ``dtype``, a view of the reused pinned
+        buffer (valid until the next call)."""
+        n = batch.out_floats
+        host = self._host_out.get(2 * max(n, 1))
+        if n:
+            self._dev_narrow = _grow(self._dev_narrow, n, cp.uint16)
+            to_bf16 = np.int32(dtype == ml_dtypes.bfloat16)
+            self._narrow_k(
+                (-(-n // 256),), (256,), (self._dev_out, self._dev_narrow, np.int64(n), to_bf16)
+            )
+            self._dev_narrow.data.copy_to_host_async(
+                ctypes.c_void_p(self._host_out.mem.ptr), 2 * n, self._stream
+            )
+        self._stream.synchronize()
+        return host[: 2 * n].view(dtype)
+
     def download(self, batch: Batch) -> list[np.ndarray]:
         """One D2H copy of all outputs, one synchronize, then per-item arrays."""
         flat = self._download_flat(batch)
@@ -273,10 +295,15 @@ class CupyBackend(Backend):
         with self._device:
             packed = pack_packed(batch, self._host_in.get, self._attn_kernel, self._policy())
             launches = self._run(packed)
-            flat = self._download_flat(packed)  # synchronizes
+            dtype = np.dtype(batch.out_dtype)
+            if dtype in (np.float16, ml_dtypes.bfloat16):
+                # Narrowed on the device: half the bytes back, no host conversion.
+                flat = self._download_narrow(packed, dtype)  # synchronizes
+            else:
+                flat = self._download_flat(packed).astype(dtype, copy=False)
             lay = batch.layout
             shape = (batch.size, batch.n, lay.num_heads, lay.head_dim)
-            out = flat.reshape(shape).astype(batch.out_dtype)  # a copy: the buffer is reused
+            out = flat.reshape(shape).copy()  # the pinned buffer is reused
         self._report(launches)
         return out
 

@@ -161,3 +161,24 @@ extern "C" __global__ void q8_dequantize(const int* __restrict__ ptab, int logT,
     o[k] = v;
   }
 }
+
+// The packed call's float32 output narrowed to its 16-bit wire dtype on the device (half the
+// bytes to copy back, no host conversion): float16 by cvt.rn (IEEE round to nearest even, as
+// numpy's astype), bfloat16 by rounding the float32 bits to nearest even (as ml_dtypes),
+// NaN kept a quiet NaN. One thread per value.
+extern "C" __global__ void q8_narrow(const float* __restrict__ in,
+                                     unsigned short* __restrict__ out, long long n,
+                                     int to_bf16) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float x = in[i];
+  unsigned short h;
+  if (to_bf16) {
+    const unsigned u = __float_as_uint(x);
+    h = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x40u)
+                                        : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  } else {
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  }
+  out[i] = h;
+}
