@@ -103,8 +103,13 @@ def test_a_batch_of_two_rows_of_equal_length_is_one_session_each(lm, client):
 def test_rows_of_different_lengths_are_refused_before_any_call(lm, client):
     """Padding cannot be expressed by the server's causal masking: refused, documented."""
     model, tokenizer = lm
-    tokenizer.padding_side = "left"
-    inputs = tokenizer(["Hello", PROMPT], return_tensors="pt", padding=True)
+    # Left-padded by hand (the GGUF tokenizer of some transformers versions has no pad token).
+    short, long = (tokenizer(p, return_tensors="pt").input_ids[0] for p in ("Hello", PROMPT))
+    pad = len(long) - len(short)
+    inputs = {
+        "input_ids": torch.stack([torch.cat([long[:pad], short]), long]),
+        "attention_mask": torch.tensor([[0] * pad + [1] * len(short), [1] * len(long)]),
+    }
     with attention(model, "q8kv"), RemoteCache(client, model.config, batch_size=2) as cache:
         padding = r"attention_mask: expected no padding.*rows \[0\]"
         with pytest.raises(UnsupportedModel, match=padding):
