@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import math
 import subprocess
 import sys
@@ -31,16 +32,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from bench_util import card_slug, machine, write_json
 
-import q8kv.hf  # noqa: F401 - registers the q8kv attention
-from q8kv.client import Client
-from q8kv.hf import RemoteCache, cache_kwargs
-from q8kv.hf.local_server import LocalServer
-from q8kv.hf.model import load_gguf
+HERE = Path(__file__).resolve().parent
+# benchmarks/kernels.py would pass for the `kernels` package that transformers probes for at
+# import: take this folder off sys.path, and load bench_util by its path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+_spec = importlib.util.spec_from_file_location("bench_util", HERE / "bench_util.py")
+bench_util = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_util)
 
-REPO = Path(__file__).resolve().parent.parent
+import torch  # noqa: E402
+
+import q8kv.hf  # noqa: E402, F401 - registers the q8kv attention
+from q8kv.client import Client  # noqa: E402
+from q8kv.hf import RemoteCache, cache_kwargs  # noqa: E402
+from q8kv.hf.local_server import LocalServer  # noqa: E402
+from q8kv.hf.model import load_gguf  # noqa: E402
+
+REPO = HERE.parent
 TEXT = REPO / "benchmarks" / "data" / "accuracy-text.txt"
 FP16 = "fp16_cache_eager"  # eager attention over float16-rounded k/v
 ANCHOR = {
@@ -199,7 +208,7 @@ def main() -> int:
     result = {
         "benchmark": "accuracy",
         "command": "python " + " ".join(sys.argv),
-        "machine": {**machine(args.backend, device), "torch": torch.__version__,
+        "machine": {**bench_util.machine(args.backend, device), "torch": torch.__version__,
                     "transformers": __import__("transformers").__version__,
                     "torch_threads": torch.get_num_threads()},
         "server": {"target": args.target or "started here", "backend": args.backend},
@@ -213,8 +222,8 @@ def main() -> int:
         "anchor": ANCHOR, "target": TARGET, "contexts": results,
         "total_s": time.perf_counter() - started,
     }
-    name = f"accuracy-{card_slug(args.backend, device)}.json"
-    print(f"wrote {write_json(args.out, name, result)}")
+    name = f"accuracy-{bench_util.card_slug(args.backend, device)}.json"
+    bench_util.write_json(args.out, name, result)
     return 0
 
 
