@@ -43,7 +43,7 @@ wheel: venv
 bench: venv
 	$(BIN)/python benchmarks/service_latency.py $(ARGS)
 
-## SmolLM2 generating text with its attention on q8kv (a numpy/auto server is started unless
+## SmolLM2 generating text with its attention on q8kv (a numpy server is started unless
 ## ARGS="--target host:port"); needs the hf extra (in dev, the default EXTRAS).
 demo: venv
 	$(BIN)/python -m q8kv.hf.demo $(ARGS)

