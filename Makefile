@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,kernels
 PROTO_SRC := proto/q8kv/v1/kvcache.proto
 
-.PHONY: venv run test lint proto wheel bench clean
+.PHONY: venv run test lint proto wheel bench demo accuracy clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,15 @@ wheel: venv
 
 bench: venv
 	$(BIN)/python benchmarks/service_latency.py $(ARGS)
+
+## SmolLM2 generating text with its attention on q8kv (a numpy server is started unless
+## ARGS="--target host:port"); needs the hf extra (in dev, the default EXTRAS).
+demo: venv
+	$(BIN)/python -m q8kv.hf.demo $(ARGS)
+
+## KLD / perplexity / top-1 of the Q8 cache vs an fp32 cache (docs/accuracy.md).
+accuracy: venv
+	$(BIN)/python benchmarks/accuracy.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .whl/q8kv-*.whl

@@ -3,7 +3,7 @@
 
 - the contract (q8kv.v1, q8kv.wire, q8kv.format) imports nothing else of q8kv (wire may
   import v1), so both sides can use it;
-- the client never imports the server;
+- the client never imports the server, nor does q8kv.hf (the transformers backend, a client);
 - the RPC layer talks to the engine only, never to the cache or the backends;
 - backends import only the format and each other;
 - only the app wires everything together, and nothing imports the app but the CLI entry;
@@ -21,7 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # Where each part of the q8kv package lives in the checkout.
 ROOTS = {"q8kv": REPO / "proto" / "q8kv", "q8kv.server": REPO / "server",
-         "q8kv.client": REPO / "client"}
+         "q8kv.client": REPO / "client", "q8kv.hf": REPO / "hf"}
 GENERATED = ("_pb2.py", "_pb2_grpc.py")
 MAX_MODULE_LINES = 400
 
@@ -117,6 +117,11 @@ def test_the_contract_imports_nothing_else_of_q8kv(contract):
 
 def test_the_client_never_imports_the_server():
     assert _violations("q8kv.client", lambda dst: _in(dst, "q8kv.server")) == []
+
+
+def test_the_hf_backend_never_imports_the_server():
+    assert "q8kv.hf.cache" in GRAPH  # the rule below would pass vacuously without it
+    assert _violations("q8kv.hf", lambda dst: _in(dst, "q8kv.server")) == []
 
 
 def test_the_rpc_layer_talks_to_the_engine_only():
