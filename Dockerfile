@@ -38,7 +38,7 @@ deps = p["dependencies"] + [d for e in extras for d in p["optional-dependencies"
 print("\n".join(deps + ["setuptools>=68", "wheel"]))' "$Q8KV_EXTRAS" > /tmp/requirements.txt \
     && /opt/q8kv/bin/pip install -r /tmp/requirements.txt
 
-# Then the package itself (server/, client/, proto/: see .dockerignore).
+# Then the package itself (server/, client/, proto/, hf/: see .dockerignore).
 COPY . /src
 RUN /opt/q8kv/bin/pip install --no-deps --no-build-isolation /src \
     && /opt/q8kv/bin/pip check \
