@@ -6,24 +6,13 @@ Pure: reads attributes of a transformers config (any object with them), imports 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-Q8_BLOCK = 32  # values per Q8 block: head_dim must be a whole number of blocks
-MAX_LEN = 1 << 24  # the server's largest max_len
+from q8kv.format import MAX_LEN, QBLOCK, Geometry
 
 
 class UnsupportedModel(ValueError):
     """The model (its config, or a call its attention makes) needs what q8kv cannot do."""
-
-
-@dataclass(frozen=True, slots=True)
-class Geometry:
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_len: int
 
 
 def _int(config: Any, field: str, value: Any) -> int:
@@ -76,9 +65,9 @@ def geometry_of(config: Any, max_len: int | None = None) -> Geometry:
         hidden = _int(config, "hidden_size", getattr(config, "hidden_size", None))
         head_dim = hidden // heads
     head_dim = _int(config, "head_dim", head_dim)
-    if head_dim % Q8_BLOCK:
+    if head_dim % QBLOCK:
         raise UnsupportedModel(
-            f"config.head_dim: expected a multiple of {Q8_BLOCK} (q8kv's Q8 blocks run along "
+            f"config.head_dim: expected a multiple of {QBLOCK} (q8kv's Q8 blocks run along "
             f"head_dim), got {head_dim}"
         )
     if max_len is None:

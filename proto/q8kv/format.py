@@ -106,6 +106,24 @@ def page_bytes(page_code_bytes: int) -> int:
     return page_code_bytes + page_code_bytes // QBLOCK * 4
 
 
+MAX_LEN = 1 << 24  # the largest max_len a session may declare (tokens per layer)
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """A session's shape: what CreateSession declares, the same for every layer."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_len: int
+
+    def token_bytes(self) -> int:
+        """Q8 bytes (codes + scales, K and V) of one token of one layer."""
+        return 2 * self.num_kv_heads * self.head_dim // QBLOCK * BYTES_PER_BLOCK
+
+
 @dataclass(frozen=True)
 class LayerLayout:
     """How one session's layer sits in the pages; the same for all layers of a session."""

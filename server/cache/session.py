@@ -10,25 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from q8kv.format import BYTES_PER_BLOCK, QBLOCK, LayerLayout, tokens_per_page
+from q8kv.format import MAX_LEN, QBLOCK, Geometry, LayerLayout, tokens_per_page
 
 from ..errors import InvalidArgument
 
 SESSION_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 MAX_SESSION_ID_LEN = 128
-
-
-@dataclass(frozen=True)
-class Geometry:
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_len: int
-
-    def token_bytes(self) -> int:
-        """Q8 bytes (codes + scales, K and V) of one token of one layer."""
-        return 2 * self.num_kv_heads * self.head_dim // QBLOCK * BYTES_PER_BLOCK
 
 
 class LayerCache:
@@ -158,7 +145,7 @@ def validate_geometry(g: Geometry, page_code_bytes: int, max_head_dim: int = 102
         ("num_heads", g.num_heads, 1, 1024),
         ("num_kv_heads", g.num_kv_heads, 1, 1024),
         ("head_dim", g.head_dim, QBLOCK, max_head_dim),
-        ("max_len", g.max_len, 1, 1 << 24),
+        ("max_len", g.max_len, 1, MAX_LEN),
     )
     for name, value, low, high in checks:
         if not low <= value <= high:
