@@ -16,6 +16,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import parse_tunings, q8_setup  # noqa: E402
 
+from q8kv.server.backends.cupy import kernels as cupy_kernels  # noqa: E402
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -24,12 +26,7 @@ def main() -> int:
     ap.add_argument("--tuning", default="", help="minblocks:nstages:stage_bytes")
     ap.add_argument("--define", action="append", default=[], help="NAME=VALUE for the kernel")
     args = ap.parse_args()
-    if args.define:
-        from q8kv.server.backends.cupy import kernels
-
-        options = kernels.attention_options
-        extra = tuple(f"-D{d}" for d in args.define)
-        kernels.attention_options = lambda d, t: options(d, t) + extra
+    cupy_kernels.EXTRA_DEFINES = tuple(f"-D{d}" for d in args.define)
     batch, length = (int(x) for x in args.shape.split("x"))
     tunings = parse_tunings(args.tuning)
     backend, _layout, batches = q8_setup(

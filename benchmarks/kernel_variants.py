@@ -23,10 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import SHAPES, bench_q8  # noqa: E402
 
-from q8kv.server.backends.cupy import kernels  # noqa: E402
+from q8kv.server.backends.cupy import kernels as cupy_kernels  # noqa: E402
 from q8kv.server.backends.cupy.tuning import GpuTuning  # noqa: E402
-
-_options = kernels.attention_options
 
 
 def parse_variant(text: str) -> tuple[str, GpuTuning, tuple[str, ...]]:
@@ -49,12 +47,11 @@ def main() -> int:
     rng = np.random.default_rng()
     for text in args.variant:
         name, tuning, defines = parse_variant(text)
-        kernels.attention_options = lambda d, t, extra=defines: _options(d, t) + extra
-        kernels._ATTN_KERNELS.clear()  # the cache key does not know the extra defines
+        cupy_kernels.EXTRA_DEFINES = defines
         for batch, length in shapes:
             res = bench_q8(batch, length, args.reps, spin_cycles, rng, [1.0], True, tuning)
             cp.get_default_memory_pool().free_all_blocks()
-            kern = kernels.attention_kernel(0, 128, tuning)
+            kern = cupy_kernels.attention_kernel(0, 128, tuning)
             row = {"variant": name, "defines": defines, "batch": batch, "seq_len": length,
                    "q8kv_us": round(res["q8kv_us"], 2),
                    "with_launch_us": round(res["q8kv_with_launch_us"], 2),

@@ -43,6 +43,10 @@ class AttnKernel:
     blocks_per_sm: int
 
 
+# Experiments only (benchmarks/kernel_variants.py, decode_profile.py): extra -D options of
+# the attention kernel, e.g. ("-DSTAGING_ONLY=1",); part of the compiled-kernel cache key.
+EXTRA_DEFINES: tuple[str, ...] = ()
+
 # Compiled once per process and device.
 _PAGES_MODULES: dict[int, cp.RawModule] = {}
 _ATTN_KERNELS: dict[tuple[int, ...], AttnKernel] = {}
@@ -82,6 +86,7 @@ def attention_options(head_dim: int, tuning: GpuTuning) -> tuple[str, ...]:
         f"-DMINBLOCKS={tuning.tc_minblocks if head_dim <= 128 else 1}",
         # Past D = 128 the q digits would spill from registers: shared memory holds them.
         f"-DQD_SMEM={int(head_dim > 128)}",
+        *EXTRA_DEFINES,
     )
 
 
@@ -114,7 +119,8 @@ def pages_module(device_id: int) -> cp.RawModule:
 def attention_kernel(device_id: int, head_dim: int, tuning: GpuTuning) -> AttnKernel:
     """q8_attend for ``head_dim`` on ``device_id``, compiled once per tuning."""
     # split_waves and max_splits only steer the planning: they do not recompile.
-    key = (device_id, head_dim, tuning.tc_minblocks, tuning.tc_nstages, tuning.tc_stage_bytes)
+    key = (device_id, head_dim, tuning.tc_minblocks, tuning.tc_nstages, tuning.tc_stage_bytes,
+           EXTRA_DEFINES)  # fmt: skip
     kern = _ATTN_KERNELS.get(key)
     if kern is None:
         import cupy as cp
