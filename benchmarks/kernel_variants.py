@@ -21,7 +21,7 @@ import cupy as cp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import SHAPES, bench_q8  # noqa: E402
+from kernels import SHAPES, bench_q8, parse_tunings  # noqa: E402
 
 from q8kv.server.backends.cupy import kernels as cupy_kernels  # noqa: E402
 from q8kv.server.backends.cupy.tuning import GpuTuning  # noqa: E402
@@ -30,8 +30,7 @@ from q8kv.server.backends.cupy.tuning import GpuTuning  # noqa: E402
 def parse_variant(text: str) -> tuple[str, GpuTuning, tuple[str, ...]]:
     name, spec = text.split("=", 1)
     parts = spec.split(":")
-    mb, ns, sb = (int(x) for x in parts[:3])
-    tuning = GpuTuning(tc_minblocks=mb, tc_nstages=ns, tc_stage_bytes=sb)
+    (tuning,) = parse_tunings(":".join(parts[:3]))
     return name, tuning, tuple(f"-D{d}" for d in parts[3:])
 
 
