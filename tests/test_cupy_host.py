@@ -12,7 +12,7 @@ from harness.tensors import qkv
 from q8kv.format import LayerLayout, tokens_per_page
 from q8kv.server.backends import GpuTuning
 from q8kv.server.backends.base import AttendItem
-from q8kv.server.backends.cupy import kernels, packing
+from q8kv.server.backends.cupy import kernels, packing, planning
 from q8kv.server.backends.cupy.packing import META
 from q8kv.server.config import load_config
 
@@ -79,11 +79,17 @@ def random_item(rng: np.random.Generator, head_dim: int, n: int) -> AttendItem:
     return AttendItem(layout, float(rng.uniform(0.05, 0.2)), pages, start, q, k, v)
 
 
-def fake_kernel(head_dim: int) -> kernels.AttnKernel:
+def fake_kernel(head_dim: int, route: int = planning.DECODE) -> kernels.AttnKernel:
     """What planning needs of a compiled kernel, without compiling it."""
-    tuning = GpuTuning()
-    tok = kernels.tokens_per_stage(head_dim, tuning)
+    if route != planning.DECODE:
+        tok = kernels.prefill_tile_tokens(head_dim)
+        return kernels.AttnKernel(None, tok, kernels.PREFILL_ROWS, 0, 2, prefill=True)
+    tok = kernels.tokens_per_stage(head_dim, GpuTuning())
     return kernels.AttnKernel(None, tok, kernels.ROWS_PER_TILE, 0, 2)
+
+
+def route_of(item: AttendItem) -> int:
+    return planning.route(item.n, item.layout.group, item.q.dtype)
 
 
 def pack(items: list[AttendItem], policy: packing.SplitPolicy) -> tuple[packing.Batch, np.ndarray]:
@@ -123,34 +129,43 @@ def check_splits(m: np.ndarray, item: AttendItem, tok: int) -> None:
 
 
 def check_prefixes(rows: np.ndarray, live: list[int], items: list[AttendItem], first: int) -> None:
-    """Within a launch, work units and split counters are prefix sums over its rows."""
+    """Within a launch, work units and split counters are prefix sums over its rows; a
+    prefill launch has one unit per (kv head, row tile of 64 rows) and no splits."""
     units = cnt = 0
     for m, j in zip(rows, live[first : first + len(rows)], strict=True):
         tiles = items[j].layout.num_kv_heads * m[packing.M_RT]
+        if route_of(items[j]) != planning.DECODE:
+            assert m[packing.M_RT] == -(-items[j].n * items[j].layout.group // 64)
+            assert m[packing.M_UNIT] == units
+            units += tiles
+            continue
         assert (m[packing.M_UNIT], m[packing.M_CNT]) == (units, cnt)
         units += tiles * m[packing.M_NSPLIT]
         cnt += tiles
 
 
-def test_pack_lays_out_every_item_and_plans_one_launch_per_head_dim() -> None:
+def test_pack_lays_out_every_item_and_plans_one_launch_per_head_dim_and_kernel() -> None:
     rng = np.random.default_rng(11)
     policy = packing.SplitPolicy(sm_count=132, split_waves=1.0, max_splits=48)
     for _ in range(30):
         items = [
-            random_item(rng, int(rng.choice([64, 128, 256])), int(rng.choice([0, 1, 17])))
+            random_item(rng, int(rng.choice([64, 128, 256])), int(rng.choice([0, 1, 17, 70])))
             for _ in range(int(rng.integers(1, 7)))
         ]
         batch, host = pack(items, policy)
         live = sorted(
-            (j for j, it in enumerate(items) if it.n), key=lambda j: items[j].layout.head_dim
+            (j for j, it in enumerate(items) if it.n),
+            key=lambda j: (items[j].layout.head_dim, route_of(items[j])),
         )
         meta = host[: len(live) * META * 4].view(np.int32).reshape(len(live), META)
         for row, j in enumerate(live):
             check_row(host, meta[row], items[j], batch.ptab_off)
-            check_splits(meta[row], items[j], fake_kernel(items[j].layout.head_dim).tok)
-        assert [ln.head_dim for ln in batch.launches] == sorted(
-            {items[j].layout.head_dim for j in live}
-        )
+            if route_of(items[j]) == planning.DECODE:
+                check_splits(meta[row], items[j], fake_kernel(items[j].layout.head_dim).tok)
+        launch_keys = sorted({(items[j].layout.head_dim, route_of(items[j])) for j in live})
+        assert [(ln.head_dim, ln.kernel.prefill) for ln in batch.launches] == [
+            (d, r != planning.DECODE) for d, r in launch_keys
+        ]
         for ln in batch.launches:
             check_prefixes(meta[ln.meta_row : ln.meta_row + ln.nitems], live, items, ln.meta_row)
         for j, it in enumerate(items):

@@ -13,15 +13,18 @@ from harness.tensors import random_tensor
 from q8kv.format import LayerLayout, tokens_per_page
 from q8kv.server.backends import GpuTuning
 from q8kv.server.backends.base import PackedItems
-from q8kv.server.backends.cupy import kernels, packing
+from q8kv.server.backends.cupy import kernels, packing, planning
 from q8kv.server.backends.cupy.packing import M_K, M_Q, M_V, META
 
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 OFFSETS = (M_Q, M_K, M_V)
 
 
-def fake_kernel(head_dim: int) -> kernels.AttnKernel:
+def fake_kernel(head_dim: int, route: int = planning.DECODE) -> kernels.AttnKernel:
     """What planning needs of a compiled kernel, without compiling it."""
+    if route != planning.DECODE:
+        tok = kernels.prefill_tile_tokens(head_dim)
+        return kernels.AttnKernel(None, tok, kernels.PREFILL_ROWS, 0, 2, prefill=True)
     tok = kernels.tokens_per_stage(head_dim, GpuTuning())
     return kernels.AttnKernel(None, tok, kernels.ROWS_PER_TILE, 0, 2)
 
@@ -30,7 +33,7 @@ def random_packed(rng: np.random.Generator) -> PackedItems:
     kvh, group = int(rng.choice([1, 2, 8])), int(rng.choice([1, 4, 5]))
     d = int(rng.choice([64, 128, 256]))
     layout = LayerLayout(kvh * group, kvh, d, tokens_per_page(65536, kvh, d))
-    b, n = int(rng.integers(1, 40)), int(rng.choice([1, 3, 17]))
+    b, n = int(rng.integers(1, 40)), int(rng.choice([1, 3, 17, 40]))
     pool = rng.choice([0, 1, 31, 1024, 5000, 40_000], size=4)  # some lengths repeat
     starts = np.where(rng.random(b) < 0.5, rng.choice(pool, b), rng.integers(0, 40_000, b))
     free = rng.permutation(1 << 20).astype(np.int32)

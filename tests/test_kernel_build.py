@@ -17,6 +17,7 @@ def test_every_kernel_build_compiles_without_spills() -> None:
     assert sum(n.startswith("q8_attention_tc.cu") for n in names) == kernels.MAX_HEAD_DIM // 32, (
         "one attention build per head_dim"
     )
+    assert sum(n.startswith("q8_prefill.cu") for n in names) == kernels.MAX_HEAD_DIM // 32
     bad = [(r.name, r.ok, r.spill_bytes, r.stack_bytes) for r in results if not r.clean]
     assert not bad, f"kernel builds with errors or spills: {bad}"
     assert all(r.registers > 0 for r in results), "ptxas reported no register count"

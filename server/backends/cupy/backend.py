@@ -25,7 +25,8 @@ from q8kv.format import DEFAULT_PAGE_CODE_BYTES, QBLOCK, LayerLayout
 from ..base import AttendItem, Backend, PackedItems
 from . import kernels
 from .kernels import MAX_HEAD_DIM, NWARPS, AttnKernel
-from .packing import META, Batch, SplitPolicy, pack, pack_packed
+from .packing import META, Batch, pack, pack_packed
+from .planning import DECODE, PREFILL_BF16, SplitPolicy
 from .tuning import GpuTuning
 
 
@@ -123,8 +124,10 @@ class CupyBackend(Backend):
             cp.get_default_memory_pool().free_all_blocks()
             cp.get_default_pinned_memory_pool().free_all_blocks()
 
-    def _attn_kernel(self, head_dim: int) -> AttnKernel:
-        return kernels.attention_kernel(self._dev_id, head_dim, self.tuning)
+    def _attn_kernel(self, head_dim: int, route: int = DECODE) -> AttnKernel:
+        if route == DECODE:
+            return kernels.attention_kernel(self._dev_id, head_dim, self.tuning)
+        return kernels.prefill_kernel(self._dev_id, head_dim, route == PREFILL_BF16)
 
     # -- packing ---------------------------------------------------------------------------
 
@@ -194,6 +197,23 @@ class CupyBackend(Backend):
         base = self._in_ptr(batch)
         part = self._part.data.ptr
         for ln in batch.launches:
+            if ln.kernel.prefill:
+                ln.kernel.kernel(
+                    (ln.units,),
+                    (ln.kernel.threads,),
+                    (
+                        np.uint64(base + ln.meta_row * META * 4),
+                        np.int32(ln.nitems),
+                        np.uint64(base + batch.ptab_off),
+                        np.uint64(base),
+                        self.codes,
+                        self.scales,
+                        np.int32(self.page_code_bytes),
+                        self._dev_out,
+                    ),
+                    shared_mem=ln.kernel.smem,
+                )
+                continue
             # Partials: acc [units, GT, D] floats, then (max, sum) pairs [units, GT, 2].
             ml_ptr = part + 4 * ln.units * ln.kernel.gt * ln.head_dim
             ln.kernel.kernel(

@@ -39,21 +39,30 @@ class Build:
 
 def builds(tuning: GpuTuning | None = None) -> list[tuple[str, str, tuple[str, ...]]]:
     """(name, source, options) of every kernel build the backend can make under ``tuning``:
-    the page kernels once, the attention kernel per head_dim."""
+    the page kernels once, the attention and the prefill kernel per head_dim."""
     tuning = GpuTuning() if tuning is None else tuning
     out = [("q8_pages.cu", kernels.source("q8_pages.cu"), kernels._PAGES_OPTIONS)]
     attention = kernels.source("q8_attention_tc.cu")
     for head_dim in range(QBLOCK, kernels.MAX_HEAD_DIM + 1, QBLOCK):
         name = f"q8_attention_tc.cu D={head_dim}"
         out.append((name, attention, kernels.attention_options(head_dim, tuning)))
+    prefill = kernels.source("q8_prefill.cu")
+    for head_dim in range(QBLOCK, kernels.MAX_HEAD_DIM + 1, QBLOCK):
+        out.append((f"q8_prefill.cu D={head_dim}", prefill, kernels.prefill_options(head_dim)))
+    wgmma = kernels.source("q8_prefill_wg.cu")
+    for head_dim in kernels.WGMMA_HEAD_DIMS:
+        name = f"q8_prefill_wg.cu D={head_dim} sm_90a"
+        out.append((name, wgmma, ("-arch=sm_90a", *kernels.wgmma_prefill_options(head_dim))))
     return out
 
 
 def compile_one(name: str, source: str, options: tuple[str, ...]) -> Build:
     from cupy_backends.cuda.libs import nvrtc  # only here: the rest imports without CuPy
 
-    # CuPy adds -ftz=true to every compile it makes (kernels.py); so do we.
-    opts = [f"-arch={ARCH}", "--ptxas-options=-v", "-ftz=true", *options]
+    # CuPy adds -ftz=true to every compile it makes (kernels.py); so do we. A build that
+    # names its own -arch (sm_90a: wgmma) keeps it.
+    arch = [] if any(o.startswith("-arch=") for o in options) else [f"-arch={ARCH}"]
+    opts = [*arch, "--ptxas-options=-v", "-ftz=true", *options]
     prog = nvrtc.createProgram(source, name.split()[0], [], [])
     try:
         nvrtc.compileProgram(prog, opts)

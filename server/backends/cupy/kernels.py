@@ -1,8 +1,9 @@
 """The CUDA kernels of the GPU backend: sources, compile options and the compiled-kernel cache.
 
 q8_pages.cu (quantize-append, dequantize) compiles once per device; q8_attention_tc.cu once
-per device, head_dim and pipeline tuning (CuPy also keeps the binaries in its on-disk
-cache). Both inline q8_common.cuh, the metadata row layout shared with packing.py.
+per device, head_dim and pipeline tuning; q8_prefill.cu once per device and head_dim (CuPy
+also keeps the binaries in its on-disk cache). All inline q8_common.cuh, the metadata row
+layout shared with packing.py.
 
 CuPy is imported where a kernel is compiled, so the arithmetic here (and packing.py) runs
 without a GPU: the server checks its tuning and the tests plan launches on any machine.
@@ -10,6 +11,9 @@ without a GPU: the server checks its tuning and the tests plan launches on any m
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +45,8 @@ class AttnKernel:
     gt: int  # rows per tile
     smem: int  # dynamic shared memory bytes per block
     blocks_per_sm: int
+    prefill: bool = False  # q8_prefill.cu: one unit per (item, kv head, row tile), no splits
+    threads: int = 32 * NWARPS  # per block
 
 
 # Experiments only (benchmarks/kernel_variants.py, decode_profile.py): extra -D options of
@@ -50,13 +56,53 @@ EXTRA_DEFINES: tuple[str, ...] = ()
 # Compiled once per process and device.
 _PAGES_MODULES: dict[int, cp.RawModule] = {}
 _ATTN_KERNELS: dict[tuple[int, ...], AttnKernel] = {}
+_PREFILL_KERNELS: dict[tuple, AttnKernel] = {}
+
+# q8_prefill.cu: warps per block (16 query rows each). Module state so that experiments
+# (benchmarks/prefill.py --variant) can change it; part of the compiled-kernel cache key.
+PREFILL_WARPS = 8  # 8 x 16 rows: measured 17-20% faster than 4 on the H200
+PREFILL_BN: int | None = None  # K/V tokens per tile; None: prefill_tile_tokens(head_dim)
+PREFILL_ROWS = 64  # an item takes the prefill kernel from this many query rows (planning.py)
+# q8_prefill_wg.cu (wgmma, sm_90a) serves these head_dims on compute capability 9.0; the
+# mma.sync kernel the rest. False: the mma.sync kernel everywhere (experiments, tests).
+PREFILL_WGMMA = True
+WGMMA_HEAD_DIMS = (64, 128)
+WGMMA_WARPGROUPS = 2
 
 
 def source(name: str) -> str:
-    """A .cu file with its local header inlined, so CuPy's cache key covers both."""
+    """A .cu file with its local header inlined, so CuPy's cache key covers both (and the
+    wgmma wrappers where the file asks for them)."""
     text = (_SRC / name).read_text()
     header = (_SRC / "q8_common.cuh").read_text().replace("#pragma once", "")
-    return text.replace('#include "q8_common.cuh"', header)
+    text = text.replace('#include "q8_common.cuh"', header)
+    return text.replace("__WGMMA_WRAPPERS__", wgmma_wrappers())
+
+
+def wgmma_wrappers() -> str:
+    """``wgmma_n{64,128}_{f16,bf16}[_t](d, a, desc, scale_d)``: m64nNk16 with A in registers
+    and B from a shared-memory descriptor (``_t``: B stored N-major, transposed by the
+    hardware), float32 accumulate. Generated: the asm operand lists run to 64 accumulators."""
+    out = []
+    for n in (64, 128):
+        for t in ("f16", "bf16"):
+            for trans in (0, 1):
+                regs = n // 2
+                acc = ", ".join(f"%{i}" for i in range(regs))
+                a = ", ".join(f"%{regs + i}" for i in range(4))
+                outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+                name = f"wgmma_n{n}_{t}{'_t' if trans else ''}"
+                out.append(
+                    f"__device__ __forceinline__ void {name}(float* d, const unsigned* a, "
+                    f"unsigned long long desc, int scale_d) {{\n"
+                    f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 5}, 0;\\n"\n'
+                    f'    "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{acc}}}, '
+                    f'{{{a}}}, %{regs + 4}, p, 1, 1, {trans};\\n}}\\n"\n'
+                    f"    : {outs}\n"
+                    f'    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), '
+                    f'"r"(scale_d));\n}}'
+                )
+    return "\n".join(out)
 
 
 def tokens_per_stage(head_dim: int, tuning: GpuTuning) -> int:
@@ -86,6 +132,48 @@ def attention_options(head_dim: int, tuning: GpuTuning) -> tuple[str, ...]:
         f"-DMINBLOCKS={tuning.tc_minblocks if head_dim <= 128 else 1}",
         # Past D = 128 the q digits would spill from registers: shared memory holds them.
         f"-DQD_SMEM={int(head_dim > 128)}",
+        *EXTRA_DEFINES,
+    )
+
+
+def prefill_tile_tokens(head_dim: int) -> int:
+    """BN of q8_prefill.cu: K/V tokens per tile (fewer past D = 128, for registers)."""
+    if PREFILL_BN is not None:
+        return PREFILL_BN
+    return 32 if head_dim > 128 else 64
+
+
+def prefill_smem(head_dim: int) -> int:
+    """Dynamic shared memory of q8_prefill.cu: two raw stages (K/V codes and scales), two
+    16-bit K/V tiles (rows padded by 8 halves), and past D = 128 the block's q rows."""
+    bn, nb, hs = prefill_tile_tokens(head_dim), head_dim // QBLOCK, head_dim + 8
+    raw = 2 * (2 * bn * head_dim + 2 * bn * nb * 4)
+    half = 2 * 2 * bn * hs * 2
+    q = 0 if head_dim <= 128 else 16 * PREFILL_WARPS * hs * 2
+    return raw + half + q
+
+
+def wgmma_prefill_smem(head_dim: int) -> int:
+    """Dynamic shared memory of q8_prefill_wg.cu: two raw stages and three pairs of 16-bit
+    K and V^T tiles of 64 tokens (two with -DPF_PV_ASYNC=0)."""
+    bn, nb = 64, head_dim // QBLOCK
+    bufs = 2 if "-DPF_PV_ASYNC=0" in EXTRA_DEFINES else 3  # as NBUF in the .cu
+    return 2 * (2 * bn * head_dim + 2 * bn * nb * 4) + bufs * 2 * bn * head_dim * 2
+
+
+def wgmma_prefill_options(head_dim: int) -> tuple[str, ...]:
+    """NVRTC options of the wgmma prefill kernel (compiled for sm_90a)."""
+    return ("--std=c++17", f"-DHEAD_DIM={head_dim}", f"-DPF_WG={WGMMA_WARPGROUPS}",
+            *EXTRA_DEFINES)  # fmt: skip
+
+
+def prefill_options(head_dim: int) -> tuple[str, ...]:
+    """NVRTC options of the prefill kernel."""
+    return (
+        "--std=c++17",
+        f"-DHEAD_DIM={head_dim}",
+        f"-DPF_WARPS={PREFILL_WARPS}",
+        f"-DPF_BN={prefill_tile_tokens(head_dim)}",
         *EXTRA_DEFINES,
     )
 
@@ -143,10 +231,77 @@ def attention_kernel(device_id: int, head_dim: int, tuning: GpuTuning) -> AttnKe
     return kern
 
 
-def _blocks_per_sm(fn: cp.RawKernel, smem: int) -> int:
+def uses_wgmma(compute_capability: str, head_dim: int) -> bool:
+    """Whether the wgmma prefill kernel serves ``head_dim`` on a device (sm_90a code runs on
+    compute capability 9.0 only)."""
+    return PREFILL_WGMMA and compute_capability == "90" and head_dim in WGMMA_HEAD_DIMS
+
+
+def _sm90a_module(code: str, options: tuple[str, ...], name: str) -> cp.RawModule:
+    """Compile for sm_90a with NVRTC (CuPy's own compile names plain sm_90, which has no
+    wgmma) and load the cubin, cached in a file named by its source and options."""
+    import cupy as cp
+    from cupy_backends.cuda.libs import nvrtc
+
+    opts = ("-arch=sm_90a", "-ftz=true", *options)  # -ftz as CuPy's own compiles
+    digest = hashlib.sha256(repr((code, opts, nvrtc.getVersion())).encode()).hexdigest()[:24]
+    path = Path(tempfile.gettempdir()) / f"q8kv-{name}-{digest}.cubin"
+    if not path.exists():
+        prog = nvrtc.createProgram(code, name, [], [])
+        try:
+            nvrtc.compileProgram(prog, list(opts))
+            cubin = nvrtc.getCUBIN(prog)
+        except Exception as exc:
+            raise RuntimeError(f"{name}: {nvrtc.getProgramLog(prog)}") from exc
+        finally:
+            nvrtc.destroyProgram(prog)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(cubin)
+        tmp.replace(path)  # atomic: a concurrent process reads a whole file or none
+    return cp.RawModule(path=str(path))
+
+
+def prefill_kernel(device_id: int, head_dim: int, bf16: bool) -> AttnKernel:
+    """q8_prefill_f16 or q8_prefill_bf16 for ``head_dim`` on ``device_id``, compiled once:
+    the wgmma kernel where it serves the device and head_dim, else the mma.sync one."""
+    import cupy as cp
+
+    cc = cp.cuda.Device(device_id).compute_capability
+    wg = uses_wgmma(cc, head_dim)
+    opts = wgmma_prefill_options(head_dim) if wg else prefill_options(head_dim)
+    key = (device_id, head_dim, bf16, wg, opts)
+    kern = _PREFILL_KERNELS.get(key)
+    if kern is None:
+        name = "q8_prefill_bf16" if bf16 else "q8_prefill_f16"
+        if wg:
+            with cp.cuda.Device(device_id):
+                mod = _sm90a_module(source("q8_prefill_wg.cu"), opts, "q8_prefill_wg")
+                fn = mod.get_function(name)
+                smem = wgmma_prefill_smem(head_dim)
+                fn.max_dynamic_shared_size_bytes = smem
+                warps = 4 * WGMMA_WARPGROUPS
+                kern = AttnKernel(fn, 64, 16 * warps, smem, _blocks_per_sm(fn, smem, warps),
+                                  prefill=True, threads=32 * warps)  # fmt: skip
+            _PREFILL_KERNELS[key] = kern
+            return kern
+        with cp.cuda.Device(device_id):
+            mod = cp.RawModule(code=source("q8_prefill.cu"), options=opts)
+            fn = mod.get_function(name)
+            smem = prefill_smem(head_dim)
+            fn.max_dynamic_shared_size_bytes = smem
+            warps = PREFILL_WARPS
+            kern = AttnKernel(
+                fn, prefill_tile_tokens(head_dim), 16 * warps, smem,
+                _blocks_per_sm(fn, smem, warps), prefill=True, threads=32 * warps,
+            )
+        _PREFILL_KERNELS[key] = kern
+    return kern
+
+
+def _blocks_per_sm(fn: cp.RawKernel, smem: int, warps: int = NWARPS) -> int:
     """Resident blocks per SM, bounded by registers, shared memory and threads."""
-    threads = 32 * NWARPS
+    threads = 32 * warps
     regs_per_warp = -(-fn.num_regs * 32 // 256) * 256
-    by_regs = 65536 // (regs_per_warp * NWARPS)
+    by_regs = 65536 // (regs_per_warp * warps)
     by_smem = _SMEM_PER_SM // (smem + fn.shared_size_bytes + 1024)
     return max(1, min(by_regs, by_smem, 2048 // threads, 32))

@@ -16,7 +16,6 @@ Host work only: the backend does the copies and the launches.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +26,8 @@ import numpy as np
 from q8kv.format import QBLOCK
 
 from ..base import AttendItem, PackedItems
-from .kernels import MAX_HEAD_DIM, MAXP, AttnKernel
+from .kernels import MAX_HEAD_DIM
+from .planning import KernelFor, Launch, SplitPolicy, plan_attention, plan_packed, route
 
 META = 32  # int32 per item row (META_STRIDE in q8_common.cuh)
 (M_Q, M_K, M_V, M_DT, M_PT, M_START, M_N, M_H, M_KVH, M_LOGT, M_OUT, M_SCALE, M_UNIT,
@@ -35,17 +35,6 @@ META = 32  # int32 per item row (META_STRIDE in q8_common.cuh)
 _LOG2E = 1.4426950408889634
 DTYPE_CODE = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(ml_dtypes.bfloat16): 2}
 MAX_BATCH_BYTES = 2**31  # the kernels address the input buffer with int32 offsets
-
-
-@dataclass
-class Launch:
-    """One attention launch: the items of one head_dim, adjacent in the meta rows."""
-
-    kernel: AttnKernel
-    meta_row: int  # first meta row of the launch
-    nitems: int
-    units: int  # work units (row tile x split) = blocks
-    head_dim: int
 
 
 @dataclass
@@ -63,15 +52,6 @@ class Batch:
     counters: int
     dev: Any = None  # own device copy of the inputs (cupy.ndarray, benchmarks)
     extra: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class SplitPolicy:
-    """How long sequences are split across blocks (flash-decoding)."""
-
-    sm_count: int
-    split_waves: float  # splits per launch aim at this many waves of resident blocks
-    max_splits: int  # splits per row tile at most
 
 
 @dataclass(frozen=True)
@@ -196,95 +176,31 @@ def write_rows(
     return outputs, cur
 
 
-def split(
-    length: int, ideal: int, tok: int, tokens_per_page: int, max_splits: int
-) -> tuple[int, int]:
-    """(splits, tokens per split) of one row tile's ``length`` tokens: about ``ideal`` each,
-    a multiple of the stage, balanced, and few enough pages per split for shared memory."""
-    max_chunk = max(tok, ((MAXP - 1) * tokens_per_page // tok) * tok)
-    nsplit = min(max_splits, max(1, round(length / ideal)))
-    nsplit = max(nsplit, -(-length // max_chunk))  # page ids must fit smem
-    chunk = -(-math.ceil(length / nsplit) // tok) * tok  # balanced splits
-    return -(-length // chunk), chunk
-
-
-def plan_launch(
-    rows: Sequence[AttendItem],
-    meta: np.ndarray,
-    first_row: int,
-    kern: AttnKernel,
-    policy: SplitPolicy,
-) -> tuple[Launch, int]:
-    """Splits, work units and counter prefixes of one head_dim's rows (``meta`` holds just
-    their meta rows); returns the launch and the split counters it needs."""
-    gt, tok = kern.gt, kern.tok
-    row_tiles = [-(-it.n * it.layout.group // gt) for it in rows]
-    tiles = [it.layout.num_kv_heads * rt for it, rt in zip(rows, row_tiles, strict=True)]
-    lens = [it.start + it.n for it in rows]
-    work = sum(t * n for t, n in zip(tiles, lens, strict=True))
-    slots = policy.sm_count * kern.blocks_per_sm * policy.split_waves
-    # Splits as short as one stage: at batch 1 the per-stage compute latency, not the
-    # merge, dominates (4-stage minimum measured 21 us vs 16 us at 1 x 1024).
-    ideal = max(tok, math.ceil(work / slots))
-    units = cnt = 0
-    for r, it in enumerate(rows):
-        nsplit, chunk = split(lens[r], ideal, tok, it.layout.tokens_per_page, policy.max_splits)
-        m = meta[r]
-        m[M_RT] = row_tiles[r]
-        m[M_NSPLIT], m[M_CHUNK] = nsplit, chunk
-        m[M_UNIT], m[M_CNT] = units, cnt
-        units += tiles[r] * nsplit
-        cnt += tiles[r]
-    head_dim = rows[0].layout.head_dim
-    return Launch(kern, first_row, len(rows), units, head_dim), cnt
-
-
-def plan_attention(
-    rows: Sequence[AttendItem],
-    meta: np.ndarray,
-    kernel_for: Callable[[int], AttnKernel],
-    policy: SplitPolicy,
-) -> tuple[list[Launch], int, int]:
-    """One launch per run of equal head_dim in ``rows`` (in meta-row order); returns the
-    launches, the floats of split partials and the split counters the largest needs."""
-    launches: list[Launch] = []
-    part_floats = max_counters = 0
-    start = 0
-    while start < len(rows):
-        head_dim = rows[start].layout.head_dim
-        end = start
-        while end < len(rows) and rows[end].layout.head_dim == head_dim:
-            end += 1
-        launch, counters = plan_launch(
-            rows[start:end], meta[start:end], start, kernel_for(head_dim), policy
-        )
-        launches.append(launch)
-        part_floats = max(part_floats, launch.units * launch.kernel.gt * (head_dim + 2))
-        max_counters = max(max_counters, counters)
-        start = end
-    return launches, part_floats, max_counters
-
-
 def pack(
     items: Sequence[AttendItem],
     host_buffer: Callable[[int], np.ndarray],
-    kernel_for: Callable[[int], AttnKernel],
+    kernel_for: KernelFor,
     policy: SplitPolicy,
 ) -> Batch:
     """Pack ``items`` into the buffer ``host_buffer(nbytes)`` returns (uint8, at least
-    nbytes) and plan the launches; ``kernel_for(head_dim)`` gives each launch's kernel."""
+    nbytes) and plan the launches; ``kernel_for(head_dim, route)`` gives each launch's
+    kernel."""
     live = [j for j, it in enumerate(items) if it.n > 0]
     for j in live:
         check_layout(items[j])
-    order = sorted(live, key=lambda j: items[j].layout.head_dim)  # one launch per head_dim
-    arrays = [device_arrays(items[j]) for j in order]
+    inputs = {j: device_arrays(items[j]) for j in live}
+    kind = {j: route(items[j].n, items[j].layout.group, inputs[j][0].dtype) for j in live}
+    # One launch per (head_dim, kernel).
+    order = sorted(live, key=lambda j: (items[j].layout.head_dim, kind[j]))
+    arrays = [inputs[j] for j in order]
     layout = buffer_layout(arrays, [len(items[j].page_ids) for j in order])
     host = host_buffer(layout.nbytes)
     meta = host[: layout.meta_bytes].view(np.int32).reshape(len(order), META)
     meta[:] = 0
     outputs, cur = write_rows(host, meta, items, order, arrays, layout)
     rows = [items[j] for j in order]
-    launches, part_floats, counters = plan_attention(rows, meta, kernel_for, policy)
+    routes = [kind[j] for j in order]
+    launches, part_floats, counters = plan_attention(rows, routes, meta, kernel_for, policy)
     return Batch(
         nbytes=layout.nbytes,
         nitems=len(order),
@@ -301,7 +217,7 @@ def pack(
 def pack_packed(
     batch: PackedItems,
     host_buffer: Callable[[int], np.ndarray],
-    kernel_for: Callable[[int], AttnKernel],
+    kernel_for: KernelFor,
     policy: SplitPolicy,
 ) -> Batch:
     """``pack`` for a packed batch (n >= 1), without a Python step per item: the same meta
@@ -348,33 +264,11 @@ def pack_packed(
     meta[:, M_G], meta[:, M_D] = lay.group, lay.head_dim
     q_blocks = 2 * n * lay.num_kv_heads * lay.blocks
     meta[:, M_QB] = rows * q_blocks
-    kern = kernel_for(lay.head_dim)
-    launch, counters = _plan_packed(lay, n, batch.starts + n, meta, kern, policy)
+    kern = kernel_for(lay.head_dim, route(n, lay.group, q.dtype))
+    launch, counters = plan_packed(lay, n, batch.starts + n, meta, kern, policy)
     return Batch(
         nbytes=nbytes, nitems=count, ptab_off=meta_bytes, q_blocks=count * q_blocks,
         launches=[launch], outputs=[], out_floats=count * out_floats,
-        part_floats=launch.units * kern.gt * (lay.head_dim + 2), counters=counters,
+        part_floats=0 if kern.prefill else launch.units * kern.gt * (lay.head_dim + 2),
+        counters=counters,
     )
-
-
-def _plan_packed(lay, n: int, lens: np.ndarray, meta: np.ndarray, kern: AttnKernel,
-                 policy: SplitPolicy) -> tuple[Launch, int]:
-    """``plan_launch`` over arrays: every row has the same row tiles; splits per length."""
-    gt, tok, t = kern.gt, kern.tok, lay.tokens_per_page
-    row_tiles = -(-n * lay.group // gt)
-    tiles = lay.num_kv_heads * row_tiles
-    slots = policy.sm_count * kern.blocks_per_sm * policy.split_waves
-    ideal = max(tok, math.ceil(int(tiles * lens.sum()) / slots))
-    max_chunk = max(tok, ((MAXP - 1) * t // tok) * tok)
-    # split(), vectorized: np.rint rounds half to even, as Python's round().
-    nsplit = np.minimum(policy.max_splits, np.maximum(1, np.rint(lens / ideal))).astype(np.int64)
-    nsplit = np.maximum(nsplit, -(-lens // max_chunk))
-    chunk = -(-np.ceil(lens / nsplit).astype(np.int64) // tok) * tok
-    nsplit = -(-lens // chunk)
-    units = tiles * nsplit
-    meta[:, M_RT] = row_tiles
-    meta[:, M_NSPLIT], meta[:, M_CHUNK] = nsplit, chunk
-    meta[:, M_UNIT] = np.cumsum(units) - units
-    meta[:, M_CNT] = np.arange(len(lens)) * tiles
-    total = int(units.sum())
-    return Launch(kern, 0, len(lens), total, lay.head_dim), len(lens) * tiles

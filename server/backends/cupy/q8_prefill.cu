@@ -1,0 +1,423 @@
+// Causal prefill over the Q8 cache on 16-bit tensor cores, flash-attention style: one block
+// of PF_WARPS warps serves one work unit = (item, kv head, tile of BM query rows), and walks
+// the K/V of positions [0, the tile's last causal limit] in tiles of BN tokens:
+// - K/V codes and scales stream global -> shared with 16-byte cp.async (two raw stages);
+// - the block dequantizes a raw stage into 16-bit K and V tiles (code * scale in float32,
+//   one rounding to the wire's type: as a 16-bit cache of the same values would hold them),
+//   double-buffered, so the dequantization of tile j + 1 and the products of tile j share
+//   one barrier;
+// - each warp owns 16 query rows: S = Q K^T and O += P V on m16n8k16 tensor cores (fp16 or
+//   bf16 operands, float32 accumulate), the online softmax in float32 on the accumulator
+//   fragments, P rounded to the 16-bit type as the A operand of P V;
+// - causal masking only on the tiles that reach a row's limit; a warp whose rows see none
+//   of a tile skips it.
+// A row is one (new token i, query head of the kv head's group): rows = i * G + g, so the
+// heads of a group share one read of K/V. Row r sees positions [0, start + r / G].
+// Decode (n = 1) and float32 wires keep q8_attention_tc.cu (float32-grade arithmetic).
+#include "q8_common.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef PF_WARPS
+#define PF_WARPS 4
+#endif
+#ifndef PF_BN
+#define PF_BN (HEAD_DIM > 128 ? 32 : 64)
+#endif
+#ifndef PF_MINBLOCKS
+#define PF_MINBLOCKS (HEAD_DIM > 128 || PF_WARPS > 4 ? 1 : 2)
+#endif
+#ifndef PF_SKIP_DEQUANT  // diagnostics (benchmarks/prefill.py --variant): no dequantization
+#define PF_SKIP_DEQUANT 0
+#endif
+#define NEG_INF __int_as_float(0xff800000)
+
+constexpr int D = HEAD_DIM;
+constexpr int NT = 32 * PF_WARPS;
+constexpr int BM = 16 * PF_WARPS;  // query rows per block
+constexpr int BN = PF_BN;          // tokens per K/V tile
+constexpr int NB = D / 32;         // scale blocks per head vector
+constexpr int HS = D + 8;          // padded 16-bit smem row (halves): ldmatrix conflict-free
+constexpr int KSTEPS = D / 16;     // k steps of Q K^T
+constexpr int NTILES_S = BN / 8;   // n tiles of S (8 tokens each)
+constexpr int NTILES_O = D / 8;    // n tiles of O (8 dims each)
+constexpr bool Q_IN_REGS = D <= 128;
+// Raw stage: K codes [BN][D], V codes [BN][D], K scales [BN][NB], V scales [BN][NB].
+constexpr int RAW_CODES = BN * D;
+constexpr int RAW_BYTES = 2 * RAW_CODES + 2 * BN * NB * 4;
+constexpr int HALF_TILE = BN * HS;  // halves of one 16-bit K or V tile
+constexpr int SMEM_RAW = 2 * RAW_BYTES;
+constexpr int SMEM_HALF = 2 * 2 * HALF_TILE * 2;  // 2 buffers x (K, V) x bytes; then q
+static_assert(D % 32 == 0 && D <= 256, "head_dim not supported");
+static_assert(BN % 16 == 0, "K/V tiles are whole k steps of P V");
+static_assert(BN <= NT, "a tile's page ids are one per thread");
+static_assert(SMEM_RAW % 16 == 0 && SMEM_HALF % 16 == 0, "alignment");
+
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int bytes, bool valid) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+  const int n = valid ? bytes : 0;  // zero-fill past the end: no stale scale becomes NaN
+  if (bytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+  else if (bytes == 8)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(src), "r"(n));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned* r) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned* r) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// C += A * B, m16n8k16, 16-bit operands, float32 accumulate.
+template <bool BF16>
+__device__ __forceinline__ void mma16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+  if (BF16)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one register of two 16-bit values (lo = a), round to nearest even.
+template <bool BF16>
+__device__ __forceinline__ unsigned pack2(float a, float b) {
+  unsigned r;
+  if (BF16)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+  else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+  return r;
+}
+
+// 16 codes (one uint4) times their block's scale -> 16 values of the 16-bit type (two uint4).
+template <bool BF16>
+__device__ __forceinline__ void dequant16(uint4 w, float s, uint4* out) {
+  const unsigned in[4] = {w.x, w.y, w.z, w.w};
+  unsigned res[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const unsigned x = in[i] ^ 0x80808080u;  // bias to unsigned: float(2^23 + u) - 2^23 - 128
+    const float f0 = __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7440)) - 8388736.0f;
+    const float f1 = __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7441)) - 8388736.0f;
+    const float f2 = __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7442)) - 8388736.0f;
+    const float f3 = __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7443)) - 8388736.0f;
+    res[2 * i] = pack2<BF16>(f0 * s, f1 * s);
+    res[2 * i + 1] = pack2<BF16>(f2 * s, f3 * s);
+  }
+  out[0] = make_uint4(res[0], res[1], res[2], res[3]);
+  out[1] = make_uint4(res[4], res[5], res[6], res[7]);
+}
+
+template <bool BF16>
+__device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems,
+                                        const int* __restrict__ ptab,
+                                        const unsigned char* __restrict__ inbuf,
+                                        const signed char* __restrict__ codes,
+                                        const float* __restrict__ scales, int page_code_bytes,
+                                        float* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int pages_s[3][BN];  // page ids of three K/V tiles (a ring)
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, c = lane & 3;  // mma group (row) and thread in group
+  const int* im = meta + find_item(meta, nitems, M_UNIT, blockIdx.x) * META_STRIDE;
+  const int RT = im[M_RT], G = im[M_G], n = im[M_N], H = im[M_H], KVH = im[M_KVH];
+  const int logT = im[M_LOGT], start = im[M_START];
+  const int ul = blockIdx.x - im[M_UNIT];
+  const int kvh = ul % KVH, rt = RT - 1 - ul / KVH;  // the longest row tiles run first
+  const int nrows = n * G, row0 = rt * BM;
+  const int kv_end = start + (min(row0 + BM, nrows) - 1) / G + 1;  // exclusive
+  const int ntiles = (kv_end + BN - 1) / BN;
+  const int T = 1 << logT;
+  const int* pt = ptab + im[M_PT];
+  const float qs = __int_as_float(im[M_SCALE]);  // softmax_scale * log2(e)
+
+  unsigned char* raw = smem;
+  unsigned short* half = reinterpret_cast<unsigned short*>(smem + SMEM_RAW);
+  const unsigned half_base = (unsigned)__cvta_generic_to_shared(half);
+
+  // This warp's rows: g and g + 8 of its 16. Causal limits (-1: a pad row, never written).
+  const int wrow = row0 + 16 * warp;
+  const int r_lo = wrow + g, r_hi = wrow + g + 8;
+  const int lim_lo = r_lo < nrows ? start + r_lo / G : -1;
+  const int lim_hi = r_hi < nrows ? start + r_hi / G : -1;
+  const int warp_min_lim = start + wrow / G;
+  const int warp_max_lim = wrow < nrows ? start + (min(wrow + 16, nrows) - 1) / G : -1;
+
+  // -- staging: page ids of a tile, then its codes and scales -------------------------------
+  // Page ids of a tile: thread j holds the tile's j-th; loaded one tile ahead into a register
+  // (fetch_page) and stored to the ring (store_page) a tile later, so no thread waits on the
+  // load at a barrier.
+  auto tile_pages = [&](int tile) -> int {
+    if (tile >= ntiles) return 0;
+    return ((min(tile * BN + BN, kv_end) - 1) >> logT) - ((tile * BN) >> logT) + 1;
+  };
+  auto fetch_page = [&](int tile) -> int {
+    return tid < tile_pages(tile) ? pt[((tile * BN) >> logT) + tid] : 0;
+  };
+  auto store_page = [&](int tile, int page) {
+    if (tid < tile_pages(tile)) pages_s[tile % 3][tid] = page;
+  };
+  const long long cstride = page_code_bytes, sstride = page_code_bytes >> 5;
+  const long long vcodes = (long long)KVH * T * D, vscales = (long long)KVH * T * NB;
+  auto issue = [&](int tile) {
+    if (tile < ntiles) {
+      unsigned char* rb = raw + (tile & 1) * RAW_BYTES;
+      const int base = tile * BN, pfirst = base >> logT;
+      constexpr int PIECES = D / 16;  // 16-byte pieces per head vector
+#pragma unroll
+      for (int p = tid; p < BN * PIECES; p += NT) {
+        const int t = p / PIECES, pc = p % PIECES, pos = base + t;
+        const bool ok = pos < kv_end;
+        const signed char* src = codes;
+        if (ok) {
+          const long long page = pages_s[tile % 3][(pos >> logT) - pfirst];
+          src = codes + page * cstride + ((long long)kvh * T + (pos & (T - 1))) * D + pc * 16;
+        }
+        cp_async(rb + t * D + pc * 16, src, 16, ok);
+        cp_async(rb + RAW_CODES + t * D + pc * 16, ok ? src + vcodes : src, 16, ok);
+      }
+      constexpr int SB = NB % 4 == 0 ? 16 : (NB % 2 == 0 ? 8 : 4);  // bytes per scale copy
+      constexpr int SP = NB * 4 / SB;                                // copies per token
+      float* ks = reinterpret_cast<float*>(rb + 2 * RAW_CODES);
+      for (int p = tid; p < BN * SP; p += NT) {
+        const int t = p / SP, sp = p % SP, pos = base + t;
+        const bool ok = pos < kv_end;
+        const float* src = scales;
+        if (ok) {
+          const long long page = pages_s[tile % 3][(pos >> logT) - pfirst];
+          src = scales + page * sstride + ((long long)kvh * T + (pos & (T - 1))) * NB +
+                sp * (SB / 4);
+        }
+        cp_async(ks + t * NB + sp * (SB / 4), src, SB, ok);
+        cp_async(ks + BN * NB + t * NB + sp * (SB / 4), ok ? src + vscales : src, SB, ok);
+      }
+    }
+    cp_commit();
+  };
+  // Raw stage of `tile` -> 16-bit K and V tiles in half buffer (tile & 1).
+  auto dequant = [&](int tile) {
+    if (tile >= ntiles || PF_SKIP_DEQUANT) return;
+    const unsigned char* rb = raw + (tile & 1) * RAW_BYTES;
+    const float* ks = reinterpret_cast<const float*>(rb + 2 * RAW_CODES);
+    unsigned short* kh = half + (tile & 1) * 2 * HALF_TILE;
+    constexpr int PIECES = D / 16;
+#pragma unroll
+    for (int kind = 0; kind < 2; ++kind)
+#pragma unroll
+      for (int p = tid; p < BN * PIECES; p += NT) {
+        const int t = p / PIECES, pc = p % PIECES;
+        const uint4 w = *reinterpret_cast<const uint4*>(rb + kind * RAW_CODES + t * D + pc * 16);
+        const float s = ks[kind * BN * NB + t * NB + (pc >> 1)];
+        uint4 h[2];
+        dequant16<BF16>(w, s, h);
+        uint4* dst = reinterpret_cast<uint4*>(kh + kind * HALF_TILE + t * HS + pc * 16);
+        dst[0] = h[0];
+        dst[1] = h[1];
+      }
+  };
+
+  // -- q: the A fragments of rows g and g + 8, straight from the wire's 16-bit values -------
+  const unsigned short* qg = reinterpret_cast<const unsigned short*>(inbuf + im[M_Q]);
+  auto q_elem = [&](int r) -> long long {  // first element of row r's q vector
+    const int rr = min(r, nrows - 1);      // pad rows repeat a real row (never written)
+    return ((long long)(rr / G) * H + kvh * G + rr % G) * D;
+  };
+  const long long qo_lo = q_elem(r_lo), qo_hi = q_elem(r_hi);
+  unsigned qf[Q_IN_REGS ? KSTEPS : 1][4];
+  unsigned short* qsm = half + SMEM_HALF / 2;  // [BM][HS] where q is not held in registers
+  if (Q_IN_REGS) {
+#pragma unroll
+    for (int kk = 0; kk < (Q_IN_REGS ? KSTEPS : 1); ++kk) {
+      const int d0 = 16 * kk + 2 * c;
+      qf[kk][0] = *reinterpret_cast<const unsigned*>(qg + qo_lo + d0);
+      qf[kk][1] = *reinterpret_cast<const unsigned*>(qg + qo_hi + d0);
+      qf[kk][2] = *reinterpret_cast<const unsigned*>(qg + qo_lo + d0 + 8);
+      qf[kk][3] = *reinterpret_cast<const unsigned*>(qg + qo_hi + d0 + 8);
+    }
+  } else {
+    for (int p = tid; p < BM * (D / 8); p += NT) {  // 16-byte pieces of q rows
+      const int r = p / (D / 8), pc = p % (D / 8);
+      *reinterpret_cast<uint4*>(qsm + r * HS + pc * 8) =
+          *reinterpret_cast<const uint4*>(qg + q_elem(row0 + r) + pc * 8);
+    }
+  }
+
+  float o[NTILES_O][4];
+#pragma unroll
+  for (int j = 0; j < NTILES_O; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
+
+  // ldmatrix lane addressing. K (non-transposed): lanes 0-7 tokens 0-7 at dims +0, 8-15
+  // tokens 0-7 at +8, 16-23 tokens 8-15 at +0, 24-31 tokens 8-15 at +8 -> b0, b1 of n tile
+  // t0 and b0, b1 of n tile t0 + 8. V (transposed): lanes 0-7 tokens 0-7, 8-15 tokens 8-15,
+  // at dims +0 (lanes 0-15) or +8 (16-31) -> b0, b1 of dims d0 and of dims d0 + 8.
+  const int k_tok = (lane & 7) + ((lane >> 4) << 3), k_dim = ((lane >> 3) & 1) * 8;
+  const int v_tok = lane & 15, v_dim = (lane >> 4) * 8;
+
+  // -- pipeline -----------------------------------------------------------------------------
+  store_page(0, fetch_page(0));
+  store_page(1, fetch_page(1));
+  store_page(2, fetch_page(2));
+  int next_page = fetch_page(3);
+  __syncthreads();
+  issue(0);
+  issue(1);
+  asm volatile("cp.async.wait_group 1;\n" ::);
+  __syncthreads();
+  dequant(0);
+
+  for (int tile = 0; tile < ntiles; ++tile) {
+    cp_wait_all();    // tile + 1 landed (this thread's copies)
+    __syncthreads();  // ... everyone's; tile's 16-bit K/V written; the other buffers free
+    issue(tile + 2);
+    store_page(tile + 3, next_page);
+    next_page = fetch_page(tile + 4);
+    dequant(tile + 1);
+
+    const int pos0 = tile * BN;
+    if (pos0 > warp_max_lim) continue;  // warp-uniform: all of this tile is in our future
+    const unsigned kbase = half_base + (unsigned)((tile & 1) * 2 * HALF_TILE) * 2;
+    const unsigned vbase = kbase + HALF_TILE * 2;
+
+    // S = Q K^T: s[j] = tokens pos0 + 8j + 2c + {0, 1} of rows g (0, 1) and g + 8 (2, 3).
+    float s[NTILES_S][4];
+#pragma unroll
+    for (int j = 0; j < NTILES_S; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+      unsigned a[4];
+      if (Q_IN_REGS) {
+#pragma unroll
+        for (int x = 0; x < 4; ++x) a[x] = qf[Q_IN_REGS ? kk : 0][x];
+      } else {
+        // A from shared q: lanes 0-15 rows 0-15 at dims +0, lanes 16-31 at +8.
+        const unsigned qa = (unsigned)__cvta_generic_to_shared(
+            qsm + (16 * warp + (lane & 15)) * HS + 16 * kk + (lane >> 4) * 8);
+        ldsm_x4(qa, a);
+      }
+#pragma unroll
+      for (int j = 0; j < NTILES_S; j += 2) {
+        unsigned b[4];
+        ldsm_x4(kbase + ((8 * j + k_tok) * HS + 16 * kk + k_dim) * 2, b);
+        mma16<BF16>(s[j], a, b[0], b[1]);
+        mma16<BF16>(s[j + 1], a, b[2], b[3]);
+      }
+    }
+
+    // Scale to log2 units, mask what a row must not see (only tiles reaching a limit).
+    const bool masked = pos0 + BN - 1 > warp_min_lim;
+    float mx_lo = NEG_INF, mx_hi = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < NTILES_S; ++j)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        float v = s[j][x] * qs;
+        if (masked) {
+          const int pos = pos0 + 8 * j + 2 * c + (x & 1);
+          if (pos > (x < 2 ? lim_lo : lim_hi)) v = NEG_INF;
+        }
+        s[j][x] = v;
+        if (x < 2) mx_lo = fmaxf(mx_lo, v); else mx_hi = fmaxf(mx_hi, v);
+      }
+#pragma unroll
+    for (int d = 1; d < 4; d <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, d));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, d));
+    }
+    const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+    // A row with nothing visible yet keeps max -inf: subtract 0 there, so exp2 gives 0.
+    const float sub_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;
+    const float sub_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
+    const float al_lo = fast_exp2(m_lo - sub_lo), al_hi = fast_exp2(m_hi - sub_hi);
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    l_lo *= al_lo;
+    l_hi *= al_hi;
+#pragma unroll
+    for (int j = 0; j < NTILES_O; ++j) {
+      o[j][0] *= al_lo;
+      o[j][1] *= al_lo;
+      o[j][2] *= al_hi;
+      o[j][3] *= al_hi;
+    }
+    // P, rounded to the 16-bit type, as A fragments of P V (k = 16 tokens = 2 n tiles of S).
+    unsigned pa[NTILES_S / 2][4];
+#pragma unroll
+    for (int j = 0; j < NTILES_S; ++j) {
+      const float p0 = fast_exp2(s[j][0] - sub_lo), p1 = fast_exp2(s[j][1] - sub_lo);
+      const float p2 = fast_exp2(s[j][2] - sub_hi), p3 = fast_exp2(s[j][3] - sub_hi);
+      l_lo += p0 + p1;
+      l_hi += p2 + p3;
+      pa[j >> 1][(j & 1) * 2 + 0] = pack2<BF16>(p0, p1);
+      pa[j >> 1][(j & 1) * 2 + 1] = pack2<BF16>(p2, p3);
+    }
+    // O += P V.
+#pragma unroll
+    for (int kk = 0; kk < NTILES_S / 2; ++kk) {
+#pragma unroll
+      for (int j = 0; j < NTILES_O; j += 2) {
+        unsigned b[4];
+        ldsm_x4_t(vbase + ((16 * kk + v_tok) * HS + 8 * j + v_dim) * 2, b);
+        mma16<BF16>(o[j], pa[kk], b[0], b[1]);
+        mma16<BF16>(o[j + 1], pa[kk], b[2], b[3]);
+      }
+    }
+  }
+
+  // -- normalize and write rows g and g + 8 ------------------------------------------------
+#pragma unroll
+  for (int d = 1; d < 4; d <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, d);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, d);
+  }
+  float* ob = out + im[M_OUT];
+  if (r_lo < nrows) {
+    const float inv = 1.0f / l_lo;
+    float* dst = ob + qo_lo + 2 * c;
+#pragma unroll
+    for (int j = 0; j < NTILES_O; ++j)
+      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][0] * inv, o[j][1] * inv);
+  }
+  if (r_hi < nrows) {
+    const float inv = 1.0f / l_hi;
+    float* dst = ob + qo_hi + 2 * c;
+#pragma unroll
+    for (int j = 0; j < NTILES_O; ++j)
+      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][2] * inv, o[j][3] * inv);
+  }
+}
+
+#define PREFILL_ARGS                                                                     \
+  const int *__restrict__ meta, int nitems, const int *__restrict__ ptab,                \
+      const unsigned char *__restrict__ inbuf, const signed char *__restrict__ codes,    \
+      const float *__restrict__ scales, int page_code_bytes, float *__restrict__ out
+extern "C" __global__ void __launch_bounds__(NT, PF_MINBLOCKS) q8_prefill_f16(PREFILL_ARGS) {
+  prefill<false>(meta, nitems, ptab, inbuf, codes, scales, page_code_bytes, out);
+}
+extern "C" __global__ void __launch_bounds__(NT, PF_MINBLOCKS) q8_prefill_bf16(PREFILL_ARGS) {
+  prefill<true>(meta, nitems, ptab, inbuf, codes, scales, page_code_bytes, out);
+}

@@ -1,0 +1,467 @@
+// Causal prefill over the Q8 cache on Hopper's warpgroup tensor cores (wgmma, sm_90a): the
+// flash-attention tiling of q8_prefill.cu (which serves the other head_dims and the same
+// semantics), with both products as asynchronous warpgroup MMAs:
+// - a block is PF_WG warpgroups of 4 warps; each warpgroup owns 64 query rows, q in registers
+//   (the A operand, as the wire sent it);
+// - K/V codes and scales stream global -> shared with cp.async (two raw stages, XOR-swizzled
+//   16-byte pieces so the copies and the reads are conflict-free);
+// - the block dequantizes a raw stage (code * scale in float32, one rounding to the 16-bit
+//   type) into wgmma's canonical no-swizzle layout: 8 x 16-byte core matrices, K as
+//   [token][dim] and V transposed as [dim][token], both K-major B operands;
+// - S = Q K^T is issued asynchronously, the block dequantizes the next tile while the tensor
+//   cores run it, then the online softmax in float32 on the accumulators, P rounded to the
+//   16-bit type as the register A operand of O += P V.
+// Rows and causal limits as q8_prefill.cu: row r = i * G + g sees [0, start + r / G].
+#include "q8_common.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef PF_WG
+#define PF_WG 2
+#endif
+#ifndef PF_PV_ASYNC  // P V of tile j runs on while tile j + 1 is issued and dequantized
+#define PF_PV_ASYNC 1
+#endif
+// V's layout: 0 transposed by the dequantization ([dim][token], a K-major B operand); 1
+// stored as K is ([token][dim], the same dequantization) and transposed by wgmma (an N-major
+// B operand). For the N-major operand LBO is the stride between core matrices along K (8
+// tokens) and SBO along N (8 dims): the other reading faults on the H200. 1 was 13-21%
+// faster (fewer instructions: no gather of 8 tokens per 16-byte row).
+#ifndef PF_V_MN
+#define PF_V_MN 1
+#endif
+#ifndef PF_H2_DEQUANT  // float16: dequantize in half2 arithmetic (below)
+#define PF_H2_DEQUANT 1
+#endif
+#define NEG_INF __int_as_float(0xff800000)
+
+constexpr int D = HEAD_DIM;
+constexpr int NT = 128 * PF_WG;
+constexpr int BM = 64 * PF_WG;  // query rows per block
+constexpr int BN = 64;          // tokens per K/V tile
+constexpr int NB = D / 32;
+constexpr int PIECES = D / 16;  // 16-byte pieces of a head vector's codes
+constexpr int KSTEPS = D / 16;
+constexpr int NTILES_S = BN / 8;
+constexpr int NTILES_O = D / 8;
+constexpr int RAW_CODES = BN * D;
+constexpr int RAW_BYTES = 2 * RAW_CODES + 2 * BN * NB * 4;
+constexpr int HALF_TILE = BN * D * 2;  // bytes of one 16-bit K or V^T tile
+// 16-bit buffers: with P V left running into the next tile, the dequantization of tile j + 1
+// must not overwrite what P V of tile j - 1 may still read: three buffers.
+constexpr int NBUF = PF_PV_ASYNC ? 3 : 2;
+constexpr int SMEM_RAW = 2 * RAW_BYTES;
+static_assert(D == 64 || D == 128, "the wgmma prefill serves head_dim 64 and 128");
+static_assert(BN <= NT, "a tile's page ids are one per thread");
+
+__WGMMA_WRAPPERS__
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_bytes(void* dst, const void* src, int bytes, bool ok) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+  const int n = ok ? bytes : 0;  // zero-fill past the end: no stale scale becomes NaN
+  if (bytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+template <bool BF16>
+__device__ __forceinline__ unsigned pack2(float a, float b) {  // lo = a
+  unsigned r;
+  if (BF16)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+  else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+  return r;
+}
+// Byte k of x (already biased by 0x80) as the exact float of its int8 code.
+__device__ __forceinline__ float code_of(unsigned x, unsigned sel) {
+  return __uint_as_float(__byte_perm(x, 0x4B000000u, sel)) - 8388736.0f;
+}
+// 16 codes x scale -> 16 float16 values (two uint4), in half2 arithmetic: byte u = code + 128
+// under the exponent of 16 is 16 + u / 64 exactly, so one subtraction gives code / 64; the
+// scale times 64 splits into float16 hi + lo (~22 bits), and fma(c, hi, c * lo) rounds
+// once. Equal to rounding code * scale to float16 except in the rare double-rounding tie
+// (and for blocks below float16's normal range, where lo is subnormal).
+__device__ __forceinline__ void dequant16_h2(uint4 w, float s, uint4* out) {
+  const float s64 = s * 64.0f;
+  unsigned short hi, lo;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hi) : "f"(s64));
+  float back;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(back) : "h"(hi));
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(lo) : "f"(s64 - back));
+  const unsigned hi2 = hi | ((unsigned)hi << 16), lo2 = lo | ((unsigned)lo << 16);
+  const unsigned in[4] = {w.x, w.y, w.z, w.w};
+  unsigned r[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const unsigned x = in[i] ^ 0x80808080u;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      unsigned c = __byte_perm(x, 0x4C4Cu, h ? 0x4342 : 0x4140), t;
+      asm("sub.f16x2 %0, %0, %1;" : "+r"(c) : "r"(0x4C804C80u));  // - 18.0: code / 64
+      asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(t) : "r"(c), "r"(lo2));
+      asm("fma.rn.f16x2 %0, %1, %2, %0;" : "+r"(t) : "r"(c), "r"(hi2));
+      r[2 * i + h] = t;
+    }
+  }
+  out[0] = make_uint4(r[0], r[1], r[2], r[3]);
+  out[1] = make_uint4(r[4], r[5], r[6], r[7]);
+}
+// 16 codes x scale -> 16 values of the 16-bit type: code * scale in float32, one rounding.
+template <bool BF16>
+__device__ __forceinline__ void dequant16(uint4 w, float s, uint4* out) {
+  if (!BF16 && PF_H2_DEQUANT) {
+    dequant16_h2(w, s, out);
+    return;
+  }
+  const unsigned in[4] = {w.x ^ 0x80808080u, w.y ^ 0x80808080u, w.z ^ 0x80808080u,
+                          w.w ^ 0x80808080u};
+  unsigned r[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    r[2 * i] = pack2<BF16>(code_of(in[i], 0x7440) * s, code_of(in[i], 0x7441) * s);
+    r[2 * i + 1] = pack2<BF16>(code_of(in[i], 0x7442) * s, code_of(in[i], 0x7443) * s);
+  }
+  out[0] = make_uint4(r[0], r[1], r[2], r[3]);
+  out[1] = make_uint4(r[4], r[5], r[6], r[7]);
+}
+// wgmma shared-memory descriptor, no swizzle: start, LBO (K-adjacent core matrices), SBO
+// (M/N-adjacent core matrices), all in 16-byte units.
+__device__ __forceinline__ unsigned long long smem_desc(unsigned addr, unsigned lbo,
+                                                        unsigned sbo) {
+  return (unsigned long long)((addr & 0x3FFFF) >> 4) |
+         ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_wait0() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&r)[N][4]) {  // keep accumulators in place
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(r[i][j])::"memory");
+}
+template <bool BF16>
+__device__ __forceinline__ void wgmma_s(float (&s)[NTILES_S][4], const unsigned* a,
+                                        unsigned long long desc, int acc) {
+  if (BF16) wgmma_n64_bf16(&s[0][0], a, desc, acc); else wgmma_n64_f16(&s[0][0], a, desc, acc);
+}
+template <bool BF16>
+__device__ __forceinline__ void wgmma_o(float (&o)[NTILES_O][4], const unsigned* a,
+                                        unsigned long long desc) {
+  float* d = &o[0][0];
+  if (PF_V_MN) {  // V as [token][dim]: wgmma transposes B
+    if (D == 128) {
+      if (BF16) wgmma_n128_bf16_t(d, a, desc, 1); else wgmma_n128_f16_t(d, a, desc, 1);
+    } else {
+      if (BF16) wgmma_n64_bf16_t(d, a, desc, 1); else wgmma_n64_f16_t(d, a, desc, 1);
+    }
+  } else if (D == 128) {
+    if (BF16) wgmma_n128_bf16(d, a, desc, 1); else wgmma_n128_f16(d, a, desc, 1);
+  } else {
+    if (BF16) wgmma_n64_bf16(d, a, desc, 1); else wgmma_n64_f16(d, a, desc, 1);
+  }
+}
+
+template <bool BF16>
+__device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems,
+                                        const int* __restrict__ ptab,
+                                        const unsigned char* __restrict__ inbuf,
+                                        const signed char* __restrict__ codes,
+                                        const float* __restrict__ scales, int page_code_bytes,
+                                        float* __restrict__ out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int pages_s[3][BN];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int wg = warp >> 2;  // warpgroup
+  const int* im = meta + find_item(meta, nitems, M_UNIT, blockIdx.x) * META_STRIDE;
+  const int RT = im[M_RT], G = im[M_G], n = im[M_N], H = im[M_H], KVH = im[M_KVH];
+  const int logT = im[M_LOGT], start = im[M_START];
+  const int ul = blockIdx.x - im[M_UNIT];
+  const int kvh = ul % KVH, rt = RT - 1 - ul / KVH;  // the longest row tiles run first
+  const int nrows = n * G, row0 = rt * BM;
+  const int kv_end = start + (min(row0 + BM, nrows) - 1) / G + 1;  // exclusive
+  const int ntiles = (kv_end + BN - 1) / BN;
+  const int T = 1 << logT;
+  const int* pt = ptab + im[M_PT];
+  const float qs = __int_as_float(im[M_SCALE]);
+
+  unsigned char* raw = smem;
+  unsigned char* half = smem + SMEM_RAW;  // [buffer][K, V^T][HALF_TILE]
+  const unsigned half_base = (unsigned)__cvta_generic_to_shared(half);
+
+  // Rows of this thread (g and g + 8 of its warp's 16) and of its warpgroup (64).
+  const int wrow = row0 + 16 * warp;
+  const int r_lo = wrow + g, r_hi = wrow + g + 8;
+  const int lim_lo = r_lo < nrows ? start + r_lo / G : -1;
+  const int lim_hi = r_hi < nrows ? start + r_hi / G : -1;
+  const int grow = row0 + 64 * wg;
+  const int wg_min_lim = start + grow / G;
+
+  // Page ids of a tile: thread j holds the tile's j-th; loaded one tile ahead into a register
+  // (fetch_page) and stored to the ring (store_page) a tile later, so no thread waits on the
+  // load at a barrier.
+  auto tile_pages = [&](int tile) -> int {
+    if (tile >= ntiles) return 0;
+    return ((min(tile * BN + BN, kv_end) - 1) >> logT) - ((tile * BN) >> logT) + 1;
+  };
+  auto fetch_page = [&](int tile) -> int {
+    return tid < tile_pages(tile) ? pt[((tile * BN) >> logT) + tid] : 0;
+  };
+  auto store_page = [&](int tile, int page) {
+    if (tid < tile_pages(tile)) pages_s[tile % 3][tid] = page;
+  };
+  const long long cstride = page_code_bytes, sstride = page_code_bytes >> 5;
+  const long long vcodes = (long long)KVH * T * D, vscales = (long long)KVH * T * NB;
+  // Raw codes [kind][token][D], 16-byte piece pc of token t stored at piece pc ^ (t % PIECES).
+  auto issue = [&](int tile) {
+    if (tile < ntiles) {
+      unsigned char* rb = raw + (tile & 1) * RAW_BYTES;
+      const int base = tile * BN, pfirst = base >> logT;
+#pragma unroll
+      for (int p = tid; p < BN * PIECES; p += NT) {
+        const int t = p / PIECES, pc = p % PIECES, pos = base + t;
+        const bool ok = pos < kv_end;
+        const signed char* src = codes;
+        if (ok) {
+          const long long page = pages_s[tile % 3][(pos >> logT) - pfirst];
+          src = codes + page * cstride + ((long long)kvh * T + (pos & (T - 1))) * D + pc * 16;
+        }
+        const int dst = t * D + ((pc ^ (t % PIECES)) * 16);
+        cp_async16(rb + dst, src, ok);
+        cp_async16(rb + RAW_CODES + dst, ok ? src + vcodes : src, ok);
+      }
+      constexpr int SB = NB % 4 == 0 ? 16 : 8;  // bytes per scale copy (NB is 2 or 4)
+      constexpr int SP = NB * 4 / SB;
+      float* ks = reinterpret_cast<float*>(rb + 2 * RAW_CODES);
+      for (int p = tid; p < BN * SP; p += NT) {
+        const int t = p / SP, sp = p % SP, pos = base + t;
+        const bool ok = pos < kv_end;
+        const float* src = scales;
+        if (ok) {
+          const long long page = pages_s[tile % 3][(pos >> logT) - pfirst];
+          src = scales + page * sstride + ((long long)kvh * T + (pos & (T - 1))) * NB +
+                sp * (SB / 4);
+        }
+        cp_async_bytes(ks + t * NB + sp * (SB / 4), src, SB, ok);
+        cp_async_bytes(ks + BN * NB + t * NB + sp * (SB / 4), ok ? src + vscales : src, SB, ok);
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  // Raw stage -> 16-bit K [token][dim] in core matrices of 8 rows x 16 bytes, core
+  // (token / 8, dim / 8) at (token / 8) * 16 D + (dim / 8) * 128; V the same (PF_V_MN) or
+  // transposed, V^T core (dim / 8, token / 8) at (dim / 8) * 16 BN + (token / 8) * 128.
+  auto dequant = [&](int tile) {
+    if (tile >= ntiles) return;
+    const unsigned char* rb = raw + (tile & 1) * RAW_BYTES;
+    const float* ks = reinterpret_cast<const float*>(rb + 2 * RAW_CODES);
+    const float* vs = ks + BN * NB;
+    unsigned char* kh = half + (tile % NBUF) * 2 * HALF_TILE;
+    unsigned char* vh = kh + HALF_TILE;
+#pragma unroll
+    for (int kind = 0; kind < (PF_V_MN ? 2 : 1); ++kind)  // K (and V): 16 codes of a token
+#pragma unroll
+      for (int p = tid; p < BN * PIECES; p += NT) {
+        const int t = p % BN, pc = p / BN;
+        const uint4 w = *reinterpret_cast<const uint4*>(rb + kind * RAW_CODES + t * D +
+                                                        ((pc ^ (t % PIECES)) * 16));
+        uint4 h[2];
+        dequant16<BF16>(w, ks[kind * BN * NB + t * NB + (pc >> 1)], h);
+        unsigned char* dst = kh + kind * HALF_TILE + (t >> 3) * 16 * D + (2 * pc) * 128 +
+                             (t & 7) * 16;
+        *reinterpret_cast<uint4*>(dst) = h[0];
+        *reinterpret_cast<uint4*>(dst + 128) = h[1];
+      }
+#pragma unroll
+    for (int p = tid; p < (PF_V_MN ? 0 : (D / 2) * (BN / 8)); p += NT) {  // V^T: dims d, d+1
+      const int dp = p % (D / 2), tb = p / (D / 2);
+      const int d = 2 * dp, b = d >> 4, off = d & 15;
+      unsigned wv[8];
+      float s[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int t = 8 * tb + j;
+        wv[j] = *reinterpret_cast<const unsigned short*>(
+            rb + RAW_CODES + t * D + ((b ^ (t % PIECES)) * 16) + off);
+        s[j] = vs[t * NB + (d >> 5)];
+      }
+      unsigned lo[4], hi[4];  // rows d and d + 1: tokens 2j, 2j + 1
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const unsigned x = __byte_perm(wv[2 * j], wv[2 * j + 1], 0x5410) ^ 0x80808080u;
+        lo[j] = pack2<BF16>(code_of(x, 0x7440) * s[2 * j], code_of(x, 0x7442) * s[2 * j + 1]);
+        hi[j] = pack2<BF16>(code_of(x, 0x7441) * s[2 * j], code_of(x, 0x7443) * s[2 * j + 1]);
+      }
+      unsigned char* dst = vh + (d >> 3) * 16 * BN + tb * 128 + (d & 7) * 16;
+      *reinterpret_cast<uint4*>(dst) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      *reinterpret_cast<uint4*>(dst + 16) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    }
+    // The tensor cores read these through the async proxy.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  };
+
+  // q: A fragments of rows g and g + 8 (the wgmma register A layout is mma.sync's per warp).
+  const unsigned short* qg = reinterpret_cast<const unsigned short*>(inbuf + im[M_Q]);
+  auto q_elem = [&](int r) -> long long {
+    const int rr = min(r, nrows - 1);  // pad rows repeat a real row (never written)
+    return ((long long)(rr / G) * H + kvh * G + rr % G) * D;
+  };
+  const long long qo_lo = q_elem(r_lo), qo_hi = q_elem(r_hi);
+  unsigned qf[KSTEPS][4];
+#pragma unroll
+  for (int kk = 0; kk < KSTEPS; ++kk) {
+    const int d0 = 16 * kk + 2 * c;
+    qf[kk][0] = *reinterpret_cast<const unsigned*>(qg + qo_lo + d0);
+    qf[kk][1] = *reinterpret_cast<const unsigned*>(qg + qo_hi + d0);
+    qf[kk][2] = *reinterpret_cast<const unsigned*>(qg + qo_lo + d0 + 8);
+    qf[kk][3] = *reinterpret_cast<const unsigned*>(qg + qo_hi + d0 + 8);
+  }
+
+  float o[NTILES_O][4];
+#pragma unroll
+  for (int j = 0; j < NTILES_O; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
+
+  store_page(0, fetch_page(0));
+  store_page(1, fetch_page(1));
+  store_page(2, fetch_page(2));
+  int next_page = fetch_page(3);
+  __syncthreads();
+  issue(0);
+  issue(1);
+  asm volatile("cp.async.wait_group 1;\n" ::);
+  __syncthreads();
+  dequant(0);
+
+  for (int tile = 0; tile < ntiles; ++tile) {
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();  // tile + 1's codes and tile's 16-bit K/V visible; old buffers free
+    issue(tile + 2);
+    store_page(tile + 3, next_page);
+    next_page = fetch_page(tile + 4);
+    const int pos0 = tile * BN;
+    const unsigned kbase = half_base + (tile % NBUF) * 2 * HALF_TILE;
+    const unsigned vbase = kbase + HALF_TILE;
+    // Every warpgroup runs every tile (a branch around wgmma would serialize them); a tile
+    // past all of a warpgroup's rows is masked away whole.
+    float s[NTILES_S][4];
+    reg_fence(s);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk)
+      wgmma_s<BF16>(s, qf[kk], smem_desc(kbase + kk * 256, 128, 16 * D), kk > 0);
+    wg_commit();
+    dequant(tile + 1);  // overlaps S = Q K^T (and P V of the tile before) on the tensor cores
+    wg_wait0();
+    reg_fence(s);
+    reg_fence(o);
+
+    const bool masked = pos0 + BN - 1 > wg_min_lim;
+    float mx_lo = NEG_INF, mx_hi = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < NTILES_S; ++j)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        float v = s[j][x] * qs;
+        if (masked) {
+          const int pos = pos0 + 8 * j + 2 * c + (x & 1);
+          if (pos > (x < 2 ? lim_lo : lim_hi)) v = NEG_INF;
+        }
+        s[j][x] = v;
+        if (x < 2) mx_lo = fmaxf(mx_lo, v); else mx_hi = fmaxf(mx_hi, v);
+      }
+#pragma unroll
+    for (int d = 1; d < 4; d <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, d));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, d));
+    }
+    const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+    const float sub_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;
+    const float sub_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
+    const float al_lo = fast_exp2(m_lo - sub_lo), al_hi = fast_exp2(m_hi - sub_hi);
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    l_lo *= al_lo;
+    l_hi *= al_hi;
+    if (__any_sync(0xffffffffu, al_lo != 1.0f || al_hi != 1.0f)) {  // some row's max grew
+#pragma unroll
+      for (int j = 0; j < NTILES_O; ++j) {
+        o[j][0] *= al_lo;
+        o[j][1] *= al_lo;
+        o[j][2] *= al_hi;
+        o[j][3] *= al_hi;
+      }
+    }
+    unsigned pa[NTILES_S / 2][4];
+#pragma unroll
+    for (int j = 0; j < NTILES_S; ++j) {
+      const float p0 = fast_exp2(s[j][0] - sub_lo), p1 = fast_exp2(s[j][1] - sub_lo);
+      const float p2 = fast_exp2(s[j][2] - sub_hi), p3 = fast_exp2(s[j][3] - sub_hi);
+      l_lo += p0 + p1;
+      l_hi += p2 + p3;
+      pa[j >> 1][(j & 1) * 2 + 0] = pack2<BF16>(p0, p1);
+      pa[j >> 1][(j & 1) * 2 + 1] = pack2<BF16>(p2, p3);
+    }
+    reg_fence(o);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+      wgmma_o<BF16>(o, pa[kk], PF_V_MN ? smem_desc(vbase + kk * 32 * D, 16 * D, 128)
+                                       : smem_desc(vbase + kk * 256, 128, 16 * BN));
+    wg_commit();
+    if (!PF_PV_ASYNC) wg_wait0();
+  }
+  wg_wait0();
+  reg_fence(o);
+
+#pragma unroll
+  for (int d = 1; d < 4; d <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, d);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, d);
+  }
+  float* ob = out + im[M_OUT];
+  if (r_lo < nrows) {
+    const float inv = 1.0f / l_lo;
+    float* dst = ob + qo_lo + 2 * c;
+#pragma unroll
+    for (int j = 0; j < NTILES_O; ++j)
+      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][0] * inv, o[j][1] * inv);
+  }
+  if (r_hi < nrows) {
+    const float inv = 1.0f / l_hi;
+    float* dst = ob + qo_hi + 2 * c;
+#pragma unroll
+    for (int j = 0; j < NTILES_O; ++j)
+      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][2] * inv, o[j][3] * inv);
+  }
+}
+
+#define PREFILL_ARGS                                                                     \
+  const int *__restrict__ meta, int nitems, const int *__restrict__ ptab,                \
+      const unsigned char *__restrict__ inbuf, const signed char *__restrict__ codes,    \
+      const float *__restrict__ scales, int page_code_bytes, float *__restrict__ out
+extern "C" __global__ void __launch_bounds__(NT, 1) q8_prefill_f16(PREFILL_ARGS) {
+  prefill<false>(meta, nitems, ptab, inbuf, codes, scales, page_code_bytes, out);
+}
+extern "C" __global__ void __launch_bounds__(NT, 1) q8_prefill_bf16(PREFILL_ARGS) {
+  prefill<true>(meta, nitems, ptab, inbuf, codes, scales, page_code_bytes, out);
+}
