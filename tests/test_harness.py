@@ -1,5 +1,6 @@
 """The test harness itself: a server start that fails leaves no process behind and closes
-its log; geometries unpack as keyword arguments; random tensors are never zeros."""
+its log; geometries unpack as keyword arguments; random tensors are never zeros; torch
+SDPA over a cache masks and groups heads as q8kv does (the GPU prefill tests' yardstick)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from harness.geometry import GEOM, Geo
+from harness.sdpa import sdpa_over_cache
 from harness.server import ServerProcess
 from harness.tensors import normal, qkv, random_tensor
+from reference import attention_ref, rel_l2
 
 from q8kv.v1 import kvcache_pb2 as pb
 
@@ -78,3 +82,18 @@ def test_random_tensors_have_the_shape_dtype_and_no_zeros(dtype):
         for x in (q, k, v):
             assert x.dtype == dtype and np.all(x != 0) and np.all(np.isfinite(x))
         assert not np.array_equal(k, v)
+
+
+@pytest.mark.parametrize(
+    "h,kvh,start,n", [(8, 2, 0, 5), (8, 2, 37, 9), (4, 1, 3, 1), (4, 4, 10, 16), (6, 3, 1, 40)]
+)
+def test_sdpa_over_cache_is_the_reference_attention(h, kvh, start, n):
+    """In float64 on the CPU, sdpa_over_cache is attention_ref: the bottom-right causal mask
+    (token i sees [0, start + i], not [0, i]), head h on kv head h // group, the scale."""
+    rng = np.random.default_rng(h * 1000 + start * 10 + n)
+    q = rng.standard_normal((n, h, 32)).astype(np.float32)
+    # Positions past start + n exist and must not be read.
+    keys, values = rng.standard_normal((2, kvh, start + n + 3, 32)).astype(np.float32)
+    got = sdpa_over_cache(q, keys, values, start, 0.3, torch.float64, "cpu")
+    assert got.shape == (n, h, 32) and got.dtype == np.float64
+    assert rel_l2(got, attention_ref(q, keys, values, start, 0.3)) <= 1e-12
