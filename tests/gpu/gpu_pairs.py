@@ -22,17 +22,8 @@ from reference import attention_ref, rel_l2
 from q8kv.server.backends import GpuTuning
 from q8kv.server.backends.base import AttendItem, LayerLayout, tokens_per_page
 from q8kv.server.backends.cupy.backend import CupyBackend
+from q8kv.server.backends.cupy.planning import takes_prefill_kernel
 from q8kv.server.backends.numpy_backend import NumpyBackend
-
-try:
-    from q8kv.server.backends.cupy.packing import takes_prefill_kernel
-except ImportError:  # FALLBACK until the prefill kernel (issue 14) lands: delete it then.
-
-    def takes_prefill_kernel(n: int, group: int, dtype) -> bool:
-        """The routing rule of issue 14: a 16-bit wire, n >= 2 and n * group >= 64."""
-        sixteen = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
-        return np.dtype(dtype) in sixteen and n >= 2 and n * group >= 64
-
 
 TOL_F32 = 1e-5
 TOL_16 = {np.dtype(np.float16): 2e-3, np.dtype(ml_dtypes.bfloat16): 1.6e-2}

@@ -1,7 +1,7 @@
 """GPU prefill (issue 14): the CuPy backend's attention for n > 1 against the numpy backend,
 float64 attention over the same dequantized cache, and torch SDPA on the GPU.
 
-Routes (``takes_prefill_kernel`` in server/backends/cupy/packing.py): a float16 or bfloat16
+Routes (``takes_prefill_kernel`` in server/backends/cupy/planning.py): a float16 or bfloat16
 item with n >= 2 and n * group >= 64 query rows runs on the 16-bit tensor-core prefill
 kernel (q exact from the wire, K and V dequantized to the wire's 16-bit type, QK^T and PV
 on tensor cores with float32 accumulation, P rounded to 16 bits, online softmax in
