@@ -52,7 +52,7 @@ constexpr int HALF_TILE = BN * D * 2;  // bytes of one 16-bit K or V^T tile
 // must not overwrite what P V of tile j - 1 may still read: three buffers.
 constexpr int NBUF = PF_PV_ASYNC ? 3 : 2;
 constexpr int SMEM_RAW = 2 * RAW_BYTES;
-static_assert(D == 64 || D == 128, "the wgmma prefill serves head_dim 64 and 128");
+static_assert(D == 64 || D == 128, "the wgmma prefill is written for head_dim 64 and 128");
 static_assert(BN <= NT, "a tile's page ids are one per thread");
 
 __WGMMA_WRAPPERS__
