@@ -71,10 +71,11 @@ def setup(start: int, n: int, rng: np.random.Generator):
 
 
 def item(layout, ids, start, n, rng, dtype) -> AttendItem:
+    """n new tokens, the answer in the wire's dtype (as the service asks for it)."""
     q = rng.standard_normal((n, H, D), dtype=np.float32).astype(dtype)
     k = rng.standard_normal((n, KVH, D), dtype=np.float32).astype(dtype)
     v = rng.standard_normal((n, KVH, D), dtype=np.float32).astype(dtype)
-    return AttendItem(layout, D**-0.5, ids, start, q, k, v)
+    return AttendItem(layout, D**-0.5, ids, start, q, k, v, np.dtype(dtype))
 
 
 def device_us(backend, it, reps, spin_cycles) -> float:
@@ -173,13 +174,13 @@ def bench(start, n, reps, wall_reps, spin_cycles, rng) -> dict:
     backend, layout, ids = setup(start, n, rng)
     it16 = item(layout, ids, start, n, rng, np.float16)
     it32 = AttendItem(layout, it16.softmax_scale, ids, start, *(
-        a.astype(np.float32) for a in (it16.q, it16.k, it16.v)))  # fmt: skip
+        a.astype(np.float32) for a in (it16.q, it16.k, it16.v)), np.dtype(np.float32))  # fmt: skip
     row: dict = {"start": start, "n": n}
     row["q8kv_us"] = device_us(backend, it16, reps, spin_cycles)
     row["q8kv_f32_wire_us"] = device_us(backend, it32, max(3, reps // 4), spin_cycles)
     row["q8kv_wall_us"] = wall_us(lambda: backend.append_and_attend([it16]), wall_reps)
     packed = PackedItems(layout, np.array([it16.softmax_scale]), [ids], np.array([start]),
-                         it16.q[None], it16.k[None], it16.v[None])  # fmt: skip
+                         it16.q[None], it16.k[None], it16.v[None], it16.out_dtype)  # fmt: skip
     row["q8kv_packed_wall_us"] = wall_us(lambda: backend.attend_packed(packed), wall_reps)
     in_bytes = sum(a.nbytes for a in (it16.q, it16.k, it16.v))
     row["pcie_us"] = pcie_us(in_bytes, it16.q.nbytes, 10)
@@ -234,7 +235,7 @@ def host_phases(start: int, n: int, rng, reps: int = 5) -> None:
     backend, layout, ids = setup(start, n, rng)
     it = item(layout, ids, start, n, rng, np.float16)
     packed = PackedItems(layout, np.array([it.softmax_scale]), [ids], np.array([start]),
-                         it.q[None], it.k[None], it.v[None])  # fmt: skip
+                         it.q[None], it.k[None], it.v[None], np.dtype(np.float16))  # fmt: skip
     from q8kv.server.backends.cupy.packing import pack_packed
 
     def phase(fn) -> float:
@@ -273,6 +274,31 @@ def host_phases(start: int, n: int, rng, reps: int = 5) -> None:
                                                                backend.stream))  # fmt: skip
     t_d2h_fresh = phase(lambda: dev.data.copy_to_host_async(np.empty(nbytes, np.uint8).ctypes.data,
                                                             nbytes, backend.stream))  # fmt: skip
+    from concurrent.futures import ThreadPoolExecutor
+
+    def threaded_copy(workers: int) -> float:
+        pool = ThreadPoolExecutor(workers)
+        step = -(-inb // workers)
+
+        def part(i: int) -> None:
+            np.copyto(pinned[i * step : min(inb, (i + 1) * step)],
+                      src[i * step : min(inb, (i + 1) * step)])  # fmt: skip
+
+        us = phase(lambda: list(pool.map(part, range(workers))))
+        pool.shutdown()
+        return us
+
+    threads = {f"memcpy_to_pinned_{w}_threads": threaded_copy(w) for w in (2, 4, 8)}
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(3):
+        backend.attend_packed(packed)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+    print(json.dumps(threads))
     print(json.dumps({"host_phases_us": {
         "start": start, "n": n, "in_mb": inb / 2**20, "out_mb": nbytes / 2**20,
         "pack": t_pack, "upload_append_attend": t_run, "narrow_d2h": t_down,

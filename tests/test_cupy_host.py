@@ -173,6 +173,27 @@ def test_pack_lays_out_every_item_and_plans_one_launch_per_head_dim_and_kernel()
             assert (batch.outputs[j][0] < 0) == (it.n == 0)
 
 
+def test_a_large_batch_leaves_its_input_copies_to_the_uploader(monkeypatch) -> None:
+    """Past DEFER_BYTES of q/k/v, pack writes meta rows and page ids but lists the q/k/v
+    copies (the backend runs them on threads, chunk by chunk, into the same buffer); done,
+    the buffer is byte for byte what an immediate pack writes."""
+    rng = np.random.default_rng(14)
+    items = [random_item(rng, int(rng.choice([64, 128])), int(n)) for n in (70, 0, 1, 17)]
+    policy = packing.SplitPolicy(132, 1.0, 48)
+    now, now_host = pack(items, policy)
+    assert not now.pending
+    monkeypatch.setattr(packing, "DEFER_BYTES", 1)
+    later, later_host = pack(items, policy)
+    total = sum(a.nbytes for it in items for a in (it.q, it.k, it.v))
+    assert later.pending and sum(src.size for _, src in later.pending) == total
+    head = min(off for off, _ in later.pending)
+    np.testing.assert_array_equal(later_host[:head], now_host[:head])  # meta and page ids
+    assert not np.array_equal(later_host[head : now.nbytes], now_host[head : now.nbytes])
+    later.finish_copies(later_host)  # both buffers started as the same noise
+    assert not later.pending
+    np.testing.assert_array_equal(later_host[: now.nbytes], now_host[: now.nbytes])
+
+
 def test_mixed_dtypes_in_one_item_travel_as_float32() -> None:
     rng = np.random.default_rng(12)
     item = random_item(rng, 64, 3)

@@ -70,6 +70,10 @@ def packed_both_ways(batch: PackedItems, policy: packing.SplitPolicy):
                        fake_kernel, policy)
     new = packing.pack_packed(batch, lambda nb: new_host.append(noise(nb)) or new_host[-1],
                               fake_kernel, policy)
+    # A large batch leaves its q/k/v copies to the uploader (both ways alike): do them here.
+    assert bool(old.pending) == bool(new.pending)
+    old.finish_copies(old_host[0])
+    new.finish_copies(new_host[0])
     return old, old_host[0], new, new_host[0]
 
 

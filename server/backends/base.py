@@ -40,7 +40,8 @@ class AttendItem:
 
     ``page_ids`` covers ``start + n`` tokens (the caller has already reserved the pages for
     the new ones). q is [n, H, D], k and v are [n, KVH, D], each float32, float16 or
-    ml_dtypes.bfloat16, C-contiguous and finite (validated before they get here).
+    ml_dtypes.bfloat16, C-contiguous and finite (validated before they get here). The
+    output comes back in ``out_dtype`` (the service sets the wire's), computed in float32.
     """
 
     layout: LayerLayout
@@ -50,6 +51,7 @@ class AttendItem:
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
+    out_dtype: np.dtype = np.dtype(np.float32)
 
     @property
     def n(self) -> int:
@@ -83,7 +85,8 @@ class PackedItems:
 
     def item(self, b: int) -> AttendItem:
         return AttendItem(self.layout, float(self.softmax_scales[b]), self.page_ids[b],
-                          int(self.starts[b]), self.q[b], self.k[b], self.v[b])
+                          int(self.starts[b]), self.q[b], self.k[b], self.v[b],
+                          self.out_dtype)  # fmt: skip
 
     def items(self) -> list[AttendItem]:
         """The same work as B separate items (the fallback of any backend)."""
@@ -134,7 +137,7 @@ class Backend(ABC):
 
         Items run as if one after the other: an item sees what earlier items of the same
         (session, layer) appended (their start already counts those tokens). Returns one
-        float32 [n, H, D] array per item, in order.
+        [n, H, D] array per item in its ``out_dtype``, in order.
         """
 
     def attend_packed(self, batch: PackedItems) -> np.ndarray:

@@ -121,7 +121,7 @@ class NumpyBackend(Backend):
             self._append(item)
         self._timed("quantize_append", started)
         started = time.perf_counter()
-        outputs = [self._attend(item) for item in items]
+        outputs = [self._attend(item).astype(item.out_dtype, copy=False) for item in items]
         self._timed("attention", started)
         return outputs
 

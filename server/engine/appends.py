@@ -164,7 +164,7 @@ class AppendTransaction:
         work for other sessions; the job's own sessions (``keys``) wait."""
         outputs = []
         for item in items:
-            out = np.empty((item.n, item.layout.num_heads, item.layout.head_dim), np.float32)
+            out = np.empty((item.n, item.layout.num_heads, item.layout.head_dim), item.out_dtype)
             for first in range(0, item.n, chunks.tokens):
                 last = min(item.n, first + chunks.tokens)
                 pages = -(-(item.start + last) // item.layout.tokens_per_page)
@@ -237,6 +237,7 @@ class AppendTransaction:
             q=request.q,
             k=request.k,
             v=request.v,
+            out_dtype=request.q.dtype,  # the answer goes back in q's wire dtype
         )
         return session, item
 

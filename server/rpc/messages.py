@@ -127,7 +127,8 @@ def decode_batch(request, limits: CallLimits = CallLimits()) -> PackedBatch:
 
 
 def attend_results(requests: list[AppendRequest], results) -> list[pb.AttendResult]:
-    """Each item's float32 output, encoded in its q's dtype, with the layer's new length."""
+    """Each item's output (the backend returns it in q's dtype), encoded in q's dtype, with
+    the layer's new length."""
     return [
         pb.AttendResult(output=wire.encode(out, request.q.dtype), length=length)
         for request, (out, length) in zip(requests, results, strict=True)

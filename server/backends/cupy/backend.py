@@ -1,7 +1,8 @@
 """The GPU backend: the page pool in device memory, the math in CUDA kernels (CuPy RawModule).
 
 Kernels live beside this file as .cu sources (q8_pages.cu: quantize-append, dequantize;
-q8_attention_tc.cu: fused paged attention on tensor cores), compiled by kernels.py. One
+q8_attention_tc.cu: fused paged attention on tensor cores, float32-grade; q8_prefill*.cu:
+16-bit prefill), compiled by kernels.py. One
 ``append_and_attend`` call is: pack every item's metadata, page table and raw q/k/v bytes
 into one pinned host buffer (packing.py) -> one H2D copy -> one quantize-append launch ->
 one attention launch per head_dim (normally one) -> one D2H copy of all outputs -> one
@@ -13,8 +14,10 @@ The backend is driven from one worker thread (base.Backend); it holds no locks.
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import cupy as cp
 import ml_dtypes
@@ -43,6 +46,20 @@ class _Pinned:
             self.mem = cp.cuda.alloc_pinned_memory(size)
             self.view = np.frombuffer(self.mem, dtype=np.uint8, count=size)
         return self.view
+
+
+# Outputs from this many bytes come back in a page-locked block of CuPy's pinned pool that
+# the caller keeps (it returns to the pool when the arrays die): no host copy of a large
+# output. Smaller ones are copied out of the reused buffer.
+FRESH_OUTPUT_BYTES = 1 << 20
+UPLOAD_CHUNK_BYTES = 4 << 20  # a deferred input copy crosses PCIe in pieces of this size
+_NARROW = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
+def _pooled_pinned(nbytes: int) -> np.ndarray:
+    """uint8 [nbytes] over a block of CuPy's pinned memory pool, freed with the array."""
+    mem = cp.cuda.alloc_pinned_memory(max(nbytes, 1))
+    return np.frombuffer(mem, np.uint8, count=max(nbytes, 1))
 
 
 def _grow(arr: cp.ndarray | None, size: int, dtype, zero: bool = False) -> cp.ndarray:
@@ -94,6 +111,7 @@ class CupyBackend(Backend):
         self._dev_narrow: cp.ndarray | None = None  # the output in a 16-bit wire dtype
         self._part: cp.ndarray | None = None
         self._counters: cp.ndarray | None = None
+        self._copiers: ThreadPoolExecutor | None = None  # threads for large input copies
 
     # -- properties and helpers for the server --------------------------------------------
 
@@ -121,6 +139,9 @@ class CupyBackend(Backend):
                 setattr(self, attr, None)
             self._host_in = _Pinned()
             self._host_out = _Pinned()
+            if self._copiers is not None:
+                self._copiers.shutdown()
+                self._copiers = None
             cp.get_default_memory_pool().free_all_blocks()
             cp.get_default_pinned_memory_pool().free_all_blocks()
 
@@ -138,6 +159,7 @@ class CupyBackend(Backend):
         """Pack ``items`` into the pinned host buffer and plan the launches."""
         batch = pack(items, self._host_in.get, self._attn_kernel, self._policy())
         if own_device_copy:
+            batch.finish_copies(self._host_in.view)
             with self._device:
                 batch.dev = cp.empty(batch.nbytes, cp.uint8)
                 batch.dev.set(self._host_in.view[: batch.nbytes])
@@ -154,11 +176,37 @@ class CupyBackend(Backend):
             self._part.fill(np.nan)
 
     def upload(self, batch: Batch) -> None:
-        """One H2D copy of the packed inputs (async on the backend's stream)."""
+        """The packed inputs to the device (async on the backend's stream): one H2D copy,
+        or for a large batch the head (meta rows, page ids) and then its q/k/v in chunks
+        that threads copy into the pinned buffer while the earlier chunks cross PCIe."""
         self._dev_in = _grow(self._dev_in, batch.nbytes, cp.uint8)
-        if batch.nbytes:
-            self._dev_in.data.copy_from_host_async(
-                ctypes.c_void_p(self._host_in.mem.ptr), batch.nbytes, self._stream
+        if not batch.pending:
+            if batch.nbytes:
+                self._h2d(0, batch.nbytes)
+            return
+        head = min(off for off, _ in batch.pending)
+        self._h2d(0, head)
+        chunks = [
+            (off + i, src[i : i + UPLOAD_CHUNK_BYTES])
+            for off, src in batch.pending
+            for i in range(0, src.size, UPLOAD_CHUNK_BYTES)
+        ]
+        host = self._host_in.view
+        if self._copiers is None:
+            self._copiers = ThreadPoolExecutor(min(8, os.cpu_count() or 1), "q8kv-copy")
+        copies = [
+            self._copiers.submit(np.copyto, host[off : off + src.size], src)
+            for off, src in chunks
+        ]
+        for (off, src), done in zip(chunks, copies, strict=True):
+            done.result()  # numpy copies release the GIL: the threads run in parallel
+            self._h2d(off, src.size)
+        batch.pending = []
+
+    def _h2d(self, offset: int, nbytes: int) -> None:
+        if nbytes:
+            (self._dev_in.data + offset).copy_from_host_async(
+                ctypes.c_void_p(self._host_in.mem.ptr + offset), nbytes, self._stream
             )
 
     def _in_ptr(self, batch: Batch) -> int:
@@ -235,23 +283,27 @@ class CupyBackend(Backend):
                 shared_mem=ln.kernel.smem,
             )
 
-    def _download_flat(self, batch: Batch) -> np.ndarray:
-        """One D2H copy of all outputs and one synchronize: float32 [out_floats], a view
-        of the reused pinned buffer (valid until the next call)."""
-        host = self._host_out.get(4 * max(batch.out_floats, 1))
-        if batch.out_floats:
+    def _download_flat(self, batch: Batch) -> tuple[np.ndarray, bool]:
+        """One D2H copy of all outputs and one synchronize: float32 [out_floats], and
+        whether it is the caller's own (a pooled pinned block) or a view of the reused
+        buffer (valid until the next call)."""
+        nbytes = 4 * batch.out_floats
+        fresh = nbytes >= FRESH_OUTPUT_BYTES
+        host = _pooled_pinned(nbytes) if fresh else self._host_out.get(max(nbytes, 4))
+        if nbytes:
             self._dev_out.data.copy_to_host_async(
-                ctypes.c_void_p(self._host_out.mem.ptr), 4 * batch.out_floats, self._stream
+                ctypes.c_void_p(host.ctypes.data), nbytes, self._stream
             )
         self._stream.synchronize()
-        return host[: 4 * batch.out_floats].view(np.float32)
+        return host[:nbytes].view(np.float32), fresh
 
-    def _download_narrow(self, batch: Batch, dtype: np.dtype) -> np.ndarray:
+    def _download_narrow(self, batch: Batch, dtype: np.dtype) -> tuple[np.ndarray, bool]:
         """The outputs narrowed to a 16-bit ``dtype`` on the device, one D2H copy of half
-        the bytes, one synchronize: [out_floats] of ``dtype``, a view of the reused pinned
-        buffer (valid until the next call)."""
+        the bytes, one synchronize: [out_floats] of ``dtype``, and whether it is the
+        caller's own (as ``_download_flat``)."""
         n = batch.out_floats
-        host = self._host_out.get(2 * max(n, 1))
+        fresh = 2 * n >= FRESH_OUTPUT_BYTES
+        host = _pooled_pinned(2 * n) if fresh else self._host_out.get(2 * max(n, 1))
         if n:
             self._dev_narrow = _grow(self._dev_narrow, n, cp.uint16)
             to_bf16 = np.int32(dtype == ml_dtypes.bfloat16)
@@ -259,21 +311,30 @@ class CupyBackend(Backend):
                 (-(-n // 256),), (256,), (self._dev_out, self._dev_narrow, np.int64(n), to_bf16)
             )
             self._dev_narrow.data.copy_to_host_async(
-                ctypes.c_void_p(self._host_out.mem.ptr), 2 * n, self._stream
+                ctypes.c_void_p(host.ctypes.data), 2 * n, self._stream
             )
         self._stream.synchronize()
-        return host[: 2 * n].view(dtype)
+        return host[: 2 * n].view(dtype), fresh
 
-    def download(self, batch: Batch) -> list[np.ndarray]:
-        """One D2H copy of all outputs, one synchronize, then per-item arrays."""
-        flat = self._download_flat(batch)
+    def download(self, batch: Batch, items: Sequence[AttendItem]) -> list[np.ndarray]:
+        """Every item's output in its ``out_dtype``: narrowed on the device when all share
+        one 16-bit dtype (the usual case: one wire), else float32 cast on the host."""
+        dtypes = {np.dtype(it.out_dtype) for it in items if it.n}
+        one = dtypes.pop() if len(dtypes) == 1 else None
+        if one in _NARROW:
+            flat, fresh = self._download_narrow(batch, one)
+        else:
+            flat, fresh = self._download_flat(batch)
         result = []
-        for off, shape in batch.outputs:
+        for (off, shape), it in zip(batch.outputs, items, strict=True):
             if off < 0:
-                result.append(np.empty(shape, np.float32))
+                result.append(np.empty(shape, it.out_dtype))
+                continue
+            view = flat[off : off + shape[0] * shape[1] * shape[2]].reshape(shape)
+            if view.dtype != it.out_dtype:
+                result.append(view.astype(it.out_dtype))
             else:
-                size = shape[0] * shape[1] * shape[2]
-                result.append(flat[off : off + size].reshape(shape).copy())
+                result.append(view if fresh else view.copy())
         return result
 
     # -- Backend ---------------------------------------------------------------------------
@@ -305,7 +366,7 @@ class CupyBackend(Backend):
         with self._device:
             batch = self.prepare(items)
             launches = self._run(batch)
-            outputs = self.download(batch)  # synchronizes: the events are complete
+            outputs = self.download(batch, items)  # synchronizes: the events are complete
         self._report(launches)
         return outputs
 
@@ -316,14 +377,18 @@ class CupyBackend(Backend):
             packed = pack_packed(batch, self._host_in.get, self._attn_kernel, self._policy())
             launches = self._run(packed)
             dtype = np.dtype(batch.out_dtype)
-            if dtype in (np.float16, ml_dtypes.bfloat16):
+            if dtype in _NARROW:
                 # Narrowed on the device: half the bytes back, no host conversion.
-                flat = self._download_narrow(packed, dtype)  # synchronizes
+                flat, fresh = self._download_narrow(packed, dtype)  # synchronizes
             else:
-                flat = self._download_flat(packed).astype(dtype, copy=False)
+                flat, fresh = self._download_flat(packed)
+                if flat.dtype != dtype:
+                    flat, fresh = flat.astype(dtype), True
             lay = batch.layout
             shape = (batch.size, batch.n, lay.num_heads, lay.head_dim)
-            out = flat.reshape(shape).copy()  # the pinned buffer is reused
+            out = flat.reshape(shape)
+            if not fresh:
+                out = out.copy()  # the pinned buffer is reused
         self._report(launches)
         return out
 

@@ -52,6 +52,19 @@ class Batch:
     counters: int
     dev: Any = None  # own device copy of the inputs (cupy.ndarray, benchmarks)
     extra: dict = field(default_factory=dict)
+    # Input copies left to the uploader (a large batch: threads copy them in chunks while
+    # the earlier chunks cross PCIe): (byte offset in the buffer, the source bytes).
+    pending: list[tuple[int, np.ndarray]] = field(default_factory=list)
+
+    def finish_copies(self, host: np.ndarray) -> None:
+        """Do the pending copies here and now (tests, benchmarks' own device copies)."""
+        for off, src in self.pending:
+            host[off : off + src.size] = src
+        self.pending = []
+
+
+# From this many bytes of q/k/v, a batch's input copies are left to the uploader.
+DEFER_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -126,9 +139,15 @@ def _copy_inputs(
     offs: tuple[int, int, int],
     ids: np.ndarray,
     ptab_at: int,
+    pending: list | None,
 ) -> None:
+    """The page ids now; q/k/v now, or into ``pending`` (a deferred large batch)."""
     for a, o in zip(qkv, offs, strict=True):
-        host[o : o + a.nbytes] = a.reshape(-1).view(np.uint8)
+        src = a.reshape(-1).view(np.uint8)
+        if pending is None:
+            host[o : o + a.nbytes] = src
+        else:
+            pending.append((o, src))
     host[ptab_at : ptab_at + 4 * ids.size] = ids.view(np.uint8)
 
 
@@ -157,9 +176,11 @@ def write_rows(
     order: Sequence[int],
     arrays: Sequence[Sequence[np.ndarray]],
     layout: BufferLayout,
+    pending: list | None = None,
 ) -> tuple[list[tuple[int, tuple[int, int, int]]], _Cursor]:
-    """Copy every row's inputs and page ids, fill its meta row; returns where each caller
-    item's output lands ((-1, shape) for empty items) and the totals."""
+    """Copy every row's inputs (or list them in ``pending``) and page ids, fill its meta
+    row; returns where each caller item's output lands ((-1, shape) for empty items) and
+    the totals."""
     outputs: list[tuple[int, tuple[int, int, int]]] = [
         (-1, (0, it.layout.num_heads, it.layout.head_dim)) for it in items
     ]
@@ -167,7 +188,8 @@ def write_rows(
     for row, j in enumerate(order):
         it, lay = items[j], items[j].layout
         ids = np.asarray(it.page_ids, dtype=np.int32)
-        _copy_inputs(host, arrays[row], layout.inputs[row], ids, layout.ptab_off + 4 * cur.pt)
+        ptab_at = layout.ptab_off + 4 * cur.pt
+        _copy_inputs(host, arrays[row], layout.inputs[row], ids, ptab_at, pending)
         _fill_meta(meta[row], it, layout.inputs[row], arrays[row][0].dtype, cur)
         outputs[j] = (cur.out, (it.n, lay.num_heads, lay.head_dim))
         cur.out += it.n * lay.num_heads * lay.head_dim
@@ -197,7 +219,9 @@ def pack(
     host = host_buffer(layout.nbytes)
     meta = host[: layout.meta_bytes].view(np.int32).reshape(len(order), META)
     meta[:] = 0
-    outputs, cur = write_rows(host, meta, items, order, arrays, layout)
+    big = sum(a.nbytes for qkv in arrays for a in qkv) >= DEFER_BYTES
+    pending: list | None = [] if big else None
+    outputs, cur = write_rows(host, meta, items, order, arrays, layout, pending)
     rows = [items[j] for j in order]
     routes = [kind[j] for j in order]
     launches, part_floats, counters = plan_attention(rows, routes, meta, kernel_for, policy)
@@ -211,6 +235,7 @@ def pack(
         out_floats=cur.out,
         part_floats=part_floats,
         counters=counters,
+        pending=pending or [],
     )
 
 
@@ -243,8 +268,12 @@ def pack_packed(
             f"of inputs, got {nbytes}"
         )
     host = host_buffer(nbytes)
+    pending = []
     for a, o in zip((q, k, v), offsets, strict=True):
-        host[o : o + a.nbytes] = a.reshape(-1).view(np.uint8)
+        if q.nbytes + k.nbytes + v.nbytes >= DEFER_BYTES:
+            pending.append((o, a.reshape(-1).view(np.uint8)))
+        else:
+            host[o : o + a.nbytes] = a.reshape(-1).view(np.uint8)
     ids = np.concatenate(batch.page_ids).astype(np.int32, copy=False)
     host[meta_bytes : meta_bytes + 4 * ids.size] = ids.view(np.uint8)
     meta = host[:meta_bytes].view(np.int32).reshape(count, META)
@@ -270,5 +299,5 @@ def pack_packed(
         nbytes=nbytes, nitems=count, ptab_off=meta_bytes, q_blocks=count * q_blocks,
         launches=[launch], outputs=[], out_floats=count * out_floats,
         part_floats=0 if kern.prefill else launch.units * kern.gt * (lay.head_dim + 2),
-        counters=counters,
+        counters=counters, pending=pending,
     )
