@@ -16,7 +16,9 @@ H=32, KVH=8, D=128, one item appending n tokens after a cache of ``start`` token
   from pinned memory, in the same run: the wall target is 1.5x (device + pcie).
 - ``torch_sdpa_fp16_us``: SDPA (fp16 q/k/v, bottom-right causal) on the same shape.
 - errors (relative L2) against float64 attention over the dequantized cache: q8kv with a
-  float16 wire, the float32 wire, and SDPA fp16 on the same q and the cache rounded to fp16.
+  float16 wire (the answer as sent, rounded to float16, and the 16-bit kernel's float32
+  output before that rounding), the float32 wire, and SDPA fp16 (its fp16 output) on the
+  same q and the cache rounded to fp16.
 
     python3 benchmarks/prefill.py [--out DIR] [--reps 20]
 
@@ -31,6 +33,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cupy as cp
@@ -184,9 +187,13 @@ def bench(start, n, reps, wall_reps, spin_cycles, rng) -> dict:
     row["q8kv_packed_wall_us"] = wall_us(lambda: backend.attend_packed(packed), wall_reps)
     in_bytes = sum(a.nbytes for a in (it16.q, it16.k, it16.v))
     row["pcie_us"] = pcie_us(in_bytes, it16.q.nbytes, 10)
-    out16 = backend.append_and_attend([it16])[0]
+    out16 = backend.append_and_attend([it16])[0]  # on the wire: rounded to float16
     out32 = backend.append_and_attend([it32])[0]
+    kernel_out = backend.append_and_attend([replace(it16, out_dtype=np.dtype(np.float32))])[0]
     row["rel_l2_vs_float64"] = errors(backend, layout, it16, out16, out32)
+    # The 16-bit kernel's own float32 output, before the wire's rounding.
+    row["rel_l2_vs_float64"]["q8kv_fp16_kernel_f32_out"] = errors(
+        backend, layout, it16, kernel_out, out32)["q8kv_fp16_wire"]  # fmt: skip
     backend.close()
     cp.get_default_memory_pool().free_all_blocks()
     row["torch_sdpa_fp16_us"], row["sdpa_how"] = bench_sdpa(start, n, reps, spin_cycles)
@@ -289,15 +296,6 @@ def host_phases(start: int, n: int, rng, reps: int = 5) -> None:
         return us
 
     threads = {f"memcpy_to_pinned_{w}_threads": threaded_copy(w) for w in (2, 4, 8)}
-    import cProfile
-    import pstats
-
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(3):
-        backend.attend_packed(packed)
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
     print(json.dumps(threads))
     print(json.dumps({"host_phases_us": {
         "start": start, "n": n, "in_mb": inb / 2**20, "out_mb": nbytes / 2**20,
