@@ -14,10 +14,8 @@ The backend is driven from one worker thread (base.Backend); it holds no locks.
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import cupy as cp
 import ml_dtypes
@@ -30,43 +28,17 @@ from . import kernels
 from .kernels import MAX_HEAD_DIM, NWARPS, AttnKernel
 from .packing import META, Batch, pack, pack_packed
 from .planning import DECODE, PREFILL_BF16, SplitPolicy
+from .transfers import (
+    FRESH_OUTPUT_BYTES,
+    NARROW,
+    Pinned,
+    Uploader,
+    grow,
+    one_narrow_dtype,
+    pooled_pinned,
+    split_outputs,
+)
 from .tuning import GpuTuning
-
-
-class _Pinned:
-    """A growing page-locked host buffer (viewed as uint8)."""
-
-    def __init__(self) -> None:
-        self.mem = None
-        self.view = np.empty(0, np.uint8)
-
-    def get(self, nbytes: int) -> np.ndarray:
-        if nbytes > self.view.size:
-            size = max(nbytes, 2 * self.view.size, 1 << 20)
-            self.mem = cp.cuda.alloc_pinned_memory(size)
-            self.view = np.frombuffer(self.mem, dtype=np.uint8, count=size)
-        return self.view
-
-
-# Outputs from this many bytes come back in a page-locked block of CuPy's pinned pool that
-# the caller keeps (it returns to the pool when the arrays die): no host copy of a large
-# output. Smaller ones are copied out of the reused buffer.
-FRESH_OUTPUT_BYTES = 1 << 20
-UPLOAD_CHUNK_BYTES = 4 << 20  # a deferred input copy crosses PCIe in pieces of this size
-_NARROW = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
-
-
-def _pooled_pinned(nbytes: int) -> np.ndarray:
-    """uint8 [nbytes] over a block of CuPy's pinned memory pool, freed with the array."""
-    mem = cp.cuda.alloc_pinned_memory(max(nbytes, 1))
-    return np.frombuffer(mem, np.uint8, count=max(nbytes, 1))
-
-
-def _grow(arr: cp.ndarray | None, size: int, dtype, zero: bool = False) -> cp.ndarray:
-    if arr is not None and arr.size >= size:
-        return arr
-    size = max(size, 2 * (arr.size if arr is not None else 0), 1024)
-    return cp.zeros(size, dtype) if zero else cp.empty(size, dtype)
 
 
 class CupyBackend(Backend):
@@ -104,14 +76,14 @@ class CupyBackend(Backend):
             self._dequant_k = mod.get_function("q8_dequantize")
             self._narrow_k = mod.get_function("q8_narrow")
         self._dev_id = dev_id
-        self._host_in = _Pinned()
-        self._host_out = _Pinned()
+        self._host_in = Pinned()
+        self._host_out = Pinned()
         self._dev_in: cp.ndarray | None = None
         self._dev_out: cp.ndarray | None = None
         self._dev_narrow: cp.ndarray | None = None  # the output in a 16-bit wire dtype
         self._part: cp.ndarray | None = None
         self._counters: cp.ndarray | None = None
-        self._copiers: ThreadPoolExecutor | None = None  # threads for large input copies
+        self._uploader = Uploader()
 
     # -- properties and helpers for the server --------------------------------------------
 
@@ -137,11 +109,9 @@ class CupyBackend(Backend):
             for attr in ("codes", "scales", "_dev_in", "_dev_out", "_dev_narrow", "_part",
                          "_counters"):  # fmt: skip
                 setattr(self, attr, None)
-            self._host_in = _Pinned()
-            self._host_out = _Pinned()
-            if self._copiers is not None:
-                self._copiers.shutdown()
-                self._copiers = None
+            self._host_in = Pinned()
+            self._host_out = Pinned()
+            self._uploader.close()
             cp.get_default_memory_pool().free_all_blocks()
             cp.get_default_pinned_memory_pool().free_all_blocks()
 
@@ -168,46 +138,18 @@ class CupyBackend(Backend):
     # -- device work -----------------------------------------------------------------------
 
     def _ensure(self, batch: Batch) -> None:
-        self._dev_out = _grow(self._dev_out, max(batch.out_floats, 1), cp.float32)
-        self._part = _grow(self._part, max(batch.part_floats, 1), cp.float32)
-        self._counters = _grow(self._counters, max(batch.counters, 1), cp.int32, zero=True)
+        self._dev_out = grow(self._dev_out, max(batch.out_floats, 1), cp.float32)
+        self._part = grow(self._part, max(batch.part_floats, 1), cp.float32)
+        self._counters = grow(self._counters, max(batch.counters, 1), cp.int32, zero=True)
         if self.poison_outputs:
             self._dev_out.fill(np.nan)
             self._part.fill(np.nan)
 
     def upload(self, batch: Batch) -> None:
         """The packed inputs to the device (async on the backend's stream): one H2D copy,
-        or for a large batch the head (meta rows, page ids) and then its q/k/v in chunks
-        that threads copy into the pinned buffer while the earlier chunks cross PCIe."""
-        self._dev_in = _grow(self._dev_in, batch.nbytes, cp.uint8)
-        if not batch.pending:
-            if batch.nbytes:
-                self._h2d(0, batch.nbytes)
-            return
-        head = min(off for off, _ in batch.pending)
-        self._h2d(0, head)
-        chunks = [
-            (off + i, src[i : i + UPLOAD_CHUNK_BYTES])
-            for off, src in batch.pending
-            for i in range(0, src.size, UPLOAD_CHUNK_BYTES)
-        ]
-        host = self._host_in.view
-        if self._copiers is None:
-            self._copiers = ThreadPoolExecutor(min(8, os.cpu_count() or 1), "q8kv-copy")
-        copies = [
-            self._copiers.submit(np.copyto, host[off : off + src.size], src)
-            for off, src in chunks
-        ]
-        for (off, src), done in zip(chunks, copies, strict=True):
-            done.result()  # numpy copies release the GIL: the threads run in parallel
-            self._h2d(off, src.size)
-        batch.pending = []
-
-    def _h2d(self, offset: int, nbytes: int) -> None:
-        if nbytes:
-            (self._dev_in.data + offset).copy_from_host_async(
-                ctypes.c_void_p(self._host_in.mem.ptr + offset), nbytes, self._stream
-            )
+        or for a large batch the head and then its q/k/v in chunks (transfers.Uploader)."""
+        self._dev_in = grow(self._dev_in, batch.nbytes, cp.uint8)
+        self._uploader.upload(batch, self._host_in, self._dev_in, self._stream)
 
     def _in_ptr(self, batch: Batch) -> int:
         return (batch.dev if batch.dev is not None else self._dev_in).data.ptr
@@ -289,7 +231,7 @@ class CupyBackend(Backend):
         buffer (valid until the next call)."""
         nbytes = 4 * batch.out_floats
         fresh = nbytes >= FRESH_OUTPUT_BYTES
-        host = _pooled_pinned(nbytes) if fresh else self._host_out.get(max(nbytes, 4))
+        host = pooled_pinned(nbytes) if fresh else self._host_out.get(max(nbytes, 4))
         if nbytes:
             self._dev_out.data.copy_to_host_async(
                 ctypes.c_void_p(host.ctypes.data), nbytes, self._stream
@@ -303,9 +245,9 @@ class CupyBackend(Backend):
         caller's own (as ``_download_flat``)."""
         n = batch.out_floats
         fresh = 2 * n >= FRESH_OUTPUT_BYTES
-        host = _pooled_pinned(2 * n) if fresh else self._host_out.get(2 * max(n, 1))
+        host = pooled_pinned(2 * n) if fresh else self._host_out.get(2 * max(n, 1))
         if n:
-            self._dev_narrow = _grow(self._dev_narrow, n, cp.uint16)
+            self._dev_narrow = grow(self._dev_narrow, n, cp.uint16)
             to_bf16 = np.int32(dtype == ml_dtypes.bfloat16)
             self._narrow_k(
                 (-(-n // 256),), (256,), (self._dev_out, self._dev_narrow, np.int64(n), to_bf16)
@@ -319,23 +261,12 @@ class CupyBackend(Backend):
     def download(self, batch: Batch, items: Sequence[AttendItem]) -> list[np.ndarray]:
         """Every item's output in its ``out_dtype``: narrowed on the device when all share
         one 16-bit dtype (the usual case: one wire), else float32 cast on the host."""
-        dtypes = {np.dtype(it.out_dtype) for it in items if it.n}
-        one = dtypes.pop() if len(dtypes) == 1 else None
-        if one in _NARROW:
+        one = one_narrow_dtype(items)
+        if one is not None:
             flat, fresh = self._download_narrow(batch, one)
         else:
             flat, fresh = self._download_flat(batch)
-        result = []
-        for (off, shape), it in zip(batch.outputs, items, strict=True):
-            if off < 0:
-                result.append(np.empty(shape, it.out_dtype))
-                continue
-            view = flat[off : off + shape[0] * shape[1] * shape[2]].reshape(shape)
-            if view.dtype != it.out_dtype:
-                result.append(view.astype(it.out_dtype))
-            else:
-                result.append(view if fresh else view.copy())
-        return result
+        return split_outputs(batch.outputs, items, flat, fresh)
 
     # -- Backend ---------------------------------------------------------------------------
 
@@ -377,7 +308,7 @@ class CupyBackend(Backend):
             packed = pack_packed(batch, self._host_in.get, self._attn_kernel, self._policy())
             launches = self._run(packed)
             dtype = np.dtype(batch.out_dtype)
-            if dtype in _NARROW:
+            if dtype in NARROW:
                 # Narrowed on the device: half the bytes back, no host conversion.
                 flat, fresh = self._download_narrow(packed, dtype)  # synchronizes
             else:
