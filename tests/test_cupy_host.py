@@ -225,3 +225,30 @@ def test_layouts_the_kernels_cannot_take_are_refused(head_dim, tokens, needle) -
     bad = AttendItem(layout, 0.1, item.page_ids, 0, q, k, k.copy())
     with pytest.raises(ValueError, match=needle):
         pack([item, bad], packing.SplitPolicy(132, 1.0, 48))
+
+
+def test_outputs_come_back_in_each_items_dtype() -> None:
+    """transfers: one 16-bit dtype for every live item means narrowing on the device;
+    otherwise float32 comes back and is cast per item. Outputs of a buffer the caller owns
+    are views, of the reused buffer copies."""
+    transfers = pytest.importorskip("q8kv.server.backends.cupy.transfers")
+    rng = np.random.default_rng(15)
+    f16, bf16, f32 = (np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32))
+    items = [random_item(rng, 64, n) for n in (3, 0, 2)]
+    for it, dt in zip(items, (f16, bf16, f16), strict=True):
+        it.out_dtype = dt
+    assert transfers.one_narrow_dtype(items) == f16  # the empty item does not count
+    assert transfers.one_narrow_dtype([items[0], items[2], random_item(rng, 64, 1)]) is None
+    shapes = [(it.n, it.layout.num_heads, it.layout.head_dim) for it in items]
+    sizes = [a * b * c for a, b, c in shapes]
+    outputs = [(0, shapes[0]), (-1, shapes[1]), (sizes[0], shapes[2])]
+    flat = rng.standard_normal(sizes[0] + sizes[2]).astype(f32)
+    for fresh in (True, False):
+        got = transfers.split_outputs(outputs, items, flat, fresh)
+        assert [g.dtype for g in got] == [f16, bf16, f16]
+        assert [g.shape for g in got] == shapes
+        np.testing.assert_array_equal(got[2], flat[sizes[0] :].reshape(shapes[2]).astype(f16))
+    narrow = flat.astype(f16)
+    owned = transfers.split_outputs(outputs, items, narrow, True)
+    reused = transfers.split_outputs(outputs, items, narrow, False)
+    assert np.shares_memory(owned[0], narrow) and not np.shares_memory(reused[0], narrow)
