@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from q8kv.v1 import kvcache_pb2 as pb
-from q8kv.wire import TensorError, decode, encode
+from q8kv.wire import TensorError, decode, encode, fill
 
 from .errors import AlreadyApplied, Q8KVError, invalid_argument
 from .types import AppendItem, AttendResult, BatchResult, SessionInfo
@@ -77,10 +77,14 @@ def create_request(
     return request
 
 
-def _tensor(array: Any, field: str) -> pb.Tensor:
-    """Encode in the array's own dtype; a dtype the wire lacks names the field."""
+def _tensor(array: Any, field: str, into: pb.Tensor | None = None) -> pb.Tensor:
+    """Encode in the array's own dtype (into a message's Tensor field: no extra copy); a
+    dtype the wire lacks names the field."""
     try:
-        return encode(array)
+        if into is None:
+            return encode(array)
+        fill(into, array)
+        return into
     except TensorError as exc:
         raise invalid_argument(f"{field}.{exc}") from None
 
@@ -100,10 +104,9 @@ def attend_item(
     item = pb.AttendItem(
         session_id=session_id_of(session, prefix + "session"),
         layer=as_int(layer, prefix + "layer"),
-        q=_tensor(q, prefix + "q"),
-        k=_tensor(k, prefix + "k"),
-        v=_tensor(v, prefix + "v"),
     )
+    for name, array in (("q", q), ("k", k), ("v", v)):
+        _tensor(array, prefix + name, getattr(item, name))
     if expected_length is not None:
         item.expected_length = as_int(expected_length, prefix + "expected_length")
     return item
@@ -139,14 +142,12 @@ def batch_request(
 ) -> pb.AttendBatchRequest:
     """One AttendBatch message: q [B, n, H, D], k/v [B, n, KVH, D] as one tensor each, in
     their own dtypes; ``expected_lengths`` [B] or None (unconditional)."""
-    return pb.AttendBatchRequest(
-        session_ids=session_ids,
-        layer=layer,
-        q=_tensor(q, "q"),
-        k=_tensor(k, "k"),
-        v=_tensor(v, "v"),
-        expected_lengths=expected_lengths or (),
+    request = pb.AttendBatchRequest(
+        session_ids=session_ids, layer=layer, expected_lengths=expected_lengths or ()
     )
+    for name, array in (("q", q), ("k", k), ("v", v)):
+        _tensor(array, name, getattr(request, name))  # in place: no copy of a copy
+    return request
 
 
 def decode_batch_response(response: pb.AttendBatchResponse, field: str = "") -> BatchResult:

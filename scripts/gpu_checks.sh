@@ -25,7 +25,8 @@ case "${1:-tests}" in
     ;;
   bench)
     # The packed path against a gRPC echo of its bytes, prefill interference, replicas per
-    # GPU behind nginx (carry .deb/ from scripts/fetch_nginx_debs.sh), the handler's pieces.
+    # GPU behind nginx (carry .deb/ from scripts/fetch_nginx_debs.sh), the handler's pieces,
+    # prefill.
     python3 benchmarks/batch_path.py --backend cupy --out "$OUT" 2>&1 \
       | tee "$OUT/bench.log" | tail -30
     python3 benchmarks/prefill_interference.py --backend cupy --decoders 64 --prompt 8192 \
@@ -35,5 +36,10 @@ case "${1:-tests}" in
       --nginx-deb-dir .deb --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | tail -8
     python3 benchmarks/handler_breakdown.py --backend cupy 2>&1 | tee -a "$OUT/bench.log" \
       | tail -16
+    # Prefill: the kernels vs torch SDPA and one call's wall time (adds prefill_rows to
+    # $OUT/kernels-<card>.json), then a whole prompt through the service vs a gRPC echo.
+    (cd benchmarks && python3 prefill.py --out "$OUT") 2>&1 | tee -a "$OUT/bench.log" | tail -8
+    python3 benchmarks/prefill_service.py --backend cupy --rpc append --out "$OUT" 2>&1 \
+      | tee -a "$OUT/bench.log" | tail -4
     ;;
 esac

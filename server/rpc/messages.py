@@ -126,13 +126,11 @@ def decode_batch(request, limits: CallLimits = CallLimits()) -> PackedBatch:
     return PackedBatch(ids, request.layer, q, k, v, expected)
 
 
-def attend_results(requests: list[AppendRequest], results) -> list[pb.AttendResult]:
+def attend_results(requests: list[AppendRequest], results, into) -> None:
     """Each item's output (the backend returns it in q's dtype), encoded in q's dtype, with
-    the layer's new length."""
-    return [
-        pb.AttendResult(output=wire.encode(out, request.q.dtype), length=length)
-        for request, (out, length) in zip(requests, results, strict=True)
-    ]
+    the layer's new length, added to ``into`` (a response's repeated results, in place)."""
+    for request, (out, length) in zip(requests, results, strict=True):
+        wire.fill(into.add(length=length).output, out, request.q.dtype)
 
 
 def _decode_item(prefix: str, item) -> AppendRequest:
