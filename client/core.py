@@ -251,11 +251,11 @@ class ClientCore:
         """The AppendAndAttend of a batch, routed by ``routing_key``, else by its first
         item; None for no items."""
         key = checked_routing_key(routing_key)
-        request_items = m.batch_items(items)
+        request = pb.AppendAndAttendRequest()
+        request_items = m.batch_items(items, request.items)
         m.check_retries(request_items, retries)
         if not request_items:
             return None
-        request = pb.AppendAndAttendRequest(items=request_items)
 
         def decode(response: pb.AppendAndAttendResponse) -> list[Any]:
             m.check_result_count(len(request_items), len(response.results))

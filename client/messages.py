@@ -97,14 +97,15 @@ def attend_item(
     v: Any,
     field: str = "",
     expected_length: int | None = None,
+    into: pb.AttendItem | None = None,
 ) -> pb.AttendItem:
-    """One (session, layer, q, k, v) -> AttendItem; q, k and v each keep their own dtype.
-    ``expected_length`` (None: unconditional) makes the append conditional."""
+    """One (session, layer, q, k, v) -> AttendItem (``into``: an item of the request being
+    built, filled in place); q, k and v each keep their own dtype. ``expected_length``
+    (None: unconditional) makes the append conditional."""
     prefix = f"{field}." if field else ""
-    item = pb.AttendItem(
-        session_id=session_id_of(session, prefix + "session"),
-        layer=as_int(layer, prefix + "layer"),
-    )
+    item = pb.AttendItem() if into is None else into
+    item.session_id = session_id_of(session, prefix + "session")
+    item.layer = as_int(layer, prefix + "layer")
     for name, array in (("q", q), ("k", k), ("v", v)):
         _tensor(array, prefix + name, getattr(item, name))
     if expected_length is not None:
@@ -112,14 +113,18 @@ def attend_item(
     return item
 
 
-def batch_items(items: Iterable[BatchItem]) -> list[pb.AttendItem]:
+def batch_items(items: Iterable[BatchItem], into=None) -> Sequence[pb.AttendItem]:
     """Normalise a batch: tuples of (handle or id, layer, q, k, v[, expected_length]),
-    AppendItems or AttendItem messages."""
-    out: list[pb.AttendItem] = []
+    AppendItems or AttendItem messages. ``into``: a request's repeated items, built in
+    place (a message passed to a constructor is copied once more: large for a prefill)."""
+    out = [] if into is None else into
     for i, item in enumerate(items):
         field = f"items[{i}]"
         if isinstance(item, pb.AttendItem):
-            out.append(item)
+            if into is None:
+                out.append(item)
+            else:
+                into.add().CopyFrom(item)
             continue
         shaped = isinstance(item, Sequence) and not isinstance(item, str | bytes)
         if not shaped or len(item) not in (5, 6):
@@ -128,7 +133,10 @@ def batch_items(items: Iterable[BatchItem]) -> list[pb.AttendItem]:
                 + (f" of length {len(item)}" if isinstance(item, Sequence) else "")
             )
         session, layer, q, k, v, *expected = item
-        out.append(attend_item(session, layer, q, k, v, field, *expected))
+        if into is None:
+            out.append(attend_item(session, layer, q, k, v, field, *expected))
+        else:
+            attend_item(session, layer, q, k, v, field, *expected, into=into.add())
     return out
 
 

@@ -17,7 +17,9 @@ from .types import AttendResult, BatchResult
 
 
 def stream_request(request_id: int, items: Iterable[BatchItem]) -> pb.AppendAndAttendStreamRequest:
-    return pb.AppendAndAttendStreamRequest(request_id=request_id, items=batch_items(items))
+    request = pb.AppendAndAttendStreamRequest(request_id=request_id)
+    batch_items(items, request.items)
+    return request
 
 
 def stream_results(

@@ -276,3 +276,27 @@ def test_metrics_on_listens_on_its_port(start_server):
     samples = Samples(scrape(server.metrics_url))
     assert samples.get("q8kv_cache_bytes") == 0
     assert samples.get("q8kv_cache_compression_ratio") == 0
+
+
+def test_the_quantization_sample_reads_a_bounded_window(monkeypatch):
+    """A sampled 8k-token prefill is read SAMPLE_TOKENS tokens at a time, not whole: the
+    sample runs on the event loop."""
+    import numpy as np
+
+    from q8kv import format as q8
+    from q8kv.server.app import build_engine
+    from q8kv.server.config import Config
+    from q8kv.server.observability import metrics as metrics_module
+
+    engine = build_engine(Config(backend="numpy", memory_budget=1 << 20))
+    m = metrics_module.Metrics(engine.store, engine.backend, quant_error_sample_rate=1.0)
+    seen = []
+    quantize = q8.quantize
+    monkeypatch.setattr(q8, "quantize", lambda x: seen.append(x.shape) or quantize(x))
+    rng = np.random.default_rng(3)
+    long = rng.standard_normal((8192, 2, 64)).astype(np.float16)
+    short = rng.standard_normal((5, 2, 64)).astype(np.float16)
+    m.sample_quantization([(long, long), (short, short)])
+    assert seen == [(2, metrics_module.SAMPLE_TOKENS, 2, 64), (2, 5, 2, 64)]
+    hist = m.registry.get_sample_value("q8kv_quantization_relative_error_count")
+    assert hist == 2

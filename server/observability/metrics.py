@@ -23,6 +23,7 @@ from ..backends.base import Backend
 from ..cache import SessionStore
 from ..engine import EngineObserver
 
+SAMPLE_TOKENS = 64  # tokens of one appended item that the quantization-error sample reads
 KERNEL_BUCKETS = (
     1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
     1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0,
@@ -168,6 +169,10 @@ class Metrics:
         for k, v in appended:
             if random.random() >= self.quant_error_sample_rate:
                 continue
+            # At most SAMPLE_TOKENS tokens of an item: a sampled 8k-token prefill would cost
+            # the event loop ~a second of numpy.
+            first = random.randrange(max(1, len(k) - SAMPLE_TOKENS + 1))
+            k, v = k[first : first + SAMPLE_TOKENS], v[first : first + SAMPLE_TOKENS]
             sent = np.stack([k, v]).astype(np.float32)
             stored = q8.dequantize(*q8.quantize(sent))
             # In float64: the sum of squares of values near the 1e15 input bound overflows

@@ -59,7 +59,8 @@ class CupyBackend(Backend):
         self._name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         self._sm_count = int(props["multiProcessorCount"])
         self.tuning = GpuTuning() if tuning is None else tuning
-        kernels.check_tuning(self.tuning, int(props.get("sharedMemPerBlockOptin", 227 * 1024)))
+        self._smem_limit = int(props.get("sharedMemPerBlockOptin", 227 * 1024))
+        kernels.check_tuning(self.tuning, self._smem_limit)
         # Benchmarks and tests sweep this one without a new backend.
         self.split_waves = self.tuning.split_waves
         # Tests set this: outputs and split partials are filled with NaN before each launch,
@@ -116,7 +117,9 @@ class CupyBackend(Backend):
             cp.get_default_pinned_memory_pool().free_all_blocks()
 
     def _attn_kernel(self, head_dim: int, route: int = DECODE) -> AttnKernel:
-        if route == DECODE:
+        # A prefill kernel that needs more shared memory than the device gives a block
+        # (D = 256 on a GPU with ~100 KiB) leaves its items to the float32-grade kernel.
+        if route == DECODE or not kernels.prefill_fits(self._dev_id, head_dim, self._smem_limit):
             return kernels.attention_kernel(self._dev_id, head_dim, self.tuning)
         return kernels.prefill_kernel(self._dev_id, head_dim, route == PREFILL_BF16)
 

@@ -263,6 +263,16 @@ def _sm90a_module(code: str, options: tuple[str, ...], name: str) -> cp.RawModul
     return cp.RawModule(path=str(path))
 
 
+def prefill_fits(device_id: int, head_dim: int, smem_limit: int) -> bool:
+    """Whether the prefill kernel that would serve ``head_dim`` fits the device's shared
+    memory per block (``smem_limit``, its opt-in maximum)."""
+    import cupy as cp
+
+    cc = cp.cuda.Device(device_id).compute_capability
+    need = wgmma_prefill_smem(head_dim) if uses_wgmma(cc, head_dim) else prefill_smem(head_dim)
+    return need + 1024 <= smem_limit  # + the static page-id ring
+
+
 def prefill_kernel(device_id: int, head_dim: int, bf16: bool) -> AttnKernel:
     """q8_prefill_f16 or q8_prefill_bf16 for ``head_dim`` on ``device_id``, compiled once:
     the wgmma kernel where it serves the device and head_dim, else the mma.sync one."""
