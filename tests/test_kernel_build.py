@@ -6,6 +6,8 @@ prints the per-kernel registers and shared memory with
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from q8kv.server.backends.cupy import build_check, kernels
 from q8kv.server.backends.cupy.tuning import GpuTuning
 
@@ -32,3 +34,34 @@ def test_the_check_catches_a_spill_and_a_compile_error() -> None:
     assert capped.ok and capped.registers <= 128 and not capped.clean
     broken = build_check.compile_one("broken", source + "\nthis is not C++;\n", options)
     assert not broken.ok and not broken.clean
+
+
+def test_the_sm90a_build_is_cached_privately(tmp_path, monkeypatch) -> None:
+    """The wgmma kernel's cubin (built by NVRTC, not CuPy) lands in CuPy's cache directory
+    and is reused from there; where that cannot be written, a private temporary file is
+    loaded and removed. (The module load itself needs a GPU: a stand-in records paths.)"""
+    cupy = __import__("cupy")
+    loaded: list[tuple[str, bytes]] = []
+
+    def fake_module(path: str):
+        loaded.append((path, Path(path).read_bytes()[:4]))
+        return object()
+
+    monkeypatch.setattr(cupy, "RawModule", lambda path: fake_module(path))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(cache))
+    source = kernels.source("q8_prefill_wg.cu")
+    options = kernels.wgmma_prefill_options(128)
+    kernels._sm90a_module(source, options, "q8_prefill_wg")
+    (cubin,) = cache.iterdir()
+    assert loaded == [(str(cubin), b"\x7fELF")]
+    stamp = cubin.stat().st_mtime_ns
+    kernels._sm90a_module(source, options, "q8_prefill_wg")  # from the cache: no rebuild
+    assert cubin.stat().st_mtime_ns == stamp and len(loaded) == 2
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(blocked / "sub"))
+    kernels._sm90a_module(source, options, "q8_prefill_wg")
+    private = loaded[-1][0]
+    assert loaded[-1][1] == b"\x7fELF" and not blocked.is_dir()
+    assert not Path(private).exists(), "the private temporary file stays"

@@ -2,8 +2,9 @@
 
 q8_pages.cu (quantize-append, dequantize) compiles once per device; q8_attention_tc.cu once
 per device, head_dim and pipeline tuning; q8_prefill.cu once per device and head_dim (CuPy
-also keeps the binaries in its on-disk cache). All inline q8_common.cuh, the metadata row
-layout shared with packing.py.
+also keeps the binaries in its on-disk cache). q8_prefill_wg.cu (wgmma) needs sm_90a, which
+CuPy's compile cannot name: NVRTC builds it here and the cubin goes to CuPy's cache
+directory. All inline q8_common.cuh, the metadata row layout shared with packing.py.
 
 CuPy is imported where a kernel is compiled, so the arithmetic here (and packing.py) runs
 without a GPU: the server checks its tuning and the tests plan launches on any machine.
@@ -241,26 +242,41 @@ def uses_wgmma(compute_capability: str, head_dim: int) -> bool:
 
 def _sm90a_module(code: str, options: tuple[str, ...], name: str) -> cp.RawModule:
     """Compile for sm_90a with NVRTC (CuPy's own compile names plain sm_90, which has no
-    wgmma) and load the cubin, cached in a file named by its source and options."""
+    wgmma) and load the cubin. It is cached in CuPy's kernel cache directory (private to
+    the user, as CuPy makes it; never a shared /tmp, where another user could plant a
+    file of the expected name) under the hash of its source and options; where that
+    directory cannot be written, it goes to a private temporary file, deleted once loaded."""
     import cupy as cp
     from cupy_backends.cuda.libs import nvrtc
 
     opts = ("-arch=sm_90a", "-ftz=true", *options)  # -ftz as CuPy's own compiles
     digest = hashlib.sha256(repr((code, opts, nvrtc.getVersion())).encode()).hexdigest()[:24]
-    path = Path(tempfile.gettempdir()) / f"q8kv-{name}-{digest}.cubin"
-    if not path.exists():
-        prog = nvrtc.createProgram(code, name, [], [])
-        try:
-            nvrtc.compileProgram(prog, list(opts))
-            cubin = nvrtc.getCUBIN(prog)
-        except Exception as exc:
-            raise RuntimeError(f"{name}: {nvrtc.getProgramLog(prog)}") from exc
-        finally:
-            nvrtc.destroyProgram(prog)
+    cache = Path(os.environ.get("CUPY_CACHE_DIR") or Path.home() / ".cupy" / "kernel_cache")
+    path = cache / f"q8kv-{name}-{digest}.cubin"
+    if path.exists():
+        return cp.RawModule(path=str(path))
+    prog = nvrtc.createProgram(code, name, [], [])
+    try:
+        nvrtc.compileProgram(prog, list(opts))
+        cubin = nvrtc.getCUBIN(prog)
+    except Exception as exc:
+        raise RuntimeError(f"{name}: {nvrtc.getProgramLog(prog)}") from exc
+    finally:
+        nvrtc.destroyProgram(prog)
+    try:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(cubin)
         tmp.replace(path)  # atomic: a concurrent process reads a whole file or none
-    return cp.RawModule(path=str(path))
+        return cp.RawModule(path=str(path))
+    except OSError:
+        fd, private = tempfile.mkstemp(suffix=".cubin")  # mode 0600, a unique name
+        try:
+            os.write(fd, cubin)
+            os.close(fd)
+            return cp.RawModule(path=private)
+        finally:
+            os.unlink(private)
 
 
 def prefill_fits(device_id: int, head_dim: int, smem_limit: int) -> bool:

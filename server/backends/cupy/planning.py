@@ -6,10 +6,12 @@ Two attention kernels:
 - ``q8_attend`` (q8_attention_tc.cu): float32-grade, rows of 8 per tile, long caches split
   across blocks (flash-decoding) and merged by the last block. Decode, float32 wires, and
   prefills too small to fill a tile of the other kernel.
-- ``q8_prefill`` (q8_prefill.cu): flash-attention tiling on 16-bit tensor cores, 64 query rows
-  per block, one unit per (item, kv head, row tile). An item takes it when its wire is float16
-  or bfloat16, n >= 2 and its n * group query rows fill at least one row tile
-  (``takes_prefill_kernel``).
+- ``q8_prefill`` (q8_prefill_wg.cu on compute capability 9.0 at head_dim 128, else
+  q8_prefill.cu): flash-attention tiling on 16-bit tensor cores, 128 query rows per block,
+  one unit per (item, kv head, row tile). An item takes it when its wire is float16 or
+  bfloat16, n >= 2 and it has at least 64 query rows, n * group (``takes_prefill_kernel``).
+  Where the kernel would not fit the device's shared memory, the backend hands back
+  ``q8_attend`` for the route and the items are planned as decode.
 
 Host arithmetic only: no CuPy.
 """
@@ -38,7 +40,7 @@ KernelFor = Callable[[int, int], AttnKernel]
 
 def takes_prefill_kernel(n: int, group: int, dtype) -> bool:
     """True where an item runs on the 16-bit tensor-core prefill kernel: a float16 or bfloat16
-    wire, n >= 2 and n * group >= 64 query rows (one row tile)."""
+    wire, n >= 2 and n * group >= 64 query rows (fewer would leave most of a tile idle)."""
     return np.dtype(dtype) in _PREFILL_ROUTE and n >= 2 and n * group >= PREFILL_ROWS
 
 
