@@ -1,5 +1,5 @@
 """Batch preparation for the GPU backend: one AppendAndAttend batch -> one packed host buffer
-(one H2D copy) and the plan of its kernel launches.
+(one H2D copy) and the plan of its kernel launches (planning.py).
 
 The buffer, all int32 rows and 16-byte aligned arrays:
 
@@ -7,9 +7,11 @@ The buffer, all int32 rows and 16-byte aligned arrays:
     ptab   [sum of pages]   every item's page ids, back to back
     q k v  per item         raw bytes in the item's dtype (float32, float16 or bfloat16)
 
-Items are ordered by head_dim (one attention launch per head_dim); empty items (n = 0) get
-no row. A packed batch (``pack_packed``: B sessions of one layout, q/k/v stacked) is laid
-out as all q, all k, all v, one copy each, item b at base + b * item bytes; its meta rows
+Items are ordered by (head_dim, kernel route): one attention launch per run; empty items
+(n = 0) get no row. From DEFER_BYTES of q/k/v, the q/k/v copies are listed in
+``Batch.pending`` instead of made, for the uploader to run on threads in chunks. A packed
+batch (``pack_packed``: B sessions of one layout, q/k/v stacked) is laid out as all q, all
+k, all v, one copy each, item b at base + b * item bytes; its meta rows
 are built column by column with numpy, and hold what ``pack`` writes for the same items.
 Host work only: the backend does the copies and the launches.
 """
