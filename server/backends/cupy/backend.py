@@ -25,7 +25,7 @@ from q8kv.format import DEFAULT_PAGE_CODE_BYTES, QBLOCK, LayerLayout
 
 from ..base import AttendItem, Backend, PackedItems
 from . import kernels
-from .kernels import MAX_HEAD_DIM, NWARPS, AttnKernel
+from .kernels import MAX_HEAD_DIM, AttnKernel
 from .packing import META, Batch, pack, pack_packed
 from .planning import DECODE, PREFILL_BF16, SplitPolicy
 from .transfers import (
@@ -190,42 +190,22 @@ class CupyBackend(Backend):
         base = self._in_ptr(batch)
         part = self._part.data.ptr
         for ln in batch.launches:
-            if ln.kernel.prefill:
-                ln.kernel.kernel(
-                    (ln.units,),
-                    (ln.kernel.threads,),
-                    (
-                        np.uint64(base + ln.meta_row * META * 4),
-                        np.int32(ln.nitems),
-                        np.uint64(base + batch.ptab_off),
-                        np.uint64(base),
-                        self.codes,
-                        self.scales,
-                        np.int32(self.page_code_bytes),
-                        self._dev_out,
-                    ),
-                    shared_mem=ln.kernel.smem,
-                )
-                continue
-            # Partials: acc [units, GT, D] floats, then (max, sum) pairs [units, GT, 2].
-            ml_ptr = part + 4 * ln.units * ln.kernel.gt * ln.head_dim
+            args = (
+                np.uint64(base + ln.meta_row * META * 4),
+                np.int32(ln.nitems),
+                np.uint64(base + batch.ptab_off),
+                np.uint64(base),
+                self.codes,
+                self.scales,
+                np.int32(self.page_code_bytes),
+                self._dev_out,
+            )
+            if not ln.kernel.prefill:  # q8_attend: split partials and their counters too
+                # Partials: acc [units, GT, D] floats, then (max, sum) pairs [units, GT, 2].
+                ml_ptr = part + 4 * ln.units * ln.kernel.gt * ln.head_dim
+                args += (np.uint64(part), np.uint64(ml_ptr), self._counters)
             ln.kernel.kernel(
-                (ln.units,),
-                (32 * NWARPS,),
-                (
-                    np.uint64(base + ln.meta_row * META * 4),
-                    np.int32(ln.nitems),
-                    np.uint64(base + batch.ptab_off),
-                    np.uint64(base),
-                    self.codes,
-                    self.scales,
-                    np.int32(self.page_code_bytes),
-                    self._dev_out,
-                    np.uint64(part),
-                    np.uint64(ml_ptr),
-                    self._counters,
-                ),
-                shared_mem=ln.kernel.smem,
+                (ln.units,), (ln.kernel.threads,), args, shared_mem=ln.kernel.smem
             )
 
     def _download_flat(self, batch: Batch) -> tuple[np.ndarray, bool]:
