@@ -74,11 +74,12 @@ WGMMA_WARPGROUPS = 2
 
 
 def source(name: str) -> str:
-    """A .cu file with its local header inlined, so CuPy's cache key covers both (and the
+    """A .cu file with its local headers inlined, so CuPy's cache key covers them (and the
     wgmma wrappers where the file asks for them)."""
     text = (_SRC / name).read_text()
-    header = (_SRC / "q8_common.cuh").read_text().replace("#pragma once", "")
-    text = text.replace('#include "q8_common.cuh"', header)
+    for header in sorted(_SRC.glob("*.cuh")):  # the local headers it includes
+        body = header.read_text().replace("#pragma once", "")
+        text = text.replace(f'#include "{header.name}"', body)
     return text.replace("__WGMMA_WRAPPERS__", wgmma_wrappers())
 
 

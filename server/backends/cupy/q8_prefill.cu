@@ -15,6 +15,7 @@
 // heads of a group share one read of K/V. Row r sees positions [0, start + r / G].
 // Decode (n = 1) and float32 wires keep q8_attention_tc.cu (float32-grade arithmetic).
 #include "q8_common.cuh"
+#include "q8_prefill_common.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -31,7 +32,6 @@
 #ifndef PF_SKIP_DEQUANT  // diagnostics (benchmarks/prefill.py --variant): no dequantization
 #define PF_SKIP_DEQUANT 0
 #endif
-#define NEG_INF __int_as_float(0xff800000)
 
 constexpr int D = HEAD_DIM;
 constexpr int NT = 32 * PF_WARPS;
@@ -53,25 +53,6 @@ static_assert(D % 32 == 0 && D <= 256, "head_dim not supported");
 static_assert(BN % 16 == 0, "K/V tiles are whole k steps of P V");
 static_assert(BN <= NT, "a tile's page ids are one per thread");
 static_assert(SMEM_RAW % 16 == 0 && SMEM_HALF % 16 == 0, "alignment");
-
-__device__ __forceinline__ void cp_async(void* dst, const void* src, int bytes, bool valid) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-  const int n = valid ? bytes : 0;  // zero-fill past the end: no stale scale becomes NaN
-  if (bytes == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
-  else if (bytes == 8)
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(src), "r"(n));
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 __device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned* r) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -99,17 +80,6 @@ __device__ __forceinline__ void mma16(float* c, const unsigned* a, unsigned b0, 
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats -> one register of two 16-bit values (lo = a), round to nearest even.
-template <bool BF16>
-__device__ __forceinline__ unsigned pack2(float a, float b) {
-  unsigned r;
-  if (BF16)
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
-  else
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
-  return r;
 }
 
 // 16 codes (one uint4) times their block's scale -> 16 values of the 16-bit type (two uint4).
@@ -269,7 +239,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   float o[NTILES_O][4];
 #pragma unroll
   for (int j = 0; j < NTILES_O; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-  float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
+  RowStats st = {NEG_INF, NEG_INF, 0.0f, 0.0f};
 
   // ldmatrix lane addressing. K (non-transposed): lanes 0-7 tokens 0-7 at dims +0, 8-15
   // tokens 0-7 at +8, 16-23 tokens 8-15 at +0, 24-31 tokens 8-15 at +8 -> b0, b1 of n tile
@@ -328,53 +298,10 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
       }
     }
 
-    // Scale to log2 units, mask what a row must not see (only tiles reaching a limit).
-    const bool masked = pos0 + BN - 1 > warp_min_lim;
-    float mx_lo = NEG_INF, mx_hi = NEG_INF;
-#pragma unroll
-    for (int j = 0; j < NTILES_S; ++j)
-#pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        float v = s[j][x] * qs;
-        if (masked) {
-          const int pos = pos0 + 8 * j + 2 * c + (x & 1);
-          if (pos > (x < 2 ? lim_lo : lim_hi)) v = NEG_INF;
-        }
-        s[j][x] = v;
-        if (x < 2) mx_lo = fmaxf(mx_lo, v); else mx_hi = fmaxf(mx_hi, v);
-      }
-#pragma unroll
-    for (int d = 1; d < 4; d <<= 1) {
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, d));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, d));
-    }
-    const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-    // A row with nothing visible yet keeps max -inf: subtract 0 there, so exp2 gives 0.
-    const float sub_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;
-    const float sub_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
-    const float al_lo = fast_exp2(m_lo - sub_lo), al_hi = fast_exp2(m_hi - sub_hi);
-    m_lo = mn_lo;
-    m_hi = mn_hi;
-    l_lo *= al_lo;
-    l_hi *= al_hi;
-#pragma unroll
-    for (int j = 0; j < NTILES_O; ++j) {
-      o[j][0] *= al_lo;
-      o[j][1] *= al_lo;
-      o[j][2] *= al_hi;
-      o[j][3] *= al_hi;
-    }
-    // P, rounded to the 16-bit type, as A fragments of P V (k = 16 tokens = 2 n tiles of S).
+    // The online softmax; P, rounded to the 16-bit type, as A fragments of P V.
     unsigned pa[NTILES_S / 2][4];
-#pragma unroll
-    for (int j = 0; j < NTILES_S; ++j) {
-      const float p0 = fast_exp2(s[j][0] - sub_lo), p1 = fast_exp2(s[j][1] - sub_lo);
-      const float p2 = fast_exp2(s[j][2] - sub_hi), p3 = fast_exp2(s[j][3] - sub_hi);
-      l_lo += p0 + p1;
-      l_hi += p2 + p3;
-      pa[j >> 1][(j & 1) * 2 + 0] = pack2<BF16>(p0, p1);
-      pa[j >> 1][(j & 1) * 2 + 1] = pack2<BF16>(p2, p3);
-    }
+    online_softmax<BF16, false>(s, o, pa, st, qs, pos0 + BN - 1 > warp_min_lim, pos0, c,
+                                lim_lo, lim_hi);
     // O += P V.
 #pragma unroll
     for (int kk = 0; kk < NTILES_S / 2; ++kk) {
@@ -388,27 +315,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
     }
   }
 
-  // -- normalize and write rows g and g + 8 ------------------------------------------------
-#pragma unroll
-  for (int d = 1; d < 4; d <<= 1) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, d);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, d);
-  }
-  float* ob = out + im[M_OUT];
-  if (r_lo < nrows) {
-    const float inv = 1.0f / l_lo;
-    float* dst = ob + qo_lo + 2 * c;
-#pragma unroll
-    for (int j = 0; j < NTILES_O; ++j)
-      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][0] * inv, o[j][1] * inv);
-  }
-  if (r_hi < nrows) {
-    const float inv = 1.0f / l_hi;
-    float* dst = ob + qo_hi + 2 * c;
-#pragma unroll
-    for (int j = 0; j < NTILES_O; ++j)
-      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][2] * inv, o[j][3] * inv);
-  }
+  write_rows(o, st, out + im[M_OUT], qo_lo, qo_hi, c, r_lo < nrows, r_hi < nrows);
 }
 
 #define PREFILL_ARGS                                                                     \

@@ -13,6 +13,7 @@
 //   16-bit type as the register A operand of O += P V.
 // Rows and causal limits as q8_prefill.cu: row r = i * G + g sees [0, start + r / G].
 #include "q8_common.cuh"
+#include "q8_prefill_common.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -34,7 +35,6 @@
 #ifndef PF_H2_DEQUANT  // float16: dequantize in half2 arithmetic (below)
 #define PF_H2_DEQUANT 1
 #endif
-#define NEG_INF __int_as_float(0xff800000)
 
 constexpr int D = HEAD_DIM;
 constexpr int NT = 128 * PF_WG;
@@ -57,33 +57,6 @@ static_assert(BN <= NT, "a tile's page ids are one per thread");
 
 __WGMMA_WRAPPERS__
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_bytes(void* dst, const void* src, int bytes, bool ok) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-  const int n = ok ? bytes : 0;  // zero-fill past the end: no stale scale becomes NaN
-  if (bytes == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(src), "r"(n));
-}
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-template <bool BF16>
-__device__ __forceinline__ unsigned pack2(float a, float b) {  // lo = a
-  unsigned r;
-  if (BF16)
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
-  else
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
-  return r;
-}
 // Byte k of x (already biased by 0x80) as the exact float of its int8 code.
 __device__ __forceinline__ float code_of(unsigned x, unsigned sel) {
   return __uint_as_float(__byte_perm(x, 0x4B000000u, sel)) - 8388736.0f;
@@ -246,8 +219,8 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
           src = codes + page * cstride + ((long long)kvh * T + (pos & (T - 1))) * D + pc * 16;
         }
         const int dst = t * D + ((pc ^ (t % PIECES)) * 16);
-        cp_async16(rb + dst, src, ok);
-        cp_async16(rb + RAW_CODES + dst, ok ? src + vcodes : src, ok);
+        cp_async(rb + dst, src, 16, ok);
+        cp_async(rb + RAW_CODES + dst, ok ? src + vcodes : src, 16, ok);
       }
       constexpr int SB = NB % 4 == 0 ? 16 : 8;  // bytes per scale copy (NB is 2 or 4)
       constexpr int SP = NB * 4 / SB;
@@ -261,11 +234,11 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
           src = scales + page * sstride + ((long long)kvh * T + (pos & (T - 1))) * NB +
                 sp * (SB / 4);
         }
-        cp_async_bytes(ks + t * NB + sp * (SB / 4), src, SB, ok);
-        cp_async_bytes(ks + BN * NB + t * NB + sp * (SB / 4), ok ? src + vscales : src, SB, ok);
+        cp_async(ks + t * NB + sp * (SB / 4), src, SB, ok);
+        cp_async(ks + BN * NB + t * NB + sp * (SB / 4), ok ? src + vscales : src, SB, ok);
       }
     }
-    asm volatile("cp.async.commit_group;\n" ::);
+    cp_commit();
   };
   // Raw stage -> 16-bit K [token][dim] in core matrices of 8 rows x 16 bytes, core
   // (token / 8, dim / 8) at (token / 8) * 16 D + (dim / 8) * 128; V the same (PF_V_MN) or
@@ -339,7 +312,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   float o[NTILES_O][4];
 #pragma unroll
   for (int j = 0; j < NTILES_O; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-  float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
+  RowStats st = {NEG_INF, NEG_INF, 0.0f, 0.0f};
 
   store_page(0, fetch_page(0));
   store_page(1, fetch_page(1));
@@ -375,52 +348,9 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
     reg_fence(s);
     reg_fence(o);
 
-    const bool masked = pos0 + BN - 1 > wg_min_lim;
-    float mx_lo = NEG_INF, mx_hi = NEG_INF;
-#pragma unroll
-    for (int j = 0; j < NTILES_S; ++j)
-#pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        float v = s[j][x] * qs;
-        if (masked) {
-          const int pos = pos0 + 8 * j + 2 * c + (x & 1);
-          if (pos > (x < 2 ? lim_lo : lim_hi)) v = NEG_INF;
-        }
-        s[j][x] = v;
-        if (x < 2) mx_lo = fmaxf(mx_lo, v); else mx_hi = fmaxf(mx_hi, v);
-      }
-#pragma unroll
-    for (int d = 1; d < 4; d <<= 1) {
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, d));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, d));
-    }
-    const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-    const float sub_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;
-    const float sub_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
-    const float al_lo = fast_exp2(m_lo - sub_lo), al_hi = fast_exp2(m_hi - sub_hi);
-    m_lo = mn_lo;
-    m_hi = mn_hi;
-    l_lo *= al_lo;
-    l_hi *= al_hi;
-    if (__any_sync(0xffffffffu, al_lo != 1.0f || al_hi != 1.0f)) {  // some row's max grew
-#pragma unroll
-      for (int j = 0; j < NTILES_O; ++j) {
-        o[j][0] *= al_lo;
-        o[j][1] *= al_lo;
-        o[j][2] *= al_hi;
-        o[j][3] *= al_hi;
-      }
-    }
     unsigned pa[NTILES_S / 2][4];
-#pragma unroll
-    for (int j = 0; j < NTILES_S; ++j) {
-      const float p0 = fast_exp2(s[j][0] - sub_lo), p1 = fast_exp2(s[j][1] - sub_lo);
-      const float p2 = fast_exp2(s[j][2] - sub_hi), p3 = fast_exp2(s[j][3] - sub_hi);
-      l_lo += p0 + p1;
-      l_hi += p2 + p3;
-      pa[j >> 1][(j & 1) * 2 + 0] = pack2<BF16>(p0, p1);
-      pa[j >> 1][(j & 1) * 2 + 1] = pack2<BF16>(p2, p3);
-    }
+    online_softmax<BF16, true>(s, o, pa, st, qs, pos0 + BN - 1 > wg_min_lim, pos0, c, lim_lo,
+                               lim_hi);
     reg_fence(o);
     wg_fence();
 #pragma unroll
@@ -433,26 +363,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   wg_wait0();
   reg_fence(o);
 
-#pragma unroll
-  for (int d = 1; d < 4; d <<= 1) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, d);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, d);
-  }
-  float* ob = out + im[M_OUT];
-  if (r_lo < nrows) {
-    const float inv = 1.0f / l_lo;
-    float* dst = ob + qo_lo + 2 * c;
-#pragma unroll
-    for (int j = 0; j < NTILES_O; ++j)
-      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][0] * inv, o[j][1] * inv);
-  }
-  if (r_hi < nrows) {
-    const float inv = 1.0f / l_hi;
-    float* dst = ob + qo_hi + 2 * c;
-#pragma unroll
-    for (int j = 0; j < NTILES_O; ++j)
-      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][2] * inv, o[j][3] * inv);
-  }
+  write_rows(o, st, out + im[M_OUT], qo_lo, qo_hi, c, r_lo < nrows, r_hi < nrows);
 }
 
 #define PREFILL_ARGS                                                                     \

@@ -1,0 +1,127 @@
+// Shared by the two prefill kernels (q8_prefill.cu on mma.sync, q8_prefill_wg.cu on wgmma):
+// small device helpers, the online softmax of one K/V tile on a warp's accumulator fragments,
+// and the final normalize-and-write of a thread's two rows. Fragment layout (both kernels):
+// thread (g, c) of a warp holds rows g (elements 0, 1) and g + 8 (2, 3) of the warp's 16,
+// at columns 8j + 2c + {0, 1} of n tile j.
+#pragma once
+
+#define NEG_INF __int_as_float(0xff800000)
+
+// 16-, 8- or 4-byte global -> shared copy; zero-fill past the end (no stale scale becomes NaN).
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int bytes, bool valid) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+  const int n = valid ? bytes : 0;
+  if (bytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+  else if (bytes == 8)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(src), "r"(n));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Two floats -> one register of two 16-bit values (lo = a), round to nearest even.
+template <bool BF16>
+__device__ __forceinline__ unsigned pack2(float a, float b) {
+  unsigned r;
+  if (BF16)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+  else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+  return r;
+}
+
+// Running max and this thread's part of the sum, of rows g (lo) and g + 8 (hi).
+struct RowStats {
+  float m_lo, m_hi, l_lo, l_hi;
+};
+
+// One K/V tile's scores s (NS n tiles of 8 tokens, first position pos0) -> the online
+// softmax: scaled to log2 units by qs, masked past each row's limit where `masked` (only
+// tiles that reach a limit), running max and sum updated, O rescaled (with VOTE, only when
+// some row's max grew), and P rounded to the 16-bit type as the A fragments of P V (k = 16
+// tokens = 2 n tiles of S). A row with nothing visible yet keeps max -inf and gets P = 0.
+template <bool BF16, bool VOTE, int NS, int NO>
+__device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO][4],
+                                               unsigned (&pa)[NS / 2][4], RowStats& st,
+                                               float qs, bool masked, int pos0, int c,
+                                               int lim_lo, int lim_hi) {
+  float mx_lo = NEG_INF, mx_hi = NEG_INF;
+#pragma unroll
+  for (int j = 0; j < NS; ++j)
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      float v = s[j][x] * qs;
+      if (masked) {
+        const int pos = pos0 + 8 * j + 2 * c + (x & 1);
+        if (pos > (x < 2 ? lim_lo : lim_hi)) v = NEG_INF;
+      }
+      s[j][x] = v;
+      if (x < 2) mx_lo = fmaxf(mx_lo, v); else mx_hi = fmaxf(mx_hi, v);
+    }
+#pragma unroll
+  for (int d = 1; d < 4; d <<= 1) {
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, d));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, d));
+  }
+  const float mn_lo = fmaxf(st.m_lo, mx_lo), mn_hi = fmaxf(st.m_hi, mx_hi);
+  const float sub_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;  // exp2 of -inf - 0 is 0
+  const float sub_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
+  const float al_lo = fast_exp2(st.m_lo - sub_lo), al_hi = fast_exp2(st.m_hi - sub_hi);
+  st.m_lo = mn_lo;
+  st.m_hi = mn_hi;
+  st.l_lo *= al_lo;
+  st.l_hi *= al_hi;
+  if (!VOTE || __any_sync(0xffffffffu, al_lo != 1.0f || al_hi != 1.0f)) {
+#pragma unroll
+    for (int j = 0; j < NO; ++j) {
+      o[j][0] *= al_lo;
+      o[j][1] *= al_lo;
+      o[j][2] *= al_hi;
+      o[j][3] *= al_hi;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NS; ++j) {
+    const float p0 = fast_exp2(s[j][0] - sub_lo), p1 = fast_exp2(s[j][1] - sub_lo);
+    const float p2 = fast_exp2(s[j][2] - sub_hi), p3 = fast_exp2(s[j][3] - sub_hi);
+    st.l_lo += p0 + p1;
+    st.l_hi += p2 + p3;
+    pa[j >> 1][(j & 1) * 2 + 0] = pack2<BF16>(p0, p1);
+    pa[j >> 1][(j & 1) * 2 + 1] = pack2<BF16>(p2, p3);
+  }
+}
+
+// O / sum of rows g and g + 8 to float32 `out` at row offsets qo_lo and qo_hi (elements),
+// the rows that exist only (lo_ok, hi_ok: pad rows are never written).
+template <int NO>
+__device__ __forceinline__ void write_rows(const float (&o)[NO][4], RowStats st, float* out,
+                                           long long qo_lo, long long qo_hi, int c,
+                                           bool lo_ok, bool hi_ok) {
+#pragma unroll
+  for (int d = 1; d < 4; d <<= 1) {
+    st.l_lo += __shfl_xor_sync(0xffffffffu, st.l_lo, d);
+    st.l_hi += __shfl_xor_sync(0xffffffffu, st.l_hi, d);
+  }
+  if (lo_ok) {
+    const float inv = 1.0f / st.l_lo;
+    float* dst = out + qo_lo + 2 * c;
+#pragma unroll
+    for (int j = 0; j < NO; ++j)
+      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][0] * inv, o[j][1] * inv);
+  }
+  if (hi_ok) {
+    const float inv = 1.0f / st.l_hi;
+    float* dst = out + qo_hi + 2 * c;
+#pragma unroll
+    for (int j = 0; j < NO; ++j)
+      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][2] * inv, o[j][3] * inv);
+  }
+}
