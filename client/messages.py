@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from q8kv.v1 import kvcache_pb2 as pb
-from q8kv.wire import TensorError, decode, encode, fill
+from q8kv.wire import TensorError, decode, fill
 
 from .errors import AlreadyApplied, Q8KVError, invalid_argument
 from .types import AppendItem, AttendResult, BatchResult, SessionInfo
@@ -77,14 +77,11 @@ def create_request(
     return request
 
 
-def _tensor(array: Any, field: str, into: pb.Tensor | None = None) -> pb.Tensor:
-    """Encode in the array's own dtype (into a message's Tensor field: no extra copy); a
-    dtype the wire lacks names the field."""
+def _tensor(array: Any, field: str, into: pb.Tensor) -> None:
+    """Encode in the array's own dtype into a message's Tensor field (in place: a Tensor
+    passed to a constructor is copied once more); a dtype the wire lacks names the field."""
     try:
-        if into is None:
-            return encode(array)
         fill(into, array)
-        return into
     except TensorError as exc:
         raise invalid_argument(f"{field}.{exc}") from None
 

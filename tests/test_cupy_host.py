@@ -7,6 +7,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from harness.kernel_plans import fake_kernel
 from harness.tensors import qkv
 
 from q8kv.format import LayerLayout, tokens_per_page
@@ -77,15 +78,6 @@ def random_item(rng: np.random.Generator, head_dim: int, n: int) -> AttendItem:
     dtype = DTYPES[rng.integers(3)]
     q, k, v = qkv(rng, n, layout, dtype)
     return AttendItem(layout, float(rng.uniform(0.05, 0.2)), pages, start, q, k, v)
-
-
-def fake_kernel(head_dim: int, route: int = planning.DECODE) -> kernels.AttnKernel:
-    """What planning needs of a compiled kernel, without compiling it."""
-    if route != planning.DECODE:
-        tok = kernels.prefill_tile_tokens(head_dim)
-        return kernels.AttnKernel(None, tok, kernels.PREFILL_ROWS, 0, 2, prefill=True)
-    tok = kernels.tokens_per_stage(head_dim, GpuTuning())
-    return kernels.AttnKernel(None, tok, kernels.ROWS_PER_TILE, 0, 2)
 
 
 def route_of(item: AttendItem) -> int:

@@ -8,25 +8,16 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from harness.kernel_plans import fake_kernel
 from harness.tensors import random_tensor
 
 from q8kv.format import LayerLayout, tokens_per_page
-from q8kv.server.backends import GpuTuning
 from q8kv.server.backends.base import PackedItems
-from q8kv.server.backends.cupy import kernels, packing, planning
+from q8kv.server.backends.cupy import packing
 from q8kv.server.backends.cupy.packing import M_K, M_Q, M_V, META
 
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 OFFSETS = (M_Q, M_K, M_V)
-
-
-def fake_kernel(head_dim: int, route: int = planning.DECODE) -> kernels.AttnKernel:
-    """What planning needs of a compiled kernel, without compiling it."""
-    if route != planning.DECODE:
-        tok = kernels.prefill_tile_tokens(head_dim)
-        return kernels.AttnKernel(None, tok, kernels.PREFILL_ROWS, 0, 2, prefill=True)
-    tok = kernels.tokens_per_stage(head_dim, GpuTuning())
-    return kernels.AttnKernel(None, tok, kernels.ROWS_PER_TILE, 0, 2)
 
 
 def random_packed(rng: np.random.Generator) -> PackedItems:

@@ -10,6 +10,7 @@ tests import ``from harness.server import ServerProcess``):
 - ``engine``: hold an Engine's worker busy so queued calls meet in one batch.
 - ``logs``: wait for a line in a server's log.
 - ``proc``: /proc readings (resident memory, listening ports) and stopping a child process.
+- ``kernel_plans``: uncompiled stand-ins of the GPU kernels, for launch-planning tests.
 - ``sdpa``: torch SDPA over a dequantized cache with q8kv's causal mask (GPU prefill tests).
 
 The benchmarks keep their own helpers: they never import the tests.
