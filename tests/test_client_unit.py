@@ -1304,5 +1304,5 @@ def test_import_rules_of_the_contract_and_the_client():
         package = ".".join(["q8kv", "client", *path.parent.relative_to(client).parts])
         imported[str(path.relative_to(client))] = q8kv_imports(path, package)
     assert "q8kv.client.core.ClientCore" in imported["sync.py"]  # relative ones resolved
-    assert "q8kv.wire.encode" in imported["messages.py"]
+    assert "q8kv.wire.fill" in imported["messages.py"]
     assert not {n for names in imported.values() for n in names if n.startswith("q8kv.server")}
