@@ -58,6 +58,7 @@ EXTRA_DEFINES: tuple[str, ...] = ()
 _PAGES_MODULES: dict[int, cp.RawModule] = {}
 _ATTN_KERNELS: dict[tuple[int, ...], AttnKernel] = {}
 _PREFILL_KERNELS: dict[tuple, AttnKernel] = {}
+_COMPUTE_CAPABILITY: dict[int, str] = {}
 
 # q8_prefill.cu: warps per block (16 query rows each). Module state so that experiments
 # (benchmarks/prefill.py --variant) can change it; part of the compiled-kernel cache key.
@@ -159,7 +160,7 @@ def prefill_smem(head_dim: int) -> int:
 
 def wgmma_prefill_smem(head_dim: int) -> int:
     """Dynamic shared memory of q8_prefill_wg.cu: two raw stages and three pairs of 16-bit
-    K and V^T tiles of 64 tokens (two with -DPF_PV_ASYNC=0)."""
+    K and V tiles of 64 tokens (two with -DPF_PV_ASYNC=0)."""
     bn, nb = 64, head_dim // QBLOCK
     bufs = 2 if "-DPF_PV_ASYNC=0" in EXTRA_DEFINES else 3  # as NBUF in the .cu
     return 2 * (2 * bn * head_dim + 2 * bn * nb * 4) + bufs * 2 * bn * head_dim * 2
@@ -235,10 +236,21 @@ def attention_kernel(device_id: int, head_dim: int, tuning: GpuTuning) -> AttnKe
     return kern
 
 
-def uses_wgmma(compute_capability: str, head_dim: int) -> bool:
+def compute_capability(device_id: int) -> str:
+    """``"90"`` for an H100/H200; asked of the driver once per device (the prefill kernel
+    choice reads it on every batch)."""
+    cc = _COMPUTE_CAPABILITY.get(device_id)
+    if cc is None:
+        import cupy as cp
+
+        cc = _COMPUTE_CAPABILITY[device_id] = cp.cuda.Device(device_id).compute_capability
+    return cc
+
+
+def uses_wgmma(cc: str, head_dim: int) -> bool:
     """Whether the wgmma prefill kernel serves ``head_dim`` on a device (sm_90a code runs on
     compute capability 9.0 only)."""
-    return PREFILL_WGMMA and compute_capability == "90" and head_dim in WGMMA_HEAD_DIMS
+    return PREFILL_WGMMA and cc == "90" and head_dim in WGMMA_HEAD_DIMS
 
 
 def _sm90a_module(code: str, options: tuple[str, ...], name: str) -> cp.RawModule:
@@ -283,10 +295,8 @@ def _sm90a_module(code: str, options: tuple[str, ...], name: str) -> cp.RawModul
 def prefill_fits(device_id: int, head_dim: int, smem_limit: int) -> bool:
     """Whether the prefill kernel that would serve ``head_dim`` fits the device's shared
     memory per block (``smem_limit``, its opt-in maximum)."""
-    import cupy as cp
-
-    cc = cp.cuda.Device(device_id).compute_capability
-    need = wgmma_prefill_smem(head_dim) if uses_wgmma(cc, head_dim) else prefill_smem(head_dim)
+    wg = uses_wgmma(compute_capability(device_id), head_dim)
+    need = wgmma_prefill_smem(head_dim) if wg else prefill_smem(head_dim)
     return need + 1024 <= smem_limit  # + the static page-id ring
 
 
@@ -295,8 +305,7 @@ def prefill_kernel(device_id: int, head_dim: int, bf16: bool) -> AttnKernel:
     the wgmma kernel where it serves the device and head_dim, else the mma.sync one."""
     import cupy as cp
 
-    cc = cp.cuda.Device(device_id).compute_capability
-    wg = uses_wgmma(cc, head_dim)
+    wg = uses_wgmma(compute_capability(device_id), head_dim)
     opts = wgmma_prefill_options(head_dim) if wg else prefill_options(head_dim)
     key = (device_id, head_dim, bf16, wg, opts)
     kern = _PREFILL_KERNELS.get(key)

@@ -24,17 +24,6 @@
 #ifndef PF_PV_ASYNC  // P V of tile j runs on while tile j + 1 is issued and dequantized
 #define PF_PV_ASYNC 1
 #endif
-// V's layout: 0 transposed by the dequantization ([dim][token], a K-major B operand); 1
-// stored as K is ([token][dim], the same dequantization) and transposed by wgmma (an N-major
-// B operand). For the N-major operand LBO is the stride between core matrices along K (8
-// tokens) and SBO along N (8 dims): the other reading faults on the H200. 1 was 13-21%
-// faster (fewer instructions: no gather of 8 tokens per 16-byte row).
-#ifndef PF_V_MN
-#define PF_V_MN 1
-#endif
-#ifndef PF_H2_DEQUANT  // float16: dequantize in half2 arithmetic (below)
-#define PF_H2_DEQUANT 1
-#endif
 
 constexpr int D = HEAD_DIM;
 constexpr int NT = 128 * PF_WG;
@@ -47,7 +36,7 @@ constexpr int NTILES_S = BN / 8;
 constexpr int NTILES_O = D / 8;
 constexpr int RAW_CODES = BN * D;
 constexpr int RAW_BYTES = 2 * RAW_CODES + 2 * BN * NB * 4;
-constexpr int HALF_TILE = BN * D * 2;  // bytes of one 16-bit K or V^T tile
+constexpr int HALF_TILE = BN * D * 2;  // bytes of one 16-bit K or V tile
 // 16-bit buffers: with P V left running into the next tile, the dequantization of tile j + 1
 // must not overwrite what P V of tile j - 1 may still read: three buffers.
 constexpr int NBUF = PF_PV_ASYNC ? 3 : 2;
@@ -94,7 +83,7 @@ __device__ __forceinline__ void dequant16_h2(uint4 w, float s, uint4* out) {
 // 16 codes x scale -> 16 values of the 16-bit type: code * scale in float32, one rounding.
 template <bool BF16>
 __device__ __forceinline__ void dequant16(uint4 w, float s, uint4* out) {
-  if (!BF16 && PF_H2_DEQUANT) {
+  if (!BF16) {
     dequant16_h2(w, s, out);
     return;
   }
@@ -138,17 +127,11 @@ __device__ __forceinline__ void wgmma_s(float (&s)[NTILES_S][4], const unsigned*
 template <bool BF16>
 __device__ __forceinline__ void wgmma_o(float (&o)[NTILES_O][4], const unsigned* a,
                                         unsigned long long desc) {
-  float* d = &o[0][0];
-  if (PF_V_MN) {  // V as [token][dim]: wgmma transposes B
-    if (D == 128) {
-      if (BF16) wgmma_n128_bf16_t(d, a, desc, 1); else wgmma_n128_f16_t(d, a, desc, 1);
-    } else {
-      if (BF16) wgmma_n64_bf16_t(d, a, desc, 1); else wgmma_n64_f16_t(d, a, desc, 1);
-    }
-  } else if (D == 128) {
-    if (BF16) wgmma_n128_bf16(d, a, desc, 1); else wgmma_n128_f16(d, a, desc, 1);
+  float* d = &o[0][0];  // V is [token][dim]: an N-major B, transposed by wgmma
+  if (D == 128) {
+    if (BF16) wgmma_n128_bf16_t(d, a, desc, 1); else wgmma_n128_f16_t(d, a, desc, 1);
   } else {
-    if (BF16) wgmma_n64_bf16(d, a, desc, 1); else wgmma_n64_f16(d, a, desc, 1);
+    if (BF16) wgmma_n64_bf16_t(d, a, desc, 1); else wgmma_n64_f16_t(d, a, desc, 1);
   }
 }
 
@@ -178,7 +161,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   const float qs = __int_as_float(im[M_SCALE]);
 
   unsigned char* raw = smem;
-  unsigned char* half = smem + SMEM_RAW;  // [buffer][K, V^T][HALF_TILE]
+  unsigned char* half = smem + SMEM_RAW;  // [buffer][K, V][HALF_TILE]
   const unsigned half_base = (unsigned)__cvta_generic_to_shared(half);
 
   // Rows of this thread (g and g + 8 of its warp's 16) and of its warpgroup (64).
@@ -240,18 +223,18 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
     }
     cp_commit();
   };
-  // Raw stage -> 16-bit K [token][dim] in core matrices of 8 rows x 16 bytes, core
-  // (token / 8, dim / 8) at (token / 8) * 16 D + (dim / 8) * 128; V the same (PF_V_MN) or
-  // transposed, V^T core (dim / 8, token / 8) at (dim / 8) * 16 BN + (token / 8) * 128.
+  // Raw stage -> 16-bit K and V, each [token][dim] in core matrices of 8 rows x 16 bytes:
+  // core (token / 8, dim / 8) at (token / 8) * 16 D + (dim / 8) * 128. V is read by wgmma
+  // as an N-major B (transposed in hardware), where LBO is the stride between core matrices
+  // along K (8 tokens) and SBO along N (8 dims): the other reading faults on the H200.
+  // (Transposing V here instead, as a K-major B, was 13-21% slower: docs/kernels.md.)
   auto dequant = [&](int tile) {
     if (tile >= ntiles) return;
     const unsigned char* rb = raw + (tile & 1) * RAW_BYTES;
     const float* ks = reinterpret_cast<const float*>(rb + 2 * RAW_CODES);
-    const float* vs = ks + BN * NB;
     unsigned char* kh = half + (tile % NBUF) * 2 * HALF_TILE;
-    unsigned char* vh = kh + HALF_TILE;
 #pragma unroll
-    for (int kind = 0; kind < (PF_V_MN ? 2 : 1); ++kind)  // K (and V): 16 codes of a token
+    for (int kind = 0; kind < 2; ++kind)  // K, then V: 16 codes of a token
 #pragma unroll
       for (int p = tid; p < BN * PIECES; p += NT) {
         const int t = p % BN, pc = p / BN;
@@ -264,30 +247,6 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
         *reinterpret_cast<uint4*>(dst) = h[0];
         *reinterpret_cast<uint4*>(dst + 128) = h[1];
       }
-#pragma unroll
-    for (int p = tid; p < (PF_V_MN ? 0 : (D / 2) * (BN / 8)); p += NT) {  // V^T: dims d, d+1
-      const int dp = p % (D / 2), tb = p / (D / 2);
-      const int d = 2 * dp, b = d >> 4, off = d & 15;
-      unsigned wv[8];
-      float s[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int t = 8 * tb + j;
-        wv[j] = *reinterpret_cast<const unsigned short*>(
-            rb + RAW_CODES + t * D + ((b ^ (t % PIECES)) * 16) + off);
-        s[j] = vs[t * NB + (d >> 5)];
-      }
-      unsigned lo[4], hi[4];  // rows d and d + 1: tokens 2j, 2j + 1
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const unsigned x = __byte_perm(wv[2 * j], wv[2 * j + 1], 0x5410) ^ 0x80808080u;
-        lo[j] = pack2<BF16>(code_of(x, 0x7440) * s[2 * j], code_of(x, 0x7442) * s[2 * j + 1]);
-        hi[j] = pack2<BF16>(code_of(x, 0x7441) * s[2 * j], code_of(x, 0x7443) * s[2 * j + 1]);
-      }
-      unsigned char* dst = vh + (d >> 3) * 16 * BN + tb * 128 + (d & 7) * 16;
-      *reinterpret_cast<uint4*>(dst) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-      *reinterpret_cast<uint4*>(dst + 16) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-    }
     // The tensor cores read these through the async proxy.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   };
@@ -355,8 +314,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
-      wgmma_o<BF16>(o, pa[kk], PF_V_MN ? smem_desc(vbase + kk * 32 * D, 16 * D, 128)
-                                       : smem_desc(vbase + kk * 256, 128, 16 * BN));
+      wgmma_o<BF16>(o, pa[kk], smem_desc(vbase + kk * 32 * D, 16 * D, 128));
     wg_commit();
     if (!PF_PV_ASYNC) wg_wait0();
   }
