@@ -5,6 +5,10 @@ it. These are the parts of a prefill's service time that neither the GPU nor the
 accounts for (benchmarks/prefill_service.py splits a rep into device, transport and the
 rest). Median seconds over --reps.
 
+Also the metrics' quantization-error sample of the layer's k/v (when an item is drawn,
+1 in 100 by default, on the event loop): as the server takes it (at most
+metrics.SAMPLE_TOKENS tokens), and over the whole item, as it was before that bound.
+
     .venv/bin/python benchmarks/prefill_messages.py [--tokens 8192] [--reps 5]
 """
 
@@ -18,6 +22,7 @@ import time
 import numpy as np
 
 from q8kv.client import messages as client_messages
+from q8kv.server.observability.metrics import SAMPLE_TOKENS, quantization_error
 from q8kv.server.rpc import messages as server_messages
 from q8kv.v1 import kvcache_pb2 as pb
 
@@ -49,6 +54,8 @@ def one_layer(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> dict[str, float]:
     wire_response = timed("server_encode_serialize", answer)
     response = timed("client_parse", lambda: pb.AppendAndAttendResponse.FromString(wire_response))
     timed("client_decode", lambda: client_messages.decode_results(response.results))
+    timed("quant_sample", lambda: quantization_error(k[:SAMPLE_TOKENS], v[:SAMPLE_TOKENS]))
+    timed("quant_sample_whole_item", lambda: quantization_error(k, v))
     return times
 
 
@@ -68,7 +75,8 @@ def main() -> None:
     )
     runs = [one_layer(q, k, v) for _ in range(args.reps + 1)][1:]
     medians = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    medians["total"] = statistics.median(sum(r.values()) for r in runs)
+    messages = [key for key in runs[0] if not key.startswith("quant_sample")]
+    medians["total"] = statistics.median(sum(r[key] for key in messages) for r in runs)
     mib = (q.nbytes + k.nbytes + v.nbytes) / 2**20
     print(json.dumps({"tokens": n, "request_mib": mib, "answer_mib": q.nbytes / 2**20,
                       "median_s": {key: round(s, 4) for key, s in medians.items()}}))  # fmt: skip

@@ -24,6 +24,19 @@ from ..cache import SessionStore
 from ..engine import EngineObserver
 
 SAMPLE_TOKENS = 64  # tokens of one appended item that the quantization-error sample reads
+
+
+def quantization_error(k: np.ndarray, v: np.ndarray) -> float | None:
+    """||stored - sent|| / ||sent|| of k and v through the Q8 format (None for all zeros)."""
+    sent = np.stack([k, v]).astype(np.float32)
+    stored = q8.dequantize(*q8.quantize(sent))
+    # In float64: the sum of squares of values near the 1e15 input bound overflows float32,
+    # and one NaN would poison the histogram's sum for good.
+    norm = float(np.linalg.norm(sent.astype(np.float64)))
+    if norm == 0:
+        return None
+    return float(np.linalg.norm(stored.astype(np.float64) - sent)) / norm
+
 KERNEL_BUCKETS = (
     1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
     1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0,
@@ -169,18 +182,13 @@ class Metrics:
         for k, v in appended:
             if random.random() >= self.quant_error_sample_rate:
                 continue
-            # At most SAMPLE_TOKENS tokens of an item: a sampled 8k-token prefill would cost
-            # the event loop ~a second of numpy.
+            # At most SAMPLE_TOKENS tokens of an item: the whole of an 8k-token prefill
+            # costs the event loop 0.4-0.7 s of numpy (benchmarks/prefill_messages.py).
             first = random.randrange(max(1, len(k) - SAMPLE_TOKENS + 1))
-            k, v = k[first : first + SAMPLE_TOKENS], v[first : first + SAMPLE_TOKENS]
-            sent = np.stack([k, v]).astype(np.float32)
-            stored = q8.dequantize(*q8.quantize(sent))
-            # In float64: the sum of squares of values near the 1e15 input bound overflows
-            # float32, and one NaN would poison the histogram's sum for good.
-            norm = float(np.linalg.norm(sent.astype(np.float64)))
-            if norm > 0:
-                error = np.linalg.norm(stored.astype(np.float64) - sent)
-                self.quant_error.observe(float(error) / norm)
+            error = quantization_error(k[first : first + SAMPLE_TOKENS],
+                                       v[first : first + SAMPLE_TOKENS])  # fmt: skip
+            if error is not None:
+                self.quant_error.observe(error)
 
     def rpc_method(self, path: str, kind: str) -> MethodMetrics:
         """The labelled children of one method (``/service/Method``, its declared kind),
