@@ -208,38 +208,32 @@ class CupyBackend(Backend):
                 (ln.units,), (ln.kernel.threads,), args, shared_mem=ln.kernel.smem
             )
 
-    def _download_flat(self, batch: Batch) -> tuple[np.ndarray, bool]:
-        """One D2H copy of all outputs and one synchronize: float32 [out_floats], and
-        whether it is the caller's own (a pooled pinned block) or a view of the reused
-        buffer (valid until the next call)."""
-        nbytes = 4 * batch.out_floats
+    def _download(self, dev: cp.ndarray | None, nbytes: int, dtype) -> tuple[np.ndarray, bool]:
+        """One D2H copy of ``nbytes`` of ``dev`` and one synchronize: the bytes as
+        ``dtype``, and whether they are the caller's own (a pooled pinned block, from
+        FRESH_OUTPUT_BYTES) or a view of the reused buffer (valid until the next call)."""
         fresh = nbytes >= FRESH_OUTPUT_BYTES
         host = pooled_pinned(nbytes) if fresh else self._host_out.get(max(nbytes, 4))
         if nbytes:
-            self._dev_out.data.copy_to_host_async(
-                ctypes.c_void_p(host.ctypes.data), nbytes, self._stream
-            )
+            dev.data.copy_to_host_async(ctypes.c_void_p(host.ctypes.data), nbytes, self._stream)
         self._stream.synchronize()
-        return host[:nbytes].view(np.float32), fresh
+        return host[:nbytes].view(dtype), fresh
+
+    def _download_flat(self, batch: Batch) -> tuple[np.ndarray, bool]:
+        """All outputs as float32 [out_floats] (see ``_download``)."""
+        return self._download(self._dev_out, 4 * batch.out_floats, np.float32)
 
     def _download_narrow(self, batch: Batch, dtype: np.dtype) -> tuple[np.ndarray, bool]:
-        """The outputs narrowed to a 16-bit ``dtype`` on the device, one D2H copy of half
-        the bytes, one synchronize: [out_floats] of ``dtype``, and whether it is the
-        caller's own (as ``_download_flat``)."""
+        """All outputs narrowed to a 16-bit ``dtype`` on the device: half the bytes back,
+        no host conversion (see ``_download``)."""
         n = batch.out_floats
-        fresh = 2 * n >= FRESH_OUTPUT_BYTES
-        host = pooled_pinned(2 * n) if fresh else self._host_out.get(2 * max(n, 1))
         if n:
             self._dev_narrow = grow(self._dev_narrow, n, cp.uint16)
             to_bf16 = np.int32(dtype == ml_dtypes.bfloat16)
             self._narrow_k(
                 (-(-n // 256),), (256,), (self._dev_out, self._dev_narrow, np.int64(n), to_bf16)
             )
-            self._dev_narrow.data.copy_to_host_async(
-                ctypes.c_void_p(host.ctypes.data), 2 * n, self._stream
-            )
-        self._stream.synchronize()
-        return host[: 2 * n].view(dtype), fresh
+        return self._download(self._dev_narrow, 2 * n, dtype)
 
     def download(self, batch: Batch, items: Sequence[AttendItem]) -> list[np.ndarray]:
         """Every item's output in its ``out_dtype``: narrowed on the device when all share
