@@ -13,8 +13,8 @@ from harness.tensors import qkv
 from q8kv.format import LayerLayout, tokens_per_page
 from q8kv.server.backends import GpuTuning
 from q8kv.server.backends.base import AttendItem
-from q8kv.server.backends.cupy import kernels, packing, planning
-from q8kv.server.backends.cupy.packing import META
+from q8kv.server.backends.cupy import kernels, meta, packing, planning
+from q8kv.server.backends.cupy.meta import META
 from q8kv.server.config import load_config
 
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
@@ -97,14 +97,14 @@ def pack(items: list[AttendItem], policy: packing.SplitPolicy) -> tuple[packing.
 
 def check_row(host: np.ndarray, m: np.ndarray, item: AttendItem, ptab_off: int) -> None:
     """The row points at the item's own bytes, page ids and geometry."""
-    for col, array in ((packing.M_Q, item.q), (packing.M_K, item.k), (packing.M_V, item.v)):
+    for col, array in ((meta.M_Q, item.q), (meta.M_K, item.k), (meta.M_V, item.v)):
         assert m[col] % 16 == 0
         stored = host[m[col] : m[col] + array.nbytes].view(array.dtype).reshape(array.shape)
         np.testing.assert_array_equal(stored, array)
-    assert m[packing.M_DT] == packing.DTYPE_CODE[item.q.dtype]
-    ids = host[ptab_off + 4 * m[packing.M_PT] :].view(np.int32)[: len(item.page_ids)]
+    assert m[meta.M_DT] == packing.DTYPE_CODE[item.q.dtype]
+    ids = host[ptab_off + 4 * m[meta.M_PT] :].view(np.int32)[: len(item.page_ids)]
     np.testing.assert_array_equal(ids, item.page_ids)
-    assert (m[packing.M_START], m[packing.M_N], m[packing.M_D]) == (
+    assert (m[meta.M_START], m[meta.M_N], m[meta.M_D]) == (
         item.start,
         item.n,
         item.layout.head_dim,
@@ -114,10 +114,10 @@ def check_row(host: np.ndarray, m: np.ndarray, item: AttendItem, ptab_off: int) 
 def check_splits(m: np.ndarray, item: AttendItem, tok: int) -> None:
     """The splits cover the sequence once, in whole stages, each with few enough pages for
     the kernel's shared-memory page table."""
-    length, nsplit, chunk = item.start + item.n, m[packing.M_NSPLIT], m[packing.M_CHUNK]
+    length, nsplit, chunk = item.start + item.n, m[meta.M_NSPLIT], m[meta.M_CHUNK]
     assert chunk % tok == 0 and (nsplit - 1) * chunk < length <= nsplit * chunk
     assert -(-chunk // item.layout.tokens_per_page) + 1 <= kernels.MAXP
-    assert m[packing.M_RT] == -(-item.n * item.layout.group // kernels.ROWS_PER_TILE)
+    assert m[meta.M_RT] == -(-item.n * item.layout.group // kernels.ROWS_PER_TILE)
 
 
 def check_prefixes(rows: np.ndarray, live: list[int], items: list[AttendItem], first: int) -> None:
@@ -125,14 +125,14 @@ def check_prefixes(rows: np.ndarray, live: list[int], items: list[AttendItem], f
     prefill launch has one unit per (kv head, row tile of 64 rows) and no splits."""
     units = cnt = 0
     for m, j in zip(rows, live[first : first + len(rows)], strict=True):
-        tiles = items[j].layout.num_kv_heads * m[packing.M_RT]
+        tiles = items[j].layout.num_kv_heads * m[meta.M_RT]
         if route_of(items[j]) != planning.DECODE:
-            assert m[packing.M_RT] == -(-items[j].n * items[j].layout.group // 64)
-            assert m[packing.M_UNIT] == units
+            assert m[meta.M_RT] == -(-items[j].n * items[j].layout.group // 64)
+            assert m[meta.M_UNIT] == units
             units += tiles
             continue
-        assert (m[packing.M_UNIT], m[packing.M_CNT]) == (units, cnt)
-        units += tiles * m[packing.M_NSPLIT]
+        assert (m[meta.M_UNIT], m[meta.M_CNT]) == (units, cnt)
+        units += tiles * m[meta.M_NSPLIT]
         cnt += tiles
 
 
@@ -193,9 +193,9 @@ def test_mixed_dtypes_in_one_item_travel_as_float32() -> None:
     item.q = item.q.astype(ml_dtypes.bfloat16)
     _, host = pack([item], packing.SplitPolicy(132, 1.0, 48))
     m = host[: META * 4].view(np.int32)
-    assert m[packing.M_DT] == packing.DTYPE_CODE[np.dtype(np.float32)]
+    assert m[meta.M_DT] == packing.DTYPE_CODE[np.dtype(np.float32)]
     stored = (
-        host[m[packing.M_K] : m[packing.M_K] + item.k.size * 4]
+        host[m[meta.M_K] : m[meta.M_K] + item.k.size * 4]
         .view(np.float32)
         .reshape(item.k.shape)
     )

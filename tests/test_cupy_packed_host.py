@@ -14,7 +14,7 @@ from harness.tensors import random_tensor
 from q8kv.format import LayerLayout, tokens_per_page
 from q8kv.server.backends.base import PackedItems
 from q8kv.server.backends.cupy import packing
-from q8kv.server.backends.cupy.packing import M_K, M_Q, M_V, META
+from q8kv.server.backends.cupy.meta import M_K, M_Q, M_V, META
 
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 OFFSETS = (M_Q, M_K, M_V)

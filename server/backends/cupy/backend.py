@@ -26,7 +26,8 @@ from q8kv.format import DEFAULT_PAGE_CODE_BYTES, QBLOCK, LayerLayout
 from ..base import AttendItem, Backend, PackedItems
 from . import kernels
 from .kernels import MAX_HEAD_DIM, AttnKernel
-from .packing import META, Batch, pack, pack_packed
+from .meta import META
+from .packing import Batch, pack, pack_packed
 from .planning import DECODE, PREFILL_BF16, SplitPolicy
 from .transfers import (
     FRESH_OUTPUT_BYTES,

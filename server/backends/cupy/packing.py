@@ -29,11 +29,26 @@ from q8kv.format import QBLOCK
 
 from ..base import AttendItem, PackedItems
 from .kernels import MAX_HEAD_DIM
+from .meta import (
+    M_D,
+    M_DT,
+    M_G,
+    M_H,
+    M_K,
+    M_KVH,
+    M_LOGT,
+    M_N,
+    M_OUT,
+    M_PT,
+    M_Q,
+    M_QB,
+    M_SCALE,
+    M_START,
+    M_V,
+    META,
+)  # fmt: skip
 from .planning import KernelFor, Launch, SplitPolicy, plan_attention, plan_packed, route
 
-META = 32  # int32 per item row (META_STRIDE in q8_common.cuh)
-(M_Q, M_K, M_V, M_DT, M_PT, M_START, M_N, M_H, M_KVH, M_LOGT, M_OUT, M_SCALE, M_UNIT,
- M_NSPLIT, M_CHUNK, M_RT, M_G, M_CNT, M_QB, M_D) = range(20)  # fmt: skip
 _LOG2E = 1.4426950408889634
 DTYPE_CODE = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(ml_dtypes.bfloat16): 2}
 MAX_BATCH_BYTES = 2**31  # the kernels address the input buffer with int32 offsets

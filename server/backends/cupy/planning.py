@@ -27,8 +27,7 @@ import numpy as np
 
 from ..base import AttendItem
 from .kernels import MAXP, PREFILL_ROWS, AttnKernel
-
-(M_UNIT, M_NSPLIT, M_CHUNK, M_RT, M_G, M_CNT) = (12, 13, 14, 15, 16, 17)  # q8_common.cuh
+from .meta import M_CHUNK, M_CNT, M_NSPLIT, M_RT, M_UNIT
 
 # Routes: the kernel an item runs on. 0: q8_attend; 1, 2: q8_prefill in float16, bfloat16.
 DECODE, PREFILL_F16, PREFILL_BF16 = 0, 1, 2
