@@ -286,8 +286,9 @@ def pack_packed(
         )
     host = host_buffer(nbytes)
     pending = []
+    big = q.nbytes + k.nbytes + v.nbytes >= DEFER_BYTES  # the uploader copies them (as pack)
     for a, o in zip((q, k, v), offsets, strict=True):
-        if q.nbytes + k.nbytes + v.nbytes >= DEFER_BYTES:
+        if big:
             pending.append((o, a.reshape(-1).view(np.uint8)))
         else:
             host[o : o + a.nbytes] = a.reshape(-1).view(np.uint8)
