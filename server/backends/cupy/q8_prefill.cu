@@ -43,15 +43,14 @@ constexpr int KSTEPS = D / 16;     // k steps of Q K^T
 constexpr int NTILES_S = BN / 8;   // n tiles of S (8 tokens each)
 constexpr int NTILES_O = D / 8;    // n tiles of O (8 dims each)
 constexpr bool Q_IN_REGS = D <= 128;
-// Raw stage: K codes [BN][D], V codes [BN][D], K scales [BN][NB], V scales [BN][NB].
-constexpr int RAW_CODES = BN * D;
-constexpr int RAW_BYTES = 2 * RAW_CODES + 2 * BN * NB * 4;
 constexpr int HALF_TILE = BN * HS;  // halves of one 16-bit K or V tile
+using Kv = KvStream<D, BN, NT, false>;  // the K/V staging (q8_prefill_common.cuh)
+constexpr int RAW_CODES = Kv::RAW_CODES;  // a raw stage: K codes, V codes, K scales, V scales
+constexpr int RAW_BYTES = Kv::RAW_BYTES;
 constexpr int SMEM_RAW = 2 * RAW_BYTES;
 constexpr int SMEM_HALF = 2 * 2 * HALF_TILE * 2;  // 2 buffers x (K, V) x bytes; then q
 static_assert(D % 32 == 0 && D <= 256, "head_dim not supported");
 static_assert(BN % 16 == 0, "K/V tiles are whole k steps of P V");
-static_assert(BN <= NT, "a tile's page ids are one per thread");
 static_assert(SMEM_RAW % 16 == 0 && SMEM_HALF % 16 == 0, "alignment");
 
 __device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned* r) {
@@ -137,57 +136,11 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   const int warp_min_lim = start + wrow / G;
   const int warp_max_lim = wrow < nrows ? start + (min(wrow + 16, nrows) - 1) / G : -1;
 
-  // -- staging: page ids of a tile, then its codes and scales -------------------------------
-  // Page ids of a tile: thread j holds the tile's j-th; loaded one tile ahead into a register
-  // (fetch_page) and stored to the ring (store_page) a tile later, so no thread waits on the
-  // load at a barrier.
-  auto tile_pages = [&](int tile) -> int {
-    if (tile >= ntiles) return 0;
-    return ((min(tile * BN + BN, kv_end) - 1) >> logT) - ((tile * BN) >> logT) + 1;
-  };
-  auto fetch_page = [&](int tile) -> int {
-    return tid < tile_pages(tile) ? pt[((tile * BN) >> logT) + tid] : 0;
-  };
-  auto store_page = [&](int tile, int page) {
-    if (tid < tile_pages(tile)) pages_s[tile % 3][tid] = page;
-  };
-  const long long cstride = page_code_bytes, sstride = page_code_bytes >> 5;
-  const long long vcodes = (long long)KVH * T * D, vscales = (long long)KVH * T * NB;
-  auto issue = [&](int tile) {
-    if (tile < ntiles) {
-      unsigned char* rb = raw + (tile & 1) * RAW_BYTES;
-      const int base = tile * BN, pfirst = base >> logT;
-      constexpr int PIECES = D / 16;  // 16-byte pieces per head vector
-#pragma unroll
-      for (int p = tid; p < BN * PIECES; p += NT) {
-        const int t = p / PIECES, pc = p % PIECES, pos = base + t;
-        const bool ok = pos < kv_end;
-        const signed char* src = codes;
-        if (ok) {
-          const long long page = pages_s[tile % 3][(pos >> logT) - pfirst];
-          src = codes + page * cstride + ((long long)kvh * T + (pos & (T - 1))) * D + pc * 16;
-        }
-        cp_async(rb + t * D + pc * 16, src, 16, ok);
-        cp_async(rb + RAW_CODES + t * D + pc * 16, ok ? src + vcodes : src, 16, ok);
-      }
-      constexpr int SB = NB % 4 == 0 ? 16 : (NB % 2 == 0 ? 8 : 4);  // bytes per scale copy
-      constexpr int SP = NB * 4 / SB;                                // copies per token
-      float* ks = reinterpret_cast<float*>(rb + 2 * RAW_CODES);
-      for (int p = tid; p < BN * SP; p += NT) {
-        const int t = p / SP, sp = p % SP, pos = base + t;
-        const bool ok = pos < kv_end;
-        const float* src = scales;
-        if (ok) {
-          const long long page = pages_s[tile % 3][(pos >> logT) - pfirst];
-          src = scales + page * sstride + ((long long)kvh * T + (pos & (T - 1))) * NB +
-                sp * (SB / 4);
-        }
-        cp_async(ks + t * NB + sp * (SB / 4), src, SB, ok);
-        cp_async(ks + BN * NB + t * NB + sp * (SB / 4), ok ? src + vscales : src, SB, ok);
-      }
-    }
-    cp_commit();
-  };
+  // -- staging: page ids and raw stages of the K/V tiles (q8_prefill_common.cuh) -----------
+  const Kv kv = {pages_s, pt, codes, scales, page_code_bytes, page_code_bytes >> 5,
+                 (long long)KVH * T * D, (long long)KVH * T * NB, kvh, T, logT, kv_end,
+                 ntiles, tid};  // fmt: skip
+  auto issue = [&](int tile) { kv.issue(tile, raw + (tile & 1) * RAW_BYTES); };
   // Raw stage of `tile` -> 16-bit K and V tiles in half buffer (tile & 1).
   auto dequant = [&](int tile) {
     if (tile >= ntiles || PF_SKIP_DEQUANT) return;
@@ -249,10 +202,10 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   const int v_tok = lane & 15, v_dim = (lane >> 4) * 8;
 
   // -- pipeline -----------------------------------------------------------------------------
-  store_page(0, fetch_page(0));
-  store_page(1, fetch_page(1));
-  store_page(2, fetch_page(2));
-  int next_page = fetch_page(3);
+  kv.store(0, kv.fetch(0));
+  kv.store(1, kv.fetch(1));
+  kv.store(2, kv.fetch(2));
+  int next_page = kv.fetch(3);
   __syncthreads();
   issue(0);
   issue(1);
@@ -264,8 +217,8 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
     cp_wait_all();    // tile + 1 landed (this thread's copies)
     __syncthreads();  // ... everyone's; tile's 16-bit K/V written; the other buffers free
     issue(tile + 2);
-    store_page(tile + 3, next_page);
-    next_page = fetch_page(tile + 4);
+    kv.store(tile + 3, next_page);
+    next_page = kv.fetch(tile + 4);
     dequant(tile + 1);
 
     const int pos0 = tile * BN;

@@ -125,3 +125,78 @@ __device__ __forceinline__ void write_rows(const float (&o)[NO][4], RowStats st,
       *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][2] * inv, o[j][3] * inv);
   }
 }
+
+// The K/V of one (item, kv head) as a prefill block streams it, in tiles of BN tokens from
+// position 0 to kv_end (exclusive):
+// - page ids through a 3-slot ring in shared memory: thread j holds a tile's j-th, fetched
+//   into a register a tile ahead (fetch) and stored to the ring a tile later (store), so no
+//   thread waits on a global load at a barrier;
+// - a tile's raw stage (issue): K codes [BN][D], V codes [BN][D], K scales [BN][NB], V
+//   scales [BN][NB], copied global -> shared with cp.async, zero past kv_end. With SWIZZLE,
+//   16-byte piece pc of token t's codes lands at piece pc ^ (t % PIECES) (conflict-free
+//   copies and column reads).
+template <int D, int BN, int NT, bool SWIZZLE>
+struct KvStream {
+  static constexpr int NB = D / 32;       // scale blocks per head vector
+  static constexpr int PIECES = D / 16;   // 16-byte pieces of a head vector's codes
+  static constexpr int RAW_CODES = BN * D;
+  static constexpr int RAW_BYTES = 2 * RAW_CODES + 2 * BN * NB * 4;
+  static_assert(BN <= NT, "a tile's page ids are one per thread");
+
+  int (*ring)[BN];
+  const int* pt;  // the item's page table
+  const signed char* codes;
+  const float* scales;
+  long long cstride, sstride;  // a page's codes and scales
+  long long vcodes, vscales;   // V after K inside a page
+  int kvh, T, logT, kv_end, ntiles, tid;
+
+  // Byte offset of 16-byte piece pc of token t's codes in a raw stage.
+  __device__ __forceinline__ static int piece(int t, int pc) {
+    return t * D + ((SWIZZLE ? pc ^ (t % PIECES) : pc) * 16);
+  }
+  __device__ __forceinline__ int pages(int tile) const {
+    if (tile >= ntiles) return 0;
+    return ((min(tile * BN + BN, kv_end) - 1) >> logT) - ((tile * BN) >> logT) + 1;
+  }
+  __device__ __forceinline__ int fetch(int tile) const {
+    return tid < pages(tile) ? pt[((tile * BN) >> logT) + tid] : 0;
+  }
+  __device__ __forceinline__ void store(int tile, int page) const {
+    if (tid < pages(tile)) ring[tile % 3][tid] = page;
+  }
+  // Tile `tile` (whose page ids are in the ring) into raw stage rb; one commit group.
+  __device__ __forceinline__ void issue(int tile, unsigned char* rb) const {
+    if (tile < ntiles) {
+      const int base = tile * BN, pfirst = base >> logT;
+#pragma unroll
+      for (int p = tid; p < BN * PIECES; p += NT) {
+        const int t = p / PIECES, pc = p % PIECES, pos = base + t;
+        const bool ok = pos < kv_end;
+        const signed char* src = codes;
+        if (ok) {
+          const long long page = ring[tile % 3][(pos >> logT) - pfirst];
+          src = codes + page * cstride + ((long long)kvh * T + (pos & (T - 1))) * D + pc * 16;
+        }
+        cp_async(rb + piece(t, pc), src, 16, ok);
+        cp_async(rb + RAW_CODES + piece(t, pc), ok ? src + vcodes : src, 16, ok);
+      }
+      constexpr int SB = NB % 4 == 0 ? 16 : (NB % 2 == 0 ? 8 : 4);  // bytes per scale copy
+      constexpr int SP = NB * 4 / SB;                                // copies per token
+      float* ks = reinterpret_cast<float*>(rb + 2 * RAW_CODES);
+      for (int p = tid; p < BN * SP; p += NT) {
+        const int t = p / SP, sp = p % SP, pos = base + t;
+        const bool ok = pos < kv_end;
+        const float* src = scales;
+        if (ok) {
+          const long long page = ring[tile % 3][(pos >> logT) - pfirst];
+          src = scales + page * sstride + ((long long)kvh * T + (pos & (T - 1))) * NB +
+                sp * (SB / 4);
+        }
+        cp_async(ks + t * NB + sp * (SB / 4), src, SB, ok);
+        cp_async(ks + BN * NB + t * NB + sp * (SB / 4), ok ? src + vscales : src, SB, ok);
+      }
+    }
+    cp_commit();
+  }
+};

@@ -34,15 +34,15 @@ constexpr int PIECES = D / 16;  // 16-byte pieces of a head vector's codes
 constexpr int KSTEPS = D / 16;
 constexpr int NTILES_S = BN / 8;
 constexpr int NTILES_O = D / 8;
-constexpr int RAW_CODES = BN * D;
-constexpr int RAW_BYTES = 2 * RAW_CODES + 2 * BN * NB * 4;
 constexpr int HALF_TILE = BN * D * 2;  // bytes of one 16-bit K or V tile
 // 16-bit buffers: with P V left running into the next tile, the dequantization of tile j + 1
 // must not overwrite what P V of tile j - 1 may still read: three buffers.
 constexpr int NBUF = PF_PV_ASYNC ? 3 : 2;
+using Kv = KvStream<D, BN, NT, true>;  // the K/V staging (q8_prefill_common.cuh)
+constexpr int RAW_CODES = Kv::RAW_CODES;  // a raw stage: K codes, V codes, K scales, V scales
+constexpr int RAW_BYTES = Kv::RAW_BYTES;
 constexpr int SMEM_RAW = 2 * RAW_BYTES;
 static_assert(D == 64 || D == 128, "the wgmma prefill is written for head_dim 64 and 128");
-static_assert(BN <= NT, "a tile's page ids are one per thread");
 
 __WGMMA_WRAPPERS__
 
@@ -172,57 +172,11 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   const int grow = row0 + 64 * wg;
   const int wg_min_lim = start + grow / G;
 
-  // Page ids of a tile: thread j holds the tile's j-th; loaded one tile ahead into a register
-  // (fetch_page) and stored to the ring (store_page) a tile later, so no thread waits on the
-  // load at a barrier.
-  auto tile_pages = [&](int tile) -> int {
-    if (tile >= ntiles) return 0;
-    return ((min(tile * BN + BN, kv_end) - 1) >> logT) - ((tile * BN) >> logT) + 1;
-  };
-  auto fetch_page = [&](int tile) -> int {
-    return tid < tile_pages(tile) ? pt[((tile * BN) >> logT) + tid] : 0;
-  };
-  auto store_page = [&](int tile, int page) {
-    if (tid < tile_pages(tile)) pages_s[tile % 3][tid] = page;
-  };
-  const long long cstride = page_code_bytes, sstride = page_code_bytes >> 5;
-  const long long vcodes = (long long)KVH * T * D, vscales = (long long)KVH * T * NB;
-  // Raw codes [kind][token][D], 16-byte piece pc of token t stored at piece pc ^ (t % PIECES).
-  auto issue = [&](int tile) {
-    if (tile < ntiles) {
-      unsigned char* rb = raw + (tile & 1) * RAW_BYTES;
-      const int base = tile * BN, pfirst = base >> logT;
-#pragma unroll
-      for (int p = tid; p < BN * PIECES; p += NT) {
-        const int t = p / PIECES, pc = p % PIECES, pos = base + t;
-        const bool ok = pos < kv_end;
-        const signed char* src = codes;
-        if (ok) {
-          const long long page = pages_s[tile % 3][(pos >> logT) - pfirst];
-          src = codes + page * cstride + ((long long)kvh * T + (pos & (T - 1))) * D + pc * 16;
-        }
-        const int dst = t * D + ((pc ^ (t % PIECES)) * 16);
-        cp_async(rb + dst, src, 16, ok);
-        cp_async(rb + RAW_CODES + dst, ok ? src + vcodes : src, 16, ok);
-      }
-      constexpr int SB = NB % 4 == 0 ? 16 : 8;  // bytes per scale copy (NB is 2 or 4)
-      constexpr int SP = NB * 4 / SB;
-      float* ks = reinterpret_cast<float*>(rb + 2 * RAW_CODES);
-      for (int p = tid; p < BN * SP; p += NT) {
-        const int t = p / SP, sp = p % SP, pos = base + t;
-        const bool ok = pos < kv_end;
-        const float* src = scales;
-        if (ok) {
-          const long long page = pages_s[tile % 3][(pos >> logT) - pfirst];
-          src = scales + page * sstride + ((long long)kvh * T + (pos & (T - 1))) * NB +
-                sp * (SB / 4);
-        }
-        cp_async(ks + t * NB + sp * (SB / 4), src, SB, ok);
-        cp_async(ks + BN * NB + t * NB + sp * (SB / 4), ok ? src + vscales : src, SB, ok);
-      }
-    }
-    cp_commit();
-  };
+  // -- staging: page ids and raw stages of the K/V tiles (q8_prefill_common.cuh) -----------
+  const Kv kv = {pages_s, pt, codes, scales, page_code_bytes, page_code_bytes >> 5,
+                 (long long)KVH * T * D, (long long)KVH * T * NB, kvh, T, logT, kv_end,
+                 ntiles, tid};  // fmt: skip
+  auto issue = [&](int tile) { kv.issue(tile, raw + (tile & 1) * RAW_BYTES); };
   // Raw stage -> 16-bit K and V, each [token][dim] in core matrices of 8 rows x 16 bytes:
   // core (token / 8, dim / 8) at (token / 8) * 16 D + (dim / 8) * 128. V is read by wgmma
   // as an N-major B (transposed in hardware), where LBO is the stride between core matrices
@@ -238,8 +192,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
 #pragma unroll
       for (int p = tid; p < BN * PIECES; p += NT) {
         const int t = p % BN, pc = p / BN;
-        const uint4 w = *reinterpret_cast<const uint4*>(rb + kind * RAW_CODES + t * D +
-                                                        ((pc ^ (t % PIECES)) * 16));
+        const uint4 w = *reinterpret_cast<const uint4*>(rb + kind * RAW_CODES + Kv::piece(t, pc));
         uint4 h[2];
         dequant16<BF16>(w, ks[kind * BN * NB + t * NB + (pc >> 1)], h);
         unsigned char* dst = kh + kind * HALF_TILE + (t >> 3) * 16 * D + (2 * pc) * 128 +
@@ -273,10 +226,10 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   for (int j = 0; j < NTILES_O; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
   RowStats st = {NEG_INF, NEG_INF, 0.0f, 0.0f};
 
-  store_page(0, fetch_page(0));
-  store_page(1, fetch_page(1));
-  store_page(2, fetch_page(2));
-  int next_page = fetch_page(3);
+  kv.store(0, kv.fetch(0));
+  kv.store(1, kv.fetch(1));
+  kv.store(2, kv.fetch(2));
+  int next_page = kv.fetch(3);
   __syncthreads();
   issue(0);
   issue(1);
@@ -288,8 +241,8 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
     asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads();  // tile + 1's codes and tile's 16-bit K/V visible; old buffers free
     issue(tile + 2);
-    store_page(tile + 3, next_page);
-    next_page = fetch_page(tile + 4);
+    kv.store(tile + 3, next_page);
+    next_page = kv.fetch(tile + 4);
     const int pos0 = tile * BN;
     const unsigned kbase = half_base + (tile % NBUF) * 2 * HALF_TILE;
     const unsigned vbase = kbase + HALF_TILE;
