@@ -140,7 +140,6 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   const Kv kv = {pages_s, pt, codes, scales, page_code_bytes, page_code_bytes >> 5,
                  (long long)KVH * T * D, (long long)KVH * T * NB, kvh, T, logT, kv_end,
                  ntiles, tid};  // fmt: skip
-  auto issue = [&](int tile) { kv.issue(tile, raw + (tile & 1) * RAW_BYTES); };
   // Raw stage of `tile` -> 16-bit K and V tiles in half buffer (tile & 1).
   auto dequant = [&](int tile) {
     if (tile >= ntiles || PF_SKIP_DEQUANT) return;
@@ -202,23 +201,11 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   const int v_tok = lane & 15, v_dim = (lane >> 4) * 8;
 
   // -- pipeline -----------------------------------------------------------------------------
-  kv.store(0, kv.fetch(0));
-  kv.store(1, kv.fetch(1));
-  kv.store(2, kv.fetch(2));
-  int next_page = kv.fetch(3);
-  __syncthreads();
-  issue(0);
-  issue(1);
-  asm volatile("cp.async.wait_group 1;\n" ::);
-  __syncthreads();
+  int next_page = kv.start(raw);
   dequant(0);
 
   for (int tile = 0; tile < ntiles; ++tile) {
-    cp_wait_all();    // tile + 1 landed (this thread's copies)
-    __syncthreads();  // ... everyone's; tile's 16-bit K/V written; the other buffers free
-    issue(tile + 2);
-    kv.store(tile + 3, next_page);
-    next_page = kv.fetch(tile + 4);
+    kv.advance(tile, raw, next_page);  // tile's 16-bit K/V written; the other buffers free
     dequant(tile + 1);
 
     const int pos0 = tile * BN;

@@ -199,4 +199,29 @@ struct KvStream {
     }
     cp_commit();
   }
+  // The pipeline's start (raw: two stages of RAW_BYTES): page ids of tiles 0-2 in the ring,
+  // tiles 0 and 1 in flight, tile 0 landed for the whole block. Returns this thread's page
+  // id of tile 3, for advance().
+  __device__ __forceinline__ int start(unsigned char* raw) const {
+    store(0, fetch(0));
+    store(1, fetch(1));
+    store(2, fetch(2));
+    const int next = fetch(3);
+    __syncthreads();
+    issue(0, raw);
+    issue(1, raw + RAW_BYTES);
+    asm volatile("cp.async.wait_group 1;\n" ::);
+    __syncthreads();
+    return next;
+  }
+  // At the top of tile `tile`: tile + 1 landed for the whole block (and whatever the block
+  // wrote before this barrier is visible), tile + 2 in flight into the stage tile left,
+  // tile + 3's page ids in the ring (``next``: this thread's, then tile + 4's).
+  __device__ __forceinline__ void advance(int tile, unsigned char* raw, int& next) const {
+    cp_wait_all();
+    __syncthreads();
+    issue(tile + 2, raw + (tile & 1) * RAW_BYTES);
+    store(tile + 3, next);
+    next = fetch(tile + 4);
+  }
 };

@@ -176,7 +176,6 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   const Kv kv = {pages_s, pt, codes, scales, page_code_bytes, page_code_bytes >> 5,
                  (long long)KVH * T * D, (long long)KVH * T * NB, kvh, T, logT, kv_end,
                  ntiles, tid};  // fmt: skip
-  auto issue = [&](int tile) { kv.issue(tile, raw + (tile & 1) * RAW_BYTES); };
   // Raw stage -> 16-bit K and V, each [token][dim] in core matrices of 8 rows x 16 bytes:
   // core (token / 8, dim / 8) at (token / 8) * 16 D + (dim / 8) * 128. V is read by wgmma
   // as an N-major B (transposed in hardware), where LBO is the stride between core matrices
@@ -226,23 +225,11 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   for (int j = 0; j < NTILES_O; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
   RowStats st = {NEG_INF, NEG_INF, 0.0f, 0.0f};
 
-  kv.store(0, kv.fetch(0));
-  kv.store(1, kv.fetch(1));
-  kv.store(2, kv.fetch(2));
-  int next_page = kv.fetch(3);
-  __syncthreads();
-  issue(0);
-  issue(1);
-  asm volatile("cp.async.wait_group 1;\n" ::);
-  __syncthreads();
+  int next_page = kv.start(raw);
   dequant(0);
 
   for (int tile = 0; tile < ntiles; ++tile) {
-    asm volatile("cp.async.wait_group 0;\n" ::);
-    __syncthreads();  // tile + 1's codes and tile's 16-bit K/V visible; old buffers free
-    issue(tile + 2);
-    kv.store(tile + 3, next_page);
-    next_page = kv.fetch(tile + 4);
+    kv.advance(tile, raw, next_page);  // tile's 16-bit K/V written; the other buffers free
     const int pos0 = tile * BN;
     const unsigned kbase = half_base + (tile % NBUF) * 2 * HALF_TILE;
     const unsigned vbase = kbase + HALF_TILE;
