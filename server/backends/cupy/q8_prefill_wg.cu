@@ -4,10 +4,12 @@
 // - a block is PF_WG warpgroups of 4 warps; each warpgroup owns 64 query rows, q in registers
 //   (the A operand, as the wire sent it);
 // - K/V codes and scales stream global -> shared with cp.async (two raw stages, XOR-swizzled
-//   16-byte pieces so the copies and the reads are conflict-free);
-// - the block dequantizes a raw stage (code * scale in float32, one rounding to the 16-bit
-//   type) into wgmma's canonical no-swizzle layout: 8 x 16-byte core matrices, K as
-//   [token][dim] and V transposed as [dim][token], both K-major B operands;
+//   16-byte pieces so the copies and the reads are conflict-free: KvStream,
+//   q8_prefill_common.cuh, with the page-id ring);
+// - the block dequantizes a raw stage (code * scale, one rounding to the 16-bit type: half2
+//   arithmetic for float16, float32 for bfloat16) into wgmma's canonical no-swizzle layout:
+//   8 x 16-byte core matrices, K and V both [token][dim]; K is a K-major B operand of
+//   Q K^T, V an N-major B of P V (transposed by wgmma);
 // - S = Q K^T is issued asynchronously, the block dequantizes the next tile while the tensor
 //   cores run it, then the online softmax in float32 on the accumulators, P rounded to the
 //   16-bit type as the register A operand of O += P V.
