@@ -121,3 +121,23 @@ def test_the_device_narrowing_rounds_as_numpy_does(dtype, rng):
     )
     assert np.all(np.isnan(narrow(np.array([np.nan, -np.nan], np.float32)).astype(np.float32)))
     gpu.close()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["f16", "bf16"])
+def test_16bit_outputs_wait_for_a_long_attention(dtype, rng):
+    """A 16-bit wire's outputs are narrowed on the backend's (non-blocking) stream, after
+    the attention. The narrowing once ran on CuPy's default stream, which does not wait for
+    that stream: a call whose attention ran longer than a launch got back the previous
+    call's outputs (another tenant's, through the service) or the NaN poison. Long caches
+    and several calls in a row, packed and as items, each against the numpy backend."""
+    ref, (packed_gpu, items_gpu) = backends(rng)
+    for _ in range(3):
+        starts = list(rng.integers(6000, 8000, size=8))
+        batch = random_batch(rng, 32, 8, 128, starts, 1, dtype)
+        packed = packed_gpu.attend_packed(batch).astype(np.float32)
+        items = np.stack(items_gpu.append_and_attend(batch.items())).astype(np.float32)
+        expected = ref.attend_packed(batch).astype(np.float32)
+        assert rel_l2(packed, expected) <= 1e-2  # the output's rounding
+        assert rel_l2(items, expected) <= 1e-2
+    for backend in (packed_gpu, items_gpu):
+        backend.close()

@@ -136,7 +136,8 @@ class CupyBackend(Backend):
             batch.finish_copies(self._host_in.view)
             with self._device:
                 batch.dev = cp.empty(batch.nbytes, cp.uint8)
-                batch.dev.set(self._host_in.view[: batch.nbytes])
+                batch.dev.set(self._host_in.view[: batch.nbytes], stream=self._stream)
+                self._stream.synchronize()  # the pinned buffer is reused by the next prepare
         return batch
 
     # -- device work -----------------------------------------------------------------------
@@ -231,9 +232,14 @@ class CupyBackend(Backend):
         if n:
             self._dev_narrow = grow(self._dev_narrow, n, cp.uint16)
             to_bf16 = np.int32(dtype == ml_dtypes.bfloat16)
-            self._narrow_k(
-                (-(-n // 256),), (256,), (self._dev_out, self._dev_narrow, np.int64(n), to_bf16)
-            )
+            # On the backend's stream, after the attention: the stream is non-blocking, so a
+            # launch on CuPy's default stream would not wait for the outputs it reads.
+            with self._stream:
+                self._narrow_k(
+                    (-(-n // 256),),
+                    (256,),
+                    (self._dev_out, self._dev_narrow, np.int64(n), to_bf16),
+                )
         return self._download(self._dev_narrow, 2 * n, dtype)
 
     def download(self, batch: Batch, items: Sequence[AttendItem]) -> list[np.ndarray]:
