@@ -5,8 +5,11 @@ against float64: a kernel experiment costs one GPU call, not a code change per v
     python3 benchmarks/kernel_variants.py \
         --variant base=2:2:32768 --variant qd=2:2:32768:QD_SMEM=1 [--shapes 64x16384]
 
-A variant is NAME=minblocks:nstages:stage_bytes[:DEFINE=VALUE...]. Prints one JSON line per
-(variant, shape): median device time (spin-hidden launch gaps) and the relative L2 error
+A variant is NAME=minblocks:nstages:stage_bytes[:DEFINE=VALUE...][@SRC_DIR]: with @SRC_DIR
+its .cu/.cuh files come from that directory (e.g. a previous commit's, written there with
+`git show REV:server/backends/cupy/q8_attention_tc.cu`), so a change and its baseline are
+timed in the same run. Prints one JSON line per (variant, shape): median device time
+(spin-hidden launch gaps) and the relative L2 error
 of session 0's output against float64.
 """
 
@@ -26,12 +29,16 @@ from kernels import SHAPES, bench_q8, parse_tunings  # noqa: E402
 from q8kv.server.backends.cupy import kernels as cupy_kernels  # noqa: E402
 from q8kv.server.backends.cupy.tuning import GpuTuning  # noqa: E402
 
+SOURCES = cupy_kernels._SRC  # noqa: SLF001 - the installed kernels' directory
 
-def parse_variant(text: str) -> tuple[str, GpuTuning, tuple[str, ...]]:
+
+def parse_variant(text: str) -> tuple[str, GpuTuning, tuple[str, ...], Path]:
     name, spec = text.split("=", 1)
+    spec, _, src = spec.partition("@")
     parts = spec.split(":")
     (tuning,) = parse_tunings(":".join(parts[:3]))
-    return name, tuning, tuple(f"-D{d}" for d in parts[3:])
+    defines = tuple(f"-D{d}" for d in parts[3:])
+    return name, tuning, defines, Path(src) if src else SOURCES
 
 
 def main() -> int:
@@ -45,13 +52,16 @@ def main() -> int:
     spin_cycles = int(props["clockRate"] * 1000 * 300e-6)
     rng = np.random.default_rng()
     for text in args.variant:
-        name, tuning, defines = parse_variant(text)
+        name, tuning, defines, src = parse_variant(text)
         cupy_kernels.EXTRA_DEFINES = defines
+        cupy_kernels._SRC = src  # noqa: SLF001 - the sources this variant compiles
+        cupy_kernels._ATTN_KERNELS.clear()  # noqa: SLF001 - the cache key omits the sources
         for batch, length in shapes:
             res = bench_q8(batch, length, args.reps, spin_cycles, rng, [1.0], True, tuning)
             cp.get_default_memory_pool().free_all_blocks()
             kern = cupy_kernels.attention_kernel(0, 128, tuning)
-            row = {"variant": name, "defines": defines, "batch": batch, "seq_len": length,
+            row = {"variant": name, "defines": defines, "src": str(src),
+                   "batch": batch, "seq_len": length,
                    "q8kv_us": round(res["q8kv_us"], 2),
                    "with_launch_us": round(res["q8kv_with_launch_us"], 2),
                    "rel_l2_vs_float64": res["check_rel_l2"],

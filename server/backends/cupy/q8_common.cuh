@@ -34,13 +34,6 @@ __device__ __forceinline__ float bf16_to_f32(unsigned short h) {
   return __uint_as_float(((unsigned)h) << 16);
 }
 
-// Element `idx` of an input tensor of dtype `dt` starting at `base`.
-__device__ __forceinline__ float load_in(const unsigned char* base, int dt, long long idx) {
-  if (dt == 0) return reinterpret_cast<const float*>(base)[idx];
-  unsigned short h = reinterpret_cast<const unsigned short*>(base)[idx];
-  return dt == 1 ? f16_to_f32(h) : bf16_to_f32(h);
-}
-
 // Index of the last row r in [0, n) with meta[r * META_STRIDE + col] <= key (rows sorted).
 __device__ __forceinline__ int find_item(const int* meta, int n, int col, int key) {
   int lo = 0, hi = n - 1;
