@@ -104,8 +104,9 @@ def largest_magnitude(array: np.ndarray) -> float:
     kind, mask, inf = _MAGNITUDE_BITS[array.dtype]
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
-    # Methods, not np.max: the module-level wrappers cost more than a small tensor's pass.
-    top = (array.view(kind) & mask).max()
+    # The ufunc's reduce, not np.max or .max: their Python wrappers cost more than a small
+    # tensor's pass.
+    top = np.maximum.reduce(array.view(kind) & mask, axis=None)
     if top > inf:
         return float("nan")
     return float(top.view(array.dtype))

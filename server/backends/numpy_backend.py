@@ -287,7 +287,8 @@ def _attend_rows(q, keys, values, start: int, g: int, r0: int, r1: int, scale) -
         token = start + np.arange(r0, r1) // g  # cache position of each row
         hidden = np.arange(width)[None, :] > token[:, None]
         np.copyto(scores, np.float32(-np.inf), where=hidden[None])
-    scores -= scores.max(axis=-1, keepdims=True)
+    # The ufuncs' reduce: the same reductions as .max/.sum, without their Python wrappers.
+    scores -= np.maximum.reduce(scores, axis=-1, keepdims=True)
     np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
+    scores /= np.add.reduce(scores, axis=-1, keepdims=True)
     return scores @ values[:, :width]
