@@ -45,12 +45,13 @@ class NumpyBackend(Backend):
         kvh, t, d = layout.num_kv_heads, layout.tokens_per_page, layout.head_dim
         views = self._views.get((kvh, t, d))
         if views is None:
-            views = self._views[kvh, t, d] = tuple(  # type: ignore[assignment]
-                # A view (copy=False raises otherwise): stores must land in the pool.
+            # Views (copy=False raises otherwise): stores must land in the pool.
+            codes, scales = (
                 pool[:, : 2 * kvh * t * width].reshape(len(pool), 2, kvh, t, width, copy=False)
                 for pool, width in ((self.codes, d), (self.scales, layout.blocks))
             )
-        return views  # type: ignore[return-value]
+            views = self._views[kvh, t, d] = (codes, scales)
+        return views
 
     # -- Backend ---------------------------------------------------------------------------
 
