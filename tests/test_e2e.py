@@ -134,6 +134,30 @@ def test_half_precision_wire(client, dtype):
     s.delete()
 
 
+def test_k_and_v_of_different_dtypes(client, server):
+    """Each tensor carries its own dtype: float16 k with bfloat16 v (no common numpy type)
+    appends and attends, through the one-at-a-time and the packed call, with the server's
+    quantization sample on for every append (this module's server)."""
+    s = client.create_session(**GEOM)
+    rng = np.random.default_rng(12)
+    q, k, v = qkv(rng, 5, GEOM)
+    item = attend_item(s.id, 0, q.astype(np.float16), k.astype(np.float16), v)
+    item.v.CopyFrom(wire.encode(v, "bfloat16"))
+    with grpc.insecure_channel(server.address) as channel:
+        reply = stub(channel).AppendAndAttend(pb.AppendAndAttendRequest(items=[item]), timeout=30)
+        out = wire.decode(reply.results[0].output)
+        check_attention(s, 0, q.astype(np.float16), out, 0, tol=2e-3)
+        q1, k1, v1 = (a[None] for a in qkv(rng, 1, GEOM))  # [B=1, n=1, heads, D]
+        batch = pb.AttendBatchRequest(
+            session_ids=[s.id], layer=0, q=wire.encode(q1, "float16"),
+            k=wire.encode(k1, "bfloat16"), v=wire.encode(v1, "float16"),
+        )
+        packed = stub(channel).AttendBatch(batch, timeout=30)
+    assert list(packed.lengths) == [6]
+    check_attention(s, 0, q1[0].astype(np.float16), wire.decode(packed.output)[0], 5, tol=2e-3)
+    s.delete()
+
+
 def test_dequantize_range(client):
     s = client.create_session(**GEOM)
     rng = np.random.default_rng(3)

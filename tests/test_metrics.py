@@ -300,3 +300,19 @@ def test_the_quantization_sample_reads_a_bounded_window(monkeypatch):
     assert seen == [(2, metrics_module.SAMPLE_TOKENS, 2, 64), (2, 5, 2, 64)]
     hist = m.registry.get_sample_value("q8kv_quantization_relative_error_count")
     assert hist == 2
+
+
+def test_the_quantization_sample_takes_k_and_v_of_different_dtypes():
+    """k float16 and v bfloat16 (legal on the wire; numpy has no common type for them): the
+    sample casts each to float32 on its own, as the backends do, instead of raising after
+    the append had landed."""
+    import ml_dtypes
+
+    from q8kv.server.observability.metrics import quantization_error
+
+    rng = np.random.default_rng(11)
+    k = (rng.standard_normal((3, 2, 64)) * 3).astype(np.float16)
+    v = rng.standard_normal((3, 2, 64)).astype(ml_dtypes.bfloat16)
+    error = quantization_error(k, v)
+    assert error == quantization_error(k.astype(np.float32), v.astype(np.float32))
+    assert 0 < error < 0.02

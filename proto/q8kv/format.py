@@ -41,18 +41,25 @@ def roundf(y: np.ndarray) -> np.ndarray:
     ``floor(|y| + 0.5)`` is wrong in float32 (0.49999997 + 0.5 rounds up to 1.0), so round
     half-to-even and move the exact ties away from zero instead.
     """
-    trunc = np.trunc(y)
-    tie = np.abs(y - trunc) == np.float32(0.5)  # exact for |y| < 2**23
     rounded = np.rint(y)
+    # y - rint(y) is exact for |y| < 2**23 (and 0 above, where y is an integer already).
+    tie = np.abs(y - rounded) == np.float32(0.5)
     if tie.any():  # rare; np.where over every value costs ~10x a plain ufunc pass
-        rounded[tie] = trunc[tie] + np.sign(y[tie])
+        rounded[tie] = np.trunc(y[tie]) + np.sign(y[tie])
     return rounded
+
+
+# Below this many values one reduction beats the folds (a decode step's k/v: 2,048 values,
+# 10 us against 13 us); above it the folds win, by 2x from 100k values.
+_FOLD_FROM = 4096
 
 
 def _absmax(blocks: np.ndarray) -> np.ndarray:
     """max |x| over the last axis (a power of two long), as halves folded together: the
     same values as np.max(axis=-1) (max is exact), a few times faster on short rows."""
     folded = np.abs(blocks)
+    if folded.size < _FOLD_FROM:
+        return np.maximum.reduce(folded, axis=-1)  # .max(axis=-1) without its wrapper
     while folded.shape[-1] > 1:
         half = folded.shape[-1] // 2
         folded = np.maximum(folded[..., :half], folded[..., half:])
@@ -66,8 +73,14 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"last dimension must be a multiple of {QBLOCK}, got {x.shape[-1]}")
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // QBLOCK, QBLOCK)
     d = _absmax(blocks) / np.float32(127.0)
-    with np.errstate(over="ignore"):
-        inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d != 0)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        inv = np.float32(1.0) / d  # inf where d is 0 or 1/d overflows, NaN for NaN input
+    if inv.size and np.maximum.reduce(inv, axis=None) < np.inf:
+        # Every block's 1/d is finite (the common case; no zero-block or where passes).
+        # Then |y| <= 127 (1 + 2**-22)^3 < 127.5 (d may be subnormal, relative error up to
+        # 2**-22), so the codes need no clamp: the same codes as the general case below.
+        return roundf(blocks * inv[..., None]).astype(np.int8).reshape(x.shape), d
+    inv[d == 0] = 0
     # Where max|x| < ~3.7e-37, d is subnormal and 1/d overflows to inf: x * id would give
     # +-127 for every nonzero value and NaN for zeros (undefined in GGML's C too). Divide by
     # d there instead, so |q * d - x| <= d / 2 still holds. Normal blocks are unaffected.
@@ -76,7 +89,7 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if huge.any():
         y = np.where(huge[..., None], blocks / np.where(huge, d, np.float32(1))[..., None], y)
     codes = np.clip(roundf(y), -127, 127).astype(np.int8)
-    return codes.reshape(x.shape), d.astype(np.float32)
+    return codes.reshape(x.shape), d
 
 
 def dequantize(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 
 from q8kv import format as q8
 
-from .base import QBLOCK, AttendItem, Backend, PackedItems
+from .base import QBLOCK, AttendItem, Backend, LayerLayout, PackedItems
 
 # Most float32 attention scores one chunk of an item's queries holds at once (see _attend):
 # without chunks a 16k-token prefill built [KVH, G*n, L] scores, ~18 GiB.
@@ -37,11 +37,29 @@ class NumpyBackend(Backend):
         # np.zeros maps untouched memory lazily, so a large budget costs nothing until used.
         self.codes = np.zeros((num_pages, page_code_bytes), dtype=np.int8)
         self.scales = np.zeros((num_pages, page_code_bytes // QBLOCK), dtype=np.float32)
+        self._views: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _pool_views(self, layout: LayerLayout) -> tuple[np.ndarray, np.ndarray]:
+        """Codes and scales as [page, kind, KVH, T, width] views of the pools, per layout:
+        built once (building them costs about as much as a decode step's write)."""
+        kvh, t, d = layout.num_kv_heads, layout.tokens_per_page, layout.head_dim
+        views = self._views.get((kvh, t, d))
+        if views is None:
+            # Views (copy=False raises otherwise): stores must land in the pool.
+            codes, scales = (
+                pool[:, : 2 * kvh * t * width].reshape(len(pool), 2, kvh, t, width, copy=False)
+                for pool, width in ((self.codes, d), (self.scales, layout.blocks))
+            )
+            views = self._views[kvh, t, d] = (codes, scales)
+        return views
 
     # -- Backend ---------------------------------------------------------------------------
 
     def _append(self, item: AttendItem) -> None:
-        kv = np.stack([item.k, item.v]).astype(np.float32)  # [2, n, KVH, D]
+        # Filled rather than np.stack'ed: k and v may differ in dtype (float16 and bfloat16
+        # have no common type), and one cast each costs less than a stack and a cast.
+        kv = np.empty((2, *item.k.shape), np.float32)  # [2, n, KVH, D]
+        kv[0], kv[1] = item.k, item.v
         codes, scales = q8.quantize(kv)
         self.write_tokens(
             item.layout, item.page_ids, item.start,
@@ -51,21 +69,41 @@ class NumpyBackend(Backend):
     def write_tokens(self, layout, page_ids, start, codes, scales) -> None:
         """Raw Q8 tokens [2, KVH, n, D] (codes) / [..., D/32] (scales) into their pages,
         one slice assignment per page touched."""
-        kvh, t, n = layout.num_kv_heads, layout.tokens_per_page, codes.shape[2]
-        widths = (layout.head_dim, layout.blocks)
+        t, n = layout.tokens_per_page, codes.shape[2]
+        code_pages, scale_pages = self._pool_views(layout)
         done = 0
         while done < n:
             position = start + done
             page, slot = int(page_ids[position // t]), position % t
             take = min(n - done, t - slot)
-            pools = zip((self.codes, self.scales), (codes, scales), widths, strict=True)
-            for pool, tokens, width in pools:
-                view = pool[page, : 2 * kvh * t * width].reshape(2, kvh, t, width)
-                view[:, :, slot : slot + take] = tokens[:, :, done : done + take]
+            code_pages[page, :, :, slot : slot + take] = codes[:, :, done : done + take]
+            scale_pages[page, :, :, slot : slot + take] = scales[:, :, done : done + take]
             done += take
 
-    def _attend(self, item: AttendItem) -> np.ndarray:
-        """Attention of the item's queries over its layer, in chunks of query rows.
+    def _layer_tokens(
+        self, layout: LayerLayout, page_ids: np.ndarray, total: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Codes int8 [2, KVH, total, D] and scales float32 [..., D/32] of a layer's first
+        ``total`` tokens, read for attention: views of the pool when they fit one page (a
+        decode step's short cache), else one gather."""
+        t = layout.tokens_per_page
+        pages = -(-total // t)
+        tokens = []
+        for view in self._pool_views(layout):
+            if pages == 1:
+                whole = view[int(page_ids[0])]  # [2, KVH, T, width], no copy
+            else:
+                # [P, 2, KVH, T, w] -> [2, KVH, P * T, w]: the page axis moved next to T.
+                gathered = view[np.asarray(page_ids[:pages], dtype=np.intp)]
+                whole = gathered.transpose(1, 2, 0, 3, 4).reshape(
+                    2, layout.num_kv_heads, pages * t, view.shape[-1]
+                )
+            tokens.append(whole[:, :, :total])
+        return tokens[0], tokens[1]
+
+    def _attend(self, item: AttendItem, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """Attention of the item's queries over its layer, in chunks of query rows: [n, H, D]
+        computed in float32, returned in ``dtype``.
 
         Memory bound (host RAM, per item): the layer's cache read back as float32 K and V
         (about 6 bytes per cached value with the raw codes read from the pages), plus, per
@@ -79,7 +117,7 @@ class NumpyBackend(Backend):
         layout, n, start = item.layout, item.n, item.start
         kvh, g, d = layout.num_kv_heads, layout.group, layout.head_dim
         total = start + n
-        codes, scales = self.read_tokens(layout, item.page_ids, 0, total)
+        codes, scales = self._layer_tokens(layout, item.page_ids, total)
         keys, values = q8.dequantize(codes, scales)  # each [KVH, total, D]
         del codes, scales
         # Rows of one kv head's query matrix are (new token, group member): [KVH, n*G, D],
@@ -90,25 +128,21 @@ class NumpyBackend(Backend):
         row_budget = max(1, self.score_chunk_bytes // (4 * total))
         row_block = min(rows, row_budget)
         head_block = max(1, min(kvh, row_budget // row_block))
-        out = np.empty((kvh, rows, d), dtype=np.float32)
         scale = np.float32(item.softmax_scale)
-        for h0 in range(0, kvh, head_block):
-            heads = slice(h0, h0 + head_block)
-            for r0 in range(0, rows, row_block):
-                r1 = min(rows, r0 + row_block)
-                token = start + np.arange(r0, r1) // g  # cache position of each row's token
-                width = int(token[-1]) + 1  # keys any row of the block may see
-                scores = q[heads, r0:r1] @ keys[heads, :width].transpose(0, 2, 1)
-                scores *= scale
-                # Causal: the new token at cache position p sees positions [0, p].
-                hidden = np.arange(width)[None, :] > token[:, None]
-                np.copyto(scores, np.float32(-np.inf), where=hidden[None])
-                scores -= scores.max(axis=-1, keepdims=True)
-                np.exp(scores, out=scores)
-                scores /= scores.sum(axis=-1, keepdims=True)
-                out[heads, r0:r1] = scores @ values[heads, :width]
+        if head_block == kvh and row_block == rows:  # one block (a decode step): no copy
+            out = _attend_rows(q, keys, values, start, g, 0, rows, scale)
+        else:
+            out = np.empty((kvh, rows, d), dtype=np.float32)
+            for h0 in range(0, kvh, head_block):
+                heads = slice(h0, h0 + head_block)
+                for r0 in range(0, rows, row_block):
+                    r1 = min(rows, r0 + row_block)
+                    out[heads, r0:r1] = _attend_rows(
+                        q[heads], keys[heads], values[heads], start, g, r0, r1, scale
+                    )
         out = out.reshape(kvh, n, g, d).transpose(1, 0, 2, 3)
-        return np.ascontiguousarray(out.reshape(n, kvh * g, d), dtype=np.float32)
+        # Cast once, straight into the answer's dtype (float32 by default, as computed).
+        return np.ascontiguousarray(out.reshape(n, kvh * g, d), dtype=dtype)
 
     def _timed(self, kernel: str, started: float) -> None:
         # On the CPU, enqueueing and running are one: both figures are the op's wall time.
@@ -121,7 +155,7 @@ class NumpyBackend(Backend):
             self._append(item)
         self._timed("quantize_append", started)
         started = time.perf_counter()
-        outputs = [self._attend(item).astype(item.out_dtype, copy=False) for item in items]
+        outputs = [self._attend(item, item.out_dtype) for item in items]
         self._timed("attention", started)
         return outputs
 
@@ -175,7 +209,9 @@ class NumpyBackend(Backend):
         """Quantize every session's new k/v at once, then one scattered store per pool."""
         lay, n = batch.layout, batch.n
         kvh, t = lay.num_kv_heads, lay.tokens_per_page
-        codes, scales = q8.quantize(np.stack([batch.k, batch.v]).astype(np.float32))
+        kv = np.empty((2, *batch.k.shape), np.float32)  # k and v may differ in dtype
+        kv[0], kv[1] = batch.k, batch.v
+        codes, scales = q8.quantize(kv)
         # Each new token's page and slot: [B, n] -> flat over (session, token).
         position = batch.starts[:, None] + np.arange(n)
         tables = np.concatenate(batch.page_ids)
@@ -239,3 +275,21 @@ class NumpyBackend(Backend):
     def copy_page(self, source: int, target: int) -> None:
         self.codes[target] = self.codes[source]
         self.scales[target] = self.scales[source]
+
+
+def _attend_rows(q, keys, values, start: int, g: int, r0: int, r1: int, scale) -> np.ndarray:
+    """Softmax attention of query rows [r0, r1) of q [heads, rows, D] (row r: new token
+    ``start + r // g``) over the keys and values [heads, cache, D] each may see."""
+    width = start + (r1 - 1) // g + 1  # keys any row of the block may see
+    scores = q[:, r0:r1] @ keys[:, :width].transpose(0, 2, 1)
+    scores *= scale
+    if start + r0 // g + 1 < width:  # rows of several tokens (else none is hidden)
+        # Causal: the new token at cache position p sees positions [0, p].
+        token = start + np.arange(r0, r1) // g  # cache position of each row
+        hidden = np.arange(width)[None, :] > token[:, None]
+        np.copyto(scores, np.float32(-np.inf), where=hidden[None])
+    # The ufuncs' reduce: the same reductions as .max/.sum, without their Python wrappers.
+    scores -= np.maximum.reduce(scores, axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= np.add.reduce(scores, axis=-1, keepdims=True)
+    return scores @ values[:, :width]

@@ -28,7 +28,8 @@ SAMPLE_TOKENS = 64  # tokens of one appended item that the quantization-error sa
 
 def quantization_error(k: np.ndarray, v: np.ndarray) -> float | None:
     """||stored - sent|| / ||sent|| of k and v through the Q8 format (None for all zeros)."""
-    sent = np.stack([k, v]).astype(np.float32)
+    sent = np.empty((2, *k.shape), np.float32)  # filled: k and v may differ in dtype
+    sent[0], sent[1] = k, v
     stored = q8.dequantize(*q8.quantize(sent))
     # In float64: the sum of squares of values near the 1e15 input bound overflows float32,
     # and one NaN would poison the histogram's sum for good.
