@@ -489,6 +489,7 @@ class Bench:
             "--output",
             self.args.profile,
             "--nonblocking",
+            *(["--idle", "--threads"] if self.args.profile_idle else []),
         ]
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -699,6 +700,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra q8kv-server flag, repeatable: --server-arg=--batching=off",
     )
     p.add_argument("--profile", help="write a py-spy raw profile of the server here")
+    p.add_argument(
+        "--profile-idle",
+        action="store_true",
+        help="--profile keeps idle samples, per thread: where the server waits, not only works",
+    )
     p.add_argument(
         "--profile-at", default="64,2", help="B,in-flight of the run --profile records [64,2]"
     )
