@@ -64,9 +64,10 @@ class Engine:
         """Finish the queued work, then end the worker thread."""
         self.worker.stop(timeout)
 
-    async def call(self, fn) -> object:
-        """Run ``fn`` on the worker, in order with every other operation."""
-        return await self.worker.call(fn)
+    async def call(self, fn, inline: bool = False) -> object:
+        """Run ``fn`` on the worker, in order with every other operation; ``inline``: a
+        metadata-only ``fn`` that runs on the event loop when the engine is idle."""
+        return await self.worker.call(fn, inline)
 
     @property
     def page_bytes(self) -> int:
@@ -90,7 +91,8 @@ class Engine:
         return await self.call(
             lambda: store.snapshot(
                 store.create(geometry, session_id, ttl_seconds, softmax_scale, tenant)
-            )
+            ),
+            inline=True,
         )
 
     def read_session(self, session_id: str, tenant: str) -> SessionSnapshot:
@@ -127,7 +129,7 @@ class Engine:
 
     async def delete_session(self, session_id: str, tenant: str) -> int:
         """Bytes of the pages the session gave back."""
-        return await self.call(lambda: self.store.delete(session_id, tenant))
+        return await self.call(lambda: self.store.delete(session_id, tenant), inline=True)
 
     async def truncate_session(self, session_id: str, tenant: str, length: int) -> SessionSnapshot:
         def truncate() -> SessionSnapshot:
@@ -135,7 +137,9 @@ class Engine:
             self.store.truncate(session, length)
             return self.store.snapshot(session)
 
-        return await self.call(truncate)
+        # Inline when idle: a truncate is metadata (lengths, page references), and the
+        # thread hop it took made the next decode step pay for waking the worker.
+        return await self.call(truncate, inline=True)
 
     async def evict_expired(self) -> int:
         return await self.call(self.store.evict_expired)
@@ -238,8 +242,10 @@ class Engine:
     # -- the worker's dispatch -----------------------------------------------------------
 
     def _execute(self, job: Job) -> None:
-        if isinstance(job, CallJob):
-            self.worker.run_call(job)
+        if isinstance(job, CallJob):  # the worker runs its calls itself; kept for safety
+            settle = self.worker.run_call(job)
+            if settle is not None:
+                settle()
             return
         assert isinstance(job, AppendJob)
         chunk = self.prefill_chunk_tokens

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections import deque
@@ -24,6 +25,20 @@ log = logging.getLogger("q8kv.engine")
 
 # Largest append (new tokens over all items) that may run inline on the event loop.
 INLINE_MAX_TOKENS = 64
+
+
+def run_fn(fn: Callable[[], Any]) -> Any:
+    """``fn()``, its errors as the caller gets them: a ServiceError as it is; a bug is
+    logged and answered INTERNAL (the engine keeps serving); no host memory is
+    RESOURCE_EXHAUSTED."""
+    try:
+        return fn()
+    except ServiceError:
+        raise
+    except Exception as exc:
+        if not isinstance(exc, MemoryError):
+            log.exception("engine call failed")
+        raise answer(exc) from None
 
 
 class JobQueue:
@@ -69,12 +84,37 @@ class Worker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the worker, in order with every other job."""
+    async def call(self, fn: Callable[[], Any], inline: bool = False) -> Any:
+        """Run ``fn`` on the worker, in order with every other job. ``inline``: ``fn`` is
+        cheap (metadata only), so when nothing is queued or running it runs right here on
+        the event loop: a thread hop each way costs more than the work, and the worker,
+        woken for nothing to batch, competes with the next call for the CPU and the GIL."""
+        if inline and self._claim_idle():
+            try:
+                return run_fn(fn)
+            finally:
+                self._release_idle()
         loop = asyncio.get_running_loop()
         job = CallJob(future=loop.create_future(), loop=loop, fn=fn)
         self.queue.put(job)
         return await self._outcome(job)
+
+    def _claim_idle(self) -> bool:
+        """Take the engine for work on the event loop, if nothing is queued or running
+        (then everything that came before has been applied: order holds)."""
+        queue = self.queue
+        with queue.ready:
+            if queue.jobs or queue.busy or not queue.accepting:
+                return False
+            queue.busy = True
+            return True
+
+    def _release_idle(self) -> None:
+        queue = self.queue
+        with queue.ready:
+            queue.busy = False
+            if queue.jobs:  # wake the worker only when it has something to do
+                queue.ready.notify()
 
     async def append(self, job: AppendJob) -> Any:
         """Queue an append; inline when it is small, alone and the worker idle."""
@@ -95,17 +135,16 @@ class Worker:
             job.claimed = True
             return True
 
-    def run_call(self, job: CallJob) -> None:
+    def run_call(self, job: CallJob) -> Callable[[], None] | None:
+        """Run the call's ``fn``; returns what answers its caller (None: withdrawn), for the
+        worker to run once it is marked idle (see ``_run``)."""
         if not self.claim(job):
-            return
+            return None
         try:
-            job.resolve(job.fn())
-        except ServiceError as exc:
-            job.resolve(error=exc)
-        except Exception as exc:  # a bug: log it, answer INTERNAL, keep serving
-            if not isinstance(exc, MemoryError):
-                log.exception("engine call failed")
-            job.resolve(error=answer(exc))
+            result = run_fn(job.fn)
+        except Exception as exc:
+            return functools.partial(job.resolve, error=exc)
+        return functools.partial(job.resolve, result)
 
     async def _outcome(self, job: Job) -> Any:
         """Wait for the job's answer. The caller going away (task cancelled) withdraws the
@@ -156,10 +195,7 @@ class Worker:
             try:
                 self._execute(job)
             finally:
-                with queue.ready:
-                    queue.busy = False
-                    if queue.jobs:  # wake the worker only when it has something to do
-                        queue.ready.notify()
+                self._release_idle()
         return await self._outcome(job)
 
     def _run(self) -> None:
@@ -172,8 +208,17 @@ class Worker:
                 if job is None:
                     return
                 queue.busy = True
+            settle = None
             try:
-                self._execute(job)
+                if isinstance(job, CallJob):
+                    settle = self.run_call(job)
+                else:
+                    self._execute(job)
             finally:
                 with queue.ready:
                     queue.busy = False
+            # A call is answered only now: waking the event loop (a socket write) lets it
+            # take the GIL, and a decode step the answer sets off must find the engine idle
+            # (else it takes two thread hops instead of running inline).
+            if settle is not None:
+                settle()
