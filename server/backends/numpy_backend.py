@@ -16,6 +16,7 @@ import numpy as np
 
 from q8kv import format as q8
 
+from . import halfcast
 from .base import QBLOCK, AttendItem, Backend, LayerLayout, PackedItems
 
 # Most float32 attention scores one chunk of an item's queries holds at once (see _attend):
@@ -59,7 +60,8 @@ class NumpyBackend(Backend):
         # Filled rather than np.stack'ed: k and v may differ in dtype (float16 and bfloat16
         # have no common type), and one cast each costs less than a stack and a cast.
         kv = np.empty((2, *item.k.shape), np.float32)  # [2, n, KVH, D]
-        kv[0], kv[1] = item.k, item.v
+        halfcast.to_float32(item.k, kv[0])
+        halfcast.to_float32(item.v, kv[1])
         codes, scales = q8.quantize(kv)
         self.write_tokens(
             item.layout, item.page_ids, item.start,
@@ -122,7 +124,7 @@ class NumpyBackend(Backend):
         del codes, scales
         # Rows of one kv head's query matrix are (new token, group member): [KVH, n*G, D],
         # so a block of rows is a block of tokens and sees a prefix of the keys.
-        q = item.q.astype(np.float32).reshape(n, kvh, g, d).transpose(1, 0, 2, 3)
+        q = halfcast.to_float32(item.q).reshape(n, kvh, g, d).transpose(1, 0, 2, 3)
         q = q.reshape(kvh, n * g, d)
         rows = n * g
         row_budget = max(1, self.score_chunk_bytes // (4 * total))
@@ -174,7 +176,8 @@ class NumpyBackend(Backend):
             if length < 0:  # a long prefill: _attend chunks its rows
                 out[rows] = self._attend(batch.item(int(rows)))
             else:
-                out[rows] = self._attend_same_length(batch, rows, length)
+                q = halfcast.to_float32(batch.q[rows])
+                out[rows] = self._attend_same_length(batch, q, rows, length)
         self._timed("attention", started)
         return out
 
@@ -210,7 +213,8 @@ class NumpyBackend(Backend):
         lay, n = batch.layout, batch.n
         kvh, t = lay.num_kv_heads, lay.tokens_per_page
         kv = np.empty((2, *batch.k.shape), np.float32)  # k and v may differ in dtype
-        kv[0], kv[1] = batch.k, batch.v
+        halfcast.to_float32(batch.k, kv[0])
+        halfcast.to_float32(batch.v, kv[1])
         codes, scales = q8.quantize(kv)
         # Each new token's page and slot: [B, n] -> flat over (session, token).
         position = batch.starts[:, None] + np.arange(n)
@@ -227,35 +231,60 @@ class NumpyBackend(Backend):
             view[pages, :, :, slots] = tokens.transpose(1, 2, 0, 3, 4).reshape(-1, 2, kvh, width)
 
     def _attend_same_length(
-        self, batch: PackedItems, rows: slice | np.ndarray, total: int
+        self, batch: PackedItems, q: np.ndarray, rows: slice | np.ndarray, total: int
     ) -> np.ndarray:
-        """Attention of sessions ``rows`` (all holding ``total`` tokens after the append),
-        batched over sessions: [len(rows), n, H, D] float32."""
+        """Attention of sessions ``rows`` (all holding ``total`` tokens after the append;
+        their queries ``q``, float32 [R, n, H, D]), batched over sessions: [R, n, H, D]
+        float32. A block of kv heads at a time
+        when the group's K/V would not stay in the CPU's caches (a long cache)."""
         lay, n = batch.layout, batch.n
-        kvh, g, d, t = lay.num_kv_heads, lay.group, lay.head_dim, lay.tokens_per_page
+        kvh, g, d = lay.num_kv_heads, lay.group, lay.head_dim
         chosen = range(batch.size)[rows] if isinstance(rows, slice) else rows
-        start, count, pages = total - n, len(chosen), -(-total // t)
-        ids = np.stack([batch.page_ids[b][:pages] for b in chosen])  # [R, P]
-        kv = []
-        for pool, width in ((self.codes, d), (self.scales, lay.blocks)):
-            raw = pool[ids][:, :, : 2 * kvh * t * width].reshape(count, pages, 2, kvh, t, width)
-            raw = raw.transpose(0, 2, 3, 1, 4, 5).reshape(count, 2, kvh, pages * t, width)
-            kv.append(raw[:, :, :, :total])
-        values = q8.dequantize(*kv)  # [R, 2, KVH, total, D]
-        keys, values = values[:, 0], values[:, 1]
-        q = batch.q[rows].astype(np.float32).reshape(count, n, kvh, g, d)
-        q = q.transpose(0, 2, 1, 3, 4).reshape(count, kvh, n * g, d)
-        scores = q @ keys.transpose(0, 1, 3, 2)  # [R, KVH, n*G, total]
-        scores *= batch.softmax_scales[rows].astype(np.float32)[:, None, None, None]
-        if n > 1:  # causal among the new tokens (a decode step hides nothing)
-            token = start + np.arange(n * g) // g
-            hidden = np.arange(total)[None, :] > token[:, None]
-            np.copyto(scores, np.float32(-np.inf), where=hidden[None, None])
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        out = (scores @ values).reshape(count, kvh, n, g, d).transpose(0, 2, 1, 3, 4)
+        count, tables = len(chosen), [batch.page_ids[b] for b in chosen]
+        # Rows of one kv head's query matrix are (new token, group member), as in _attend.
+        q = q.reshape(count, n, kvh, g, d)
+        q = (q.transpose(0, 2, 1, 3, 4) if n > 1 else q).reshape(count, kvh, n * g, d)
+        scale = batch.softmax_scales[rows].astype(np.float32)[:, None, None, None]
+        per_head = 16 * d * total * count  # the group's K/V of one kv head (see _groups)
+        step = max(1, min(kvh, self.group_cache_bytes // per_head))
+        out = np.empty((count, kvh, n * g, d), np.float32)
+        for h0 in range(0, kvh, step):
+            heads = slice(h0, min(kvh, h0 + step))
+            keys, values = self._dequantized(lay, tables, total, heads)
+            out[:, heads] = _attend_sessions(q[:, heads], keys, values, scale, total - n, g)
+        out = out.reshape(count, kvh, n, g, d).transpose(0, 2, 1, 3, 4)
         return out.reshape(count, n, kvh * g, d)
+
+    def _dequantized(
+        self, layout: LayerLayout, tables: list[np.ndarray], total: int, heads: slice
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of the first ``total`` tokens of R layers, kv heads ``heads``: float32
+        [R, heads, total, D] each, the values ``q8.dequantize`` gives."""
+        codes, scales = self._gather_tokens(layout, tables, total, heads)
+        values = q8.dequantize(codes, scales)  # [R, 2, heads, total, D]
+        return values[:, 0], values[:, 1]
+
+    def _gather_tokens(
+        self, layout: LayerLayout, tables: list[np.ndarray], total: int, heads: slice
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``total`` tokens of R layers, kv heads ``heads``: codes int8
+        [R, 2, heads, total, D] and scales float32 [..., D/32], one advanced index per pool:
+        each (session, kind, head) copies its run of tokens of a page whole (a short cache:
+        just the tokens held; a longer one: whole pages, cut to ``total`` as a view)."""
+        t = layout.tokens_per_page
+        pages = -(-total // t)
+        ids = np.array([table[:pages] for table in tables], dtype=np.intp)  # [R, P]
+        kind, head = np.arange(2)[:, None], np.arange(layout.num_kv_heads)[heads]
+        gathered = []
+        for view in self._pool_views(layout):
+            if pages == 1:  # [R, 2, heads] runs of the first `total` slots of one page
+                gathered.append(view[ids[:, :1, None], kind, head, :total])
+            else:  # [R, 2, heads, P] runs of T slots: one run of P * T tokens per head
+                whole = view[ids[:, None, None, :], kind[..., None], head[:, None]]
+                gathered.append(
+                    whole.reshape(*whole.shape[:3], pages * t, -1)[:, :, :, :total]
+                )
+        return gathered[0], gathered[1]
 
     def dequantize(self, layout, page_ids, start, end):
         started = time.perf_counter()
@@ -293,3 +322,21 @@ def _attend_rows(q, keys, values, start: int, g: int, r0: int, r1: int, scale) -
     np.exp(scores, out=scores)
     scores /= np.add.reduce(scores, axis=-1, keepdims=True)
     return scores @ values[:, :width]
+
+
+def _attend_sessions(q, keys, values, scale, start: int, g: int) -> np.ndarray:
+    """Softmax attention of R sessions' query rows q [R, heads, n*G, D] (row r: new token
+    ``start + r // g``) over their keys and values [R, heads, start + n, D]: per session
+    and head the matmuls and reductions of ``_attend_rows``, so the same bits."""
+    rows, total = q.shape[2], keys.shape[2]
+    scores = q @ keys.transpose(0, 1, 3, 2)  # [R, heads, n*G, total]
+    scores *= scale
+    if rows > g:  # causal among the new tokens (a decode step hides nothing)
+        token = start + np.arange(rows) // g
+        hidden = np.arange(total)[None, :] > token[:, None]
+        np.copyto(scores, np.float32(-np.inf), where=hidden[None, None])
+    scores -= np.maximum.reduce(scores, axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= np.add.reduce(scores, axis=-1, keepdims=True)
+    return scores @ values
+
