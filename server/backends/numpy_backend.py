@@ -26,6 +26,9 @@ SCORE_CHUNK_BYTES = 64 * 1024 * 1024
 # group's K/V must stay in the CPU's caches (measured, 2 vCPUs: 4 MiB groups 1.1x faster
 # than per item at 64 x 200 tokens; 128 MiB groups 1.8x slower).
 GROUP_CACHE_BYTES = 4 * 1024 * 1024
+# Query blocks of at most this many rows (a decode step: the GQA group) take their scores as
+# keys @ q^T (see _scores).
+KEYS_FIRST_ROWS = 64
 
 
 class NumpyBackend(Backend):
@@ -109,7 +112,8 @@ class NumpyBackend(Backend):
 
         Memory bound (host RAM, per item): the layer's cache read back as float32 K and V
         (about 6 bytes per cached value with the raw codes read from the pages), plus, per
-        chunk, at most ``score_chunk_bytes`` of float32 scores/weights (computed in place)
+        chunk, at most ``score_chunk_bytes`` of float32 scores/weights (computed in place;
+        twice that for a moment in a block of at most KEYS_FIRST_ROWS rows: see _scores)
         and a boolean causal mask a quarter of that per kv head. A chunk is a block of kv
         heads times a block of (token, group member) rows, sized so that
         rows x visible keys x 4 bytes <= score_chunk_bytes; one row is at most
@@ -310,7 +314,7 @@ def _attend_rows(q, keys, values, start: int, g: int, r0: int, r1: int, scale) -
     """Softmax attention of query rows [r0, r1) of q [heads, rows, D] (row r: new token
     ``start + r // g``) over the keys and values [heads, cache, D] each may see."""
     width = start + (r1 - 1) // g + 1  # keys any row of the block may see
-    scores = q[:, r0:r1] @ keys[:, :width].transpose(0, 2, 1)
+    scores = _scores(q[:, r0:r1], keys[:, :width])
     scores *= scale
     if start + r0 // g + 1 < width:  # rows of several tokens (else none is hidden)
         # Causal: the new token at cache position p sees positions [0, p].
@@ -329,7 +333,7 @@ def _attend_sessions(q, keys, values, scale, start: int, g: int) -> np.ndarray:
     ``start + r // g``) over their keys and values [R, heads, start + n, D]: per session
     and head the matmuls and reductions of ``_attend_rows``, so the same bits."""
     rows, total = q.shape[2], keys.shape[2]
-    scores = q @ keys.transpose(0, 1, 3, 2)  # [R, heads, n*G, total]
+    scores = _scores(q, keys)  # [R, heads, n*G, total]
     scores *= scale
     if rows > g:  # causal among the new tokens (a decode step hides nothing)
         token = start + np.arange(rows) // g
@@ -340,3 +344,14 @@ def _attend_sessions(q, keys, values, scale, start: int, g: int) -> np.ndarray:
     scores /= np.add.reduce(scores, axis=-1, keepdims=True)
     return scores @ values
 
+
+def _scores(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """q [..., M, D] @ keys [..., N, D]^T: float32 [..., M, N], C-contiguous. With at most
+    KEYS_FIRST_ROWS rows, computed as keys @ q^T and transposed back (one copy of the
+    scores): OpenBLAS's kernel for few rows against a transposed B is ~2x slower (a third
+    of a packed decode step at 1,024 tokens), and the dot products are the same (equal
+    bits in every shape tried on the dev VM). Both paths take this one rule on the same
+    per-session shapes, so they agree whatever the BLAS."""
+    if q.shape[-2] <= KEYS_FIRST_ROWS:
+        return np.ascontiguousarray((keys @ q.swapaxes(-1, -2)).swapaxes(-1, -2))
+    return q @ keys.swapaxes(-1, -2)
