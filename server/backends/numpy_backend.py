@@ -4,7 +4,8 @@ It runs everywhere (CI uses it) and is what the GPU kernels are tested against. 
 loop runs per token or per head; the only loops are over the items of a batch and over the
 chunks of an item's queries that bound its memory (``SCORE_CHUNK_BYTES``). A packed batch
 (``attend_packed``) loops over groups of sessions of one length instead
-(``GROUP_CACHE_BYTES``), with the same result bit for bit.
+(``GROUP_CACHE_BYTES``; a group whose K/V outgrow it, over blocks of its kv heads), with the
+same result bit for bit.
 """
 
 from __future__ import annotations
