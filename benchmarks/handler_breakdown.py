@@ -1,6 +1,7 @@
 """Where one decode step's server time goes, in-process (no network): decoding and checks,
 the backend's append and attention, the engine run inline on the event loop vs handed to
-its worker thread, encoding the output. Median microseconds over --iters calls.
+its worker thread, encoding the output (in the wire dtype, as the service answers). Median
+microseconds over --iters calls.
 
 The packed path (AttendBatch) at ``--batch`` sessions (64), each with a ``--length`` cache:
 decode_batch (parse checks and the finite/range pass over q, k, v), the engine's
@@ -102,8 +103,9 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         decoded[0].q,
         decoded[0].k,
         decoded[0].v,
+        out_dtype=decoded[0].q.dtype,  # the service answers in q's (the wire's) dtype
     )
-    out = np.zeros((1, H, D), np.float32)
+    out = backend.append_and_attend([item])[0]  # what the handler encodes
 
     async def handler() -> None:
         await service.AppendAndAttend(step, _Context())
@@ -181,6 +183,7 @@ async def packed(args, service: KVCacheService, engine, rng) -> dict[str, float]
             batch.q[i],
             batch.k[i],
             batch.v[i],
+            out_dtype=batch.q.dtype,
         )
         for i, s in enumerate(sessions)
     ]
@@ -194,7 +197,7 @@ async def packed(args, service: KVCacheService, engine, rng) -> dict[str, float]
         batch.v,
         out_dtype=batch.q.dtype,
     )
-    out = np.zeros((b, 1, H, D), np.float32)
+    out = backend.attend_packed(whole)  # what the handler encodes: the wire's dtype
     iters = max(20, args.iters // 10)
     # The backend rewrites the same slots each time: the caches stay at --length tokens.
     figures = {

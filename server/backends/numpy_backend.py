@@ -4,7 +4,8 @@ It runs everywhere (CI uses it) and is what the GPU kernels are tested against. 
 loop runs per token or per head; the only loops are over the items of a batch and over the
 chunks of an item's queries that bound its memory (``SCORE_CHUNK_BYTES``). A packed batch
 (``attend_packed``) loops over groups of sessions of one length instead
-(``GROUP_CACHE_BYTES``), with the same result bit for bit.
+(``GROUP_CACHE_BYTES``; a group whose K/V outgrow it, over blocks of its kv heads), with the
+same result bit for bit.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from q8kv import format as q8
 
+from . import halfcast
 from .base import QBLOCK, AttendItem, Backend, LayerLayout, PackedItems
 
 # Most float32 attention scores one chunk of an item's queries holds at once (see _attend):
@@ -25,6 +27,9 @@ SCORE_CHUNK_BYTES = 64 * 1024 * 1024
 # group's K/V must stay in the CPU's caches (measured, 2 vCPUs: 4 MiB groups 1.1x faster
 # than per item at 64 x 200 tokens; 128 MiB groups 1.8x slower).
 GROUP_CACHE_BYTES = 4 * 1024 * 1024
+# Query blocks of at most this many rows (a decode step: the GQA group) take their scores as
+# keys @ q^T (see _scores).
+KEYS_FIRST_ROWS = 64
 
 
 class NumpyBackend(Backend):
@@ -59,7 +64,8 @@ class NumpyBackend(Backend):
         # Filled rather than np.stack'ed: k and v may differ in dtype (float16 and bfloat16
         # have no common type), and one cast each costs less than a stack and a cast.
         kv = np.empty((2, *item.k.shape), np.float32)  # [2, n, KVH, D]
-        kv[0], kv[1] = item.k, item.v
+        halfcast.to_float32(item.k, kv[0])
+        halfcast.to_float32(item.v, kv[1])
         codes, scales = q8.quantize(kv)
         self.write_tokens(
             item.layout, item.page_ids, item.start,
@@ -107,7 +113,8 @@ class NumpyBackend(Backend):
 
         Memory bound (host RAM, per item): the layer's cache read back as float32 K and V
         (about 6 bytes per cached value with the raw codes read from the pages), plus, per
-        chunk, at most ``score_chunk_bytes`` of float32 scores/weights (computed in place)
+        chunk, at most ``score_chunk_bytes`` of float32 scores/weights (computed in place;
+        twice that for a moment in a block of at most KEYS_FIRST_ROWS rows: see _scores)
         and a boolean causal mask a quarter of that per kv head. A chunk is a block of kv
         heads times a block of (token, group member) rows, sized so that
         rows x visible keys x 4 bytes <= score_chunk_bytes; one row is at most
@@ -122,7 +129,7 @@ class NumpyBackend(Backend):
         del codes, scales
         # Rows of one kv head's query matrix are (new token, group member): [KVH, n*G, D],
         # so a block of rows is a block of tokens and sees a prefix of the keys.
-        q = item.q.astype(np.float32).reshape(n, kvh, g, d).transpose(1, 0, 2, 3)
+        q = halfcast.to_float32(item.q).reshape(n, kvh, g, d).transpose(1, 0, 2, 3)
         q = q.reshape(kvh, n * g, d)
         rows = n * g
         row_budget = max(1, self.score_chunk_bytes // (4 * total))
@@ -174,7 +181,8 @@ class NumpyBackend(Backend):
             if length < 0:  # a long prefill: _attend chunks its rows
                 out[rows] = self._attend(batch.item(int(rows)))
             else:
-                out[rows] = self._attend_same_length(batch, rows, length)
+                q = halfcast.to_float32(batch.q[rows])
+                out[rows] = self._attend_same_length(batch, q, rows, length)
         self._timed("attention", started)
         return out
 
@@ -210,7 +218,8 @@ class NumpyBackend(Backend):
         lay, n = batch.layout, batch.n
         kvh, t = lay.num_kv_heads, lay.tokens_per_page
         kv = np.empty((2, *batch.k.shape), np.float32)  # k and v may differ in dtype
-        kv[0], kv[1] = batch.k, batch.v
+        halfcast.to_float32(batch.k, kv[0])
+        halfcast.to_float32(batch.v, kv[1])
         codes, scales = q8.quantize(kv)
         # Each new token's page and slot: [B, n] -> flat over (session, token).
         position = batch.starts[:, None] + np.arange(n)
@@ -227,35 +236,60 @@ class NumpyBackend(Backend):
             view[pages, :, :, slots] = tokens.transpose(1, 2, 0, 3, 4).reshape(-1, 2, kvh, width)
 
     def _attend_same_length(
-        self, batch: PackedItems, rows: slice | np.ndarray, total: int
+        self, batch: PackedItems, q: np.ndarray, rows: slice | np.ndarray, total: int
     ) -> np.ndarray:
-        """Attention of sessions ``rows`` (all holding ``total`` tokens after the append),
-        batched over sessions: [len(rows), n, H, D] float32."""
+        """Attention of sessions ``rows`` (all holding ``total`` tokens after the append;
+        their queries ``q``, float32 [R, n, H, D]), batched over sessions: [R, n, H, D]
+        float32. A block of kv heads at a time when the group's K/V would not stay in the
+        CPU's caches (long caches)."""
         lay, n = batch.layout, batch.n
-        kvh, g, d, t = lay.num_kv_heads, lay.group, lay.head_dim, lay.tokens_per_page
+        kvh, g, d = lay.num_kv_heads, lay.group, lay.head_dim
         chosen = range(batch.size)[rows] if isinstance(rows, slice) else rows
-        start, count, pages = total - n, len(chosen), -(-total // t)
-        ids = np.stack([batch.page_ids[b][:pages] for b in chosen])  # [R, P]
-        kv = []
-        for pool, width in ((self.codes, d), (self.scales, lay.blocks)):
-            raw = pool[ids][:, :, : 2 * kvh * t * width].reshape(count, pages, 2, kvh, t, width)
-            raw = raw.transpose(0, 2, 3, 1, 4, 5).reshape(count, 2, kvh, pages * t, width)
-            kv.append(raw[:, :, :, :total])
-        values = q8.dequantize(*kv)  # [R, 2, KVH, total, D]
-        keys, values = values[:, 0], values[:, 1]
-        q = batch.q[rows].astype(np.float32).reshape(count, n, kvh, g, d)
-        q = q.transpose(0, 2, 1, 3, 4).reshape(count, kvh, n * g, d)
-        scores = q @ keys.transpose(0, 1, 3, 2)  # [R, KVH, n*G, total]
-        scores *= batch.softmax_scales[rows].astype(np.float32)[:, None, None, None]
-        if n > 1:  # causal among the new tokens (a decode step hides nothing)
-            token = start + np.arange(n * g) // g
-            hidden = np.arange(total)[None, :] > token[:, None]
-            np.copyto(scores, np.float32(-np.inf), where=hidden[None, None])
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        out = (scores @ values).reshape(count, kvh, n, g, d).transpose(0, 2, 1, 3, 4)
+        count, tables = len(chosen), [batch.page_ids[b] for b in chosen]
+        # Rows of one kv head's query matrix are (new token, group member), as in _attend.
+        q = q.reshape(count, n, kvh, g, d)
+        q = (q.transpose(0, 2, 1, 3, 4) if n > 1 else q).reshape(count, kvh, n * g, d)
+        scale = batch.softmax_scales[rows].astype(np.float32)[:, None, None, None]
+        per_head = 16 * d * total * count  # the group's K/V of one kv head (see _groups)
+        step = max(1, min(kvh, self.group_cache_bytes // per_head))
+        out = np.empty((count, kvh, n * g, d), np.float32)
+        for h0 in range(0, kvh, step):
+            heads = slice(h0, min(kvh, h0 + step))
+            keys, values = self._dequantized(lay, tables, total, heads)
+            out[:, heads] = _attend_sessions(q[:, heads], keys, values, scale, total - n, g)
+        out = out.reshape(count, kvh, n, g, d).transpose(0, 2, 1, 3, 4)
         return out.reshape(count, n, kvh * g, d)
+
+    def _dequantized(
+        self, layout: LayerLayout, tables: list[np.ndarray], total: int, heads: slice
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of the first ``total`` tokens of R layers, kv heads ``heads``: float32
+        [R, heads, total, D] each, the values ``q8.dequantize`` gives."""
+        codes, scales = self._gather_tokens(layout, tables, total, heads)
+        values = q8.dequantize(codes, scales)  # [R, 2, heads, total, D]
+        return values[:, 0], values[:, 1]
+
+    def _gather_tokens(
+        self, layout: LayerLayout, tables: list[np.ndarray], total: int, heads: slice
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``total`` tokens of R layers, kv heads ``heads``: codes int8
+        [R, 2, heads, total, D] and scales float32 [..., D/32], one advanced index per pool:
+        each (session, kind, head) copies its run of tokens of a page whole (a short cache:
+        just the tokens held; a longer one: whole pages, cut to ``total`` as a view)."""
+        t = layout.tokens_per_page
+        pages = -(-total // t)
+        ids = np.array([table[:pages] for table in tables], dtype=np.intp)  # [R, P]
+        kind, head = np.arange(2)[:, None], np.arange(layout.num_kv_heads)[heads]
+        gathered = []
+        for view in self._pool_views(layout):
+            if pages == 1:  # [R, 2, heads] runs of the first `total` slots of one page
+                gathered.append(view[ids[:, :1, None], kind, head, :total])
+            else:  # [R, 2, heads, P] runs of T slots: one run of P * T tokens per head
+                whole = view[ids[:, None, None, :], kind[..., None], head[:, None]]
+                gathered.append(
+                    whole.reshape(*whole.shape[:3], pages * t, -1)[:, :, :, :total]
+                )
+        return gathered[0], gathered[1]
 
     def dequantize(self, layout, page_ids, start, end):
         started = time.perf_counter()
@@ -281,7 +315,7 @@ def _attend_rows(q, keys, values, start: int, g: int, r0: int, r1: int, scale) -
     """Softmax attention of query rows [r0, r1) of q [heads, rows, D] (row r: new token
     ``start + r // g``) over the keys and values [heads, cache, D] each may see."""
     width = start + (r1 - 1) // g + 1  # keys any row of the block may see
-    scores = q[:, r0:r1] @ keys[:, :width].transpose(0, 2, 1)
+    scores = _scores(q[:, r0:r1], keys[:, :width])
     scores *= scale
     if start + r0 // g + 1 < width:  # rows of several tokens (else none is hidden)
         # Causal: the new token at cache position p sees positions [0, p].
@@ -293,3 +327,32 @@ def _attend_rows(q, keys, values, start: int, g: int, r0: int, r1: int, scale) -
     np.exp(scores, out=scores)
     scores /= np.add.reduce(scores, axis=-1, keepdims=True)
     return scores @ values[:, :width]
+
+
+def _attend_sessions(q, keys, values, scale, start: int, g: int) -> np.ndarray:
+    """Softmax attention of R sessions' query rows q [R, heads, n*G, D] (row r: new token
+    ``start + r // g``) over their keys and values [R, heads, start + n, D]: per session
+    and head the matmuls and reductions of ``_attend_rows``, so the same bits."""
+    rows, total = q.shape[2], keys.shape[2]
+    scores = _scores(q, keys)  # [R, heads, n*G, total]
+    scores *= scale
+    if rows > g:  # causal among the new tokens (a decode step hides nothing)
+        token = start + np.arange(rows) // g
+        hidden = np.arange(total)[None, :] > token[:, None]
+        np.copyto(scores, np.float32(-np.inf), where=hidden[None, None])
+    scores -= np.maximum.reduce(scores, axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= np.add.reduce(scores, axis=-1, keepdims=True)
+    return scores @ values
+
+
+def _scores(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """q [..., M, D] @ keys [..., N, D]^T: float32 [..., M, N], C-contiguous. With at most
+    KEYS_FIRST_ROWS rows, computed as keys @ q^T and transposed back (one copy of the
+    scores): OpenBLAS's kernel for few rows against a transposed B is up to ~2x slower
+    (dev VM: 773 vs 405 us for 8 heads x 4 rows x 1,025 keys), and the dot products are
+    the same (equal bits in 600 random shapes of <= 64 rows on the dev VM). Both paths
+    take this one rule on the same per-session shapes, so they agree whatever the BLAS."""
+    if q.shape[-2] <= KEYS_FIRST_ROWS:
+        return np.ascontiguousarray((keys @ q.swapaxes(-1, -2)).swapaxes(-1, -2))
+    return q @ keys.swapaxes(-1, -2)
