@@ -33,7 +33,10 @@ Geometry: H=32, KVH=8, D=128, one layer, float16 on the wire, n=1 (a decode step
 The servers run as subprocesses and the client here, in one asyncio loop: on a small machine
 the three share the cores, as the issue's measurements did. ``--profile FILE`` records the
 server with py-spy (raw collapsed stacks) during the in-flight run at ``--profile-at``
-(B=64, 2 in flight), and prints the functions with the most samples of their own.
+(B=64, 2 in flight), and prints the functions with the most samples of their own
+(``--profile-idle``: idle samples too, per thread). ``--canned-backend`` (numpy backend
+only) answers every call with zeros at once (benchmarks/canned/sitecustomize.py): what is
+left is the front end, the engine's bookkeeping and the transport.
 
     .venv/bin/python benchmarks/batch_path.py [--backend numpy] [--quick] [--out benchmarks/results]
 """
@@ -43,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import gc
 import hashlib
 import math
@@ -655,6 +659,27 @@ def single_line(single: dict) -> str:
     )
 
 
+@contextlib.contextmanager
+def canned_environment(canned: bool):
+    """The environment the server starts in: with ``canned``, benchmarks/canned on its
+    PYTHONPATH and Q8KV_BENCH_CANNED=1 (restored once the server has started)."""
+    if not canned:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "Q8KV_BENCH_CANNED")}
+    folder = str(Path(__file__).resolve().parent / "canned")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [folder, saved["PYTHONPATH"]]))
+    os.environ["Q8KV_BENCH_CANNED"] = "1"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="numpy", help="numpy | cupy | auto [numpy]")
@@ -701,6 +726,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--profile", help="write a py-spy raw profile of the server here")
     p.add_argument(
+        "--canned-backend",
+        action="store_true",
+        help="the server's numpy backend answers at once with zeros (benchmarks/canned): "
+        "the front end, the engine's bookkeeping and the transport alone",
+    )
+    p.add_argument(
         "--profile-idle",
         action="store_true",
         help="--profile keeps idle samples, per thread: where the server waits, not only works",
@@ -723,6 +754,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.canned_backend and args.backend != "numpy":
+        raise SystemExit("--canned-backend replaces the numpy backend: use --backend numpy")
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     count = 0 if args.single_only else max(*args.batches, args.orchestrators)
     server_flags = [
@@ -737,7 +770,8 @@ def main(argv: list[str] | None = None) -> None:
     responses = {f"B{b}": batch_response_bytes(b, args.length) for b in args.batches}
     responses["single"] = item_response_bytes(args.short_length)
     started, load_before = time.monotonic(), os.getloadavg()
-    server = ServerProcess(server_flags, name="q8kv-batch")
+    with canned_environment(args.canned_backend):
+        server = ServerProcess(server_flags, name="q8kv-batch")
     try:
         echo = EchoProcess(responses)
         try:
