@@ -24,6 +24,7 @@ from .backends import GpuTuning, create_backend
 from .cache import PagePool, SessionStore
 from .config import Config, ConfigError, load_config
 from .engine import Engine
+from .malloc import retain_freed_memory
 from .observability.logs import event, setup_logging
 from .observability.metrics import Metrics
 from .rpc.drain import Drain
@@ -244,6 +245,7 @@ async def serve(config: Config) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(argv)
     setup_logging(config.log_level, config.log_format)
+    retain_freed_memory(config.malloc_retain_bytes)  # process-wide: before any large buffer
     try:
         asyncio.run(serve(config))
     except ConfigError as exc:  # one line and status 2, like a bad flag

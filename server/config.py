@@ -67,6 +67,7 @@ class Config:
     quant_error_sample_rate: float = 0.01
     log_level: str = "INFO"
     log_format: str = "text"
+    malloc_retain_bytes: int = 256 * 1024 * 1024
     # GPU kernel tuning (cupy backend; GpuTuning in backends/cupy/tuning.py has the whys).
     gpu_max_splits: int = 48
     gpu_split_waves: float = 1.0
@@ -127,6 +128,11 @@ _FLAGS: dict[str, tuple[object, str]] = {
     ),
     "log_level": (str, "DEBUG | INFO | WARNING | ERROR"),
     "log_format": (str, "text | json (one object per line)"),
+    "malloc_retain_bytes": (
+        parse_size,
+        "freed host memory glibc keeps for reuse instead of returning it to the kernel, so "
+        "a call's buffers do not fault in fresh pages each time (0: glibc's defaults)",
+    ),
     "gpu_max_splits": (int, "cupy: most sequence splits per row tile in attention"),
     "gpu_split_waves": (float, "cupy: attention splits aim at this many waves of blocks"),
     "gpu_tc_minblocks": (int, "cupy: attention blocks per SM the registers are capped for"),
