@@ -8,8 +8,9 @@ those megabytes went back to the kernel and the next call faulted them in again,
 page. Measured with ``benchmarks/batch_path.py --canned-backend`` at B = 64 on a 2-CPU VM:
 about 980 minor page faults and 2.3 ms of kernel time a call in the server, against 3 to 29
 faults for a bare gRPC echo of the same bytes; with the memory retained, under one fault a
-call and 2.2 ms less CPU a call. Retaining bytes costs at most that much resident memory
-that the kernel could otherwise take back."""
+call and 2.2 ms less CPU a call. The cost: up to that many freed bytes stay resident in
+each of glibc's malloc arenas (the main one, and one per thread that allocates heavily:
+the engine's worker, gRPC's threads) instead of going back to the kernel."""
 
 from __future__ import annotations
 
