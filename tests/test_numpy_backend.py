@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from harness.packed import fill_random_pool
 from harness.tensors import random_tensor
 from reference import attention_ref, rel_l2
 
@@ -24,8 +25,7 @@ F16 = np.dtype(np.float16)
 
 def random_pool(rng: np.random.Generator, kvh: int, d: int) -> tuple[NumpyBackend, LayerLayout]:
     backend = NumpyBackend(NUM_PAGES, PAGE)
-    backend.codes[:] = rng.integers(-127, 128, backend.codes.shape, dtype=np.int8)
-    backend.scales[:] = rng.uniform(1e-3, 3e-2, backend.scales.shape).astype(np.float32)
+    fill_random_pool(backend, rng)
     return backend, LayerLayout(kvh * 2, kvh, d, tokens_per_page(PAGE, kvh, d))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from harness.tensors import random_tensor
+from harness.packed import fill_random_pool, packed_batch
 
 from q8kv.format import LayerLayout, tokens_per_page
 from q8kv.server.backends.base import Backend, PackedItems
@@ -20,32 +20,15 @@ NUM_PAGES = 512
 
 def random_backend(seed: int) -> NumpyBackend:
     """A backend whose pool holds random codes and scales (the caches' existing tokens)."""
-    rng = np.random.default_rng(seed)
     backend = NumpyBackend(NUM_PAGES, PAGE)
-    backend.codes[:] = rng.integers(-127, 128, backend.codes.shape, dtype=np.int8)
-    backend.scales[:] = rng.uniform(1e-3, 3e-2, backend.scales.shape).astype(np.float32)
+    fill_random_pool(backend, np.random.default_rng(seed))
     return backend
 
 
 def random_batch(rng: np.random.Generator, starts: list[int], n: int, dtype) -> PackedItems:
     kvh, group, d = int(rng.choice([1, 2, 4])), int(rng.choice([1, 3])), int(rng.choice([32, 64]))
     layout = LayerLayout(kvh * group, kvh, d, tokens_per_page(PAGE, kvh, d))
-    free = list(rng.permutation(NUM_PAGES))
-    tables = []
-    for start in starts:  # distinct pages per session, scattered over the pool
-        count = -(-(start + n) // layout.tokens_per_page)
-        tables.append(np.array([free.pop() for _ in range(count)], dtype=np.int32))
-    b = len(starts)
-    return PackedItems(
-        layout,
-        rng.uniform(0.05, 0.3, b),
-        tables,
-        np.array(starts, dtype=np.int64),
-        random_tensor(rng, (b, n, layout.num_heads, d), dtype),
-        random_tensor(rng, (b, n, kvh, d), dtype),
-        random_tensor(rng, (b, n, kvh, d), dtype),
-        out_dtype=np.dtype(dtype),
-    )
+    return packed_batch(rng, layout, NUM_PAGES, starts, n, dtype, softmax_scales=(0.05, 0.3))
 
 
 def per_item(backend: Backend, batch: PackedItems) -> np.ndarray:

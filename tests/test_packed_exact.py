@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from harness.packed import fill_random_pool, packed_batch
 from harness.tensors import random_tensor
 
 from q8kv.format import LayerLayout, tokens_per_page
@@ -24,33 +25,15 @@ DTYPES = [np.float16, np.float32, ml_dtypes.bfloat16]
 
 def twin_backends(seed: int) -> tuple[NumpyBackend, NumpyBackend]:
     """Two backends whose pools hold the same random codes and scales."""
-    rng = np.random.default_rng(seed)
-    ours, theirs = NumpyBackend(NUM_PAGES, PAGE), NumpyBackend(NUM_PAGES, PAGE)
-    codes = rng.integers(-127, 128, ours.codes.shape, dtype=np.int8)
-    scales = rng.uniform(1e-3, 3e-2, ours.scales.shape).astype(np.float32)
-    for backend in (ours, theirs):
-        backend.codes[:], backend.scales[:] = codes, scales
-    return ours, theirs
+    twins = NumpyBackend(NUM_PAGES, PAGE), NumpyBackend(NUM_PAGES, PAGE)
+    for backend in twins:
+        fill_random_pool(backend, np.random.default_rng(seed))
+    return twins
 
 
 def batch_of(rng: np.random.Generator, starts: list[int], n: int, dtype) -> PackedItems:
     layout = LayerLayout(H, KVH, D, tokens_per_page(PAGE, KVH, D))
-    free = list(rng.permutation(NUM_PAGES))
-    tables = []
-    for start in starts:  # distinct pages per session, scattered over the pool
-        count = -(-(start + n) // layout.tokens_per_page)
-        tables.append(np.array([free.pop() for _ in range(count)], dtype=np.int32))
-    b = len(starts)
-    return PackedItems(
-        layout,
-        rng.uniform(0.05, 0.2, b),
-        tables,
-        np.array(starts, dtype=np.int64),
-        random_tensor(rng, (b, n, H, D), dtype),
-        random_tensor(rng, (b, n, KVH, D), dtype),
-        random_tensor(rng, (b, n, KVH, D), dtype),
-        out_dtype=np.dtype(dtype),
-    )
+    return packed_batch(rng, layout, NUM_PAGES, starts, n, dtype)
 
 
 def assert_packed_equals_per_item(ours: NumpyBackend, theirs: NumpyBackend, batch) -> None:

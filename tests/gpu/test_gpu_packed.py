@@ -10,6 +10,7 @@ import zlib
 import ml_dtypes
 import numpy as np
 import pytest
+from harness.packed import fill_random_pool, packed_batch
 from reference import rel_l2
 
 from q8kv.format import LayerLayout, tokens_per_page
@@ -37,8 +38,7 @@ def rng(request) -> np.random.Generator:
 def backends(rng: np.random.Generator):
     """Two GPU backends and a numpy one whose pools hold the same random codes/scales."""
     ref = NumpyBackend(PAGES, PAGE)
-    ref.codes[:] = rng.integers(-127, 128, ref.codes.shape, dtype=np.int8)
-    ref.scales[:] = rng.uniform(1e-3, 2e-2, ref.scales.shape).astype(np.float32)
+    fill_random_pool(ref, rng)
     gpus = [CupyBackend(PAGES, PAGE), CupyBackend(PAGES, PAGE)]
     ids = np.arange(PAGES, dtype=np.int32)
     for gpu in gpus:
@@ -47,29 +47,13 @@ def backends(rng: np.random.Generator):
     return ref, gpus
 
 
+def standard_normal(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> np.ndarray:
+    return rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+
+
 def random_batch(rng, h, kvh, d, starts, n, dtype) -> PackedItems:
     layout = LayerLayout(h, kvh, d, tokens_per_page(PAGE, kvh, d))
-    free = rng.permutation(PAGES).astype(np.int32)
-    tables, used = [], 0
-    for start in starts:
-        count = -(-(start + n) // layout.tokens_per_page)
-        tables.append(free[used : used + count])
-        used += count
-    b = len(starts)
-
-    def rand(*shape):
-        return (rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
-
-    return PackedItems(
-        layout,
-        rng.uniform(0.05, 0.2, b),
-        tables,
-        np.array(starts, np.int64),
-        rand(b, n, h, d),
-        rand(b, n, kvh, d),
-        rand(b, n, kvh, d),
-        out_dtype=np.dtype(dtype),
-    )
+    return packed_batch(rng, layout, PAGES, starts, n, dtype, values=standard_normal)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
