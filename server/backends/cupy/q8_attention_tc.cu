@@ -100,16 +100,6 @@ __device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned& r0, unsigned& r
                : "r"(addr)
                : "memory");
 }
-// D = A * B (int8 m16n8k32, rows 8..15 of A zero: only d0, d1 are returned).
-__device__ __forceinline__ void imma(int& d0, int& d1, unsigned a0, unsigned a2, unsigned b0,
-                                     unsigned b1) {
-  int d2, d3;
-  asm(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%10,%10,%10,%10};\n"
-      : "=r"(d0), "=r"(d1), "=r"(d2), "=r"(d3)
-      : "r"(a0), "r"(0), "r"(a2), "r"(0), "r"(b0), "r"(b1), "r"(0));
-}
 // D = A * B (int8 m16n8k32, all 16 rows of A): rows g (d0, d1) and g + 8 (d2, d3).
 __device__ __forceinline__ void imma2(int& d0, int& d1, int& d2, int& d3, unsigned a0,
                                       unsigned a1, unsigned a2, unsigned a3, unsigned b0,
@@ -119,6 +109,12 @@ __device__ __forceinline__ void imma2(int& d0, int& d1, int& d2, int& d3, unsign
       "{%10,%10,%10,%10};\n"
       : "=r"(d0), "=r"(d1), "=r"(d2), "=r"(d3)
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(0));
+}
+// The same with rows 8..15 of A zero: only rows g (d0, d1) are returned.
+__device__ __forceinline__ void imma(int& d0, int& d1, unsigned a0, unsigned a2, unsigned b0,
+                                     unsigned b1) {
+  int unused2, unused3;
+  imma2(d0, d1, unused2, unused3, a0, 0u, a2, 0u, b0, b1);
 }
 // C += A * B (tf32 m16n8k8, fp32 accumulate).
 __device__ __forceinline__ void tmma(float* c, float a0, float a1, float a2, float a3, float b0,
