@@ -17,9 +17,9 @@ from q8kv.server.config import load_config
 # faults of 20 such calls after 5 to warm up.
 FAULTS = """
 import resource, sys
-if sys.argv[1] == "retain":
-    from q8kv.server.malloc import retain_freed_memory
-    assert retain_freed_memory(256 * 1024 * 1024)
+from q8kv.server.malloc import retain_freed_memory
+retain = 256 * 1024 * 1024 if sys.argv[1] == "retain" else 0
+assert retain_freed_memory(retain) is (retain > 0)  # 0: glibc's defaults, not applied
 def call():
     buffers = [bytearray(700 * 1024) for _ in range(6)]
     for b in buffers:
@@ -43,8 +43,9 @@ def faults(mode: str) -> int:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_retained_memory_is_reused_instead_of_faulted_in_again() -> None:
-    default, retained = faults("default"), faults("retain")
-    # 20 calls x 6 x 175 pages = 21,000 faults when every call gets fresh pages.
+    default, retained = faults("zero"), faults("retain")
+    # 20 calls x 6 x 175 pages = 21,000 faults when every call gets fresh pages: with
+    # --malloc-retain-bytes 0 glibc's defaults stand and give them back after each call.
     assert default > 10_000, f"glibc's defaults no longer return these buffers: {default}"
     assert retained < default // 20, (default, retained)
 
@@ -54,9 +55,3 @@ def test_the_flag_defaults_to_256_mib_and_takes_sizes_and_zero(monkeypatch) -> N
     assert load_config(["--malloc-retain-bytes", "1GiB"]).malloc_retain_bytes == 1024**3
     monkeypatch.setenv("Q8KV_MALLOC_RETAIN_BYTES", "0")
     assert load_config([]).malloc_retain_bytes == 0
-
-
-def test_zero_leaves_glibc_alone() -> None:
-    from q8kv.server.malloc import retain_freed_memory
-
-    assert retain_freed_memory(0) is False
