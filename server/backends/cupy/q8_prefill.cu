@@ -112,16 +112,9 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c = lane & 3;  // mma group (row) and thread in group
-  const int* im = meta + find_item(meta, nitems, M_UNIT, blockIdx.x) * META_STRIDE;
-  const int RT = im[M_RT], G = im[M_G], n = im[M_N], H = im[M_H], KVH = im[M_KVH];
-  const int logT = im[M_LOGT], start = im[M_START];
-  const int ul = blockIdx.x - im[M_UNIT];
-  const int kvh = ul % KVH, rt = RT - 1 - ul / KVH;  // the longest row tiles run first
-  const int nrows = n * G, row0 = rt * BM;
-  const int kv_end = start + (min(row0 + BM, nrows) - 1) / G + 1;  // exclusive
-  const int ntiles = (kv_end + BN - 1) / BN;
-  const int T = 1 << logT;
-  const int* pt = ptab + im[M_PT];
+  const PrefillUnit<BM> u(meta, nitems);  // (item, kv head, row tile)
+  const int* im = u.im;
+  const int G = u.G, H = u.H, start = u.start, nrows = u.nrows, row0 = u.row0, kvh = u.kvh;
   const float qs = __int_as_float(im[M_SCALE]);  // softmax_scale * log2(e)
 
   unsigned char* raw = smem;
@@ -131,15 +124,13 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   // This warp's rows: g and g + 8 of its 16. Causal limits (-1: a pad row, never written).
   const int wrow = row0 + 16 * warp;
   const int r_lo = wrow + g, r_hi = wrow + g + 8;
-  const int lim_lo = r_lo < nrows ? start + r_lo / G : -1;
-  const int lim_hi = r_hi < nrows ? start + r_hi / G : -1;
+  const int lim_lo = u.limit(r_lo), lim_hi = u.limit(r_hi);
   const int warp_min_lim = start + wrow / G;
   const int warp_max_lim = wrow < nrows ? start + (min(wrow + 16, nrows) - 1) / G : -1;
 
   // -- staging: page ids and raw stages of the K/V tiles (q8_prefill_common.cuh) -----------
-  const Kv kv = {pages_s, pt, codes, scales, page_code_bytes, page_code_bytes >> 5,
-                 (long long)KVH * T * D, (long long)KVH * T * NB, kvh, T, logT, kv_end,
-                 ntiles, tid};  // fmt: skip
+  const Kv kv = Kv::of(u, pages_s, ptab, codes, scales, page_code_bytes, tid);
+  const int ntiles = kv.ntiles;
   // Raw stage of `tile` -> 16-bit K and V tiles in half buffer (tile & 1).
   auto dequant = [&](int tile) {
     if (tile >= ntiles || PF_SKIP_DEQUANT) return;

@@ -143,6 +143,17 @@ struct KvStream {
   static constexpr int RAW_BYTES = 2 * RAW_CODES + 2 * BN * NB * 4;
   static_assert(BN <= NT, "a tile's page ids are one per thread");
 
+  // The K/V of prefill work unit `u` (a PrefillUnit, below), through the page-id ring.
+  template <class Unit>
+  __device__ __forceinline__ static KvStream of(const Unit& u, int (*ring)[BN],
+                                                const int* ptab, const signed char* codes,
+                                                const float* scales, int page_code_bytes,
+                                                int tid) {
+    return {ring, ptab + u.im[M_PT], codes, scales, page_code_bytes, page_code_bytes >> 5,
+            (long long)u.KVH * u.T * D, (long long)u.KVH * u.T * NB, u.kvh, u.T, u.logT,
+            u.kv_end, (u.kv_end + BN - 1) / BN, tid};  // fmt: skip
+  }
+
   int (*ring)[BN];
   const int* pt;  // the item's page table
   const signed char* codes;
@@ -224,4 +235,26 @@ struct KvStream {
     store(tile + 3, next);
     next = fetch(tile + 4);
   }
+};
+
+// One prefill work unit, decoded from the block index: (item, kv head, tile of BM query
+// rows), the units of the longest row tiles first. A row is (new token i, query head of the
+// group): row i * G + g, which sees positions [0, start + i].
+template <int BM>
+struct PrefillUnit {
+  const int* im;  // the item's metadata row (q8_common.cuh)
+  int G, n, H, KVH, logT, T, start, kvh, nrows, row0;
+  int kv_end;  // the K/V positions the unit's rows see: [0, kv_end)
+
+  __device__ __forceinline__ PrefillUnit(const int* meta, int nitems) {
+    im = meta + find_item(meta, nitems, M_UNIT, blockIdx.x) * META_STRIDE;
+    G = im[M_G], n = im[M_N], H = im[M_H], KVH = im[M_KVH], logT = im[M_LOGT];
+    T = 1 << logT, start = im[M_START];
+    const int ul = blockIdx.x - im[M_UNIT];
+    kvh = ul % KVH;
+    nrows = n * G, row0 = (im[M_RT] - 1 - ul / KVH) * BM;
+    kv_end = start + (min(row0 + BM, nrows) - 1) / G + 1;
+  }
+  // The last position row r sees (-1: a pad row past the item's, never written).
+  __device__ __forceinline__ int limit(int r) const { return r < nrows ? start + r / G : -1; }
 };

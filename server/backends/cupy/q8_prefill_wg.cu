@@ -150,17 +150,10 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int wg = warp >> 2;  // warpgroup
-  const int* im = meta + find_item(meta, nitems, M_UNIT, blockIdx.x) * META_STRIDE;
-  const int RT = im[M_RT], G = im[M_G], n = im[M_N], H = im[M_H], KVH = im[M_KVH];
-  const int logT = im[M_LOGT], start = im[M_START];
-  const int ul = blockIdx.x - im[M_UNIT];
-  const int kvh = ul % KVH, rt = RT - 1 - ul / KVH;  // the longest row tiles run first
-  const int nrows = n * G, row0 = rt * BM;
-  const int kv_end = start + (min(row0 + BM, nrows) - 1) / G + 1;  // exclusive
-  const int ntiles = (kv_end + BN - 1) / BN;
-  const int T = 1 << logT;
-  const int* pt = ptab + im[M_PT];
-  const float qs = __int_as_float(im[M_SCALE]);
+  const PrefillUnit<BM> u(meta, nitems);  // (item, kv head, row tile)
+  const int* im = u.im;
+  const int G = u.G, H = u.H, start = u.start, nrows = u.nrows, row0 = u.row0, kvh = u.kvh;
+  const float qs = __int_as_float(im[M_SCALE]);  // softmax_scale * log2(e)
 
   unsigned char* raw = smem;
   unsigned char* half = smem + SMEM_RAW;  // [buffer][K, V][HALF_TILE]
@@ -169,15 +162,13 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   // Rows of this thread (g and g + 8 of its warp's 16) and of its warpgroup (64).
   const int wrow = row0 + 16 * warp;
   const int r_lo = wrow + g, r_hi = wrow + g + 8;
-  const int lim_lo = r_lo < nrows ? start + r_lo / G : -1;
-  const int lim_hi = r_hi < nrows ? start + r_hi / G : -1;
+  const int lim_lo = u.limit(r_lo), lim_hi = u.limit(r_hi);
   const int grow = row0 + 64 * wg;
   const int wg_min_lim = start + grow / G;
 
   // -- staging: page ids and raw stages of the K/V tiles (q8_prefill_common.cuh) -----------
-  const Kv kv = {pages_s, pt, codes, scales, page_code_bytes, page_code_bytes >> 5,
-                 (long long)KVH * T * D, (long long)KVH * T * NB, kvh, T, logT, kv_end,
-                 ntiles, tid};  // fmt: skip
+  const Kv kv = Kv::of(u, pages_s, ptab, codes, scales, page_code_bytes, tid);
+  const int ntiles = kv.ntiles;
   // Raw stage -> 16-bit K and V, each [token][dim] in core matrices of 8 rows x 16 bytes:
   // core (token / 8, dim / 8) at (token / 8) * 16 D + (dim / 8) * 128. V is read by wgmma
   // as an N-major B (transposed in hardware), where LBO is the stride between core matrices
