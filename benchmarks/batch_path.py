@@ -772,15 +772,9 @@ def main(argv: list[str] | None = None) -> None:
     started, load_before = time.monotonic(), os.getloadavg()
     with canned_environment(args.canned_backend):
         server = ServerProcess(server_flags, name="q8kv-batch")
-    try:
-        echo = EchoProcess(responses)
-        try:
-            result = asyncio.run(measure(args, server, echo, session_ids(count)))
-            info = server.build_info()
-        finally:
-            echo.stop()
-    finally:
-        server.stop()
+    with server, EchoProcess(responses) as echo:
+        result = asyncio.run(measure(args, server, echo, session_ids(count)))
+        info = server.build_info()
     backend, device = info.get("backend", args.backend), info.get("device", "unknown")
     result = {
         "benchmark": "batch_path",

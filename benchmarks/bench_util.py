@@ -125,6 +125,12 @@ class ServerProcess:
         stop_process(self.proc, 30)
         self.log.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()
+
 
 class EchoProcess:
     """A bare grpc.aio server in its own process: a generic handler with identity
@@ -169,6 +175,12 @@ class EchoProcess:
     def stop(self) -> None:
         stop_process(self.proc, 15)
         self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()
 
 
 async def serve_echo(port: int, responses: dict[str, int]) -> None:

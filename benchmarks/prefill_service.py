@@ -269,16 +269,15 @@ def measure_rpc(args, server: ServerProcess, prompt, rpc: str) -> dict:
         plan = EchoPlan.from_rep(warm, recorder.calls)
         recorder.keep_requests = False
         recorder.calls.clear()
-        echo = EchoProcess(plan.responses())
-        try:
-            with grpc.insecure_channel(echo.address, options=CHANNEL_OPTIONS) as channel:
-                echo_rep(channel, echo, plan, args.timeout)  # warm-up
-                q8kv_reps, echo_reps = [], []
-                for _ in range(args.reps):  # alternate, so drift on the host hits both
-                    q8kv_reps.append(q8kv_rep(c, recorder, server, args, prompt, rpc))
-                    echo_reps.append(echo_rep(channel, echo, plan, args.timeout))
-        finally:
-            echo.stop()
+        with (
+            EchoProcess(plan.responses()) as echo,
+            grpc.insecure_channel(echo.address, options=CHANNEL_OPTIONS) as channel,
+        ):
+            echo_rep(channel, echo, plan, args.timeout)  # warm-up
+            q8kv_reps, echo_reps = [], []
+            for _ in range(args.reps):  # alternate, so drift on the host hits both
+                q8kv_reps.append(q8kv_rep(c, recorder, server, args, prompt, rpc))
+                echo_reps.append(echo_rep(channel, echo, plan, args.timeout))
     q8kv, echoed = summary(q8kv_reps), summary(echo_reps)
     med = statistics.median
     device, client = med(q8kv["device_s"]), med(q8kv["client_s"])
@@ -415,15 +414,12 @@ def main(argv: list[str] | None = None) -> None:
         "--log-level", "WARNING",
         *args.server_arg,
     ]  # fmt: skip
-    server = ServerProcess(server_flags, name="q8kv-prefill")
-    try:
+    with ServerProcess(server_flags, name="q8kv-prefill") as server:
         rows = []
         for rpc in args.rpc:
             rows.append(measure_rpc(args, server, prompt, rpc))
             print(f"{rpc} done", file=sys.stderr, flush=True)
         info = server.build_info()
-    finally:
-        server.stop()
     backend, device = info.get("backend", args.backend), info.get("device", "unknown")
     result = {
         "benchmark": "prefill_service",

@@ -112,15 +112,9 @@ def main() -> int:
     flags = ["--backend", "numpy", "--memory-budget", "2GiB", "--log-level", "WARNING"]
     with canned_environment(args.canned_backend):
         server = ServerProcess(flags, name="q8kv-cpu")
-    try:
-        # The sessions start empty and grow by one token a call.
-        echo = EchoProcess({"B": batch_response_bytes(args.batch, args.calls)})
-        try:
-            result = asyncio.run(measure(args, server, echo))
-        finally:
-            echo.stop()
-    finally:
-        server.stop()
+    # The sessions start empty and grow by one token a call.
+    with server, EchoProcess({"B": batch_response_bytes(args.batch, args.calls)}) as echo:
+        result = asyncio.run(measure(args, server, echo))
     print(f"B = {args.batch}, medians of {args.rounds} rounds of {args.calls} calls, per call:")
     for name, figures in result.items():
         print(f"  {name:>5}: " + ", ".join(f"{k} {v:,.1f}" for k, v in figures.items()))
