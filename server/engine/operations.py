@@ -24,9 +24,7 @@ from .batcher import collect_batch, take_interleaved
 from .jobs import (
     AppendJob,
     AppendRequest,
-    CallJob,
     EngineObserver,
-    Job,
     PackedBatch,
     PackedJob,
     answer,
@@ -241,13 +239,8 @@ class Engine:
 
     # -- the worker's dispatch -----------------------------------------------------------
 
-    def _execute(self, job: Job) -> None:
-        if isinstance(job, CallJob):  # the worker runs its calls itself; kept for safety
-            settle = self.worker.run_call(job)
-            if settle is not None:
-                settle()
-            return
-        assert isinstance(job, AppendJob)
+    def _execute(self, job: AppendJob) -> None:
+        """An append job (the worker runs calls itself: Worker.run_call)."""
         chunk = self.prefill_chunk_tokens
         if job.tokens > chunk:
             self._run_batch([job], Chunking(chunk, self._interleave))

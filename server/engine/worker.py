@@ -60,9 +60,12 @@ class JobQueue:
 
 
 class Worker:
-    """Runs ``execute(job)`` for each job in order, on its thread or inline."""
+    """Runs every job in order, on its thread or inline: appends through ``execute(job)``,
+    calls (``call``) itself."""
 
-    def __init__(self, execute: Callable[[Job], None], inline_when_idle: bool = True) -> None:
+    def __init__(
+        self, execute: Callable[[AppendJob], None], inline_when_idle: bool = True
+    ) -> None:
         self.queue = JobQueue()
         self._execute = execute
         self.inline_when_idle = inline_when_idle
