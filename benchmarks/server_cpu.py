@@ -4,6 +4,7 @@ faults, read from /proc around a run of sequential AttendBatch calls, against a 
 echo of the same bytes in alternating rounds (Linux only).
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/server_cpu.py --canned-backend
+    python3 benchmarks/server_cpu.py --backend cupy     # on the GPU machine
     Q8KV_MALLOC_RETAIN_BYTES=0 .venv/bin/python benchmarks/server_cpu.py --canned-backend
 
 The server inherits the environment, so its flags' Q8KV_* variables set it up (the second
@@ -107,9 +108,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64, help="sessions per AttendBatch [64]")
     ap.add_argument("--calls", type=int, default=300, help="calls per round [300]")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds [3]")
+    ap.add_argument("--backend", default="numpy", help="the server's backend [numpy]")
     ap.add_argument("--canned-backend", action="store_true", help="see batch_path.py")
     args = ap.parse_args()
-    flags = ["--backend", "numpy", "--memory-budget", "2GiB", "--log-level", "WARNING"]
+    flags = ["--backend", args.backend, "--memory-budget", "2GiB", "--log-level", "WARNING"]
     with canned_environment(args.canned_backend):
         server = ServerProcess(flags, name="q8kv-cpu")
     # The sessions start empty and grow by one token a call.

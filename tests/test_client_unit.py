@@ -8,6 +8,7 @@ import ast
 import asyncio
 import hashlib
 import inspect
+import math
 import pickle
 import uuid
 from concurrent import futures
@@ -1192,6 +1193,27 @@ def test_largest_magnitude_matches_numpy(dtype):
     y = x.copy()
     y[0, 1, 2] = np.nan
     assert np.isnan(largest_magnitude(y)) and np.isnan(largest_magnitude(-y))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_largest_magnitude_of_every_16_bit_pattern(dtype):
+    """Alone and in random mixes of signs: -0.0, subnormals, Inf and every NaN included
+    (the check reads the unsigned and the signed maximum of the bits)."""
+    every = np.arange(1 << 16, dtype=np.uint16).view(dtype)
+    with np.errstate(invalid="ignore"):
+        wide = np.abs(every.astype(np.float64))
+
+    def expected(picked: np.ndarray) -> float:
+        values = wide[picked]
+        return math.nan if np.isnan(values).any() else float(values.max())
+
+    for i in range(1 << 16):
+        got, want = largest_magnitude(every[i : i + 1]), expected(np.array([i]))
+        assert got == want or (math.isnan(got) and math.isnan(want)), (dtype, i)
+    for _ in range(2000):
+        picked = rng.integers(0, 1 << 16, int(rng.integers(1, 40)))
+        got, want = largest_magnitude(every[picked]), expected(picked)
+        assert got == want or (math.isnan(got) and math.isnan(want)), (dtype, picked)
 
 
 # --- import: token chunks split to the receiving server's message limit ------------------

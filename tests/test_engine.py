@@ -449,7 +449,7 @@ def test_cancellation_race_applies_or_skips_whole_jobs(queue_delay_us: int) -> N
 
         h.engine.worker.append = recording
         applied: list[int] = []
-        h.engine.observer.on_append = lambda session, n: applied.append(n)
+        h.engine.observer.on_append = applied.append  # one call per applied job
         tasks = []
         for _ in range(120):
             # A call alone in flight may run inline on this loop, the others on the worker.

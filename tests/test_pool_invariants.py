@@ -92,6 +92,42 @@ def test_roll_back_undoes_every_step_and_unpins() -> None:
     store.check_invariants()
 
 
+def test_extend_in_place_moves_only_the_length_or_declines() -> None:
+    """The packed call's fast step: inside the layer's private pages it moves the length
+    (rolled back like ``grow``); it declines, changing nothing, where ``grow`` must act (a
+    new page, a shared partly filled page, past max_len), and refuses an unpinned session."""
+    store = make_store(num_pages=16)
+    store.copy_page = lambda src, dst: None
+    s = store.create(GEO)
+    tpp = s.layout.tokens_per_page
+    with store.begin() as setup:
+        setup.grow(s, 0, tpp + 1)  # two pages, the second partly filled
+    allocation = store.begin()
+    with pytest.raises(AssertionError, match="not pinned"):
+        allocation.extend_in_place(s, 0, tpp + 2)
+    allocation.pin(s)
+    state = (s.layers[0].length, s.layers[0].pages, store.pool.free_pages, store.cached_values)
+    assert not allocation.extend_in_place(s, 0, 2 * tpp + 1)  # needs a third page
+    assert not allocation.extend_in_place(s, 0, GEO.max_len + 1)
+    assert not allocation.extend_in_place(s, 0, tpp + 1)  # no new token
+    assert (s.layers[0].length, s.layers[0].pages, store.pool.free_pages,
+            store.cached_values) == state  # fmt: skip
+    assert allocation.extend_in_place(s, 0, 2 * tpp)
+    assert s.layers[0].length == 2 * tpp and s.layers[0].pages == state[1]
+    store.check_invariants(at_rest=False)
+    allocation.roll_back()
+    assert (s.layers[0].length, s.layers[0].pages, store.pool.free_pages,
+            store.cached_values) == state  # fmt: skip
+    fork = store.fork(s, "f")  # shares the partly filled second page
+    allocation = store.begin()
+    allocation.pin(fork)
+    assert not allocation.extend_in_place(fork, 0, tpp + 2)
+    allocation.grow(fork, 0, tpp + 2)  # grow copies it
+    assert fork.layers[0].pages[1] != s.layers[0].pages[1]
+    allocation.commit()
+    store.check_invariants()
+
+
 def test_pinned_sessions_are_never_evicted() -> None:
     """A pinned session survives its TTL and LRU eviction; unpinned, it goes."""
     store = make_store(num_pages=2, evict_idle_seconds=1e-9)

@@ -87,26 +87,34 @@ def decode(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:
         ) from None
 
 
-# Per wire dtype: the unsigned view, the mask that clears the sign bit, and the bits of +Inf.
-# Without the sign, IEEE floats order like their bits, and NaN's bits lie above +Inf's.
-_MAGNITUDE_BITS = {  # the masks as numpy scalars already: making one per call costs 0.3 us
-    np.dtype("<f4"): (np.uint32, np.uint32(0x7FFFFFFF), 0x7F800000),
-    np.dtype("<f2"): (np.uint16, np.uint16(0x7FFF), 0x7C00),
-    np.dtype(ml_dtypes.bfloat16): (np.uint16, np.uint16(0x7FFF), 0x7F80),
+# Per wire dtype: the unsigned and signed views, the mask that clears the sign bit, and the
+# bits of +Inf. Without the sign, IEEE floats order like their bits, and NaN's bits lie above
+# +Inf's.
+_MAGNITUDE_BITS = {
+    np.dtype("<f4"): (np.uint32, np.int32, 0x7FFFFFFF, 0x7F800000),
+    np.dtype("<f2"): (np.uint16, np.int16, 0x7FFF, 0x7C00),
+    np.dtype(ml_dtypes.bfloat16): (np.uint16, np.int16, 0x7FFF, 0x7F80),
 }
 
 
 def largest_magnitude(array: np.ndarray) -> float:
-    """max |x| over the array (0.0 if empty), NaN if any element is NaN, read from the bits
-    in one integer pass: the finiteness and the magnitude checks of a tensor at once."""
+    """max |x| over the array (0.0 if empty), NaN if any element is NaN, read from the bits:
+    the finiteness and the magnitude checks of a tensor at once.
+
+    Two reductions and no temporary (1.6x faster than masking the sign off every element):
+    the unsigned maximum is the negative of largest magnitude when there is a negative, else
+    the largest positive; the signed maximum is the largest positive when there is one."""
     if array.size == 0:
         return 0.0
-    kind, mask, inf = _MAGNITUDE_BITS[array.dtype]
+    unsigned, signed, mask, inf = _MAGNITUDE_BITS[array.dtype]
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
     # The ufunc's reduce, not np.max or .max: their Python wrappers cost more than a small
     # tensor's pass.
-    top = np.maximum.reduce(array.view(kind) & mask, axis=None)
+    top = max(
+        int(np.maximum.reduce(array.view(unsigned), axis=None)) & mask,
+        int(np.maximum.reduce(array.view(signed), axis=None)),
+    )
     if top > inf:
         return float("nan")
-    return float(top.view(array.dtype))
+    return float(np.array(top, unsigned).view(array.dtype))

@@ -71,6 +71,30 @@ class Allocation:
             store._set_length(session, index, new_length)
         self._steps.append((session, index, old_length, added, unshared))
 
+    def extend_in_place(self, session: Session, index: int, new_length: int) -> bool:
+        """``grow`` for the common decode step, in one call: when the new tokens fit the
+        layer's pages, its last page is private (or full) and ``new_length`` is within
+        max_len, only the length moves. Returns False, changing nothing, when the append
+        needs ``grow`` (new pages, a shared page to copy, an error to raise). The session
+        must be pinned by this allocation."""
+        if self.state != "open" or id(session) not in self._pinned:
+            raise AssertionError("allocation: extend_in_place of a session it has not pinned")
+        store = self._store
+        lengths = session.lengths
+        with store.lock:
+            old_length = int(lengths[index])
+            if not old_length < new_length <= session.geometry.max_len:
+                return False
+            table = session.page_lists.get(index)
+            per_page = session.layout.tokens_per_page
+            if table is None or new_length > len(table) * per_page:
+                return False  # needs pages
+            if old_length % per_page and store.pool.refs[table[old_length // per_page]] > 1:
+                return False  # writes into a shared page: grow copies it first
+            store._set_length(session, index, new_length)
+        self._steps.append((session, index, old_length, [], None))
+        return True
+
     def commit(self) -> None:
         self._require_open("commit")
         with self._store.lock:

@@ -122,14 +122,12 @@ class AppendTransaction:
         for prepared, output in zip(accepted, outputs, strict=True):
             if prepared.packed is not None:
                 n = prepared.packed.n
-                for session in prepared.sessions:
-                    observer.on_append(session, n)
+                observer.on_append(n * prepared.packed.size)
                 prepared.job.resolve((output, (prepared.packed.starts + n).tolist()))
                 continue
-            results = []
-            for out, item, session in zip(output, prepared.items, prepared.sessions, strict=True):
-                results.append((out, item.start + item.n))
-                observer.on_append(session, item.n)
+            items = prepared.items
+            results = [(out, it.start + it.n) for out, it in zip(output, items, strict=True)]
+            observer.on_append(sum(it.n for it in items))
             prepared.job.resolve(results)
 
     def _device_calls(self, accepted: list[_Prepared]) -> list:

@@ -46,7 +46,7 @@ class EngineObserver:
 
     on_batch: Callable[[int, float], None] = lambda items, seconds: None  # items, device s
     on_queue_wait: Callable[[float], None] = lambda seconds: None
-    on_append: Callable[[Any, int], None] = lambda session, tokens: None
+    on_append: Callable[[int], None] = lambda tokens: None  # tokens one job appended
 
 
 @dataclass

@@ -174,7 +174,7 @@ class Metrics:
         return EngineObserver(
             on_batch=lambda items, seconds: self.batch_items.observe(items),
             on_queue_wait=self.queue.observe,
-            on_append=lambda session, tokens: self.tokens.inc(tokens),
+            on_append=self.tokens.inc,
         )
 
     def sample_quantization(self, appended: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
