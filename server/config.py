@@ -64,7 +64,9 @@ class Config:
     tls_client_ca: str | None = None
     snapshot_dir: str | None = None
     metrics_port: int = 9464
-    quant_error_sample_rate: float = 0.01
+    # 1 in 1,000 appended items: ~40 samples a second at 40k items/s. Each costs ~0.1-0.3 ms
+    # of the event loop, so 1% cost a B = 64 packed call ~0.15 ms on average.
+    quant_error_sample_rate: float = 0.001
     log_level: str = "INFO"
     log_format: str = "text"
     malloc_retain_bytes: int = 256 * 1024 * 1024

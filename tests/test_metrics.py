@@ -296,10 +296,37 @@ def test_the_quantization_sample_reads_a_bounded_window(monkeypatch):
     rng = np.random.default_rng(3)
     long = rng.standard_normal((8192, 2, 64)).astype(np.float16)
     short = rng.standard_normal((5, 2, 64)).astype(np.float16)
-    m.sample_quantization([(long, long), (short, short)])
+    m.sample_quantization([long, short], [long, short])
     assert seen == [(2, metrics_module.SAMPLE_TOKENS, 2, 64), (2, 5, 2, 64)]
     hist = m.registry.get_sample_value("q8kv_quantization_relative_error_count")
     assert hist == 2
+
+
+def test_a_packed_call_is_sampled_per_item_at_the_rate(monkeypatch):
+    """One binomial draw per call stands for a coin per item: over 40 calls of B = 64 at
+    rate 0.25, about 640 distinct items are sampled (bounds at about 8 standard deviations),
+    each a [n, KVH, D] item of the packed [B, n, KVH, D] arrays."""
+    import numpy as np
+
+    from q8kv.server.app import build_engine
+    from q8kv.server.config import Config
+    from q8kv.server.observability import metrics as metrics_module
+
+    engine = build_engine(Config(backend="numpy", memory_budget=1 << 20))
+    m = metrics_module.Metrics(engine.store, engine.backend, quant_error_sample_rate=0.25)
+    sampled: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        metrics_module, "quantization_error",
+        lambda k, v: sampled.append((k.shape, int(k[0, 0, 0]))) or 0.001,
+    )  # fmt: skip
+    for _ in range(40):
+        k = np.arange(64, dtype=np.float32)[:, None, None, None] * np.ones((64, 1, 2, 8))
+        before = len(sampled)
+        m.sample_quantization(k, k)
+        picked = [item for _, item in sampled[before:]]
+        assert picked == sorted(set(picked))  # distinct items, each once
+    assert all(shape == (1, 2, 8) for shape, _ in sampled)
+    assert 460 <= len(sampled) <= 820
 
 
 def test_the_quantization_sample_takes_k_and_v_of_different_dtypes():

@@ -45,8 +45,9 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         self.engine = engine
         self.drain = drain or Drain()
         self.limits = limits or CallLimits()
-        # Sees the (k, v) of every append that landed (the quantization-error sampler).
-        self.on_appended = on_appended or (lambda requests: None)
+        # Sees the k and v of every append that landed (the quantization-error sampler):
+        # on_appended(k, v), item i's being k[i] and v[i].
+        self.on_appended = on_appended or (lambda k, v: None)
 
     def _info(self, snap) -> pb.SessionInfo:
         return session_info(snap, self.engine.page_bytes)
@@ -109,7 +110,7 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
             requests, tenant=current_tenant.get(), deadline=deadline_of(context)
         )
         # Only appends that landed (their shapes are checked).
-        self.on_appended((r.k, r.v) for r in requests)
+        self.on_appended([r.k for r in requests], [r.v for r in requests])
         attend_results(requests, results, into)
 
     async def AppendAndAttend(self, request, context):
@@ -122,7 +123,7 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         output, lengths = await self.engine.attend_batch(
             batch, tenant=current_tenant.get(), deadline=deadline_of(context)
         )
-        self.on_appended(zip(batch.k, batch.v, strict=True))
+        self.on_appended(batch.k, batch.v)
         into.lengths[:] = lengths
         wire.fill(into.output, output)
 
