@@ -192,3 +192,24 @@ def test_inline_and_worker_paths_give_the_same_answer() -> None:
         await check(h, more[-1], results[-1][0], [10] * 5)
 
     run(body, backend_cls=Recording)
+
+
+def test_a_packed_call_is_a_use_of_each_session_only_when_it_lands() -> None:
+    """The lookups restart every session's idle clock, together, once the whole job passed
+    its checks; a job refused (an unknown session at index 2) leaves the clocks alone."""
+
+    async def body(h: Harness) -> None:
+        sessions = [await h.create(GEO) for _ in range(3)]
+        for s in sessions:
+            s.last_used_mono -= 100.0
+        clocks = [s.last_used_mono for s in sessions]
+        refused = packed(h, sessions, 1)
+        refused.session_ids[2] = "no-such-session"
+        with pytest.raises(Exception, match=r"batch\[2\] \(session 'no-such-session'\)"):
+            await h.engine.attend_batch(refused)
+        assert [s.last_used_mono for s in sessions] == clocks
+        await h.engine.attend_batch(packed(h, sessions, 1))
+        assert all(s.last_used_mono > c + 50.0 for s, c in zip(sessions, clocks, strict=True))
+        assert len({s.last_used_mono for s in sessions}) == 1
+
+    run(body, backend_cls=Recording)

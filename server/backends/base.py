@@ -74,6 +74,10 @@ class PackedItems:
     k: np.ndarray
     v: np.ndarray
     out_dtype: np.dtype = np.dtype(np.float32)
+    # ``page_ids`` back to back (int32) and each session's count (int64 [B]), where the
+    # caller built them that way (the engine: one join instead of B arrays); else
+    # ``page_table()`` makes them.
+    joined_page_ids: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def size(self) -> int:
@@ -82,6 +86,14 @@ class PackedItems:
     @property
     def n(self) -> int:
         return int(self.q.shape[1])
+
+    def page_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every session's page ids back to back (int32) and how many each has (int64)."""
+        if self.joined_page_ids is None:
+            counts = np.fromiter((len(ids) for ids in self.page_ids), np.int64, self.size)
+            ids = np.concatenate(self.page_ids).astype(np.int32, copy=False)
+            self.joined_page_ids = ids, counts
+        return self.joined_page_ids
 
     def item(self, b: int) -> AttendItem:
         return AttendItem(self.layout, float(self.softmax_scales[b]), self.page_ids[b],

@@ -223,8 +223,8 @@ class NumpyBackend(Backend):
         codes, scales = q8.quantize(kv)
         # Each new token's page and slot: [B, n] -> flat over (session, token).
         position = batch.starts[:, None] + np.arange(n)
-        tables = np.concatenate(batch.page_ids)
-        first_page = np.cumsum([0] + [len(ids) for ids in batch.page_ids[:-1]])
+        tables, counts = batch.page_table()
+        first_page = np.cumsum(counts) - counts
         pages = tables[first_page[:, None] + position // t].reshape(-1)
         slots = (position % t).reshape(-1)
         for pool, tokens, width in ((self.codes, codes, lay.head_dim),

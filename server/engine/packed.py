@@ -5,6 +5,7 @@ own; the backend gets one ``PackedItems``."""
 
 from __future__ import annotations
 
+import array
 from collections.abc import Callable
 
 import numpy as np
@@ -29,14 +30,16 @@ def prepare_packed(
     kv_heads = batch.k.shape[2]
     starts: list[int] = []
     scales: list[float] = []
-    tables: list[np.ndarray] = []
+    joined = array.array("i")  # every session's page ids, back to back
+    counts: list[int] = []
     layer_index, expected = batch.layer, batch.expected_lengths
     # Per session only what must be per session, each step once: at B = 64 this loop is
     # most of the engine's time on the event loop (benchmarks/handler_breakdown.py).
     for index, sid in enumerate(batch.session_ids):
         try:
-            # The lookup touches the session; the pin keeps it until the job is answered.
-            session = store.get(sid, tenant)
+            # The pin keeps the session until the job is answered; the lookups count as a
+            # use (touch) once all of them passed.
+            session = store.get(sid, tenant, touch=False)
             allocation.pin(session)
             if not 0 <= layer_index < len(session.lengths):
                 session.layer(layer_index)  # raises, naming the range
@@ -60,10 +63,17 @@ def prepare_packed(
         sessions.append(session)
         starts.append(old_length)
         scales.append(session.softmax_scale)
-        tables.append(np.array(session.page_lists[layer_index], np.int32))
+        table = session.page_lists[layer_index]
+        joined.extend(table)
+        counts.append(len(table))
+    store.touch_all(sessions)
+    ids = np.frombuffer(joined, np.int32)  # ``joined`` never grows again: a safe view
+    ends = np.cumsum(counts)
+    tables = [ids[end - count : end] for end, count in zip(ends.tolist(), counts, strict=True)]
     return PackedItems(
         sessions[0].layout, np.array(scales, np.float64), tables, np.array(starts, np.int64),
         batch.q, batch.k, batch.v, out_dtype=batch.q.dtype,
+        joined_page_ids=(ids, np.array(counts, np.int64)),
     )
 
 

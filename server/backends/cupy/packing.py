@@ -271,7 +271,7 @@ def pack_packed(
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPE_CODE:
         q, k, v = (a.astype(np.float32) for a in (q, k, v))  # as device_arrays does
     q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
-    counts = np.fromiter((len(ids) for ids in batch.page_ids), np.int64, count)
+    ids, counts = batch.page_table()
     meta_bytes = count * META * 4
     offsets, off = [], meta_bytes + 4 * int(counts.sum())
     for a in (q, k, v):
@@ -292,7 +292,6 @@ def pack_packed(
             pending.append((o, a.reshape(-1).view(np.uint8)))
         else:
             host[o : o + a.nbytes] = a.reshape(-1).view(np.uint8)
-    ids = np.concatenate(batch.page_ids).astype(np.int32, copy=False)
     host[meta_bytes : meta_bytes + 4 * ids.size] = ids.view(np.uint8)
     meta = host[:meta_bytes].view(np.int32).reshape(count, META)
     meta[:] = 0
