@@ -92,38 +92,47 @@ def test_roll_back_undoes_every_step_and_unpins() -> None:
     store.check_invariants()
 
 
-def test_extend_in_place_moves_only_the_length_or_declines() -> None:
-    """The packed call's fast step: inside the layer's private pages it moves the length
-    (rolled back like ``grow``); it declines, changing nothing, where ``grow`` must act (a
-    new page, a shared partly filled page, past max_len), and refuses an unpinned session."""
+def test_extend_in_place_moves_only_the_length_or_leaves_it_to_grow() -> None:
+    """The packed call's fast step: inside a layer's private pages it moves the length
+    (rolled back like ``grow``); it leaves a session to ``grow``, unchanged, where that must
+    act (a new page, a shared partly filled page, past max_len, no token); it refuses a
+    session the allocation has not pinned."""
     store = make_store(num_pages=16)
     store.copy_page = lambda src, dst: None
-    s = store.create(GEO)
-    tpp = s.layout.tokens_per_page
+    a, b, c, source = (store.create(GEO) for _ in range(4))
+    tpp = a.layout.tokens_per_page
     with store.begin() as setup:
-        setup.grow(s, 0, tpp + 1)  # two pages, the second partly filled
+        setup.grow(a, 0, tpp + 1)  # two pages, the second partly filled
+        setup.grow(b, 0, 2 * tpp)  # two full pages: the next token needs a third
+        setup.grow(c, 0, GEO.max_len - 1)  # one token below max_len, in a partial page
+        setup.grow(source, 0, tpp + 1)
+    fork = store.fork(source, "f")  # shares the source's partly filled second page
+    sessions = [a, b, c, fork]
+
+    def state():
+        return ([(s.layers[0].length, s.layers[0].pages) for s in sessions],
+                store.pool.free_pages, store.cached_values)  # fmt: skip
+
     allocation = store.begin()
     with pytest.raises(AssertionError, match="not pinned"):
-        allocation.extend_in_place(s, 0, tpp + 2)
-    allocation.pin(s)
-    state = (s.layers[0].length, s.layers[0].pages, store.pool.free_pages, store.cached_values)
-    assert not allocation.extend_in_place(s, 0, 2 * tpp + 1)  # needs a third page
-    assert not allocation.extend_in_place(s, 0, GEO.max_len + 1)
-    assert not allocation.extend_in_place(s, 0, tpp + 1)  # no new token
-    assert (s.layers[0].length, s.layers[0].pages, store.pool.free_pages,
-            store.cached_values) == state  # fmt: skip
-    assert allocation.extend_in_place(s, 0, 2 * tpp)
-    assert s.layers[0].length == 2 * tpp and s.layers[0].pages == state[1]
+        allocation.extend_in_place(sessions, 0, 1)
+    for s in sessions:
+        allocation.pin(s)
+    before = state()
+    assert allocation.extend_in_place(sessions, 0, 0) == [0, 1, 2, 3]  # no token
+    # b needs a page, c would pass max_len, the fork would write into a shared page.
+    assert allocation.extend_in_place(sessions, 0, 2) == [1, 2, 3]
+    assert state()[0][1:] == before[0][1:] and state()[1] == before[1]
+    assert a.layers[0].length == tpp + 3 and a.layers[0].pages == before[0][0][1]
+    assert allocation.extend_in_place([c], 0, 1) == []  # exactly max_len
     store.check_invariants(at_rest=False)
     allocation.roll_back()
-    assert (s.layers[0].length, s.layers[0].pages, store.pool.free_pages,
-            store.cached_values) == state  # fmt: skip
-    fork = store.fork(s, "f")  # shares the partly filled second page
+    assert state() == before
     allocation = store.begin()
     allocation.pin(fork)
-    assert not allocation.extend_in_place(fork, 0, tpp + 2)
-    allocation.grow(fork, 0, tpp + 2)  # grow copies it
-    assert fork.layers[0].pages[1] != s.layers[0].pages[1]
+    assert allocation.extend_in_place([fork], 0, 1) == [0]
+    allocation.grow(fork, 0, tpp + 2)  # grow copies the shared page
+    assert fork.layers[0].pages[1] != source.layers[0].pages[1]
     allocation.commit()
     store.check_invariants()
 

@@ -295,6 +295,15 @@ class SessionStore:
         self.cached_values += (length - old) * self._values_per_token(session)
         session.lengths[index] = length
 
+    def _advance_lengths(self, moved: list[tuple[Session, int]], index: int, tokens: int) -> None:
+        """``_set_length`` of many layers at once: layer ``index`` of each session goes from
+        the given length to ``tokens`` more (within its pages), the counter once."""
+        values = 0
+        for session, old in moved:
+            session.lengths[index] = old + tokens
+            values += self._values_per_token(session)
+        self.cached_values += tokens * values
+
     def _check_max_len(self, session: Session, index: int, new_length: int) -> None:
         if new_length > session.geometry.max_len:
             raise OutOfRange(

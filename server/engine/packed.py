@@ -29,12 +29,9 @@ def prepare_packed(
     count, n, heads, head_dim = batch.q.shape
     kv_heads = batch.k.shape[2]
     starts: list[int] = []
-    scales: list[float] = []
-    joined = array.array("i")  # every session's page ids, back to back
-    counts: list[int] = []
     layer_index, expected = batch.layer, batch.expected_lengths
-    # Per session only what must be per session, each step once: at B = 64 this loop is
-    # most of the engine's time on the event loop (benchmarks/handler_breakdown.py).
+    # Every session checked first, then grown: most of them only move a length, in one
+    # call (the engine's time at B = 64 is this function: benchmarks/handler_breakdown.py).
     for index, sid in enumerate(batch.session_ids):
         try:
             # The pin keeps the session until the job is answered; the lookups count as a
@@ -50,31 +47,44 @@ def prepare_packed(
                 check_shape("v", (n, kv_heads, head_dim), (n, g.num_kv_heads, g.head_dim))
             if n < 1:
                 raise InvalidArgument(f"q.shape[0]: expected >= 1 tokens, got {n}")
-            old_length = int(session.lengths[layer_index])
+            old_length = session.lengths.item(layer_index)
             if expected is not None and expected[index] != old_length:
                 raise Aborted(
                     f"expected_length: expected the layer's length {old_length}, "
                     f"got {expected[index]}"
                 )
-            if not allocation.extend_in_place(session, layer_index, old_length + n):
-                allocation.grow(session, layer_index, old_length + n)
         except ServiceError as exc:
             raise type(exc)(f"batch[{index}] (session {sid!r}): {exc.message}") from None
         sessions.append(session)
         starts.append(old_length)
-        scales.append(session.softmax_scale)
-        table = session.page_lists[layer_index]
+    for index in allocation.extend_in_place(sessions, layer_index, n):
+        try:
+            allocation.grow(sessions[index], layer_index, starts[index] + n)
+        except ServiceError as exc:
+            sid = batch.session_ids[index]
+            raise type(exc)(f"batch[{index}] (session {sid!r}): {exc.message}") from None
+    store.touch_all(sessions)
+    tables, joined = _page_tables(sessions, layer_index)
+    return PackedItems(
+        sessions[0].layout, np.array([s.softmax_scale for s in sessions], np.float64),
+        tables, np.array(starts, np.int64), batch.q, batch.k, batch.v,
+        out_dtype=batch.q.dtype, joined_page_ids=joined,
+    )
+
+
+def _page_tables(sessions: list[Session], layer: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each session's page table of ``layer`` as views of one int32 array (one join, not
+    B arrays), and that array with the counts."""
+    joined = array.array("i")
+    counts = []
+    for session in sessions:
+        table = session.page_lists[layer]
         joined.extend(table)
         counts.append(len(table))
-    store.touch_all(sessions)
     ids = np.frombuffer(joined, np.int32)  # ``joined`` never grows again: a safe view
-    ends = np.cumsum(counts)
-    tables = [ids[end - count : end] for end, count in zip(ends.tolist(), counts, strict=True)]
-    return PackedItems(
-        sessions[0].layout, np.array(scales, np.float64), tables, np.array(starts, np.int64),
-        batch.q, batch.k, batch.v, out_dtype=batch.q.dtype,
-        joined_page_ids=(ids, np.array(counts, np.int64)),
-    )
+    ends = np.cumsum(counts).tolist()
+    tables = [ids[end - count : end] for end, count in zip(ends, counts, strict=True)]
+    return tables, (ids, np.array(counts, np.int64))
 
 
 def attend_packed_in_chunks(
