@@ -34,7 +34,12 @@ from q8kv import wire
 from q8kv.server.app import build_engine
 from q8kv.server.backends.base import AttendItem, PackedItems
 from q8kv.server.config import load_config
-from q8kv.server.rpc.messages import decode_batch, decode_items
+from q8kv.server.rpc.messages import (
+    attend_batch_response,
+    attend_response,
+    decode_batch,
+    decode_items,
+)
 from q8kv.server.rpc.servicer import KVCacheService
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc as pb_grpc
@@ -123,7 +128,9 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     figures = {
         "decode + checks": _median_us(lambda: decode_items(step.items), args.iters),
         "backend append+attend": _median_us(lambda: backend.append_and_attend([item]), args.iters),
-        "encode output": _median_us(lambda: wire.encode(out, args.dtype), args.iters),
+        "encode output": _median_us(
+            lambda: b"".join(attend_response(decoded, [(out, args.length + 1)])), args.iters
+        ),
         "handler, inline": await _median_us_async(handler, args.iters),
         "engine via worker": await _median_us_async(worker_path, args.iters),
     }
@@ -207,7 +214,9 @@ async def packed(args, service: KVCacheService, engine, rng) -> dict[str, float]
         "engine attend_batch": await _median_us_async(
             lambda: engine.attend_batch(batch), iters, rewind
         ),
-        "encode output": _median_us(lambda: wire.encode(out, args.dtype), iters),
+        "encode output": _median_us(
+            lambda: b"".join(attend_batch_response(out, list(range(b)))), iters
+        ),
         "handler": await _median_us_async(
             lambda: service.AttendBatch(request, _Context()), iters, rewind
         ),

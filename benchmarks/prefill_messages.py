@@ -6,7 +6,7 @@ accounts for (benchmarks/prefill_service.py splits a rep into device, transport 
 rest). Median seconds over --reps.
 
 Also the metrics' quantization-error sample of the layer's k/v (when an item is drawn,
-1 in 100 by default, on the event loop): as the server takes it (at most
+1 in 1,000 by default, on the event loop): as the server takes it (at most
 metrics.SAMPLE_TOKENS tokens), and over the whole item, as it was before that bound.
 
     .venv/bin/python benchmarks/prefill_messages.py [--tokens 8192] [--reps 5]
@@ -47,9 +47,7 @@ def one_layer(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> dict[str, float]:
     out = q.copy()  # the backend's answer: [n, H, D] in q's dtype
 
     def answer() -> bytes:
-        response = pb.AppendAndAttendResponse()
-        server_messages.attend_results(decoded, [(out, len(q))], response.results)
-        return response.SerializeToString()
+        return b"".join(server_messages.attend_response(decoded, [(out, len(q))]))
 
     wire_response = timed("server_encode_serialize", answer)
     response = timed("client_parse", lambda: pb.AppendAndAttendResponse.FromString(wire_response))

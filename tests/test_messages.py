@@ -108,3 +108,54 @@ def test_packed_batch_is_checked_the_same_way() -> None:
         decode_batch(request(k))
     k[1, 0, 1, 7] = 1.0
     np.testing.assert_array_equal(decode_batch(request(k)).k, k)
+
+
+# --- answers serialized by hand: the bytes protobuf writes, each output copied once -------
+
+DTYPES = (np.float32, np.float16, ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_answers_are_the_bytes_protobuf_writes(dtype) -> None:
+    """Every answer the service serializes itself equals the same message built and
+    serialized by protobuf, byte for byte: unary and stream, items and batch, empty
+    outputs, lengths past one varint byte, outputs larger than 16 KiB (3-byte lengths)."""
+    rng = np.random.default_rng(31)
+    for n in (0, 1, 3, 40):
+        outs = [random_tensor(rng, (n, 4, 64), dtype) for _ in range(3)]
+        lengths = [int(x) for x in rng.integers(0, 1 << 40, 3)]
+        requests = [messages.AppendRequest("s", 0, out, out[:, :2], out[:, :2]) for out in outs]
+        results = list(zip(outs, lengths, strict=True))
+        built = pb.AppendAndAttendResponse()
+        for out, length in results:
+            built.results.add(output=wire.encode(out), length=length)
+        ours = b"".join(messages.attend_response(requests, results))
+        assert ours == built.SerializeToString()
+
+        stream = pb.AppendAndAttendStreamResponse(request_id=2**63 + 5)
+        stream.results.extend(built.results)
+        ours = messages.stream_response(2**63 + 5, messages.attend_response(requests, results, 2))
+        assert ours == stream.SerializeToString()
+
+        batch = np.stack(outs)  # [B, n, H, D]
+        built_batch = pb.AttendBatchResponse(output=wire.encode(batch), lengths=lengths)
+        ours = b"".join(messages.attend_batch_response(batch, lengths))
+        assert ours == built_batch.SerializeToString()
+        stream = pb.AppendAndAttendStreamResponse(request_id=7, batch=built_batch)
+        ours = messages.stream_response(7, batch=messages.attend_batch_response(batch, lengths))
+        assert ours == stream.SerializeToString()
+        assert pb.AppendAndAttendStreamResponse.FromString(ours) == stream
+
+
+def test_an_answer_in_another_dtype_than_the_array_is_cast() -> None:
+    """An item's output goes back in its q's dtype, whatever the backend's array holds."""
+    rng = np.random.default_rng(5)
+    out = rng.standard_normal((2, 4, 64)).astype(np.float32)
+    q = out.astype(np.float16)
+    request = messages.AppendRequest("s", 0, q, q[:, :2], q[:, :2])
+    ours = pb.AppendAndAttendResponse.FromString(
+        b"".join(messages.attend_response([request], [(out, 9)]))
+    )
+    (result,) = ours.results
+    np.testing.assert_array_equal(wire.decode(result.output), out.astype(np.float16))
+    assert result.output.dtype == pb.FLOAT16 and result.length == 9

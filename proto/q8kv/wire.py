@@ -60,6 +60,38 @@ def fill(tensor: pb.Tensor, array: np.ndarray, dtype: np.dtype | str | int | Non
     tensor.data = data.tobytes()
 
 
+def tensor_parts(
+    array: np.ndarray, dtype: np.dtype | str | int | None = None
+) -> list[bytes | memoryview]:
+    """``encode(array, dtype).SerializeToString()`` as parts to join, the data a view of the
+    array's bytes, not a copy: joined into a larger message they are copied once, where
+    ``fill`` and serializing copy the data three times (tobytes, the message, its bytes).
+    The bytes are those protobuf writes (fields in number order)."""
+    code = wire_dtype(array.dtype if dtype is None else dtype)
+    data = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
+    head = pb.Tensor(dtype=code, shape=data.shape).SerializeToString()
+    if not data.nbytes:
+        return [head]
+    raw = memoryview(data.reshape(-1).view(np.uint8))
+    return [head, *length_delimited(3, [raw])]  # Tensor.data is field 3
+
+
+def length_delimited(number: int, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """A field ``number`` of wire type 2 (a message, bytes) whose payload is ``parts``
+    joined: its key and length, then the parts."""
+    size = sum(part.nbytes if isinstance(part, memoryview) else len(part) for part in parts)
+    return [_varint(number << 3 | 2) + _varint(size), *parts]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def decode(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:
     """Tensor message -> read-only numpy view of its bytes; TensorError names ``field``."""
     dtype = NUMPY_DTYPES.get(tensor.dtype)

@@ -9,7 +9,7 @@ registered (no interceptor chain runs per call). For each call, in order:
    caller could make the server hold a message of up to the size limit); streams re-check
    the token at each message, so a revoked token ends them;
 4. decode: bytes that are not a request message answer INVALID_ARGUMENT (grpc.aio would
-   answer UNKNOWN with the parser's text);
+   answer UNKNOWN with the parser's text); a response may be bytes already serialized;
 5. the method itself, and whatever it raised mapped to a status by ``status_of``.
 """
 
@@ -69,6 +69,19 @@ def _tolerant(deserializer: Callable | None) -> Callable | None:
             return _Undecodable(len(data))
 
     return parse
+
+
+def _passing_bytes(serializer: Callable | None) -> Callable | None:
+    """A method may answer with its response already serialized (bytes: the attention
+    answers, whose tensors are copied once that way, rpc/messages.py); anything else is a
+    message for the method's own serializer."""
+    if serializer is None:
+        return None
+
+    def serialize(response) -> bytes:
+        return response if type(response) is bytes else serializer(response)
+
+    return serialize
 
 
 class _Registrar:
@@ -142,7 +155,7 @@ class Front:
         return _BUILDERS[wire_kind](
             behavior,
             request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+            response_serializer=_passing_bytes(handler.response_serializer),
         )
 
     # -- the two shapes of behavior ----------------------------------------------------------

@@ -127,11 +127,37 @@ def decode_batch(request, limits: CallLimits = CallLimits()) -> PackedBatch:
     return PackedBatch(ids, request.layer, q, k, v, expected)
 
 
-def attend_results(requests: list[AppendRequest], results, into) -> None:
-    """Each item's output (the backend returns it in q's dtype), encoded in q's dtype, with
-    the layer's new length, added to ``into`` (a response's repeated results, in place)."""
+# Answers are serialized here, not built as messages: each output is copied once, into the
+# response's bytes, where filling a message and serializing it copies it three times
+# (wire.tensor_parts). The front door passes bytes through. Parts are joined by the caller.
+Parts = list[bytes | memoryview]
+
+
+def attend_batch_response(output: np.ndarray, lengths: list[int]) -> Parts:
+    """An AttendBatchResponse's serialization, in parts."""
+    lengths_field = pb.AttendBatchResponse(lengths=lengths).SerializeToString()
+    return [*wire.length_delimited(1, wire.tensor_parts(output)), lengths_field]
+
+
+def attend_response(requests: list[AppendRequest], results, field: int = 1) -> Parts:
+    """Each item's result (output in its q's dtype, the layer's new length) as one
+    AttendResult field ``field``: an AppendAndAttendResponse's serialization with the
+    default (results = 1), the stream response's results with 2."""
+    parts: Parts = []
     for request, (out, length) in zip(requests, results, strict=True):
-        wire.fill(into.add(length=length).output, out, request.q.dtype)
+        result = [*wire.length_delimited(1, wire.tensor_parts(out, request.q.dtype)),
+                  pb.AttendResult(length=length).SerializeToString()]  # fmt: skip
+        parts += wire.length_delimited(field, result)
+    return parts
+
+
+def stream_response(request_id: int, results: Parts = (), batch: Parts | None = None) -> bytes:
+    """An AppendAndAttendStreamResponse, serialized: its id, then the results (parts of
+    field 2, from ``attend_response``) or the batch's answer (``attend_batch_response``)."""
+    head = pb.AppendAndAttendStreamResponse(request_id=request_id).SerializeToString()
+    if batch is not None:
+        return b"".join([head, *wire.length_delimited(5, batch)])  # batch is field 5
+    return b"".join([head, *results])
 
 
 def _decode_item(prefix: str, item) -> AppendRequest:

@@ -18,12 +18,15 @@ from .auth import current_tenant
 from .drain import Drain
 from .messages import (
     CallLimits,
-    attend_results,
+    Parts,
+    attend_batch_response,
+    attend_response,
     deadline_of,
     decode_batch,
     decode_items,
     geometry_of,
     session_info,
+    stream_response,
 )
 from .status import status_of
 
@@ -101,36 +104,33 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         )
         return pb.ForkSessionResponse(session=self._info(snap))
 
-    # The answers are written into the response being built (``into``), not built apart and
-    # passed to its constructor: upb copies a message passed in, tens of ms for a prefill.
+    # The answers go back serialized (bytes, passed through by the front door): each output
+    # is copied once into the response's bytes, not into a message and then out of it
+    # (messages.attend_response, attend_batch_response).
 
-    async def _append_and_attend(self, items, context, into) -> None:
+    async def _append_and_attend(self, items, context, field: int = 1) -> Parts:
+        """The results, serialized as field ``field`` (see ``attend_response``)."""
         requests = decode_items(items, self.limits)
         results = await self.engine.append_and_attend(
             requests, tenant=current_tenant.get(), deadline=deadline_of(context)
         )
         # Only appends that landed (their shapes are checked).
         self.on_appended([r.k for r in requests], [r.v for r in requests])
-        attend_results(requests, results, into)
+        return attend_response(requests, results, field)
 
     async def AppendAndAttend(self, request, context):
-        response = pb.AppendAndAttendResponse()
-        await self._append_and_attend(request.items, context, response.results)
-        return response
+        return b"".join(await self._append_and_attend(request.items, context))
 
-    async def _attend_batch(self, request, context, into: pb.AttendBatchResponse) -> None:
+    async def _attend_batch(self, request, context) -> Parts:
         batch = decode_batch(request, self.limits)
         output, lengths = await self.engine.attend_batch(
             batch, tenant=current_tenant.get(), deadline=deadline_of(context)
         )
         self.on_appended(batch.k, batch.v)
-        into.lengths[:] = lengths
-        wire.fill(into.output, output)
+        return attend_batch_response(output, lengths)
 
     async def AttendBatch(self, request, context):
-        response = pb.AttendBatchResponse()
-        await self._attend_batch(request, context, response)
-        return response
+        return b"".join(await self._attend_batch(request, context))
 
     async def AppendAndAttendStream(self, request_iterator, context):
         """Each message is one AppendAndAttend (items) or one AttendBatch (batch); an error
@@ -145,13 +145,11 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
                             f"items: expected none in a message that carries a batch, got "
                             f"{len(message.items)}"
                         )
-                    answer = pb.AppendAndAttendStreamResponse(request_id=message.request_id)
-                    await self._attend_batch(message.batch, context, answer.batch)
-                    yield answer
+                    batch = await self._attend_batch(message.batch, context)
+                    yield stream_response(message.request_id, batch=batch)
                     continue
-                answer = pb.AppendAndAttendStreamResponse(request_id=message.request_id)
-                await self._append_and_attend(message.items, context, answer.results)
-                yield answer
+                results = await self._append_and_attend(message.items, context, field=2)
+                yield stream_response(message.request_id, results=results)
             except Exception as exc:
                 code, text = status_of(exc, "AppendAndAttendStream")
                 yield pb.AppendAndAttendStreamResponse(
