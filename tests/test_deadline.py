@@ -40,8 +40,20 @@ def wait_started(url: str, method: str, count: int, timeout: float = 30.0) -> No
     reason="holds the engine with ~2 s of numpy attention; a GPU finishes it in ms "
     "(the deadline check is in the engine, the same for every backend)",
 )
+def wait_claimed(url: str, jobs: int, timeout: float = 30.0) -> None:
+    """Until the engine has claimed ``jobs`` append jobs (each observes its queue wait)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if Samples(scrape(url)).value_or_zero("q8kv_queue_seconds_count") >= jobs:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{jobs} append jobs not claimed within {timeout}s")
+
+
 def test_deadline_expired_in_the_queue_appends_nothing(start_server):
-    srv = start_server("--batching", "on")
+    # The prefill in one piece: in chunks, a small call queued behind it could run between
+    # two of them, before its deadline.
+    srv = start_server("--batching", "on", "--prefill-chunk-tokens", str(PREFILL))
     rng = np.random.default_rng(0)
     with Client(srv.address, timeout=120) as c:
         big = c.create_session(**BIG)
@@ -54,13 +66,14 @@ def test_deadline_expired_in_the_queue_appends_nothing(start_server):
             started = time.monotonic()
             big.append_and_attend(0, q, k, k)
             busy["seconds"] = time.monotonic() - started
+            busy["done"] = time.monotonic()
 
         worker = threading.Thread(target=prefill)
         worker.start()
-        # Wait until the server has the prefill (its RPC started), then for the decode and
-        # validation of its ~60 MB to finish: from then on it holds the engine's worker.
+        # Wait until the engine has claimed the prefill (after the decode and validation of
+        # its ~60 MB): from then on it holds the engine until it is done.
         wait_started(srv.metrics_url, "AppendAndAttend", 1)
-        time.sleep(0.5)
+        wait_claimed(srv.metrics_url, 1)
         tq, tk, _ = qkv(rng, 1, SMALL)
         late_result = {}
 
@@ -81,7 +94,7 @@ def test_deadline_expired_in_the_queue_appends_nothing(start_server):
         worker.join(120)
         waiter.join(120)
         # The test means something only if the prefill outlasted the short deadline.
-        assert busy["seconds"] > 0.5 + 0.3 + 0.2, busy
+        assert busy["done"] > sent + 0.3, busy
         assert late_result == {"length": 1}
         assert small.info().layer_lengths == [0, 0]
         keys, values = small.dequantize(0)

@@ -133,7 +133,7 @@ def largest_magnitude(array: np.ndarray) -> float:
     """max |x| over the array (0.0 if empty), NaN if any element is NaN, read from the bits:
     the finiteness and the magnitude checks of a tensor at once.
 
-    Two reductions and no temporary (1.6x faster than masking the sign off every element):
+    Two reductions and no temporary (1.4x faster than masking the sign off every element):
     the unsigned maximum is the negative of largest magnitude when there is a negative, else
     the largest positive; the signed maximum is the largest positive when there is one."""
     if array.size == 0:

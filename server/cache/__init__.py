@@ -10,6 +10,7 @@ from .session import (
     LayerCache,
     Session,
     SessionSnapshot,
+    touch_all,
     validate_geometry,
     validate_session_id,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Session",
     "SessionSnapshot",
     "SessionStore",
+    "touch_all",
     "validate_geometry",
     "validate_session_id",
 ]

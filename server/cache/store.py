@@ -8,10 +8,9 @@ import array
 import heapq
 import math
 import threading
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -184,13 +183,6 @@ class SessionStore:
         if touch:
             session.touch()
         return session
-
-    def touch_all(self, sessions: Iterable[Session]) -> None:
-        """Count a use of each of ``sessions`` (restart their idle clocks), reading the
-        clocks once: a packed call's B lookups."""
-        wall, mono = time.time(), time.monotonic()
-        for session in sessions:
-            session.last_used_at, session.last_used_mono = wall, mono
 
     def fork(
         self,

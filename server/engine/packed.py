@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..backends.base import Backend, PackedItems
-from ..cache import Allocation, Session, SessionStore
+from ..cache import Allocation, Session, SessionStore, touch_all
 from ..errors import Aborted, InvalidArgument, ServiceError
 from .jobs import PackedBatch
 
@@ -63,7 +63,7 @@ def prepare_packed(
         except ServiceError as exc:
             sid = batch.session_ids[index]
             raise type(exc)(f"batch[{index}] (session {sid!r}): {exc.message}") from None
-    store.touch_all(sessions)
+    touch_all(sessions)
     tables, joined = _page_tables(sessions, layer_index)
     return PackedItems(
         sessions[0].layout, np.array([s.softmax_scale for s in sessions], np.float64),
@@ -72,7 +72,9 @@ def prepare_packed(
     )
 
 
-def _page_tables(sessions: list[Session], layer: int) -> tuple[list[np.ndarray], np.ndarray]:
+def _page_tables(
+    sessions: list[Session], layer: int
+) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Each session's page table of ``layer`` as views of one int32 array (one join, not
     B arrays), and that array with the counts."""
     joined = array.array("i")

@@ -151,13 +151,15 @@ def attend_response(requests: list[AppendRequest], results, field: int = 1) -> P
     return parts
 
 
-def stream_response(request_id: int, results: Parts = (), batch: Parts | None = None) -> bytes:
+def stream_response(
+    request_id: int, results: Parts | None = None, batch: Parts | None = None
+) -> bytes:
     """An AppendAndAttendStreamResponse, serialized: its id, then the results (parts of
     field 2, from ``attend_response``) or the batch's answer (``attend_batch_response``)."""
     head = pb.AppendAndAttendStreamResponse(request_id=request_id).SerializeToString()
     if batch is not None:
         return b"".join([head, *wire.length_delimited(5, batch)])  # batch is field 5
-    return b"".join([head, *results])
+    return b"".join([head, *(results or [])])
 
 
 def _decode_item(prefix: str, item) -> AppendRequest:
