@@ -114,7 +114,7 @@ def test_extend_in_place_moves_only_the_length_or_leaves_it_to_grow() -> None:
                 store.pool.free_pages, store.cached_values)  # fmt: skip
 
     allocation = store.begin()
-    with pytest.raises(AssertionError, match="not pinned"):
+    with pytest.raises(AssertionError, match="unpinned session"):
         allocation.extend_in_place(sessions, 0, 1)
     for s in sessions:
         allocation.pin(s)

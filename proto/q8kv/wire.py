@@ -60,9 +60,11 @@ def fill(tensor: pb.Tensor, array: np.ndarray, dtype: np.dtype | str | int | Non
     tensor.data = data.tobytes()
 
 
-def tensor_parts(
-    array: np.ndarray, dtype: np.dtype | str | int | None = None
-) -> list[bytes | memoryview]:
+# Pieces of a serialized message, to be joined once (b"".join): the large ones are views.
+Parts = list[bytes | memoryview]
+
+
+def tensor_parts(array: np.ndarray, dtype: np.dtype | str | int | None = None) -> Parts:
     """``encode(array, dtype).SerializeToString()`` as parts to join, the data a view of the
     array's bytes, not a copy: joined into a larger message they are copied once, where
     ``fill`` and serializing copy the data three times (tobytes, the message, its bytes).
@@ -76,7 +78,7 @@ def tensor_parts(
     return [head, *length_delimited(3, [raw])]  # Tensor.data is field 3
 
 
-def length_delimited(number: int, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+def length_delimited(number: int, parts: Parts) -> Parts:
     """A field ``number`` of wire type 2 (a message, bytes) whose payload is ``parts``
     joined: its key and length, then the parts."""
     size = sum(part.nbytes if isinstance(part, memoryview) else len(part) for part in parts)

@@ -61,12 +61,7 @@ class NumpyBackend(Backend):
     # -- Backend ---------------------------------------------------------------------------
 
     def _append(self, item: AttendItem) -> None:
-        # Filled rather than np.stack'ed: k and v may differ in dtype (float16 and bfloat16
-        # have no common type), and one cast each costs less than a stack and a cast.
-        kv = np.empty((2, *item.k.shape), np.float32)  # [2, n, KVH, D]
-        halfcast.to_float32(item.k, kv[0])
-        halfcast.to_float32(item.v, kv[1])
-        codes, scales = q8.quantize(kv)
+        codes, scales = q8.quantize(_stacked_float32(item.k, item.v))  # [2, n, KVH, D]
         self.write_tokens(
             item.layout, item.page_ids, item.start,
             codes.transpose(0, 2, 1, 3), scales.transpose(0, 2, 1, 3),
@@ -91,21 +86,13 @@ class NumpyBackend(Backend):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Codes int8 [2, KVH, total, D] and scales float32 [..., D/32] of a layer's first
         ``total`` tokens, read for attention: views of the pool when they fit one page (a
-        decode step's short cache), else one gather."""
-        t = layout.tokens_per_page
-        pages = -(-total // t)
-        tokens = []
-        for view in self._pool_views(layout):
-            if pages == 1:
-                whole = view[int(page_ids[0])]  # [2, KVH, T, width], no copy
-            else:
-                # [P, 2, KVH, T, w] -> [2, KVH, P * T, w]: the page axis moved next to T.
-                gathered = view[np.asarray(page_ids[:pages], dtype=np.intp)]
-                whole = gathered.transpose(1, 2, 0, 3, 4).reshape(
-                    2, layout.num_kv_heads, pages * t, view.shape[-1]
-                )
-            tokens.append(whole[:, :, :total])
-        return tokens[0], tokens[1]
+        decode step's short cache), else ``_gather_tokens``' copy."""
+        if total <= layout.tokens_per_page:
+            page = int(page_ids[0])
+            codes, scales = (view[page, :, :, :total] for view in self._pool_views(layout))
+            return codes, scales
+        codes, scales = self._gather_tokens(layout, [page_ids], total, slice(None))
+        return codes[0], scales[0]
 
     def _attend(self, item: AttendItem, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """Attention of the item's queries over its layer, in chunks of query rows: [n, H, D]
@@ -217,10 +204,7 @@ class NumpyBackend(Backend):
         """Quantize every session's new k/v at once, then one scattered store per pool."""
         lay, n = batch.layout, batch.n
         kvh, t = lay.num_kv_heads, lay.tokens_per_page
-        kv = np.empty((2, *batch.k.shape), np.float32)  # k and v may differ in dtype
-        halfcast.to_float32(batch.k, kv[0])
-        halfcast.to_float32(batch.v, kv[1])
-        codes, scales = q8.quantize(kv)
+        codes, scales = q8.quantize(_stacked_float32(batch.k, batch.v))
         # Each new token's page and slot: [B, n] -> flat over (session, token).
         position = batch.starts[:, None] + np.arange(n)
         tables, counts = batch.page_table()
@@ -311,35 +295,41 @@ class NumpyBackend(Backend):
         self.scales[target] = self.scales[source]
 
 
+def _stacked_float32(k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """[k, v] as one float32 array, filled rather than np.stack'ed: k and v may differ in
+    dtype (float16 and bfloat16 have no common type), and one cast each costs less than a
+    stack and a cast."""
+    kv = np.empty((2, *k.shape), np.float32)
+    halfcast.to_float32(k, kv[0])
+    halfcast.to_float32(v, kv[1])
+    return kv
+
+
 def _attend_rows(q, keys, values, start: int, g: int, r0: int, r1: int, scale) -> np.ndarray:
     """Softmax attention of query rows [r0, r1) of q [heads, rows, D] (row r: new token
     ``start + r // g``) over the keys and values [heads, cache, D] each may see."""
     width = start + (r1 - 1) // g + 1  # keys any row of the block may see
     scores = _scores(q[:, r0:r1], keys[:, :width])
-    scores *= scale
-    if start + r0 // g + 1 < width:  # rows of several tokens (else none is hidden)
-        # Causal: the new token at cache position p sees positions [0, p].
-        token = start + np.arange(r0, r1) // g  # cache position of each row
-        hidden = np.arange(width)[None, :] > token[:, None]
-        np.copyto(scores, np.float32(-np.inf), where=hidden[None])
-    # The ufuncs' reduce: the same reductions as .max/.sum, without their Python wrappers.
-    scores -= np.maximum.reduce(scores, axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= np.add.reduce(scores, axis=-1, keepdims=True)
-    return scores @ values[:, :width]
+    return _weighted(scores, values[:, :width], scale, start, g, r0)
 
 
 def _attend_sessions(q, keys, values, scale, start: int, g: int) -> np.ndarray:
     """Softmax attention of R sessions' query rows q [R, heads, n*G, D] (row r: new token
     ``start + r // g``) over their keys and values [R, heads, start + n, D]: per session
     and head the matmuls and reductions of ``_attend_rows``, so the same bits."""
-    rows, total = q.shape[2], keys.shape[2]
-    scores = _scores(q, keys)  # [R, heads, n*G, total]
+    return _weighted(_scores(q, keys), values, scale, start, g, 0)
+
+
+def _weighted(scores, values, scale, start: int, g: int, r0: int) -> np.ndarray:
+    """softmax(scores * scale) @ values, in place on ``scores`` [..., rows, width], row r
+    being query row r0 + r (new token ``start + (r0 + r) // g``, causal)."""
+    rows, width = scores.shape[-2:]
     scores *= scale
-    if rows > g:  # causal among the new tokens (a decode step hides nothing)
-        token = start + np.arange(rows) // g
-        hidden = np.arange(total)[None, :] > token[:, None]
-        np.copyto(scores, np.float32(-np.inf), where=hidden[None, None])
+    if start + r0 // g + 1 < width:  # rows of several tokens (else none is hidden)
+        # Causal: the new token at cache position p sees positions [0, p].
+        token = start + np.arange(r0, r0 + rows) // g  # cache position of each row
+        np.copyto(scores, np.float32(-np.inf), where=np.arange(width) > token[:, None])
+    # The ufuncs' reduce: the same reductions as .max/.sum, without their Python wrappers.
     scores -= np.maximum.reduce(scores, axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= np.add.reduce(scores, axis=-1, keepdims=True)

@@ -80,15 +80,16 @@ class Allocation:
         error to raise). Every session must be pinned by this allocation. One hold of the
         store's lock for all of them: at B = 64 the per-session ``grow`` was most of a
         packed call's engine time."""
+        self._require_open("extend_in_place")
         pinned = self._pinned
-        if self.state != "open" or any(id(s) not in pinned for s in sessions):
-            raise AssertionError("allocation: extend_in_place of a session it has not pinned")
         store = self._store
         refs = store.pool.refs
         left: list[int] = []
         moved: list[tuple[Session, int]] = []
         with store.lock:
             for position, session in enumerate(sessions):
+                if id(session) not in pinned:  # before anything changed: moved is applied last
+                    raise AssertionError("allocation: extend_in_place of an unpinned session")
                 old = session.lengths.item(index)
                 new = old + tokens
                 table = session.page_lists.get(index)

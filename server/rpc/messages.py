@@ -130,7 +130,7 @@ def decode_batch(request, limits: CallLimits = CallLimits()) -> PackedBatch:
 # Answers are serialized here, not built as messages: each output is copied once, into the
 # response's bytes, where filling a message and serializing it copies it three times
 # (wire.tensor_parts). The front door passes bytes through. Parts are joined by the caller.
-Parts = list[bytes | memoryview]
+Parts = wire.Parts
 
 
 def attend_batch_response(output: np.ndarray, lengths: list[int]) -> Parts:
