@@ -35,8 +35,8 @@ the three share the cores, as the issue's measurements did. ``--profile FILE`` r
 server with py-spy (raw collapsed stacks) during the in-flight run at ``--profile-at``
 (B=64, 2 in flight), and prints the functions with the most samples of their own
 (``--profile-idle``: idle samples too, per thread). ``--canned-backend`` (numpy backend
-only) answers every call with zeros at once (benchmarks/canned/sitecustomize.py): what is
-left is the front end, the engine's bookkeeping and the transport.
+only) answers every call with zeros at once (benchmarks/server_hooks/canned_backend.py):
+what is left is the front end, the engine's bookkeeping and the transport.
 
     .venv/bin/python benchmarks/batch_path.py [--backend numpy] [--quick] [--out benchmarks/results]
 """
@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import gc
 import hashlib
 import math
@@ -69,6 +68,7 @@ from bench_util import (
     ServerProcess,
     card_slug,
     machine,
+    server_hooks,
     write_json,
 )
 
@@ -659,27 +659,6 @@ def single_line(single: dict) -> str:
     )
 
 
-@contextlib.contextmanager
-def canned_environment(canned: bool):
-    """The environment the server starts in: with ``canned``, benchmarks/canned on its
-    PYTHONPATH and Q8KV_BENCH_CANNED=1 (restored once the server has started)."""
-    if not canned:
-        yield
-        return
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "Q8KV_BENCH_CANNED")}
-    folder = str(Path(__file__).resolve().parent / "canned")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [folder, saved["PYTHONPATH"]]))
-    os.environ["Q8KV_BENCH_CANNED"] = "1"
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="numpy", help="numpy | cupy | auto [numpy]")
@@ -770,7 +749,7 @@ def main(argv: list[str] | None = None) -> None:
     responses = {f"B{b}": batch_response_bytes(b, args.length) for b in args.batches}
     responses["single"] = item_response_bytes(args.short_length)
     started, load_before = time.monotonic(), os.getloadavg()
-    with canned_environment(args.canned_backend):
+    with server_hooks(canned=args.canned_backend):
         server = ServerProcess(server_flags, name="q8kv-batch")
     with server, EchoProcess(responses) as echo:
         result = asyncio.run(measure(args, server, echo, session_ids(count)))

@@ -50,6 +50,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def server_hooks(canned: bool = False, stages_file: str | None = None):
+    """The environment a server started inside this block gets: benchmarks/server_hooks on
+    its PYTHONPATH, with ``canned`` its numpy backend answering at once, with ``stages_file``
+    its pieces timed (server_hooks/sitecustomize.py). Restored on leaving; nothing changes
+    when neither is asked for."""
+    if not canned and not stages_file:
+        yield
+        return
+    hooks = {"Q8KV_BENCH_CANNED": "1" if canned else None, "Q8KV_BENCH_STAGES": stages_file}
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", *hooks)}
+    folder = str(Path(__file__).resolve().parent / "server_hooks")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [folder, saved["PYTHONPATH"]]))
+    try:
+        for key, value in hooks.items():
+            if value is not None:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class ServerProcess:
     """``python -m q8kv.server`` on a free loopback port with ``flags``; waits until
     its health service says SERVING. ``metrics_url`` is set when ``metrics=True``."""

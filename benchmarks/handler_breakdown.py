@@ -5,9 +5,11 @@ microseconds over --iters calls.
 
 The packed path (AttendBatch) at ``--batch`` sessions (64), each with a ``--length`` cache:
 decode_batch (parse checks and the finite/range pass over q, k, v), the engine's
-attend_batch (one job: lookups, reservations, the backend), the backend alone (as B items,
-and packed: attend_packed), the output's encode, and the whole handler; the B sessions are
-truncated back after each call, untimed.
+attend_batch (one job: lookups, reservations, the backend) and the same with a backend
+that answers at once (the engine's own bookkeeping), the backend alone (as B items, and
+packed: attend_packed), the output's encode (serialized by hand, as the service answers,
+and built as a protobuf message, as it answered before), and the whole handler; the B
+sessions are truncated back after each call, untimed.
 
 ``--front``: what the front door (server/rpc/front.py) costs per call, from outside: one
 single-item decode step (raw stub, one at a time, truncated back untimed) through servers
@@ -217,11 +219,26 @@ async def packed(args, service: KVCacheService, engine, rng) -> dict[str, float]
         "encode output": _median_us(
             lambda: b"".join(attend_batch_response(out, list(range(b)))), iters
         ),
+        "encode output as a message": _median_us(lambda: message_bytes(out, b), iters),
         "handler": await _median_us_async(
             lambda: service.AttendBatch(request, _Context()), iters, rewind
         ),
     }
+    # The engine's own part: the same job with a backend that answers at once.
+    backend.attend_packed = lambda packed: out
+    figures["engine, backend answering at once"] = await _median_us_async(
+        lambda: engine.attend_batch(batch), iters, rewind
+    )
+    del backend.attend_packed
     return {f"packed B={b}: {name}": us for name, us in figures.items()}
+
+
+def message_bytes(out: np.ndarray, b: int) -> bytes:
+    """The answer built as a protobuf message and serialized (how the service answered
+    before it serialized its answers itself): the baseline of "encode output"."""
+    response = pb.AttendBatchResponse(lengths=list(range(b)))
+    wire.fill(response.output, out)
+    return response.SerializeToString()
 
 
 FRONT_CONFIGS = {  # name: (metrics on, auth on)

@@ -4,20 +4,25 @@ faults, read from /proc around a run of sequential AttendBatch calls, against a 
 echo of the same bytes in alternating rounds (Linux only).
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/server_cpu.py --canned-backend
-    python3 benchmarks/server_cpu.py --backend cupy     # on the GPU machine
+    python3 benchmarks/server_cpu.py --backend cupy --stages    # on the GPU machine
     Q8KV_MALLOC_RETAIN_BYTES=0 .venv/bin/python benchmarks/server_cpu.py --canned-backend
 
 The server inherits the environment, so its flags' Q8KV_* variables set it up (the second
-line: glibc's default trimming). ``--canned-backend``: see batch_path.py.
+line: glibc's default trimming). ``--canned-backend``: see batch_path.py. ``--stages``: the
+server also times its own pieces of a call (benchmarks/server_hooks/stage_timers.py) and
+they are printed after the per-call figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,8 +30,8 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch_path import KVH, D, H, batch_request, batch_response_bytes, canned_environment  # noqa: E402
-from bench_util import CHANNEL_OPTIONS, EchoProcess, ServerProcess  # noqa: E402
+from batch_path import KVH, D, H, batch_request, batch_response_bytes  # noqa: E402
+from bench_util import CHANNEL_OPTIONS, EchoProcess, ServerProcess, server_hooks  # noqa: E402
 
 from q8kv.v1 import kvcache_pb2 as pb  # noqa: E402
 from q8kv.v1 import kvcache_pb2_grpc as pb_grpc  # noqa: E402
@@ -110,17 +115,44 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds [3]")
     ap.add_argument("--backend", default="numpy", help="the server's backend [numpy]")
     ap.add_argument("--canned-backend", action="store_true", help="see batch_path.py")
+    ap.add_argument(
+        "--stages",
+        action="store_true",
+        help="also the server's own pieces of a call, timed inside it (stage_timers.py)",
+    )
     args = ap.parse_args()
     flags = ["--backend", args.backend, "--memory-budget", "2GiB", "--log-level", "WARNING"]
-    with canned_environment(args.canned_backend):
+    fd, stages_file = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    with server_hooks(canned=args.canned_backend, stages_file=stages_file if args.stages else None):
         server = ServerProcess(flags, name="q8kv-cpu")
     # The sessions start empty and grow by one token a call.
     with server, EchoProcess({"B": batch_response_bytes(args.batch, args.calls)}) as echo:
         result = asyncio.run(measure(args, server, echo))
+        stages = read_stages(server, stages_file) if args.stages else {}
+    os.unlink(stages_file)
     print(f"B = {args.batch}, medians of {args.rounds} rounds of {args.calls} calls, per call:")
     for name, figures in result.items():
         print(f"  {name:>5}: " + ", ".join(f"{k} {v:,.1f}" for k, v in figures.items()))
+    if stages:
+        print("the server's pieces of a q8kv call (wall us, median over every call):")
+        for name, stage in sorted(stages.items(), key=lambda kv: -kv[1]["median_us"]):
+            print(f"  {name:>20}: {stage['median_us']:8,.1f}  ({stage['count']} calls)")
     return 0
+
+
+def read_stages(server: ServerProcess, path: str) -> dict:
+    """Ask the server for its stage medians (SIGUSR1) and read them back."""
+    os.truncate(path, 0)
+    os.kill(server.proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if os.path.getsize(path):
+            time.sleep(0.1)  # the whole file, not its first bytes
+            with open(path) as f:
+                return json.load(f)
+        time.sleep(0.05)
+    raise RuntimeError(f"the server wrote no stage timings to {path}")
 
 
 if __name__ == "__main__":

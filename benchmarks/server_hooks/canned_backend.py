@@ -1,9 +1,9 @@
-"""``batch_path.py --canned-backend``: a q8kv server whose numpy backend answers every
-AppendAndAttend item and AttendBatch with zeros of the right shape and dtype at once, without
-quantizing or reading its pool. The engine still checks, reserves pages and moves lengths, so
-what is left is the front end, the engine's bookkeeping and the transport: the part of a
-call a faster backend cannot remove. Python imports this file at start-up when its folder is
-on PYTHONPATH; it changes nothing unless Q8KV_BENCH_CANNED is 1."""
+"""``--canned-backend`` (batch_path.py, server_cpu.py): a q8kv server whose numpy backend
+answers every AppendAndAttend item and AttendBatch with zeros of the right shape and dtype
+at once, without quantizing or reading its pool. The engine still checks, reserves pages and
+moves lengths, so what is left is the front end, the engine's bookkeeping and the
+transport: the part of a call a faster backend cannot remove. Changes nothing unless
+Q8KV_BENCH_CANNED is 1."""
 
 import os
 
