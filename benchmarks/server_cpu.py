@@ -135,9 +135,10 @@ def main() -> int:
     for name, figures in result.items():
         print(f"  {name:>5}: " + ", ".join(f"{k} {v:,.1f}" for k, v in figures.items()))
     if stages:
-        print("the server's pieces of a q8kv call (wall us, median over every call):")
+        print("the server's pieces of a q8kv call (wall us over every call: median, mean):")
         for name, stage in sorted(stages.items(), key=lambda kv: -kv[1]["median_us"]):
-            print(f"  {name:>20}: {stage['median_us']:8,.1f}  ({stage['count']} calls)")
+            print(f"  {name:>20}: {stage['median_us']:8,.1f} {stage['mean_us']:8,.1f}"
+                  f"  ({stage['count']} calls)")  # fmt: skip
     return 0
 
 

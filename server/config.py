@@ -64,8 +64,9 @@ class Config:
     tls_client_ca: str | None = None
     snapshot_dir: str | None = None
     metrics_port: int = 9464
-    # 1 in 1,000 appended items: ~40 samples a second at 40k items/s. Each costs ~0.1-0.3 ms
-    # of the event loop, so 1% cost a B = 64 packed call ~0.15 ms on average.
+    # 1 in 1,000 appended items: ~40 samples a second at 40k items/s. A sample runs on the
+    # event loop: at 1% a B = 64 packed call paid 171 us for them on average, at 0.1% 31 us
+    # (2-vCPU VM: benchmarks/server_cpu.py --canned-backend --stages, and the rate's env).
     quant_error_sample_rate: float = 0.001
     log_level: str = "INFO"
     log_format: str = "text"

@@ -1,8 +1,9 @@
 """``server_cpu.py --stages``: the server times its own pieces of a packed call (AttendBatch)
-with wrappers around them, and on SIGUSR1 writes each piece's median microseconds and count
-to the file Q8KV_BENCH_STAGES names (JSON). Wall time, on the event loop: a piece that awaits
-(``engine``, ``handler``) includes whatever the loop ran meanwhile. Changes nothing unless
-Q8KV_BENCH_STAGES is set.
+with wrappers around them, and on SIGUSR1 writes each piece's median and mean microseconds
+and count to the file Q8KV_BENCH_STAGES names (JSON; the mean counts for pieces that run in
+some calls only, such as a quantization-error sample). Wall time, on the event loop: a piece
+that awaits (``engine``, ``handler``) includes whatever the loop ran meanwhile. Changes
+nothing unless Q8KV_BENCH_STAGES is set.
 
 The pieces: ``decode_batch`` (parse checks, finiteness), ``engine`` (Engine.attend_batch)
 and within it ``prepare_packed`` (per-session checks, length moves) and ``attend_packed``
@@ -75,7 +76,11 @@ if STAGES_FILE:
 
     def _write(*_signal) -> None:
         medians = {
-            name: {"median_us": statistics.median(times) * 1e6, "count": len(times)}
+            name: {
+                "median_us": statistics.median(times) * 1e6,
+                "mean_us": statistics.fmean(times) * 1e6,
+                "count": len(times),
+            }
             for name, times in _TIMES.items()
         }
         with open(STAGES_FILE, "w") as f:

@@ -35,8 +35,8 @@ class Pinned:
 # Outputs from this many bytes come back in a page-locked block of CuPy's pinned pool that
 # the caller keeps (it returns to the pool when the arrays die): no host copy of a large
 # output. Smaller ones are copied out of the reused buffer. The break-even, H200 host
-# (2026-11-30): a pool block costs 2-4 us to take and give back, a host copy 2.7 us at
-# 64 KiB, 8.6 at 256 KiB, 16.4 at 512 KiB (a B = 64 float16 decode answer).
+# (2026-11-30, benchmarks/pinned_outputs.py): a pool block costs 1.6 us to take and give
+# back, a copy 2.2 us at 64 KiB, 3.9 at 128 KiB, 14.4 at 512 KiB (a B = 64 float16 answer).
 FRESH_OUTPUT_BYTES = 128 << 10
 UPLOAD_CHUNK_BYTES = 4 << 20  # a deferred input copy crosses PCIe in pieces of this size
 NARROW = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
