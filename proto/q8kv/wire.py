@@ -52,12 +52,18 @@ def fill(tensor: pb.Tensor, array: np.ndarray, dtype: np.dtype | str | int | Non
     """``encode`` into a Tensor field of a message being built (``msg.output``): passing
     an encoded Tensor to a message's constructor copies its bytes once more (upb), tens of
     milliseconds for a prefill's tensors."""
-    array = np.asarray(array)
-    code = wire_dtype(array.dtype if dtype is None else dtype)
-    data = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
+    code, data = _wire_array(array, dtype)
     tensor.dtype = code
     tensor.shape[:] = data.shape
     tensor.data = data.tobytes()
+
+
+def _wire_array(array, dtype) -> tuple[int, np.ndarray]:
+    """The wire dtype (``dtype``, default the array's) and the array's values in it,
+    C-contiguous (no copy when they already are)."""
+    array = np.asarray(array)
+    code = wire_dtype(array.dtype if dtype is None else dtype)
+    return code, np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
 
 
 # Pieces of a serialized message, to be joined once (b"".join): the large ones are views.
@@ -69,8 +75,7 @@ def tensor_parts(array: np.ndarray, dtype: np.dtype | str | int | None = None) -
     array's bytes, not a copy: joined into a larger message they are copied once, where
     ``fill`` and serializing copy the data three times (tobytes, the message, its bytes).
     The bytes are those protobuf writes (fields in number order)."""
-    code = wire_dtype(array.dtype if dtype is None else dtype)
-    data = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
+    code, data = _wire_array(array, dtype)
     head = pb.Tensor(dtype=code, shape=data.shape).SerializeToString()
     if not data.nbytes:
         return [head]
