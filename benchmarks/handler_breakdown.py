@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import grpc
 import numpy as np
-from bench_util import ServerProcess
+from bench_util import ServerProcess, median_us
 
 from q8kv import wire
 from q8kv.server.app import build_engine
@@ -52,15 +52,6 @@ H, KVH, D = 32, 8, 128
 class _Context:
     def time_remaining(self) -> float:
         return 30.0
-
-
-def _median_us(fn: Callable[[], object], iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e6
 
 
 async def _median_us_async(fn, iters: int, after: Callable[[], object] | None = None) -> float:
@@ -128,9 +119,9 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
 
     # The backend rewrites the same slot each time: the cache length stays --length.
     figures = {
-        "decode + checks": _median_us(lambda: decode_items(step.items), args.iters),
-        "backend append+attend": _median_us(lambda: backend.append_and_attend([item]), args.iters),
-        "encode output": _median_us(
+        "decode + checks": median_us(lambda: decode_items(step.items), args.iters),
+        "backend append+attend": median_us(lambda: backend.append_and_attend([item]), args.iters),
+        "encode output": median_us(
             lambda: b"".join(attend_response(decoded, [(out, args.length + 1)])), args.iters
         ),
         "handler, inline": await _median_us_async(handler, args.iters),
@@ -210,16 +201,16 @@ async def packed(args, service: KVCacheService, engine, rng) -> dict[str, float]
     iters = max(20, args.iters // 10)
     # The backend rewrites the same slots each time: the caches stay at --length tokens.
     figures = {
-        "decode_batch": _median_us(lambda: decode_batch(request), iters),
-        "backend, per item": _median_us(lambda: backend.append_and_attend(items), iters),
-        "backend attend_packed": _median_us(lambda: backend.attend_packed(whole), iters),
+        "decode_batch": median_us(lambda: decode_batch(request), iters),
+        "backend, per item": median_us(lambda: backend.append_and_attend(items), iters),
+        "backend attend_packed": median_us(lambda: backend.attend_packed(whole), iters),
         "engine attend_batch": await _median_us_async(
             lambda: engine.attend_batch(batch), iters, rewind
         ),
-        "encode output": _median_us(
+        "encode output": median_us(
             lambda: b"".join(attend_batch_response(out, list(range(b)))), iters
         ),
-        "encode output as a message": _median_us(lambda: message_bytes(out, b), iters),
+        "encode output as a message": median_us(lambda: message_bytes(out, b), iters),
         "handler": await _median_us_async(
             lambda: service.AttendBatch(request, _Context()), iters, rewind
         ),

@@ -9,21 +9,12 @@ of --reps on the GPU machine's host.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+
+from bench_util import median_us
 
 from q8kv.server.backends.cupy.transfers import pooled_pinned
 
 SIZES = (64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 4 << 20)
-
-
-def median_us(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e6
 
 
 def main() -> int:
