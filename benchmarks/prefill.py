@@ -40,6 +40,7 @@ import cupy as cp
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
+from bench_util import median_us
 from kernels import _FILL, PAGE_CODE_BYTES, card_slug, time_cupy, time_torch
 
 from q8kv.server.backends.base import AttendItem, LayerLayout, PackedItems, tokens_per_page
@@ -92,13 +93,9 @@ def device_us(backend, it, reps, spin_cycles) -> float:
 
 
 def wall_us(fn, reps: int) -> float:
+    """``median_us`` after one warm-up call."""
     fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    return median_us(fn, reps)
 
 
 def pcie_us(in_bytes: int, out_bytes: int, reps: int) -> float:
