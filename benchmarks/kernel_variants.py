@@ -3,9 +3,11 @@ q8_attention_tc.cu), each timed on the decode shapes of benchmarks/kernels.py an
 against float64: a kernel experiment costs one GPU call, not a code change per variant.
 
     python3 benchmarks/kernel_variants.py \
-        --variant base=2:2:32768 --variant qd=2:2:32768:QD_SMEM=1 [--shapes 64x16384]
+        --variant base=2:2:32768 --variant qd=2:2:32768:QD_SMEM=1 [--shapes 64x16384] \
+        [--page-bytes 262144]
 
-A variant is NAME=minblocks:nstages:stage_bytes[:DEFINE=VALUE...][@SRC_DIR]: with @SRC_DIR
+A variant is NAME=minblocks:nstages:stage_bytes[:DEFINE=VALUE...][:waves=W][@SRC_DIR] (waves:
+the split policy's --gpu-split-waves); with @SRC_DIR
 its .cu/.cuh files come from that directory (e.g. a previous commit's, written there with
 `git show REV:server/backends/cupy/q8_attention_tc.cu`), so a change and its baseline are
 timed in the same run. Prints one JSON line per (variant, shape): median device time
@@ -16,6 +18,7 @@ of session 0's output against float64.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,6 +27,7 @@ import cupy as cp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernels as bench_kernels  # noqa: E402
 from kernels import SHAPES, bench_q8, parse_tunings  # noqa: E402
 
 from q8kv.server.backends.cupy import kernels as cupy_kernels  # noqa: E402
@@ -37,7 +41,11 @@ def parse_variant(text: str) -> tuple[str, GpuTuning, tuple[str, ...], Path]:
     spec, _, src = spec.partition("@")
     parts = spec.split(":")
     (tuning,) = parse_tunings(":".join(parts[:3]))
-    defines = tuple(f"-D{d}" for d in parts[3:])
+    # "waves=W" sets the split policy's waves (more, shorter splits), not a define.
+    waves = [p for p in parts[3:] if p.startswith("waves=")]
+    if waves:
+        tuning = dataclasses.replace(tuning, split_waves=float(waves[-1].split("=", 1)[1]))
+    defines = tuple(f"-D{d}" for d in parts[3:] if not d.startswith("waves="))
     return name, tuning, defines, Path(src) if src else SOURCES
 
 
@@ -46,7 +54,10 @@ def main() -> int:
     ap.add_argument("--variant", action="append", required=True)
     ap.add_argument("--shapes", default=",".join(f"{b}x{n}" for b, n in SHAPES))
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--page-bytes", type=int, default=bench_kernels.PAGE_CODE_BYTES,
+                    help="code bytes per cache page (the server's --page-bytes)")
     args = ap.parse_args()
+    bench_kernels.PAGE_CODE_BYTES = args.page_bytes  # q8_setup reads it per call
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
     spin_cycles = int(props["clockRate"] * 1000 * 300e-6)
@@ -61,7 +72,7 @@ def main() -> int:
             cp.get_default_memory_pool().free_all_blocks()
             kern = cupy_kernels.attention_kernel(0, 128, tuning)
             row = {"variant": name, "defines": defines, "src": str(src),
-                   "batch": batch, "seq_len": length,
+                   "batch": batch, "seq_len": length, "page_bytes": args.page_bytes,
                    "q8kv_us": round(res["q8kv_us"], 2),
                    "with_launch_us": round(res["q8kv_with_launch_us"], 2),
                    "rel_l2_vs_float64": res["check_rel_l2"],

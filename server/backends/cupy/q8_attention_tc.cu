@@ -52,6 +52,14 @@ constexpr int RS = D + 16;   // padded smem row (bytes): ldmatrix and V loads co
 constexpr int U0 = (STAGE_CODE_TARGET / (2 * D)) / (NWARPS * 16);
 constexpr int U = U0 < 1 ? 1 : U0;     // 16-token tiles per warp per stage
 constexpr int TOK = U * NWARPS * 16;   // tokens per stage
+// 16-token tiles a warp scores before one softmax step (FUSE_TILES, default 1): fewer
+// shuffles, votes and rescales per token, and independent products in flight.
+#ifndef FUSE_TILES
+#define FUSE_TILES 2
+#endif
+constexpr int FUSE = FUSE_TILES < U ? FUSE_TILES : U;
+constexpr int JT = 2 * FUSE;  // 8-token k-steps per softmax step
+static_assert(U % FUSE == 0, "FUSE_TILES must divide the tiles per warp and stage");
 constexpr int PIECES = D / 16;         // 16-byte pieces per head vector
 constexpr int STAGE_CODE_BYTES = 2 * TOK * RS;
 constexpr int STAGE_BYTES = STAGE_CODE_BYTES + 2 * TOK * NB * 4;
@@ -67,6 +75,11 @@ static_assert(NWARPS * GT * (D + 2) * 4 <= NSTAGES * STAGE_BYTES, "reduction scr
 #endif
 #ifndef COMPUTE_ONLY
 #define COMPUTE_ONLY 0
+#endif
+// EXIT_AT (diagnostics): 1 returns at once (the launch alone), 3 after the pipeline (no
+// output, no merge).
+#ifndef EXIT_AT
+#define EXIT_AT 0
 #endif
 // 16 (or 4) bytes global -> shared at a shared-space address; n = 0 copies nothing and
 // zero-fills (diagnostics: COMPUTE_ONLY never reads global memory).
@@ -174,6 +187,7 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   __shared__ uint2 qd_s[NB * 3 * 32];
 #endif
 
+  if (EXIT_AT == 1) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c = lane & 3;  // mma group (row / column) and thread in group
   const int unit = blockIdx.x;
@@ -197,70 +211,6 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   const int* pt = ptab + im[M_PT];
   for (int j = tid; j < np; j += NT) pages_s[j] = pt[pfirst + j];
 
-  // Row g of the tile (pad rows repeat the last row; they are not written): its causal
-  // limit, and q as three int8 digits per value with one scale per row. Thread (g, c) holds
-  // the A fragment of row g: dims 32b + 4c + [0, 4) and 32b + 16 + 4c + [0, 4).
-  unsigned qd[NB][3][2];  // with QD_SMEM, live only in the prologue (the loop reads qd_s)
-  float qsc;
-  int lim;
-  {
-    const float qs = __int_as_float(im[M_SCALE]);
-    const int dt = im[M_DT];
-    const unsigned char* qb = inbuf + im[M_Q];
-    const int row = min(row0 + g, last_row);
-    const int i = row / G, head = kvh * G + row % G;
-    lim = start + i;
-    const long long e = ((long long)i * H + head) * D;
-    float qv[NB][2][4];
-    // One branch on the dtype for the whole row, so its loads issue back to back.
-    if (dt == 0) load_q_row<0>(qb, e, c, qv);
-    else if (dt == 1) load_q_row<1>(qb, e, c, qv);
-    else load_q_row<2>(qb, e, c, qv);
-    float amax = 0.0f;
-#pragma unroll
-    for (int b = 0; b < NB; ++b)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          qv[b][h][j] *= qs;
-          amax = fmaxf(amax, fabsf(qv[b][h][j]));
-        }
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    qsc = amax * (1.0f / (127.0f * 16384.0f));  // score = qsc * (16384 A0 + 128 A1 + A2)
-#pragma unroll
-    for (int b = 0; b < NB; ++b)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        int d0[4], d1[4], d2[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float r0 = qv[b][h][j] * inv;
-          const float f0 = fminf(fmaxf(rintf(r0), -127.0f), 127.0f);
-          const float r1 = (r0 - f0) * 128.0f;
-          const float f1 = fminf(fmaxf(rintf(r1), -127.0f), 127.0f);
-          const float r2 = (r1 - f1) * 128.0f;
-          const float f2 = fminf(fmaxf(rintf(r2), -127.0f), 127.0f);
-          d0[j] = (int)f0;
-          d1[j] = (int)f1;
-          d2[j] = (int)f2;
-        }
-        qd[b][0][h] = pack4(d0[0], d0[1], d0[2], d0[3]);
-        qd[b][1][h] = pack4(d1[0], d1[1], d1[2], d1[3]);
-        qd[b][2][h] = pack4(d2[0], d2[1], d2[2], d2[3]);
-      }
-#if QD_SMEM
-    if (warp == 0) {
-#pragma unroll
-      for (int b = 0; b < NB; ++b)
-#pragma unroll
-        for (int d = 0; d < 3; ++d)
-          qd_s[(b * 3 + d) * 32 + lane] = make_uint2(qd[b][d][0], qd[b][d][1]);
-    }
-#endif
-  }
   __syncthreads();
 
   const int nst = pos1 > pos0 ? (pos1 - pos0 + TOK - 1) / TOK : 0;
@@ -358,6 +308,71 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
     if (s < nst) issue(s);
     cp_commit();
   }
+  // (q's loads and digits overlap the first stages' copies.)
+  // Row g of the tile (pad rows repeat the last row; they are not written): its causal
+  // limit, and q as three int8 digits per value with one scale per row. Thread (g, c) holds
+  // the A fragment of row g: dims 32b + 4c + [0, 4) and 32b + 16 + 4c + [0, 4).
+  unsigned qd[NB][3][2];  // with QD_SMEM, live only in the prologue (the loop reads qd_s)
+  float qsc;
+  int lim;
+  {
+    const float qs = __int_as_float(im[M_SCALE]);
+    const int dt = im[M_DT];
+    const unsigned char* qb = inbuf + im[M_Q];
+    const int row = min(row0 + g, last_row);
+    const int i = row / G, head = kvh * G + row % G;
+    lim = start + i;
+    const long long e = ((long long)i * H + head) * D;
+    float qv[NB][2][4];
+    // One branch on the dtype for the whole row, so its loads issue back to back.
+    if (dt == 0) load_q_row<0>(qb, e, c, qv);
+    else if (dt == 1) load_q_row<1>(qb, e, c, qv);
+    else load_q_row<2>(qb, e, c, qv);
+    float amax = 0.0f;
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          qv[b][h][j] *= qs;
+          amax = fmaxf(amax, fabsf(qv[b][h][j]));
+        }
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    qsc = amax * (1.0f / (127.0f * 16384.0f));  // score = qsc * (16384 A0 + 128 A1 + A2)
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        int d0[4], d1[4], d2[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float r0 = qv[b][h][j] * inv;
+          const float f0 = fminf(fmaxf(rintf(r0), -127.0f), 127.0f);
+          const float r1 = (r0 - f0) * 128.0f;
+          const float f1 = fminf(fmaxf(rintf(r1), -127.0f), 127.0f);
+          const float r2 = (r1 - f1) * 128.0f;
+          const float f2 = fminf(fmaxf(rintf(r2), -127.0f), 127.0f);
+          d0[j] = (int)f0;
+          d1[j] = (int)f1;
+          d2[j] = (int)f2;
+        }
+        qd[b][0][h] = pack4(d0[0], d0[1], d0[2], d0[3]);
+        qd[b][1][h] = pack4(d1[0], d1[1], d1[2], d1[3]);
+        qd[b][2][h] = pack4(d2[0], d2[1], d2[2], d2[3]);
+      }
+#if QD_SMEM
+    if (warp == 0) {
+#pragma unroll
+      for (int b = 0; b < NB; ++b)
+#pragma unroll
+        for (int d = 0; d < 3; ++d)
+          qd_s[(b * 3 + d) * 32 + lane] = make_uint2(qd[b][d][0], qd[b][d][1]);
+    }
+#endif
+  }
   for (int st = 0; st < nst; ++st) {
     cp_wait<NSTAGES - 2>();
     __syncthreads();  // stage st landed for all; stage st-1's buffer is free to refill
@@ -369,50 +384,57 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
     const float* vs = ks + TOK * NB;
     if (STAGING_ONLY) continue;  // diagnostics: the copies alone
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
+    for (int u = 0; u < U; u += FUSE) {
       const int t0 = (warp * U + u) * 16;  // first token of this warp's tile in the stage
       const int base = pos0 + st * TOK + t0;
       if (base >= pos1) break;  // warp-uniform: nothing left in this split
-      // S = Q K^T for 16 tokens: tokens t0 + 8j + 2c + {0, 1} of row g in sc[j][0..1].
-      float sc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-      const unsigned kaddr = smem_base + sofs + (t0 + lm_tok) * RS + lm_off;
+      // S = Q K^T for FUSE x 16 tokens: tokens t0 + 8j + 2c + {0, 1} of row g in
+      // sc[j][0..1]. (Tokens past the split are zero-filled in the stage and masked below.)
+      float sc[JT][2];
 #pragma unroll
-      for (int b = 0; b < NB; ++b) {
-        unsigned kb[4];
-        ldsm_x4(kaddr + 32 * b, kb[0], kb[1], kb[2], kb[3]);
+      for (int j = 0; j < JT; ++j) sc[j][0] = sc[j][1] = 0.0f;
+#pragma unroll
+      for (int f = 0; f < FUSE; ++f) {
+        const unsigned kaddr = smem_base + sofs + (t0 + 16 * f + lm_tok) * RS + lm_off;
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          unsigned kb[4];
+          ldsm_x4(kaddr + 32 * b, kb[0], kb[1], kb[2], kb[3]);
 #if QD_SMEM
-        const uint2 q0 = qd_s[(b * 3 + 0) * 32 + lane], q1 = qd_s[(b * 3 + 1) * 32 + lane],
-                    q2 = qd_s[(b * 3 + 2) * 32 + lane];
+          const uint2 q0 = qd_s[(b * 3 + 0) * 32 + lane], q1 = qd_s[(b * 3 + 1) * 32 + lane],
+                      q2 = qd_s[(b * 3 + 2) * 32 + lane];
 #else
-        const uint2 q0 = make_uint2(qd[b][0][0], qd[b][0][1]);
-        const uint2 q1 = make_uint2(qd[b][1][0], qd[b][1][1]);
-        const uint2 q2 = make_uint2(qd[b][2][0], qd[b][2][1]);
+          const uint2 q0 = make_uint2(qd[b][0][0], qd[b][0][1]);
+          const uint2 q1 = make_uint2(qd[b][1][0], qd[b][1][1]);
+          const uint2 q2 = make_uint2(qd[b][2][0], qd[b][2][1]);
 #endif
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          int a0[2], a1[2], a2[2];
-          // Digits 0 and 1 in one product (A rows 0..7 and 8..15), digit 2 in another.
-          imma2(a0[0], a0[1], a1[0], a1[1], q0.x, q1.x, q0.y, q1.y, kb[2 * j], kb[2 * j + 1]);
-          imma(a2[0], a2[1], q2.x, q2.y, kb[2 * j], kb[2 * j + 1]);
+          for (int j = 0; j < 2; ++j) {
+            int a0[2], a1[2], a2[2];
+            // Digits 0 and 1 in one product (A rows 0..7 and 8..15), digit 2 in another.
+            imma2(a0[0], a0[1], a1[0], a1[1], q0.x, q1.x, q0.y, q1.y, kb[2 * j], kb[2 * j + 1]);
+            imma(a2[0], a2[1], q2.x, q2.y, kb[2 * j], kb[2 * j + 1]);
+            const int jj = 2 * f + j;
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float f = fmaf((float)a0[e], 16384.0f, (float)(a1[e] * 128 + a2[e]));
-            sc[j][e] = fmaf(f, ks[(t0 + 8 * j + 2 * c + e) * NB + b], sc[j][e]);
+            for (int e = 0; e < 2; ++e) {
+              const float fs = fmaf((float)a0[e], 16384.0f, (float)(a1[e] * 128 + a2[e]));
+              sc[jj][e] = fmaf(fs, ks[(t0 + 8 * jj + 2 * c + e) * NB + b], sc[jj][e]);
+            }
           }
         }
       }
       float mx = NEG_INF;
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < JT; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           sc[j][e] *= qsc;
           mx = fmaxf(mx, sc[j][e]);
         }
-      if (base + 16 > mask_from) {  // warp-uniform
+      if (base + 16 * FUSE > mask_from) {  // warp-uniform
         mx = NEG_INF;
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int j = 0; j < JT; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int pos = base + 8 * j + 2 * c + e;
@@ -440,9 +462,9 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
             acc[b][h][3] *= a_hi;
           }
       }
-      float p[2][2];
+      float p[JT][2];
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < JT; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           p[j][e] = sexp2(sc[j][e], m);
@@ -451,7 +473,7 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
       // O^T += V^T P'^T: k-step j covers tokens t0 + 8j + 2c (k = c) and + 1 (k = c + 4).
       const signed char* vc = reinterpret_cast<const signed char*>(sb + TOK * RS);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < JT; ++j) {
         const int ta = t0 + 8 * j + 2 * c;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
@@ -473,6 +495,17 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   }
   cp_wait<0>();
   __syncthreads();  // stage buffers are reused as reduction scratch below
+  if (EXIT_AT == 3) {  // keep the math alive: a sum no input produces decides a store
+    float keep = l + m;
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) keep += acc[b][h][k];
+    if (keep == 12345.0f) out[0] = keep;
+    return;
+  }
 
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
@@ -495,28 +528,36 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   __syncthreads();
 
   const bool single = nsplit == 1;
+  // Only the tile's real rows are combined, written and merged (a decode step with a group
+  // of 4 fills 4 of the 8).
+  const int rows_here = min(GT, nrows - row0);
   const int H_ = H;
   float* outp = out + im[M_OUT];
-  for (int idx = tid; idx < GT * D; idx += NT) {
-    const int r = idx / D, d = idx - r * D;
+  // Each thread combines 4 adjacent dims of a row across the warps (16-byte accesses).
+  constexpr int DV = D / 4;
+  for (int v = tid; v < rows_here * DV; v += NT) {
+    const int r = v / DV, d = 4 * (v - r * DV);
     float M = NEG_INF;
 #pragma unroll
     for (int w = 0; w < NWARPS; ++w) M = fmaxf(M, redml[(w * GT + r) * 2]);
-    float L = 0.0f, A = 0.0f;
+    float L = 0.0f;
+    float4 A = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
     for (int w = 0; w < NWARPS; ++w) {
       const float e = sexp2(redml[(w * GT + r) * 2], M);
-      L += redml[(w * GT + r) * 2 + 1] * e;
-      A += red[(w * GT + r) * D + d] * e;
+      L = fmaf(redml[(w * GT + r) * 2 + 1], e, L);
+      const float4 x = *reinterpret_cast<const float4*>(red + (w * GT + r) * D + d);
+      A = make_float4(fmaf(x.x, e, A.x), fmaf(x.y, e, A.y), fmaf(x.z, e, A.z),
+                      fmaf(x.w, e, A.w));
     }
-    const int row = row0 + r;
     if (single) {
-      if (row < nrows) {
-        const int i = row / G, head = kvh * G + row % G;
-        outp[((long long)i * H_ + head) * D + d] = A / L;
-      }
+      const int row = row0 + r;
+      const int i = row / G, head = kvh * G + row % G;
+      const float inv = 1.0f / L;
+      *reinterpret_cast<float4*>(outp + ((long long)i * H_ + head) * D + d) =
+          make_float4(A.x * inv, A.y * inv, A.z * inv, A.w * inv);
     } else {
-      part[((long long)unit * GT + r) * D + d] = A;
+      *reinterpret_cast<float4*>(part + ((long long)unit * GT + r) * D + d) = A;
       if (d == 0) {
         part_ml[((long long)unit * GT + r) * 2] = M;
         part_ml[((long long)unit * GT + r) * 2 + 1] = L;
@@ -525,65 +566,61 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   }
   if (single) return;
 
-  // The last split of this row tile to finish merges all of them.
-  __threadfence();
+  // The last split of this row tile to finish merges all of them. (Cooperative groups'
+  // grid barrier pattern: the block's writes are ordered before thread 0's fence by the
+  // barrier; thread 0's fence after the count orders the reads below after the others'.)
   __syncthreads();
   int* counter = counters + im[M_CNT] + rest;
-  if (tid == 0) last_s = atomicAdd(counter, 1) == nsplit - 1;
+  if (tid == 0) {
+    __threadfence();
+    last_s = atomicAdd(counter, 1) == nsplit - 1;
+    if (last_s) __threadfence();
+  }
   __syncthreads();
   if (!last_s) return;
-  __threadfence();
+  // Each thread merges 4 adjacent dims of a row over the splits in one pass: CH splits'
+  // (max, sum) and outputs loaded at once (16-byte loads), then an online rescale per chunk.
+  constexpr int CH = 8;
   const int ufirst = unit - split;
-  // (max, sum) of every split into shared memory at once, then one warp per row reduces.
-  float* wm = red;                   // [GT][nsplit] maxima, then merge weights
-  float* wl = red + GT * nsplit;     // [GT][nsplit] sums
-  float* lsum = wl + GT * nsplit;    // [GT]
-  for (int idx = tid; idx < GT * nsplit; idx += NT) {
-    const int r = idx / nsplit, s = idx - r * nsplit;
-    const float2 ml = __ldcg(reinterpret_cast<const float2*>(part_ml) + (long long)(ufirst + s) * GT + r);
-    wm[idx] = ml.x;
-    wl[idx] = ml.y;
-  }
-  __syncthreads();
-  for (int r = warp; r < GT; r += NWARPS) {
-    float M = NEG_INF;
-    for (int s = lane; s < nsplit; s += 32) M = fmaxf(M, wm[r * nsplit + s]);
+  const float4* pbase = reinterpret_cast<const float4*>(part) + (long long)ufirst * GT * DV;
+  const float2* mlbase = reinterpret_cast<const float2*>(part_ml) + (long long)ufirst * GT;
+  for (int v = tid; v < rows_here * DV; v += NT) {
+    const int r = v / DV;
+    float Mrun = NEG_INF, L = 0.0f;
+    float4 A = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int s0 = 0; s0 < nsplit; s0 += CH) {
+      float2 ml[CH];
+      float4 x[CH];
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
-    float L = 0.0f;
-    for (int s = lane; s < nsplit; s += 32) {
-      const float e = sexp2(wm[r * nsplit + s], M);
-      wm[r * nsplit + s] = e;
-      L += wl[r * nsplit + s] * e;
+      for (int k = 0; k < CH; ++k) {
+        const int s = s0 + k;
+        ml[k] = make_float2(NEG_INF, 0.0f);
+        x[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (s < nsplit) {
+          ml[k] = __ldcg(mlbase + (long long)s * GT + r);
+          x[k] = __ldcg(pbase + (long long)s * GT * DV + v);
+        }
+      }
+      float Mc = Mrun;
+#pragma unroll
+      for (int k = 0; k < CH; ++k) Mc = fmaxf(Mc, ml[k].x);
+      const float a = sexp2(Mrun, Mc);  // 0 while nothing is summed yet
+      Mrun = Mc;
+      L *= a;
+      A = make_float4(A.x * a, A.y * a, A.z * a, A.w * a);
+#pragma unroll
+      for (int k = 0; k < CH; ++k) {
+        const float e = sexp2(ml[k].x, Mc);
+        L = fmaf(ml[k].y, e, L);
+        A = make_float4(fmaf(x[k].x, e, A.x), fmaf(x[k].y, e, A.y), fmaf(x[k].z, e, A.z),
+                        fmaf(x[k].w, e, A.w));
+      }
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
-    if (lane == 0) lsum[r] = L;
-  }
-  __syncthreads();
-  // Every thread sums its outputs over the splits with many loads in flight.
-  constexpr int PER = (GT * D + NT - 1) / NT;
-  float A[PER];
-#pragma unroll
-  for (int k = 0; k < PER; ++k) A[k] = 0.0f;
-  const float* pbase = part + (long long)ufirst * GT * D;
-#pragma unroll 8
-  for (int s = 0; s < nsplit; ++s) {
-#pragma unroll
-    for (int k = 0; k < PER; ++k) {
-      const int idx = tid + k * NT;
-      if (idx < GT * D) A[k] += __ldcg(pbase + (long long)s * GT * D + idx) * wm[(idx / D) * nsplit + s];
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < PER; ++k) {
-    const int idx = tid + k * NT;
-    if (idx >= GT * D) continue;
-    const int r = idx / D, d = idx - r * D;
-    const int row = row0 + r;
-    if (row >= nrows) continue;
+    const float inv = 1.0f / L;
+    const int row = row0 + r, d = 4 * (v - r * DV);
     const int i = row / G, head = kvh * G + row % G;
-    outp[((long long)i * H_ + head) * D + d] = A[k] / lsum[r];
+    *reinterpret_cast<float4*>(outp + ((long long)i * H_ + head) * D + d) =
+        make_float4(A.x * inv, A.y * inv, A.z * inv, A.w * inv);
   }
   if (tid == 0) *counter = 0;  // ready for the next launch
 }
