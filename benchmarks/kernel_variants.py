@@ -6,8 +6,9 @@ against float64: a kernel experiment costs one GPU call, not a code change per v
         --variant base=2:2:32768 --variant qd=2:2:32768:QD_SMEM=1 [--shapes 64x16384] \
         [--page-bytes 262144]
 
-A variant is NAME=minblocks:nstages:stage_bytes[:DEFINE=VALUE...][:waves=W][@SRC_DIR] (waves:
-the split policy's --gpu-split-waves); with @SRC_DIR
+A variant is NAME=minblocks:nstages:stage_bytes[:DEFINE=VALUE...][:waves=W][:warps=N]
+[:maxp=N][@SRC_DIR] (waves: the split policy's --gpu-split-waves; warps: per block; maxp:
+page ids per split); with @SRC_DIR
 its .cu/.cuh files come from that directory (e.g. a previous commit's, written there with
 `git show REV:server/backends/cupy/q8_attention_tc.cu`), so a change and its baseline are
 timed in the same run. Prints one JSON line per (variant, shape): median device time
@@ -34,6 +35,7 @@ from q8kv.server.backends.cupy import kernels as cupy_kernels  # noqa: E402
 from q8kv.server.backends.cupy.tuning import GpuTuning  # noqa: E402
 
 SOURCES = cupy_kernels._SRC  # noqa: SLF001 - the installed kernels' directory
+NWARPS, MAXP = cupy_kernels.NWARPS, cupy_kernels.MAXP
 
 
 def parse_variant(text: str) -> tuple[str, GpuTuning, tuple[str, ...], Path]:
@@ -41,12 +43,14 @@ def parse_variant(text: str) -> tuple[str, GpuTuning, tuple[str, ...], Path]:
     spec, _, src = spec.partition("@")
     parts = spec.split(":")
     (tuning,) = parse_tunings(":".join(parts[:3]))
-    # "waves=W" sets the split policy's waves (more, shorter splits), not a define.
-    waves = [p for p in parts[3:] if p.startswith("waves=")]
-    if waves:
-        tuning = dataclasses.replace(tuning, split_waves=float(waves[-1].split("=", 1)[1]))
-    defines = tuple(f"-D{d}" for d in parts[3:] if not d.startswith("waves="))
-    return name, tuning, defines, Path(src) if src else SOURCES
+    # Lower-case settings are the host's, not defines: waves=W (the split policy's waves),
+    # warps=N (warps per block, kernels.NWARPS), maxp=N (page ids per split, kernels.MAXP).
+    host = dict(p.split("=", 1) for p in parts[3:] if p[:1].islower())
+    if "waves" in host:
+        tuning = dataclasses.replace(tuning, split_waves=float(host["waves"]))
+    defines = tuple(f"-D{d}" for d in parts[3:] if not d[:1].islower())
+    sizes = {"NWARPS": int(host.get("warps", NWARPS)), "MAXP": int(host.get("maxp", MAXP))}
+    return name, tuning, defines, Path(src) if src else SOURCES, sizes
 
 
 def main() -> int:
@@ -63,7 +67,9 @@ def main() -> int:
     spin_cycles = int(props["clockRate"] * 1000 * 300e-6)
     rng = np.random.default_rng()
     for text in args.variant:
-        name, tuning, defines, src = parse_variant(text)
+        name, tuning, defines, src, sizes = parse_variant(text)
+        for attr, value in sizes.items():
+            setattr(cupy_kernels, attr, value)
         cupy_kernels.EXTRA_DEFINES = defines
         cupy_kernels._SRC = src  # noqa: SLF001 - the sources this variant compiles
         cupy_kernels._ATTN_KERNELS.clear()  # noqa: SLF001 - the cache key omits the sources
@@ -72,7 +78,7 @@ def main() -> int:
             cp.get_default_memory_pool().free_all_blocks()
             kern = cupy_kernels.attention_kernel(0, 128, tuning)
             row = {"variant": name, "defines": defines, "src": str(src),
-                   "batch": batch, "seq_len": length, "page_bytes": args.page_bytes,
+                   "batch": batch, "seq_len": length, "page_bytes": args.page_bytes, **sizes,
                    "q8kv_us": round(res["q8kv_us"], 2),
                    "with_launch_us": round(res["q8kv_with_launch_us"], 2),
                    "rel_l2_vs_float64": res["check_rel_l2"],

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 _SRC = Path(__file__).resolve().parent
 MAX_HEAD_DIM = 256  # the attention kernel keeps a head's q slice in registers
 NWARPS = 4
-MAXP = 512  # page ids per split held in shared memory (MAXP in q8_attention_tc.cu)
+MAXP = 1024  # page ids per split held in shared memory (MAXP in q8_attention_tc.cu)
 ROWS_PER_TILE = 8  # GT of q8_attention_tc.cu: the N of both tensor-core products
 _SMEM_PER_SM = 228 * 1024
 # CuPy appends -ftz=true to every compile, so q8_pages.cu handles subnormals itself; IEEE
@@ -48,6 +48,7 @@ class AttnKernel:
     blocks_per_sm: int
     prefill: bool = False  # q8_prefill.cu: one unit per (item, kv head, row tile), no splits
     threads: int = 32 * NWARPS  # per block
+    max_pages: int = MAXP  # page ids a split may span (q8_attend)
 
 
 # Experiments only (benchmarks/kernel_variants.py, decode_profile.py): extra -D options of
@@ -132,6 +133,7 @@ def attention_options(head_dim: int, tuning: GpuTuning) -> tuple[str, ...]:
         f"-DMAX_HEAD_DIM={MAX_HEAD_DIM}",
         f"-DGT={ROWS_PER_TILE}",
         f"-DNWARPS={NWARPS}",
+        f"-DMAXP={MAXP}",
         f"-DNSTAGES={tuning.tc_nstages}",
         f"-DSTAGE_CODE_TARGET={tuning.tc_stage_bytes}",
         f"-DMINBLOCKS={tuning.tc_minblocks if head_dim <= 128 else 1}",
@@ -213,7 +215,7 @@ def attention_kernel(device_id: int, head_dim: int, tuning: GpuTuning) -> AttnKe
     """q8_attend for ``head_dim`` on ``device_id``, compiled once per tuning."""
     # split_waves and max_splits only steer the planning: they do not recompile.
     key = (device_id, head_dim, tuning.tc_minblocks, tuning.tc_nstages, tuning.tc_stage_bytes,
-           EXTRA_DEFINES)  # fmt: skip
+           EXTRA_DEFINES, NWARPS, MAXP)  # fmt: skip
     kern = _ATTN_KERNELS.get(key)
     if kern is None:
         import cupy as cp
@@ -230,7 +232,9 @@ def attention_kernel(device_id: int, head_dim: int, tuning: GpuTuning) -> AttnKe
                 tokens_per_stage(head_dim, tuning),
                 ROWS_PER_TILE,
                 smem,
-                _blocks_per_sm(fn, smem),
+                _blocks_per_sm(fn, smem, NWARPS),
+                threads=32 * NWARPS,
+                max_pages=MAXP,
             )
         _ATTN_KERNELS[key] = kern
     return kern

@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from ..base import AttendItem
-from .kernels import MAXP, PREFILL_ROWS, AttnKernel
+from .kernels import PREFILL_ROWS, AttnKernel
 from .meta import M_CHUNK, M_CNT, M_NSPLIT, M_RT, M_UNIT
 
 # Routes: the kernel an item runs on. 0: q8_attend; 1, 2: q8_prefill in float16, bfloat16.
@@ -70,11 +70,12 @@ class SplitPolicy:
 
 
 def split(
-    length: int, ideal: int, tok: int, tokens_per_page: int, max_splits: int
+    length: int, ideal: int, tok: int, tokens_per_page: int, max_splits: int, max_pages: int
 ) -> tuple[int, int]:
     """(splits, tokens per split) of one row tile's ``length`` tokens: about ``ideal`` each,
-    a multiple of the stage, balanced, and few enough pages per split for shared memory."""
-    max_chunk = max(tok, ((MAXP - 1) * tokens_per_page // tok) * tok)
+    a multiple of the stage, balanced, and few enough pages per split (``max_pages``) for
+    shared memory."""
+    max_chunk = max(tok, ((max_pages - 1) * tokens_per_page // tok) * tok)
     nsplit = min(max_splits, max(1, round(length / ideal)))
     nsplit = max(nsplit, -(-length // max_chunk))  # page ids must fit smem
     chunk = -(-math.ceil(length / nsplit) // tok) * tok  # balanced splits
@@ -101,7 +102,9 @@ def plan_launch(
     ideal = max(tok, math.ceil(work / slots))
     units = cnt = 0
     for r, it in enumerate(rows):
-        nsplit, chunk = split(lens[r], ideal, tok, it.layout.tokens_per_page, policy.max_splits)
+        nsplit, chunk = split(
+            lens[r], ideal, tok, it.layout.tokens_per_page, policy.max_splits, kern.max_pages
+        )
         m = meta[r]
         m[M_RT] = row_tiles[r]
         m[M_NSPLIT], m[M_CHUNK] = nsplit, chunk
@@ -170,7 +173,7 @@ def plan_packed(lay, n: int, lens: np.ndarray, meta: np.ndarray, kern: AttnKerne
         return Launch(kern, 0, len(lens), len(lens) * tiles, lay.head_dim), 0
     slots = policy.sm_count * kern.blocks_per_sm * policy.split_waves
     ideal = max(tok, math.ceil(int(tiles * lens.sum()) / slots))
-    max_chunk = max(tok, ((MAXP - 1) * t // tok) * tok)
+    max_chunk = max(tok, ((kern.max_pages - 1) * t // tok) * tok)
     # split(), vectorized: np.rint rounds half to even, as Python's round().
     nsplit = np.minimum(policy.max_splits, np.maximum(1, np.rint(lens / ideal))).astype(np.int64)
     nsplit = np.maximum(nsplit, -(-lens // max_chunk))

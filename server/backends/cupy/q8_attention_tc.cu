@@ -42,7 +42,9 @@
 #ifndef QD_SMEM  // q digits in shared memory, not registers (the host sets it past D = 128)
 #define QD_SMEM 0
 #endif
-#define MAXP 512  // page ids of one split held in shared memory
+#ifndef MAXP  // page ids of one split held in shared memory (the host passes kernels.MAXP)
+#define MAXP 1024
+#endif
 #define NEG_INF __int_as_float(0xff800000)
 
 constexpr int D = HEAD_DIM;
