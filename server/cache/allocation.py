@@ -93,7 +93,7 @@ class Allocation:
         store's lock for all of them: at B = 64 the per-session ``grow`` was most of a
         packed call's engine time."""
         self._require_open("extend_in_place")
-        # Before anything changed: moved is applied last.
+        # Checked before anything changes.
         if not self._pinned.keys() >= set(map(id, sessions)):
             raise AssertionError("allocation: extend_in_place of an unpinned session")
         store = self._store

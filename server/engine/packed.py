@@ -34,7 +34,7 @@ def prepare_packed(
     count, n = batch.q.shape[:2]
     layer_index = batch.layer
     # Every session checked first, then grown: most of them only move a length, in one
-    # call (the engine's time at B = 64 is this function: benchmarks/handler_breakdown.py).
+    # call (the engine's time at B = 64 is this function: benchmarks/packed_pieces.py).
     found = store.find(batch.session_ids, tenant)
     starts = _all_pass(found, batch)
     if starts is None:  # one of them fails: the checks one by one name the first

@@ -192,8 +192,8 @@ def plan_packed(
         chunk = starts + (n + tok - 1)
         chunk //= tok
         chunk *= tok
-        return Launch(kern, 0, count, count * tiles, lay.head_dim), count * tiles, [
-            (M_CHUNK, chunk)]  # fmt: skip
+        launch = Launch(kern, 0, count, count * tiles, lay.head_dim)
+        return launch, count * tiles, [(M_CHUNK, chunk)]
     lens = starts + n
     # split(), vectorized: np.rint rounds half to even, as Python's round().
     nsplit = np.minimum(policy.max_splits, np.maximum(1, np.rint(lens / ideal))).astype(np.int64)
