@@ -81,31 +81,56 @@ def launches(batch: packing.Batch) -> list[tuple]:
 def test_packed_packing_gives_the_kernels_the_same_inputs(policy) -> None:
     rng = np.random.default_rng(21)
     for _ in range(40):
-        batch = random_packed(rng)
-        old, old_host, new, new_host = packed_both_ways(batch, policy)
-        b = batch.size
-        for name in ("nitems", "ptab_off", "q_blocks", "out_floats", "part_floats", "counters"):
-            assert getattr(new, name) == getattr(old, name), name
-        assert new.nbytes <= old.nbytes
-        assert launches(new) == launches(old)
-        old_meta = old_host[: b * META * 4].view(np.int32).reshape(b, META)
-        new_meta = new_host[: b * META * 4].view(np.int32).reshape(b, META)
-        others = [c for c in range(META) if c not in OFFSETS]
-        np.testing.assert_array_equal(new_meta[:, others], old_meta[:, others])
-        pages = sum(len(ids) for ids in batch.page_ids)
-        table = slice(old.ptab_off, old.ptab_off + 4 * pages)
-        np.testing.assert_array_equal(new_host[table], old_host[table])
-        sizes = [a[0].astype(stored_dtype(batch)).nbytes for a in (batch.q, batch.k, batch.v)]
-        for row in range(b):
-            for col, size in zip(OFFSETS, sizes, strict=True):
-                o_old, o_new = int(old_meta[row, col]), int(new_meta[row, col])
-                assert o_new % 16 == 0 and o_new + size <= new.nbytes
-                np.testing.assert_array_equal(
-                    new_host[o_new : o_new + size], old_host[o_old : o_old + size]
-                )
-        # The per-item outputs sit back to back: the packed output is one [B, n, H, D].
-        per = batch.n * batch.layout.num_heads * batch.layout.head_dim
-        assert [off for off, _ in old.outputs] == [row * per for row in range(b)]
+        assert_same_inputs(random_packed(rng), policy)
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [[2999, 1001], [3000, 1000], [3001, 999], [1024] * 64, [1] * 7, [5000, 3000, 17, 2]],
+    ids=["below-1.5", "at-1.5", "above-1.5", "lockstep", "first-token", "mixed"],
+)
+def test_one_split_per_row_where_split_gives_one(lengths) -> None:
+    """Cache lengths after the step around round(longest / ideal) = 1.5 (half to even: 2
+    splits), with ideal = (3000 + 1000) / 2 here (one kv head, one row tile, 2 slots): the
+    packed packing's shortcut for one split per row must plan what split() plans."""
+    rng = np.random.default_rng(23)
+    layout = LayerLayout(1, 1, 64, tokens_per_page(65536, 1, 64))
+    b, t = len(lengths), layout.tokens_per_page
+    starts = np.array(lengths, np.int64) - 1
+    free = rng.permutation(1 << 16).astype(np.int32)
+    ends = np.cumsum([-(-length // t) for length in lengths])
+    tables = [free[end - -(-length // t) : end] for end, length in zip(ends, lengths, strict=True)]
+    q, k, v = (random_tensor(rng, (b, 1, 1, 64), np.float16) for _ in range(3))
+    batch = PackedItems(layout, rng.uniform(0.01, 0.5, b), tables, starts, q, k, v)
+    for policy in (packing.SplitPolicy(1, 1.0, 48), packing.SplitPolicy(132, 1.0, 48)):
+        assert_same_inputs(batch, policy)
+
+
+def assert_same_inputs(batch: PackedItems, policy: packing.SplitPolicy) -> None:
+    old, old_host, new, new_host = packed_both_ways(batch, policy)
+    b = batch.size
+    for name in ("nitems", "ptab_off", "q_blocks", "out_floats", "part_floats", "counters"):
+        assert getattr(new, name) == getattr(old, name), name
+    assert new.nbytes <= old.nbytes
+    assert launches(new) == launches(old)
+    old_meta = old_host[: b * META * 4].view(np.int32).reshape(b, META)
+    new_meta = new_host[: b * META * 4].view(np.int32).reshape(b, META)
+    others = [c for c in range(META) if c not in OFFSETS]
+    np.testing.assert_array_equal(new_meta[:, others], old_meta[:, others])
+    pages = sum(len(ids) for ids in batch.page_ids)
+    table = slice(old.ptab_off, old.ptab_off + 4 * pages)
+    np.testing.assert_array_equal(new_host[table], old_host[table])
+    sizes = [a[0].astype(stored_dtype(batch)).nbytes for a in (batch.q, batch.k, batch.v)]
+    for row in range(b):
+        for col, size in zip(OFFSETS, sizes, strict=True):
+            o_old, o_new = int(old_meta[row, col]), int(new_meta[row, col])
+            assert o_new % 16 == 0 and o_new + size <= new.nbytes
+            np.testing.assert_array_equal(
+                new_host[o_new : o_new + size], old_host[o_old : o_old + size]
+            )
+    # The per-item outputs sit back to back: the packed output is one [B, n, H, D].
+    per = batch.n * batch.layout.num_heads * batch.layout.head_dim
+    assert [off for off, _ in old.outputs] == [row * per for row in range(b)]
 
 
 def test_rows_do_not_overlap_and_cover_the_inputs() -> None:

@@ -17,7 +17,7 @@ from q8kv.server.backends.base import PackedItems
 from q8kv.server.backends.numpy_backend import NumpyBackend
 from q8kv.server.cache import Geometry
 from q8kv.server.engine import PackedBatch
-from q8kv.server.errors import ResourceExhausted
+from q8kv.server.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
 
 GEO = Geometry(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, max_len=400)
 
@@ -211,5 +211,51 @@ def test_a_packed_call_is_a_use_of_each_session_only_when_it_lands() -> None:
         await h.engine.attend_batch(packed(h, sessions, 1))
         assert all(s.last_used_mono > c + 50.0 for s, c in zip(sessions, clocks, strict=True))
         assert len({s.last_used_mono for s in sessions}) == 1
+
+    run(body, backend_cls=Recording)
+
+
+def test_the_first_session_at_fault_is_named_whatever_fails_after_it() -> None:
+    """Checks of all sessions at once (the common case) or one by one (to name a failure)
+    answer alike: the error is the first failing session's own, later faults in the same
+    call (an unknown session) unseen; nothing changes and nothing stays pinned."""
+
+    async def body(h: Harness) -> None:
+        short = Geometry(1, GEO.num_heads, GEO.num_kv_heads, GEO.head_dim, GEO.max_len)
+        wide = Geometry(2, 2 * GEO.num_heads, GEO.num_kv_heads, GEO.head_dim, GEO.max_len)
+        sessions = [await h.create(g) for g in (GEO, GEO, short, wide, GEO)]
+        assert sessions[0].layout is sessions[4].layout is not sessions[3].layout
+        for s in sessions:
+            await h.append(h.request(s, 0, 5))
+        state = await h.snapshot()
+        shape, layer = "q.shape: expected [n, 8, 64]", "layer: expected 0..0"
+        cases = [  # (sessions, call, the error, the batch index it names, its text)
+            ([0, 1, 3, 4], {}, InvalidArgument, 2, shape),
+            ([0], {"wide_at": 0}, InvalidArgument, 0, shape),  # every session not as q
+            ([0, 1, 3, 4], {"missing_at": 3}, InvalidArgument, 2, shape),
+            ([0, 1, 2], {"layer": 1, "missing_at": 0}, NotFound, 0, "session_id: no session"),
+            ([0, 1, 2, 4], {"layer": 1}, InvalidArgument, 2, layer),
+            ([0, 1, 2, 4], {"layer": 1, "missing_at": 3}, InvalidArgument, 2, layer),
+            ([0, 1, 4], {"expected": [5, 4, 5]}, Aborted, 1, "expected_length"),
+            ([0, 1, 4], {"expected": [5, 4, 5], "missing_at": 2}, Aborted, 1, "expected_length"),
+            ([0, 1], {"n": 0}, InvalidArgument, 0, "q.shape[0]: expected >= 1"),
+            ([0, 1], {"n": 0, "missing_at": 1}, InvalidArgument, 0, "q.shape[0]: expected >= 1"),
+        ]
+        for picked, how, error, index, text in cases:
+            batch = packed(h, [sessions[i] for i in picked], how.get("n", 1), how.get("layer", 0),
+                           expected=how.get("expected"))  # fmt: skip
+            if "wide_at" in how:  # q/k/v of GEO's shape for the wide session
+                batch.session_ids[how["wide_at"]] = sessions[3].id
+            if "missing_at" in how:
+                batch.session_ids[how["missing_at"]] = "no-such-session"
+            with pytest.raises(error) as info:
+                await h.engine.attend_batch(batch)
+            sid = batch.session_ids[index]
+            assert info.value.message.startswith(f"batch[{index}] (session {sid!r}): {text}")
+            assert_same_state(state, await h.snapshot())
+            assert all(s.pins == 0 for s in sessions)
+            h.store.check_invariants()
+        out, lengths = await h.engine.attend_batch(packed(h, sessions[:2], 1, expected=[5, 5]))
+        assert lengths == [6, 6]
 
     run(body, backend_cls=Recording)

@@ -68,7 +68,7 @@ class PackedItems:
 
     layout: LayerLayout
     softmax_scales: np.ndarray  # float64 [B]
-    page_ids: list[np.ndarray]  # [B] of int32 [ceil((starts[b] + n) / T)]
+    page_ids: Sequence[np.ndarray]  # [B] of int32 [ceil((starts[b] + n) / T)]
     starts: np.ndarray  # int64 [B]: tokens in each layer before this append
     q: np.ndarray
     k: np.ndarray

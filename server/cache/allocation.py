@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from . import sharing
@@ -10,6 +10,9 @@ from .session import Session
 
 if TYPE_CHECKING:
     from .store import SessionStore
+
+
+_NO_PAGES: list[int] = []  # the pages a step that only moved a length added (never changed)
 
 
 class Allocation:
@@ -51,6 +54,15 @@ class Allocation:
             session.pins += 1
             self._pinned[id(session)] = session
 
+    def pin_all(self, sessions: Iterable[Session]) -> None:
+        """``pin`` each of ``sessions``."""
+        self._require_open("pin")
+        pinned = self._pinned
+        for session in sessions:
+            if id(session) not in pinned:
+                session.pins += 1
+                pinned[id(session)] = session
+
     def grow(self, session: Session, index: int, new_length: int) -> None:
         """Cover ``new_length`` tokens of layer ``index`` and make that its length. On an
         error (past max_len, no memory) nothing of this step is changed."""
@@ -81,15 +93,15 @@ class Allocation:
         store's lock for all of them: at B = 64 the per-session ``grow`` was most of a
         packed call's engine time."""
         self._require_open("extend_in_place")
-        pinned = self._pinned
+        # Checked before anything changes.
+        if not self._pinned.keys() >= set(map(id, sessions)):
+            raise AssertionError("allocation: extend_in_place of an unpinned session")
         store = self._store
-        refs = store.pool.refs
+        refs = memoryview(store.pool.refs)  # its items are ints: cheaper than numpy's
         left: list[int] = []
         moved: list[tuple[Session, int]] = []
         with store.lock:
             for position, session in enumerate(sessions):
-                if id(session) not in pinned:  # before anything changed: moved is applied last
-                    raise AssertionError("allocation: extend_in_place of an unpinned session")
                 old = session.lengths.item(index)
                 new = old + tokens
                 table = session.page_lists.get(index)
@@ -105,7 +117,7 @@ class Allocation:
                 else:
                     moved.append((session, old))
             store._advance_lengths(moved, index, tokens)
-        self._steps.extend((session, index, old, [], None) for session, old in moved)
+        self._steps += [(session, index, old, _NO_PAGES, None) for session, old in moved]
         return left
 
     def commit(self) -> None:

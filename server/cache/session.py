@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -73,6 +74,10 @@ class _Layers(Sequence[LayerCache]):
         return LayerCache(self._session, index)
 
 
+# The live LayerLayouts, each once; weak, so odd geometries leave nothing behind.
+_LAYOUTS: weakref.WeakValueDictionary[LayerLayout, LayerLayout] = weakref.WeakValueDictionary()
+
+
 @dataclass(eq=False)
 class Session:
     """One session's metadata, kept small (a client must not hold host memory it is not
@@ -99,6 +104,10 @@ class Session:
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
     last_used_mono: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        # Equal layouts as one object: a packed call checks its sessions' by identity.
+        self.layout = _LAYOUTS.setdefault(self.layout, self.layout)
 
     def touch(self) -> None:
         self.last_used_at = time.time()

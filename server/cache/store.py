@@ -10,7 +10,7 @@ import math
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -184,6 +184,11 @@ class SessionStore:
             session.touch()
         return session
 
+    def find(self, session_ids: Sequence[str], tenant: str = "") -> list[Session | None]:
+        """Each of ``session_ids``' sessions, None for one that does not exist; no use."""
+        keys = zip([tenant] * len(session_ids), session_ids, strict=True)
+        return list(map(self._sessions.get, keys))
+
     def fork(
         self,
         source: Session,
@@ -293,8 +298,8 @@ class SessionStore:
         values = 0
         for session, old in moved:
             session.lengths[index] = old + tokens
-            values += self._values_per_token(session)
-        self.cached_values += tokens * values
+            values += session.geometry.num_kv_heads * session.geometry.head_dim
+        self.cached_values += 2 * tokens * values  # _values_per_token, not called B times
 
     def _check_max_len(self, session: Session, index: int, new_length: int) -> None:
         if new_length > session.geometry.max_len:

@@ -5,8 +5,8 @@ own; the backend gets one ``PackedItems``."""
 
 from __future__ import annotations
 
-import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
@@ -14,6 +14,11 @@ from ..backends.base import Backend, PackedItems
 from ..cache import Allocation, Session, SessionStore, touch_all
 from ..errors import Aborted, InvalidArgument, ServiceError
 from .jobs import PackedBatch
+
+_LENGTHS = attrgetter("lengths")
+_LAYOUT = attrgetter("layout")
+_PAGE_LISTS = attrgetter("page_lists")
+_SCALE = attrgetter("softmax_scale")
 
 
 def prepare_packed(
@@ -26,12 +31,69 @@ def prepare_packed(
     """Pin, check and grow every session of ``batch`` in ``allocation`` (appending each to
     ``sessions``); a failure names the batch index and the session. The caller rolls the
     allocation back on any error."""
-    count, n, heads, head_dim = batch.q.shape
+    count, n = batch.q.shape[:2]
+    layer_index = batch.layer
+    # Every session checked first, then grown: most of them only move a length, in one
+    # call (the engine's time at B = 64 is this function: benchmarks/packed_pieces.py).
+    found = store.find(batch.session_ids, tenant)
+    starts = _all_pass(found, batch)
+    if starts is None:  # one of them fails: the checks one by one name the first
+        found, starts = _check_each(store, batch, tenant, allocation)
+    else:
+        allocation.pin_all(found)
+    sessions += found
+    for index in allocation.extend_in_place(sessions, layer_index, n):
+        try:
+            allocation.grow(sessions[index], layer_index, starts[index] + n)
+        except ServiceError as exc:
+            sid = batch.session_ids[index]
+            raise type(exc)(f"batch[{index}] (session {sid!r}): {exc.message}") from None
+    touch_all(sessions)
+    # Each session's page table of the layer, joined into one int32 array (one join, not
+    # B arrays); the per-session views are made only where a backend asks for them.
+    tables = list(map(itemgetter(layer_index), map(_PAGE_LISTS, sessions)))
+    ids = np.frombuffer(b"".join(tables), np.int32)
+    counts = np.fromiter(map(len, tables), np.int64, count)
+    return PackedItems(
+        sessions[0].layout, np.fromiter(map(_SCALE, sessions), np.float64, count),
+        PageTables(ids, counts), np.array(starts, np.int64), batch.q, batch.k, batch.v,
+        out_dtype=batch.q.dtype, joined_page_ids=(ids, counts),
+    )
+
+
+def _all_pass(found: list[Session | None], batch: PackedBatch) -> list[int] | None:
+    """Each session's length of the layer when every session exists and passes
+    ``_check_each``'s checks (the same conditions, over all sessions at once), else None."""
+    _, n, heads, head_dim = batch.q.shape
+    layer, expected = batch.layer, batch.expected_lengths
+    if not found or None in found or n < 1 or layer < 0:
+        return None
+    # One layout object for all (equal layouts are one object: Session), whose heads,
+    # kv heads and head_dim (its geometry's) are the batch's.
+    lay = found[0].layout  # type: ignore[union-attr]
+    if (lay.num_heads, lay.num_kv_heads, lay.head_dim) != (heads, batch.k.shape[2], head_dim):
+        return None
+    if len(set(map(id, map(_LAYOUT, found)))) != 1:
+        return None
+    lengths = list(map(_LENGTHS, found))
+    if min(map(len, lengths)) <= layer:
+        return None
+    starts = [array.item(layer) for array in lengths]
+    if expected is not None and expected != starts:
+        return None
+    return starts
+
+
+def _check_each(
+    store: SessionStore, batch: PackedBatch, tenant: str, allocation: Allocation
+) -> tuple[list[Session], list[int]]:
+    """Look up, pin and check the sessions one by one: the first failure raises, naming
+    the batch index and the session."""
+    _, n, heads, head_dim = batch.q.shape
     kv_heads = batch.k.shape[2]
+    found: list[Session] = []
     starts: list[int] = []
     layer_index, expected = batch.layer, batch.expected_lengths
-    # Every session checked first, then grown: most of them only move a length, in one
-    # call (the engine's time at B = 64 is this function: benchmarks/handler_breakdown.py).
     for index, sid in enumerate(batch.session_ids):
         try:
             # The pin keeps the session until the job is answered; the lookups count as a
@@ -55,38 +117,30 @@ def prepare_packed(
                 )
         except ServiceError as exc:
             raise type(exc)(f"batch[{index}] (session {sid!r}): {exc.message}") from None
-        sessions.append(session)
+        found.append(session)
         starts.append(old_length)
-    for index in allocation.extend_in_place(sessions, layer_index, n):
-        try:
-            allocation.grow(sessions[index], layer_index, starts[index] + n)
-        except ServiceError as exc:
-            sid = batch.session_ids[index]
-            raise type(exc)(f"batch[{index}] (session {sid!r}): {exc.message}") from None
-    touch_all(sessions)
-    tables, joined = _page_tables(sessions, layer_index)
-    return PackedItems(
-        sessions[0].layout, np.array([s.softmax_scale for s in sessions], np.float64),
-        tables, np.array(starts, np.int64), batch.q, batch.k, batch.v,
-        out_dtype=batch.q.dtype, joined_page_ids=joined,
-    )
+    return found, starts
 
 
-def _page_tables(
-    sessions: list[Session], layer: int
-) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Each session's page table of ``layer`` as views of one int32 array (one join, not
-    B arrays), and that array with the counts."""
-    joined = array.array("i")
-    counts = []
-    for session in sessions:
-        table = session.page_lists[layer]
-        joined.extend(table)
-        counts.append(len(table))
-    ids = np.frombuffer(joined, np.int32)  # ``joined`` never grows again: a safe view
-    ends = np.cumsum(counts).tolist()
-    tables = [ids[end - count : end] for end, count in zip(ends, counts, strict=True)]
-    return tables, (ids, np.array(counts, np.int64))
+class PageTables(Sequence[np.ndarray]):
+    """B page tables as views of one joined int32 array, made when asked for (the GPU
+    backend reads only the joined array)."""
+
+    def __init__(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        self._ids = ids
+        self._counts = counts
+        self._ends: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[b] for b in range(*index.indices(len(self)))]
+        if self._ends is None:
+            self._ends = np.cumsum(self._counts).tolist()
+        end = self._ends[index]
+        return self._ids[end - int(self._counts[index]) : end]
 
 
 def attend_packed_in_chunks(

@@ -11,8 +11,9 @@ Items are ordered by (head_dim, kernel route): one attention launch per run; emp
 (n = 0) get no row. From DEFER_BYTES of q/k/v, the q/k/v copies are listed in
 ``Batch.pending`` instead of made, for the uploader to run on threads in chunks. A packed
 batch (``pack_packed``: B sessions of one layout, q/k/v stacked) is laid out as all q, all
-k, all v, one copy each, item b at base + b * item bytes; its meta rows
-are built column by column with numpy, and hold what ``pack`` writes for the same items.
+k, all v, one copy each, item b at base + b * item bytes; its meta rows are one base row
+plus a step per row and a few columns of their own (two numpy passes and a handful of
+column writes, not one per column), and hold what ``pack`` writes for the same items.
 Host work only: the backend does the copies and the launches.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from q8kv.format import QBLOCK
+from q8kv.format import QBLOCK, LayerLayout
 
 from ..base import AttendItem, PackedItems
 from .kernels import MAX_HEAD_DIM
@@ -103,10 +104,9 @@ class _Cursor:
     pt: int = 0
 
 
-def check_layout(item: AttendItem) -> None:
+def check_layout(lay: LayerLayout) -> None:
     """What the kernels take: head_dim a multiple of 32 up to MAX_HEAD_DIM, and a power of
     two tokens per page (a shift in the kernels)."""
-    lay = item.layout
     if lay.head_dim % QBLOCK or not 0 < lay.head_dim <= MAX_HEAD_DIM:
         raise ValueError(
             f"cupy backend: head_dim: expected a multiple of {QBLOCK} up to "
@@ -226,7 +226,7 @@ def pack(
     kernel."""
     live = [j for j, it in enumerate(items) if it.n > 0]
     for j in live:
-        check_layout(items[j])
+        check_layout(items[j].layout)
     inputs = {j: device_arrays(items[j]) for j in live}
     kind = {j: route(items[j].n, items[j].layout.group, inputs[j][0].dtype) for j in live}
     # One launch per (head_dim, kernel).
@@ -266,14 +266,14 @@ def pack_packed(
     rows (but the q/k/v offsets), page ids and input bytes the kernels read. The caller
     reads the output as one [B, n, H, D] float32 array at float offset 0."""
     lay, count, n = batch.layout, batch.size, batch.n
-    check_layout(batch.item(0))
+    check_layout(lay)
     q, k, v = batch.q, batch.k, batch.v
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPE_CODE:
         q, k, v = (a.astype(np.float32) for a in (q, k, v))  # as device_arrays does
     q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
     ids, counts = batch.page_table()
     meta_bytes = count * META * 4
-    offsets, off = [], meta_bytes + 4 * int(counts.sum())
+    offsets, off = [], meta_bytes + 4 * ids.size
     for a in (q, k, v):
         off = -(-off // 16) * 16
         offsets.append(off)
@@ -293,25 +293,31 @@ def pack_packed(
         else:
             host[o : o + a.nbytes] = a.reshape(-1).view(np.uint8)
     host[meta_bytes : meta_bytes + 4 * ids.size] = ids.view(np.uint8)
-    meta = host[:meta_bytes].view(np.int32).reshape(count, META)
-    meta[:] = 0
-    rows = np.arange(count)
+    # Every column but a few is the same in every row or grows by a step per row: the
+    # rows are base + row * step, two passes over the rows, not one per column.
+    base, step = [0] * META, [0] * META
     for col, a, o in zip((M_Q, M_K, M_V), (q, k, v), offsets, strict=True):
-        meta[:, col] = o + rows * (a.nbytes // count)
-    meta[:, M_DT] = DTYPE_CODE[q.dtype]
-    meta[:, M_PT] = np.cumsum(counts) - counts
-    meta[:, M_START], meta[:, M_N] = batch.starts, n
-    meta[:, M_H], meta[:, M_KVH] = lay.num_heads, lay.num_kv_heads
-    meta[:, M_LOGT] = lay.tokens_per_page.bit_length() - 1
-    out_floats = n * lay.num_heads * lay.head_dim
-    meta[:, M_OUT] = rows * out_floats
-    scales = np.asarray(batch.softmax_scales, np.float64) * _LOG2E
-    meta[:, M_SCALE] = scales.astype(np.float32).view(np.int32)
-    meta[:, M_G], meta[:, M_D] = lay.group, lay.head_dim
-    q_blocks = 2 * n * lay.num_kv_heads * lay.blocks
-    meta[:, M_QB] = rows * q_blocks
+        base[col], step[col] = o, a.nbytes // count
+    base[M_DT], base[M_N] = DTYPE_CODE[q.dtype], n
+    base[M_H], base[M_KVH], base[M_G], base[M_D] = (
+        lay.num_heads, lay.num_kv_heads, lay.group, lay.head_dim)  # fmt: skip
+    base[M_LOGT] = lay.tokens_per_page.bit_length() - 1
+    step[M_OUT] = out_floats = n * lay.num_heads * lay.head_dim
+    step[M_QB] = q_blocks = 2 * n * lay.num_kv_heads * lay.blocks
     kern = kernel_for(lay.head_dim, route(n, lay.group, q.dtype))
-    launch, counters = plan_packed(lay, n, batch.starts + n, meta, kern, policy)
+    launch, counters, columns = plan_packed(lay, n, batch.starts, kern, policy, base, step)
+    meta = host[:meta_bytes].view(np.int32).reshape(count, META)
+    np.multiply(np.arange(count, dtype=np.int32)[:, None], np.array(step, np.int32), out=meta)
+    meta += np.array(base, np.int32)
+    # The rest: each row's own.
+    np.add.accumulate(counts[:-1], out=meta[1:, M_PT])  # row 0's is 0
+    meta[:, M_START] = batch.starts
+    # float64 product, rounded once to float32 (as pack's np.float32(scale * _LOG2E)).
+    scales = meta.view(np.float32)[:, M_SCALE]
+    np.multiply(np.asarray(batch.softmax_scales, np.float64), _LOG2E, out=scales,
+                casting="same_kind")  # fmt: skip
+    for col, values in columns:
+        meta[:, col] = values
     return Batch(
         nbytes=nbytes, nitems=count, ptab_off=meta_bytes, q_blocks=count * q_blocks,
         launches=[launch], outputs=[], out_floats=count * out_floats,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from ..base import AttendItem
+from ..base import AttendItem, LayerLayout
 from .kernels import PREFILL_ROWS, AttnKernel
 from .meta import M_CHUNK, M_CNT, M_NSPLIT, M_RT, M_UNIT
 
@@ -160,29 +160,49 @@ def plan_attention(
     return launches, part_floats, max_counters
 
 
-def plan_packed(lay, n: int, lens: np.ndarray, meta: np.ndarray, kern: AttnKernel,
-                policy: SplitPolicy) -> tuple[Launch, int]:
-    """``plan_launch`` (or ``plan_prefill``) over arrays: every row has the same row tiles;
-    splits per length. Returns the launch and the split counters it needs."""
+def plan_packed(
+    lay: LayerLayout,
+    n: int,
+    starts: np.ndarray,
+    kern: AttnKernel,
+    policy: SplitPolicy,
+    base: list[int],
+    step: list[int],
+) -> tuple[Launch, int, list[tuple[int, np.ndarray]]]:
+    """``plan_launch`` (or ``plan_prefill``) over arrays, for B rows of ``n`` new tokens
+    after ``starts``: every row has the same row tiles; splits per length. Sets the columns
+    that are the same in every row (``base``) or grow by a step per row (``step``); returns
+    the launch, the split counters it needs and the other columns, (column, values)."""
     gt, tok, t = kern.gt, kern.tok, lay.tokens_per_page
+    count = len(starts)
     row_tiles = -(-n * lay.group // gt)
     tiles = lay.num_kv_heads * row_tiles
+    base[M_RT] = row_tiles
     if kern.prefill:
-        meta[:, M_RT] = row_tiles
-        meta[:, M_UNIT] = np.arange(len(lens)) * tiles
-        return Launch(kern, 0, len(lens), len(lens) * tiles, lay.head_dim), 0
+        step[M_UNIT] = tiles
+        return Launch(kern, 0, count, count * tiles, lay.head_dim), 0, []
+    step[M_CNT] = tiles
+    # The ufuncs' reduce, not .sum() or .max(): their Python wrappers cost more here.
     slots = policy.sm_count * kern.blocks_per_sm * policy.split_waves
-    ideal = max(tok, math.ceil(int(tiles * lens.sum()) / slots))
+    ideal = max(tok, math.ceil(tiles * (int(np.add.reduce(starts)) + count * n) / slots))
     max_chunk = max(tok, ((kern.max_pages - 1) * t // tok) * tok)
+    top = int(np.maximum.reduce(starts)) + n  # the longest row's length
+    # One split each where split() gives that to the longest row (so to every row): its
+    # round(top / ideal) <= 1, exactly 2 * top < 3 * ideal (1.5 rounds to 2), or
+    # max_splits 1; and its page ids fit. The chunk is then its length, in whole stages.
+    if top <= max_chunk and (policy.max_splits == 1 or 2 * top < 3 * ideal):
+        base[M_NSPLIT], step[M_UNIT] = 1, tiles
+        chunk = starts + (n + tok - 1)
+        chunk //= tok
+        chunk *= tok
+        launch = Launch(kern, 0, count, count * tiles, lay.head_dim)
+        return launch, count * tiles, [(M_CHUNK, chunk)]
+    lens = starts + n
     # split(), vectorized: np.rint rounds half to even, as Python's round().
     nsplit = np.minimum(policy.max_splits, np.maximum(1, np.rint(lens / ideal))).astype(np.int64)
     nsplit = np.maximum(nsplit, -(-lens // max_chunk))
     chunk = -(-np.ceil(lens / nsplit).astype(np.int64) // tok) * tok
     nsplit = -(-lens // chunk)
     units = tiles * nsplit
-    meta[:, M_RT] = row_tiles
-    meta[:, M_NSPLIT], meta[:, M_CHUNK] = nsplit, chunk
-    meta[:, M_UNIT] = np.cumsum(units) - units
-    meta[:, M_CNT] = np.arange(len(lens)) * tiles
-    total = int(units.sum())
-    return Launch(kern, 0, len(lens), total, lay.head_dim), len(lens) * tiles
+    columns = [(M_NSPLIT, nsplit), (M_CHUNK, chunk), (M_UNIT, np.cumsum(units) - units)]
+    return Launch(kern, 0, count, int(units.sum()), lay.head_dim), count * tiles, columns
