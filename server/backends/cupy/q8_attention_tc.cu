@@ -54,7 +54,7 @@ constexpr int RS = D + 16;   // padded smem row (bytes): ldmatrix and V loads co
 constexpr int U0 = (STAGE_CODE_TARGET / (2 * D)) / (NWARPS * 16);
 constexpr int U = U0 < 1 ? 1 : U0;     // 16-token tiles per warp per stage
 constexpr int TOK = U * NWARPS * 16;   // tokens per stage
-// 16-token tiles a warp scores before one softmax step (FUSE_TILES, default 1): fewer
+// 16-token tiles a warp scores before one softmax step (FUSE_TILES, default 2): fewer
 // shuffles, votes and rescales per token, and independent products in flight.
 #ifndef FUSE_TILES
 #define FUSE_TILES 2
