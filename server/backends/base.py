@@ -58,6 +58,32 @@ class AttendItem:
         return int(self.q.shape[0])
 
 
+class PageTables(Sequence[np.ndarray]):
+    """B page tables as views of one joined int32 array ``ids`` (``counts[b]`` of them for
+    table b), made when asked for: the backends read the joined array."""
+
+    def __init__(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        self.ids = ids  # int32, every table back to back
+        self.counts = counts  # int64 [B]
+        self._ends: list[int] | None = None
+
+    @classmethod
+    def join(cls, tables: Sequence[np.ndarray]) -> PageTables:
+        counts = np.fromiter(map(len, tables), np.int64, len(tables))
+        return cls(np.concatenate(tables).astype(np.int32, copy=False), counts)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[b] for b in range(*index.indices(len(self)))]
+        if self._ends is None:
+            self._ends = np.cumsum(self.counts).tolist()
+        end = self._ends[index]
+        return self.ids[end - int(self.counts[index]) : end]
+
+
 @dataclass
 class PackedItems:
     """B (session, layer) items of one layout and one n, their inputs stacked: one layer of
@@ -68,16 +94,14 @@ class PackedItems:
 
     layout: LayerLayout
     softmax_scales: np.ndarray  # float64 [B]
-    page_ids: Sequence[np.ndarray]  # [B] of int32 [ceil((starts[b] + n) / T)]
+    # [B] of int32 [ceil((starts[b] + n) / T)]; a PageTables where the caller joined them
+    # (the engine: one join instead of B arrays)
+    page_ids: Sequence[np.ndarray]
     starts: np.ndarray  # int64 [B]: tokens in each layer before this append
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
     out_dtype: np.dtype = np.dtype(np.float32)
-    # ``page_ids`` back to back (int32) and each session's count (int64 [B]), where the
-    # caller built them that way (the engine: one join instead of B arrays); else
-    # ``page_table()`` makes them.
-    joined_page_ids: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def size(self) -> int:
@@ -89,11 +113,9 @@ class PackedItems:
 
     def page_table(self) -> tuple[np.ndarray, np.ndarray]:
         """Every session's page ids back to back (int32) and how many each has (int64)."""
-        if self.joined_page_ids is None:
-            counts = np.fromiter((len(ids) for ids in self.page_ids), np.int64, self.size)
-            ids = np.concatenate(self.page_ids).astype(np.int32, copy=False)
-            self.joined_page_ids = ids, counts
-        return self.joined_page_ids
+        if not isinstance(self.page_ids, PageTables):
+            self.page_ids = PageTables.join(self.page_ids)  # the same tables, joined once
+        return self.page_ids.ids, self.page_ids.counts
 
     def item(self, b: int) -> AttendItem:
         return AttendItem(self.layout, float(self.softmax_scales[b]), self.page_ids[b],

@@ -5,12 +5,12 @@ own; the backend gets one ``PackedItems``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from operator import attrgetter, itemgetter
 
 import numpy as np
 
-from ..backends.base import Backend, PackedItems
+from ..backends.base import Backend, PackedItems, PageTables
 from ..cache import Allocation, Session, SessionStore, touch_all
 from ..errors import Aborted, InvalidArgument, ServiceError
 from .jobs import PackedBatch
@@ -57,7 +57,7 @@ def prepare_packed(
     return PackedItems(
         sessions[0].layout, np.fromiter(map(_SCALE, sessions), np.float64, count),
         PageTables(ids, counts), np.array(starts, np.int64), batch.q, batch.k, batch.v,
-        out_dtype=batch.q.dtype, joined_page_ids=(ids, counts),
+        out_dtype=batch.q.dtype,
     )
 
 
@@ -120,27 +120,6 @@ def _check_each(
         found.append(session)
         starts.append(old_length)
     return found, starts
-
-
-class PageTables(Sequence[np.ndarray]):
-    """B page tables as views of one joined int32 array, made when asked for (the GPU
-    backend reads only the joined array)."""
-
-    def __init__(self, ids: np.ndarray, counts: np.ndarray) -> None:
-        self._ids = ids
-        self._counts = counts
-        self._ends: list[int] | None = None
-
-    def __len__(self) -> int:
-        return len(self._counts)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[b] for b in range(*index.indices(len(self)))]
-        if self._ends is None:
-            self._ends = np.cumsum(self._counts).tolist()
-        end = self._ends[index]
-        return self._ids[end - int(self._counts[index]) : end]
 
 
 def attend_packed_in_chunks(
