@@ -147,6 +147,18 @@ def test_answers_are_the_bytes_protobuf_writes(dtype) -> None:
         assert pb.AppendAndAttendStreamResponse.FromString(ours) == stream
 
 
+@pytest.mark.parametrize("tokens", [0, 1, 300])
+def test_a_dequantize_answer_is_the_bytes_protobuf_writes(tokens) -> None:
+    """K and V float32 [KVH, tokens, D] (none: a range of no tokens) and a length past one
+    varint byte, byte for byte protobuf's own serialization."""
+    rng = np.random.default_rng(tokens)
+    k, v = (rng.standard_normal((2, tokens, 64)).astype(np.float32) for _ in range(2))
+    built = pb.DequantizeResponse(k=wire.encode(k), v=wire.encode(v), length=70_000 + tokens)
+    assert b"".join(messages.dequantize_response(k, v, 70_000 + tokens)) == (
+        built.SerializeToString()
+    )
+
+
 def test_an_answer_in_another_dtype_than_the_array_is_cast() -> None:
     """An item's output goes back in its q's dtype, whatever the backend's array holds."""
     rng = np.random.default_rng(5)

@@ -139,6 +139,13 @@ def attend_batch_response(output: np.ndarray, lengths: list[int]) -> Parts:
     return [*wire.length_delimited(1, wire.tensor_parts(output)), lengths_field]
 
 
+def dequantize_response(k: np.ndarray, v: np.ndarray, length: int) -> Parts:
+    """A DequantizeResponse's serialization, in parts: float32 K and V, each copied once."""
+    return [*wire.length_delimited(1, wire.tensor_parts(k)),
+            *wire.length_delimited(2, wire.tensor_parts(v)),
+            pb.DequantizeResponse(length=length).SerializeToString()]  # fmt: skip
+
+
 def attend_response(requests: list[AppendRequest], results, field: int = 1) -> Parts:
     """Each item's result (output in its q's dtype, the layer's new length) as one
     AttendResult field ``field``: an AppendAndAttendResponse's serialization with the

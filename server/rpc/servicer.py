@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 
-from q8kv import wire
 from q8kv.v1 import kvcache_pb2 as pb
 from q8kv.v1 import kvcache_pb2_grpc
 
@@ -24,6 +23,7 @@ from .messages import (
     deadline_of,
     decode_batch,
     decode_items,
+    dequantize_response,
     geometry_of,
     session_info,
     stream_response,
@@ -104,9 +104,9 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         )
         return pb.ForkSessionResponse(session=self._info(snap))
 
-    # The answers go back serialized (bytes, passed through by the front door): each output
-    # is copied once into the response's bytes, not into a message and then out of it
-    # (messages.attend_response, attend_batch_response).
+    # The answers carrying tensors go back serialized (bytes, passed through by the front
+    # door): each is copied once into the response's bytes, not into a message and then out
+    # of it (messages.attend_response, attend_batch_response, dequantize_response).
 
     async def _append_and_attend(self, items, context, field: int = 1) -> Parts:
         """The results, serialized as field ``field`` (see ``attend_response``)."""
@@ -161,7 +161,7 @@ class KVCacheService(kvcache_pb2_grpc.KVCacheServiceServicer):
         k, v, length = await self.engine.dequantize(
             request.session_id, current_tenant.get(), request.layer, request.start, end
         )
-        return pb.DequantizeResponse(k=wire.encode(k), v=wire.encode(v), length=length)
+        return b"".join(dequantize_response(k, v, length))
 
     async def ExportSession(self, request, context):
         async for chunk in self.engine.export_session(
