@@ -8,7 +8,6 @@ a label value.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Sequence
 from importlib import metadata
@@ -190,7 +189,7 @@ class Metrics:
         for i in sorted(self._sampler.choice(len(k), picks, replace=False).tolist()):
             # At most SAMPLE_TOKENS tokens of an item: the whole of an 8k-token prefill
             # costs the event loop 0.4-0.7 s of numpy (benchmarks/prefill_messages.py).
-            first = random.randrange(max(1, len(k[i]) - SAMPLE_TOKENS + 1))
+            first = int(self._sampler.integers(max(1, len(k[i]) - SAMPLE_TOKENS + 1)))
             error = quantization_error(k[i][first : first + SAMPLE_TOKENS],
                                        v[i][first : first + SAMPLE_TOKENS])  # fmt: skip
             if error is not None:
