@@ -707,7 +707,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--canned-backend",
         action="store_true",
-        help="the server's numpy backend answers at once with zeros (benchmarks/canned): "
+        help="the server's numpy backend answers at once with zeros "
+        "(benchmarks/server_hooks/canned_backend.py): "
         "the front end, the engine's bookkeeping and the transport alone",
     )
     p.add_argument(

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from batch_path import DTYPE, KVH, D, H, batch_request
 from bench_util import median_us
 
-H, KVH, D = 32, 8, 128
 PIECES = ("decode_batch", "prepare_packed", "pack_packed")
 
 
@@ -108,25 +108,6 @@ class Pieces:
         }
 
 
-def request_bytes(args: argparse.Namespace) -> bytes:
-    from q8kv import wire
-    from q8kv.v1 import kvcache_pb2 as pb
-
-    rng = np.random.default_rng(0)
-
-    def tensor(*shape: int):
-        return wire.encode(rng.standard_normal(shape), args.dtype)
-
-    b = args.batch
-    return pb.AttendBatchRequest(
-        session_ids=[f"s{i}" for i in range(b)],
-        layer=0,
-        q=tensor(b, 1, H, D),
-        k=tensor(b, 1, KVH, D),
-        v=tensor(b, 1, KVH, D),
-    ).SerializeToString()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64, help="sessions per call [64]")
@@ -135,12 +116,12 @@ def main() -> int:
         help="cache tokens of each session before the call [1000]; a multiple of 32 (a "
         "page at H = 32, KVH = 8, D = 128) makes every session take a new page",
     )  # fmt: skip
-    ap.add_argument("--dtype", default="float16")
     ap.add_argument("--iters", type=int, default=300, help="calls per piece per round [300]")
     ap.add_argument("--rounds", type=int, default=5, help="rounds [5]")
     ap.add_argument("--against", type=Path, help="a tree to time in alternating rounds")
     args = ap.parse_args()
-    raw = request_bytes(args)
+    ids = [f"s{b}" for b in range(args.batch)]
+    raw = batch_request(ids, np.random.default_rng(0)).SerializeToString()
     trees = {"this": Pieces("q8kv", args, raw)}
     figures: dict[str, list[dict[str, float]]] = {"this": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,7 +134,7 @@ def main() -> int:
             shown = (f"{name} " + ", ".join(f"{p} {runs[-1][p]:.1f}" for p in PIECES)
                      for name, runs in figures.items())  # fmt: skip
             print(f"round {r}: " + "; ".join(shown))
-    print(f"B = {args.batch}, {args.length}-token caches, {args.dtype}: median over "
+    print(f"B = {args.batch}, {args.length}-token caches, {DTYPE}: median over "
           f"{args.rounds} rounds of each round's median us")  # fmt: skip
     for piece in PIECES:
         line = f"  {piece:>15}: this {statistics.median(f[piece] for f in figures['this']):7.1f}"
