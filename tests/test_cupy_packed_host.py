@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from harness.kernel_plans import fake_kernel
+from harness.packed import packed_batch
 from harness.tensors import random_tensor
 
 from q8kv.format import LayerLayout, tokens_per_page
@@ -95,13 +96,8 @@ def test_one_split_per_row_where_split_gives_one(lengths) -> None:
     packed packing's shortcut for one split per row must plan what split() plans."""
     rng = np.random.default_rng(23)
     layout = LayerLayout(1, 1, 64, tokens_per_page(65536, 1, 64))
-    b, t = len(lengths), layout.tokens_per_page
-    starts = np.array(lengths, np.int64) - 1
-    free = rng.permutation(1 << 16).astype(np.int32)
-    ends = np.cumsum([-(-length // t) for length in lengths])
-    tables = [free[end - -(-length // t) : end] for end, length in zip(ends, lengths, strict=True)]
-    q, k, v = (random_tensor(rng, (b, 1, 1, 64), np.float16) for _ in range(3))
-    batch = PackedItems(layout, rng.uniform(0.01, 0.5, b), tables, starts, q, k, v)
+    starts = [length - 1 for length in lengths]
+    batch = packed_batch(rng, layout, 1 << 16, starts, 1, np.float16, softmax_scales=(0.01, 0.5))
     for policy in (packing.SplitPolicy(1, 1.0, 48), packing.SplitPolicy(132, 1.0, 48)):
         assert_same_inputs(batch, policy)
 
