@@ -207,8 +207,10 @@ def bench(start, n, reps, wall_reps, spin_cycles, rng) -> dict:
 
 
 def variants(specs: list[str], shapes, reps, spin_cycles, rng) -> None:
-    """Device time of kernel variants, printed only: ``name=wg[N][:DEFINE=V...]`` (the wgmma
-    kernel, N warpgroups per block) or ``name=sync:warps:bn[:DEFINE=V...]`` (mma.sync)."""
+    """Device time of kernel variants, printed only: ``name=ws[S][:DEFINE=V...]`` (K/V
+    dequantized into 16-bit tiles first, then the warp-specialized kernel with S stages),
+    ``name=wg[N][:DEFINE=V...]`` (the wgmma kernel dequantizing in its loop, N warpgroups
+    per block) or ``name=sync:warps:bn[:DEFINE=V...]`` (mma.sync)."""
     for start, n in shapes:
         backend, layout, ids = setup(start, n, rng)
         it = item(layout, ids, start, n, rng, np.float16)
@@ -216,9 +218,11 @@ def variants(specs: list[str], shapes, reps, spin_cycles, rng) -> None:
         for spec in specs:
             name, _, rest = spec.partition("=")
             kind, *parts = rest.split(":")
-            q8_kernels.PREFILL_WGMMA = kind.startswith("wg")
+            q8_kernels.PREFILL_WGMMA = kind.startswith(("wg", "ws"))
+            q8_kernels.PREFILL_WS = kind.startswith("ws")
             q8_kernels.WGMMA_WARPGROUPS = int(kind[2:] or 2) if kind.startswith("wg") else 2
-            if not kind.startswith("wg"):
+            q8_kernels.PREFILL_STAGES = int(kind[2:] or 4) if kind.startswith("ws") else 4
+            if not kind.startswith(("wg", "ws")):
                 warps, bn, *parts = parts
                 q8_kernels.PREFILL_WARPS, q8_kernels.PREFILL_BN = int(warps), int(bn)
             q8_kernels.EXTRA_DEFINES = tuple(f"-D{d}" for d in parts)
@@ -231,6 +235,7 @@ def variants(specs: list[str], shapes, reps, spin_cycles, rng) -> None:
                   flush=True)  # fmt: skip
         q8_kernels.PREFILL_WARPS, q8_kernels.PREFILL_BN, q8_kernels.EXTRA_DEFINES = 8, None, ()
         q8_kernels.PREFILL_WGMMA, q8_kernels.WGMMA_WARPGROUPS = True, 2
+        q8_kernels.PREFILL_WS, q8_kernels.PREFILL_STAGES = True, 4
         backend.close()
 
 
@@ -278,6 +283,14 @@ def host_phases(start: int, n: int, rng, reps: int = 5) -> None:
                                                                backend.stream))  # fmt: skip
     t_d2h_fresh = phase(lambda: dev.data.copy_to_host_async(np.empty(nbytes, np.uint8).ctypes.data,
                                                             nbytes, backend.stream))  # fmt: skip
+
+    def pin_in_place() -> None:  # the alternative to a copy: pin the source, then H2D
+        cp.cuda.runtime.hostRegister(src.ctypes.data, inb, 0)
+        dev.data.copy_from_host_async(src.ctypes.data, inb, backend.stream)
+        backend.stream.synchronize()
+        cp.cuda.runtime.hostUnregister(src.ctypes.data)
+
+    t_pin_in_place = phase(pin_in_place)
     from concurrent.futures import ThreadPoolExecutor
 
     def threaded_copy(workers: int) -> float:
@@ -299,7 +312,8 @@ def host_phases(start: int, n: int, rng, reps: int = 5) -> None:
         "pack": t_pack, "upload_append_attend": t_run, "narrow_d2h": t_down,
         "copy_out": t_copy_out, "attend_packed_total": total, "memcpy_to_pinned": t_memcpy,
         "h2d_pageable": t_h2d_pageable, "h2d_pinned": t_h2d_pinned,
-        "d2h_pageable_reused": t_d2h_pageable, "d2h_pageable_fresh": t_d2h_fresh}}), flush=True)
+        "d2h_pageable_reused": t_d2h_pageable, "d2h_pageable_fresh": t_d2h_fresh,
+        "register_h2d_unregister": t_pin_in_place}}), flush=True)
     backend.close()
 
 

@@ -77,6 +77,7 @@ class Config:
     gpu_tc_minblocks: int = 2
     gpu_tc_nstages: int = 2
     gpu_tc_stage_bytes: int = 32768
+    gpu_prefill_scratch_bytes: int = 512 * 1024 * 1024
 
 
 # flag name -> (type, help). The environment variable is Q8KV_<NAME IN CAPITALS>.
@@ -141,6 +142,11 @@ _FLAGS: dict[str, tuple[object, str]] = {
     "gpu_tc_minblocks": (int, "cupy: attention blocks per SM the registers are capped for"),
     "gpu_tc_nstages": (int, "cupy: attention pipeline stages"),
     "gpu_tc_stage_bytes": (parse_size, "cupy: K/V code bytes per attention pipeline stage"),
+    "gpu_prefill_scratch_bytes": (
+        parse_size,
+        "cupy: device scratch for a prefill launch's K/V dequantized to 16 bits (a launch "
+        "needing more runs on the slower kernel that dequantizes in its loop; 0: always)",
+    ),
 }
 
 

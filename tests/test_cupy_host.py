@@ -120,20 +120,33 @@ def check_splits(m: np.ndarray, item: AttendItem, tok: int) -> None:
     assert m[meta.M_RT] == -(-item.n * item.layout.group // kernels.ROWS_PER_TILE)
 
 
-def check_prefixes(rows: np.ndarray, live: list[int], items: list[AttendItem], first: int) -> None:
+def check_prefixes(ln: planning.Launch, rows: np.ndarray, live: list[int],
+                   items: list[AttendItem]) -> None:  # fmt: skip
     """Within a launch, work units and split counters are prefix sums over its rows; a
-    prefill launch has one unit per (kv head, row tile of 64 rows) and no splits."""
+    prefill launch has one unit per (kv head, row tile of the kernel's rows) and no splits,
+    and a kernel over 16-bit tiles a tile pair per (kv head, tile of the item's length),
+    numbered on from the launches before it (every other row: -1, none)."""
     units = cnt = 0
-    for m, j in zip(rows, live[first : first + len(rows)], strict=True):
-        tiles = items[j].layout.num_kv_heads * m[meta.M_RT]
-        if route_of(items[j]) != planning.DECODE:
-            assert m[meta.M_RT] == -(-items[j].n * items[j].layout.group // 64)
+    pairs = ln.first_pair
+    for m, j in zip(rows, live[ln.meta_row : ln.meta_row + len(rows)], strict=True):
+        it = items[j]
+        tiles = it.layout.num_kv_heads * m[meta.M_RT]
+        if route_of(it) != planning.DECODE:
+            assert m[meta.M_RT] == -(-it.n * it.layout.group // ln.kernel.gt)
             assert m[meta.M_UNIT] == units
             units += tiles
+            if ln.kernel.tiles is None:
+                assert m[meta.M_TILES] == -1
+                continue
+            assert m[meta.M_TILES] == pairs
+            pairs += it.layout.num_kv_heads * -(-(it.start + it.n) // ln.kernel.tok)
             continue
-        assert (m[meta.M_UNIT], m[meta.M_CNT]) == (units, cnt)
+        assert (m[meta.M_UNIT], m[meta.M_CNT], m[meta.M_TILES]) == (units, cnt, -1)
         units += tiles * m[meta.M_NSPLIT]
         cnt += tiles
+    assert ln.units == units
+    assert ln.tile_pairs == pairs - ln.first_pair
+    assert ln.cached == any(items[j].start > 0 for j in live[ln.meta_row : ln.meta_row + len(rows)])
 
 
 def test_pack_lays_out_every_item_and_plans_one_launch_per_head_dim_and_kernel() -> None:
@@ -158,8 +171,13 @@ def test_pack_lays_out_every_item_and_plans_one_launch_per_head_dim_and_kernel()
         assert [(ln.head_dim, ln.kernel.prefill) for ln in batch.launches] == [
             (d, r != planning.DECODE) for d, r in launch_keys
         ]
+        pairs = 0
         for ln in batch.launches:
-            check_prefixes(meta[ln.meta_row : ln.meta_row + ln.nitems], live, items, ln.meta_row)
+            check_prefixes(ln, meta[ln.meta_row : ln.meta_row + ln.nitems], live, items)
+            if ln.tile_pairs:  # the batch's launches share one scratch, in turn
+                assert ln.first_pair == pairs
+                pairs += ln.tile_pairs
+        assert batch.tile_bytes == pairs * kernels.ws_tile_bytes(128)
         for j, it in enumerate(items):
             assert batch.outputs[j][1] == (it.n, it.layout.num_heads, it.layout.head_dim)
             assert (batch.outputs[j][0] < 0) == (it.n == 0)

@@ -70,7 +70,8 @@ def packed_both_ways(batch: PackedItems, policy: packing.SplitPolicy):
 
 
 def launches(batch: packing.Batch) -> list[tuple]:
-    return [(ln.meta_row, ln.nitems, ln.units, ln.head_dim, ln.kernel.tok) for ln in batch.launches]
+    return [(ln.meta_row, ln.nitems, ln.units, ln.head_dim, ln.kernel.tok, ln.tile_pairs)
+            for ln in batch.launches]  # fmt: skip
 
 
 @pytest.mark.parametrize(

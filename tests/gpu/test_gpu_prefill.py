@@ -56,6 +56,9 @@ from gpu_pairs import (  # noqa: E402
 )
 from harness.sdpa import sdpa_over_cache  # noqa: E402
 
+from q8kv.server.backends import GpuTuning  # noqa: E402
+from q8kv.server.backends.cupy import kernels  # noqa: E402
+
 pytestmark = pytest.mark.gpu
 
 PCB = 16384  # page code bytes: 4 (32/8, D = 256) to 128 (8/1, D = 64) tokens per page
@@ -161,6 +164,68 @@ def test_one_batch_of_prefills_decodes_head_dims_and_dtypes(rng):
         assert len(batch) == len(singles) + len(repeated)
         assert {on_16bit_route(it) for it in batch} == {True, False}
         run_and_check(pair, batch, pages)
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["f16", "bf16"])
+def test_prefill_with_and_without_the_16bit_tile_scratch(dtype, rng):
+    """At head_dim 128 on an H100/H200 a prefill launch first dequantizes its K/V into 16-bit
+    tiles in a device scratch (q8_prefill_ws.cu); a launch whose tiles would pass
+    --gpu-prefill-scratch-bytes runs on the kernel that dequantizes in its loop. Three
+    items of different lengths in one launch (each its own tiles), both ways: each within
+    the route's tolerance, the scratch used (or not) as the cap says, the pool unchanged."""
+    specs = [(0, 300), (777, 129), (2 * 4096 + 5, 64)]  # (start, n)
+    outs = []
+    for cap in (GpuTuning().prefill_scratch_bytes, 0):
+        tuning = GpuTuning(prefill_scratch_bytes=cap)
+        pair = Pair(1024, PCB, np.random.default_rng(5), tuning=tuning)
+        try:
+            lay = pair.layout(16, 4, 128)
+            items, pages = [], []
+            data = np.random.default_rng(6)
+            for start, n in specs:
+                ids = pair.pages(lay, start + n)
+                pair.prefill(lay, ids, start, data, dtype)
+                items.append(new_item(pair, data, lay, ids, start, n, dtype))
+                pages.append(ids)
+            assert all(on_16bit_route(it) for it in items)
+            checked = run_and_check(pair, items, pages)
+            outs.append([out for out, _ in checked])
+            tiles = pair.gpu._tiles.buffer
+            if cap and kernels.uses_ws(kernels.compute_capability(pair.gpu._dev_id), 128):
+                pairs = sum(4 * -(-(s + n) // kernels.PREFILL_TILE) for s, n in specs)
+                assert tiles is not None and tiles.size >= pairs * kernels.ws_tile_bytes(128)
+            else:
+                assert tiles is None
+        finally:
+            pair.close()
+    for a, b in zip(*outs, strict=True):  # the same inputs both ways: the same answer
+        assert rel_l2(a, b) < (2e-3 if dtype == np.float16 else 1.6e-2)
+
+
+def test_stale_tiles_never_reach_an_output(rng):
+    """The 16-bit tile scratch is shared by every call (and tenant). Filled with NaN between
+    two calls, the second must not read any of it: q8_append rewrites the new tokens' tiles
+    and zeroes past each item's last token, q8_kv_tiles the cached ones. Two launches (a
+    float16 and a bfloat16 item, each its own pairs of the scratch), partial last tiles."""
+    pair = Pair(1024, PCB, rng)
+    try:
+        lay = pair.layout(16, 4, 128)
+        calls = [[(0, 100, np.float16), (130, 77, ml_dtypes.bfloat16)],
+                 [(64, 200, np.float16), (1, 70, ml_dtypes.bfloat16), (500, 33, np.float16)]]
+        for call, specs in enumerate(calls):
+            items, pages = [], []
+            for start, n, dtype in specs:
+                ids = pair.pages(lay, start + n)
+                pair.prefill(lay, ids, start, rng, dtype)
+                items.append(new_item(pair, rng, lay, ids, start, n, dtype))
+                pages.append(ids)
+            assert all(on_16bit_route(it) for it in items)
+            if call:
+                assert pair.gpu._tiles.buffer is not None, "the first call used no tiles"
+                pair.gpu._tiles.buffer.fill(0xFF)  # NaN in float16 and bfloat16
+            run_and_check(pair, items, pages)  # finite, and right
     finally:
         pair.close()
 

@@ -33,6 +33,7 @@ from .transfers import (
     FRESH_OUTPUT_BYTES,
     NARROW,
     Pinned,
+    Scratch,
     Uploader,
     grow,
     one_narrow_dtype,
@@ -85,6 +86,7 @@ class CupyBackend(Backend):
         self._dev_narrow: cp.ndarray | None = None  # the output in a 16-bit wire dtype
         self._part: cp.ndarray | None = None
         self._counters: cp.ndarray | None = None
+        self._tiles = Scratch()  # prefill K/V in 16-bit tiles (q8_prefill_ws.cu)
         self._uploader = Uploader()
 
     # -- properties and helpers for the server --------------------------------------------
@@ -113,6 +115,7 @@ class CupyBackend(Backend):
                 setattr(self, attr, None)
             self._host_in = Pinned()
             self._host_out = Pinned()
+            self._tiles = Scratch()
             self._uploader.close()
             cp.get_default_memory_pool().free_all_blocks()
             cp.get_default_pinned_memory_pool().free_all_blocks()
@@ -160,6 +163,9 @@ class CupyBackend(Backend):
         return (batch.dev if batch.dev is not None else self._dev_in).data.ptr
 
     def launch_append(self, batch: Batch) -> None:
+        """Quantize-append every item's k/v (and write the new tokens' 16-bit tiles where
+        a prefill launch reads them: the scratch is taken here, ``batch.tiles_at``)."""
+        batch.tiles_at = self._tile_scratch(batch)
         if not batch.q_blocks:
             return
         base = self._in_ptr(batch)
@@ -180,8 +186,18 @@ class CupyBackend(Backend):
                 self.codes,
                 self.scales,
                 np.int32(self.page_code_bytes),
+                np.uint64(batch.tiles_at),
             ),
         )
+
+    def _tile_scratch(self, batch: Batch) -> int:
+        """Device address of the scratch for the batch's 16-bit K/V tiles (q8_prefill_ws.cu),
+        or 0: none needed, more than --gpu-prefill-scratch-bytes, or no device memory for it
+        (its launches then run on their fallback kernels, which dequantize in their loop)."""
+        if not batch.tile_bytes:
+            return 0
+        with self._device, self._stream:  # a new buffer is this stream's in CuPy's pool
+            return self._tiles.take(batch.tile_bytes, self.tuning.prefill_scratch_bytes)
 
     def launch_attention(self, batch: Batch) -> None:
         with self._device, self._stream:
@@ -202,13 +218,24 @@ class CupyBackend(Backend):
                 np.int32(self.page_code_bytes),
                 self._dev_out,
             )
-            if not ln.kernel.prefill:  # q8_attend: split partials and their counters too
+            kern = ln.kernel
+            if kern.tiles is not None and not batch.tiles_at:
+                kern = kern.fallback  # no scratch: K/V dequantized in the kernel's loop
+            elif kern.tiles is not None:
+                tiles = np.uint64(batch.tiles_at)
+                if ln.cached:  # the tiles of tokens cached before the call (q8_kv_tiles)
+                    kern.tiles(
+                        (4 * ln.tile_pairs,),
+                        (256,),
+                        (args[0], args[1], np.int32(ln.first_pair), *args[2:3], *args[4:7],
+                         tiles),
+                    )  # fmt: skip
+                args = (args[0], args[1], args[3], tiles, self._dev_out)
+            if not kern.prefill:  # q8_attend: split partials and their counters too
                 # Partials: acc [units, GT, D] floats, then (max, sum) pairs [units, GT, 2].
-                ml_ptr = part + 4 * ln.units * ln.kernel.gt * ln.head_dim
+                ml_ptr = part + 4 * ln.units * kern.gt * ln.head_dim
                 args += (np.uint64(part), np.uint64(ml_ptr), self._counters)
-            ln.kernel.kernel(
-                (ln.units,), (ln.kernel.threads,), args, shared_mem=ln.kernel.smem
-            )
+            kern.kernel((ln.units,), (kern.threads,), args, shared_mem=kern.smem)
 
     def _download(self, dev: cp.ndarray | None, nbytes: int, dtype) -> tuple[np.ndarray, bool]:
         """One D2H copy of ``nbytes`` of ``dev`` and one synchronize: the bytes as

@@ -53,6 +53,10 @@ def builds(tuning: GpuTuning | None = None) -> list[tuple[str, str, tuple[str, .
     for head_dim in kernels.WGMMA_HEAD_DIMS:
         name = f"q8_prefill_wg.cu D={head_dim} sm_90a"
         out.append((name, wgmma, ("-arch=sm_90a", *kernels.wgmma_prefill_options(head_dim))))
+    ws = kernels.source("q8_prefill_ws.cu")
+    for head_dim in kernels.WS_HEAD_DIMS:
+        name = f"q8_prefill_ws.cu D={head_dim} sm_90a"
+        out.append((name, ws, ("-arch=sm_90a", *kernels.ws_prefill_options(head_dim))))
     return out
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from q8kv.format import QBLOCK
 
 from .tuning import GpuTuning
+from .wgmma import wgmma_wrappers
 
 if TYPE_CHECKING:
     import cupy as cp
@@ -49,6 +50,12 @@ class AttnKernel:
     prefill: bool = False  # q8_prefill.cu: one unit per (item, kv head, row tile), no splits
     threads: int = 32 * NWARPS  # per block
     max_pages: int = MAXP  # page ids a split may span (q8_attend)
+    # q8_prefill_ws.cu: the kernel that dequantizes the launch's K/V into 16-bit tile pairs
+    # of tile_bytes each first, and the kernel of the same units that dequantizes in its own
+    # loop instead, for a launch whose tiles the scratch cannot hold.
+    tiles: Any = None
+    tile_bytes: int = 0
+    fallback: AttnKernel | None = None
 
 
 # Experiments only (benchmarks/kernel_variants.py, decode_profile.py): extra -D options of
@@ -73,6 +80,13 @@ PREFILL_WGMMA = True
 # understood); it stays on the mma.sync kernel until a test shows it right.
 WGMMA_HEAD_DIMS = (128,)
 WGMMA_WARPGROUPS = 2
+# q8_prefill_ws.cu (K/V dequantized once per launch into 16-bit tiles, a producer warpgroup
+# streaming them with bulk copies) serves these head_dims where the wgmma kernel would;
+# False: q8_prefill_wg.cu (experiments). PREFILL_STAGES: its shared-memory tile pairs.
+PREFILL_WS = True
+WS_HEAD_DIMS = (128,)
+PREFILL_STAGES = 4
+PREFILL_TILE = 64  # tokens per K/V tile of both wgmma kernels
 
 
 def source(name: str) -> str:
@@ -83,32 +97,6 @@ def source(name: str) -> str:
         body = header.read_text().replace("#pragma once", "")
         text = text.replace(f'#include "{header.name}"', body)
     return text.replace("__WGMMA_WRAPPERS__", wgmma_wrappers())
-
-
-def wgmma_wrappers() -> str:
-    """``wgmma_n{64,128}_{f16,bf16}[_t](d, a, desc, scale_d)``: m64nNk16 with A in registers
-    and B from a shared-memory descriptor (``_t``: B stored N-major, transposed by the
-    hardware), float32 accumulate. Generated: the asm operand lists run to 64 accumulators."""
-    out = []
-    for n in (64, 128):
-        for t in ("f16", "bf16"):
-            for trans in (0, 1):
-                regs = n // 2
-                acc = ", ".join(f"%{i}" for i in range(regs))
-                a = ", ".join(f"%{regs + i}" for i in range(4))
-                outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
-                name = f"wgmma_n{n}_{t}{'_t' if trans else ''}"
-                out.append(
-                    f"__device__ __forceinline__ void {name}(float* d, const unsigned* a, "
-                    f"unsigned long long desc, int scale_d) {{\n"
-                    f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 5}, 0;\\n"\n'
-                    f'    "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{acc}}}, '
-                    f'{{{a}}}, %{regs + 4}, p, 1, 1, {trans};\\n}}\\n"\n'
-                    f"    : {outs}\n"
-                    f'    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), '
-                    f'"r"(scale_d));\n}}'
-                )
-    return "\n".join(out)
 
 
 def tokens_per_stage(head_dim: int, tuning: GpuTuning) -> int:
@@ -166,6 +154,22 @@ def wgmma_prefill_smem(head_dim: int) -> int:
     bn, nb = 64, head_dim // QBLOCK
     bufs = 2 if "-DPF_PV_ASYNC=0" in EXTRA_DEFINES else 3  # as NBUF in the .cu
     return 2 * (2 * bn * head_dim + 2 * bn * nb * 4) + bufs * 2 * bn * head_dim * 2
+
+
+def ws_tile_bytes(head_dim: int) -> int:
+    """One tile pair of q8_prefill_ws.cu's scratch: 64 tokens of 16-bit K, then of V."""
+    return 2 * PREFILL_TILE * head_dim * 2
+
+
+def ws_prefill_smem(head_dim: int) -> int:
+    """Dynamic shared memory of q8_prefill_ws.cu: PREFILL_STAGES tile pairs."""
+    return PREFILL_STAGES * ws_tile_bytes(head_dim)
+
+
+def ws_prefill_options(head_dim: int) -> tuple[str, ...]:
+    """NVRTC options of the warp-specialized prefill kernels (compiled for sm_90a)."""
+    return ("--std=c++17", f"-DHEAD_DIM={head_dim}", f"-DPF_STAGES={PREFILL_STAGES}",
+            *EXTRA_DEFINES)  # fmt: skip
 
 
 def wgmma_prefill_options(head_dim: int) -> tuple[str, ...]:
@@ -296,17 +300,58 @@ def _sm90a_module(code: str, options: tuple[str, ...], name: str) -> cp.RawModul
             os.unlink(private)
 
 
+def uses_ws(cc: str, head_dim: int) -> bool:
+    """Whether q8_prefill_ws.cu serves ``head_dim`` on a device (with q8_prefill_wg.cu as the
+    fallback of its launches)."""
+    return PREFILL_WS and uses_wgmma(cc, head_dim) and head_dim in WS_HEAD_DIMS
+
+
 def prefill_fits(device_id: int, head_dim: int, smem_limit: int) -> bool:
-    """Whether the prefill kernel that would serve ``head_dim`` fits the device's shared
-    memory per block (``smem_limit``, its opt-in maximum)."""
-    wg = uses_wgmma(compute_capability(device_id), head_dim)
+    """Whether the prefill kernel that would serve ``head_dim`` (and its fallback) fits the
+    device's shared memory per block (``smem_limit``, its opt-in maximum)."""
+    cc = compute_capability(device_id)
+    wg = uses_wgmma(cc, head_dim)
     need = wgmma_prefill_smem(head_dim) if wg else prefill_smem(head_dim)
-    return need + 1024 <= smem_limit  # + the static page-id ring
+    if uses_ws(cc, head_dim):
+        need = max(need, ws_prefill_smem(head_dim))
+    return need + 1024 <= smem_limit  # + the static page-id ring or mbarriers
 
 
 def prefill_kernel(device_id: int, head_dim: int, bf16: bool) -> AttnKernel:
-    """q8_prefill_f16 or q8_prefill_bf16 for ``head_dim`` on ``device_id``, compiled once:
-    the wgmma kernel where it serves the device and head_dim, else the mma.sync one."""
+    """The 16-bit prefill kernel for ``head_dim`` on ``device_id``, compiled once: the
+    warp-specialized one over pre-dequantized tiles where it serves the device and head_dim
+    (the wgmma kernel as its fallback), else the wgmma kernel, else the mma.sync one."""
+    if uses_ws(compute_capability(device_id), head_dim):
+        return _ws_prefill_kernel(device_id, head_dim, bf16)
+    return _dequantizing_prefill_kernel(device_id, head_dim, bf16)
+
+
+def _ws_prefill_kernel(device_id: int, head_dim: int, bf16: bool) -> AttnKernel:
+    import cupy as cp
+
+    opts = ws_prefill_options(head_dim)
+    key = (device_id, head_dim, bf16, "ws", opts)
+    kern = _PREFILL_KERNELS.get(key)
+    if kern is None:
+        kind = "bf16" if bf16 else "f16"
+        with cp.cuda.Device(device_id):
+            mod = _sm90a_module(source("q8_prefill_ws.cu"), opts, "q8_prefill_ws")
+            fn = mod.get_function(f"q8_prefill_ws_{kind}")
+            smem = ws_prefill_smem(head_dim)
+            fn.max_dynamic_shared_size_bytes = smem
+            kern = AttnKernel(
+                fn, PREFILL_TILE, 128, smem, 1, prefill=True, threads=384,
+                tiles=mod.get_function(f"q8_kv_tiles_{kind}"),
+                tile_bytes=ws_tile_bytes(head_dim),
+                fallback=_dequantizing_prefill_kernel(device_id, head_dim, bf16),
+            )  # fmt: skip
+        _PREFILL_KERNELS[key] = kern
+    return kern
+
+
+def _dequantizing_prefill_kernel(device_id: int, head_dim: int, bf16: bool) -> AttnKernel:
+    """q8_prefill_f16 or q8_prefill_bf16: the wgmma kernel where it serves the device and
+    head_dim, else the mma.sync one; both dequantize K/V in their own loop."""
     import cupy as cp
 
     wg = uses_wgmma(compute_capability(device_id), head_dim)

@@ -45,6 +45,7 @@ from .meta import (
     M_QB,
     M_SCALE,
     M_START,
+    M_TILES,
     M_V,
     META,
 )  # fmt: skip
@@ -62,23 +63,37 @@ class Batch:
     nbytes: int
     nitems: int
     ptab_off: int
-    q_blocks: int
+    q_blocks: int  # q8_append's threads (append_threads, summed)
     launches: list[Launch]
     outputs: list[tuple[int, tuple[int, int, int]]]  # (float offset, shape) per caller item
     out_floats: int
     part_floats: int
     counters: int
     dev: Any = None  # own device copy of the inputs (cupy.ndarray, benchmarks)
+    tiles_at: int = 0  # device address of the 16-bit K/V tiles' scratch (0: none), at append
     extra: dict = field(default_factory=dict)
     # Input copies left to the uploader (a large batch: threads copy them in chunks while
     # the earlier chunks cross PCIe): (byte offset in the buffer, the source bytes).
     pending: list[tuple[int, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def tile_bytes(self) -> int:
+        """Device scratch the launches' 16-bit K/V tile pairs need (q8_prefill_ws.cu)."""
+        return sum(ln.tile_pairs * ln.kernel.tile_bytes for ln in self.launches)
 
     def finish_copies(self, host: np.ndarray) -> None:
         """Do the pending copies here and now (tests, benchmarks' own device copies)."""
         for off, src in self.pending:
             host[off : off + src.size] = src
         self.pending = []
+
+
+def append_threads(n: int, kv_heads: int, blocks: int) -> int:
+    """q8_append's threads for an item of n new tokens: one per 32-value block of each
+    (kind, token, kv head); from 8 tokens on, in whole octets of tokens (the kernel gives 8
+    consecutive tokens adjacent threads, so their 16-bit tile rows are written together)."""
+    tokens = n if n < 8 else -(-n // 8) * 8
+    return 2 * tokens * kv_heads * blocks
 
 
 # From this many bytes of q/k/v, a batch's input copies are left to the uploader.
@@ -184,6 +199,7 @@ def _fill_meta(
     m[M_G] = lay.group
     m[M_QB] = cur.qb
     m[M_D] = lay.head_dim
+    m[M_TILES] = -1  # no 16-bit tiles (plan_prefill sets the rows of a kernel over them)
 
 
 def write_rows(
@@ -210,7 +226,7 @@ def write_rows(
         _fill_meta(meta[row], it, layout.inputs[row], arrays[row][0].dtype, cur)
         outputs[j] = (cur.out, (it.n, lay.num_heads, lay.head_dim))
         cur.out += it.n * lay.num_heads * lay.head_dim
-        cur.qb += 2 * it.n * lay.num_kv_heads * lay.blocks
+        cur.qb += append_threads(it.n, lay.num_kv_heads, lay.blocks)
         cur.pt += ids.size
     return outputs, cur
 
@@ -302,8 +318,9 @@ def pack_packed(
     base[M_H], base[M_KVH], base[M_G], base[M_D] = (
         lay.num_heads, lay.num_kv_heads, lay.group, lay.head_dim)  # fmt: skip
     base[M_LOGT] = lay.tokens_per_page.bit_length() - 1
+    base[M_TILES] = -1  # none, unless the plan's prefill kernel reads 16-bit tiles
     step[M_OUT] = out_floats = n * lay.num_heads * lay.head_dim
-    step[M_QB] = q_blocks = 2 * n * lay.num_kv_heads * lay.blocks
+    step[M_QB] = q_blocks = append_threads(n, lay.num_kv_heads, lay.blocks)
     kern = kernel_for(lay.head_dim, route(n, lay.group, q.dtype))
     launch, counters, columns = plan_packed(lay, n, batch.starts, kern, policy, base, step)
     meta = host[:meta_bytes].view(np.int32).reshape(count, META)

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..base import AttendItem, LayerLayout
 from .kernels import PREFILL_ROWS, AttnKernel
-from .meta import M_CHUNK, M_CNT, M_NSPLIT, M_RT, M_UNIT
+from .meta import M_CHUNK, M_CNT, M_NSPLIT, M_RT, M_TILES, M_UNIT
 
 # Routes: the kernel an item runs on. 0: q8_attend; 1, 2: q8_prefill in float16, bfloat16.
 DECODE, PREFILL_F16, PREFILL_BF16 = 0, 1, 2
@@ -58,6 +58,11 @@ class Launch:
     nitems: int
     units: int  # work units = blocks
     head_dim: int
+    # kernel.tiles: the launch's K/V tile pairs in the batch's scratch, [first_pair,
+    # first_pair + tile_pairs) (its items' M_TILES; q8_append writes the new tokens').
+    tile_pairs: int = 0
+    first_pair: int = 0
+    cached: bool = True  # some item has tokens cached before the call (q8_kv_tiles' work)
 
 
 @dataclass(frozen=True)
@@ -116,15 +121,27 @@ def plan_launch(
 
 
 def plan_prefill(
-    rows: Sequence[AttendItem], meta: np.ndarray, first_row: int, kern: AttnKernel
+    rows: Sequence[AttendItem],
+    meta: np.ndarray,
+    first_row: int,
+    kern: AttnKernel,
+    first_pair: int = 0,
 ) -> Launch:
-    """Work units of one (head_dim, 16-bit) run of prefill rows: KVH x row tiles per item."""
-    units = 0
+    """Work units of one (head_dim, 16-bit) run of prefill rows: KVH x row tiles per item;
+    and, for a kernel over 16-bit tiles, each item's first tile pair in the batch's scratch
+    (KVH x its length in tiles per item, from ``first_pair``; other kernels leave -1)."""
+    units, pairs = 0, first_pair
     for r, it in enumerate(rows):
         row_tiles = -(-it.n * it.layout.group // kern.gt)
         meta[r, M_RT], meta[r, M_UNIT] = row_tiles, units
         units += it.layout.num_kv_heads * row_tiles
-    return Launch(kern, first_row, len(rows), units, rows[0].layout.head_dim)
+        if kern.tiles is not None:
+            meta[r, M_TILES] = pairs
+            pairs += it.layout.num_kv_heads * -(-(it.start + it.n) // kern.tok)
+    launch = Launch(kern, first_row, len(rows), units, rows[0].layout.head_dim)
+    launch.first_pair, launch.tile_pairs = first_pair, pairs - first_pair
+    launch.cached = any(it.start > 0 for it in rows)
+    return launch
 
 
 def plan_attention(
@@ -138,7 +155,8 @@ def plan_attention(
     returns the launches, the floats of split partials and the split counters the largest
     needs."""
     launches: list[Launch] = []
-    part_floats = max_counters = 0
+    part_floats = max_counters = pairs = 0
+    tile_bytes: set[int] = set()
     start = 0
     while start < len(rows):
         key = (rows[start].layout.head_dim, routes[start])
@@ -148,7 +166,12 @@ def plan_attention(
         head_dim, kind = key
         kern = kernel_for(head_dim, kind)
         if kern.prefill:
-            launches.append(plan_prefill(rows[start:end], meta[start:end], start, kern))
+            launch = plan_prefill(rows[start:end], meta[start:end], start, kern, pairs)
+            launches.append(launch)
+            if launch.tile_pairs:  # pairs count in one size across the batch's launches
+                tile_bytes.add(kern.tile_bytes)
+                assert len(tile_bytes) == 1, "16-bit tile pairs of two sizes in one batch"
+                pairs += launch.tile_pairs
         else:
             launch, counters = plan_launch(
                 rows[start:end], meta[start:end], start, kern, policy
@@ -180,7 +203,13 @@ def plan_packed(
     base[M_RT] = row_tiles
     if kern.prefill:
         step[M_UNIT] = tiles
-        return Launch(kern, 0, count, count * tiles, lay.head_dim), 0, []
+        launch = Launch(kern, 0, count, count * tiles, lay.head_dim)
+        if kern.tiles is None:
+            return launch, 0, []
+        pairs = (starts + (n + kern.tok - 1)) // kern.tok * lay.num_kv_heads
+        launch.tile_pairs = int(np.add.reduce(pairs))
+        launch.cached = int(np.maximum.reduce(starts)) > 0
+        return launch, 0, [(M_TILES, np.cumsum(pairs) - pairs)]
     step[M_CNT] = tiles
     # The ufuncs' reduce, not .sum() or .max(): their Python wrappers cost more here.
     slots = policy.sm_count * kern.blocks_per_sm * policy.split_waves

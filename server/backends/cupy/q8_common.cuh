@@ -23,6 +23,7 @@
 #define M_CNT 17     // first split counter of the item (within its launch)
 #define M_QB 18      // first quantization block of the item (append launch)
 #define M_D 19       // head_dim
+#define M_TILES 20   // first 16-bit K/V tile pair of the item (q8_prefill_ws.cu's scratch)
 
 __device__ __forceinline__ float f16_to_f32(unsigned short h) {
   float f;
@@ -33,6 +34,39 @@ __device__ __forceinline__ float f16_to_f32(unsigned short h) {
 __device__ __forceinline__ float bf16_to_f32(unsigned short h) {
   return __uint_as_float(((unsigned)h) << 16);
 }
+
+// Two floats -> one register of two 16-bit values (lo = a), round to nearest even.
+template <bool BF16>
+__device__ __forceinline__ unsigned pack2(float a, float b) {
+  unsigned r;
+  if (BF16)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+  else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+  return r;
+}
+
+// code * scale in float32, rounded once to the 16-bit type: a 16-bit K/V tile of
+// q8_prefill_ws.cu, written alike by q8_append (new tokens) and q8_kv_tiles (cached ones).
+// 8 codes (two registers) -> 8 values (16 bytes).
+template <bool BF16>
+__device__ __forceinline__ unsigned dequant2_16bit(unsigned w, int byte, float s) {
+  const float a = (float)(signed char)((w >> (8 * byte)) & 0xffu);
+  const float b = (float)(signed char)((w >> (8 * byte + 8)) & 0xffu);
+  return pack2<BF16>(a * s, b * s);
+}
+template <bool BF16>
+__device__ __forceinline__ uint4 dequant8_16bit(unsigned w0, unsigned w1, float s) {
+  return make_uint4(dequant2_16bit<BF16>(w0, 0, s), dequant2_16bit<BF16>(w0, 2, s),
+                    dequant2_16bit<BF16>(w1, 0, s), dequant2_16bit<BF16>(w1, 2, s));
+}
+// Byte offset of (token t, dims 8 c8 .. 8 c8 + 7) in a 16-bit K or V tile of q8_prefill_ws.cu:
+// wgmma's canonical no-swizzle layout, core matrices of 8 tokens x 16 bytes, core (t / 8, c8)
+// at (t / 8) * 16 D + c8 * 128 bytes.
+__device__ __forceinline__ int tile_offset(int t, int c8, int D) {
+  return (t >> 3) * 16 * D + c8 * 128 + (t & 7) * 16;
+}
+#define PF_TILE 64  // tokens per tile (BN of q8_prefill_ws.cu)
 
 // Index of the last row r in [0, n) with meta[r * META_STRIDE + col] <= key (rows sorted).
 __device__ __forceinline__ int find_item(const int* meta, int n, int col, int key) {

@@ -26,24 +26,60 @@ __device__ __forceinline__ float code_times_scale(int code, float scale) {
   return __uint_as_float(f32_round_bits((double)code * ((double)bits * 0x1p-149)));
 }
 
+// The new token's values in the 16-bit K/V tiles a prefill launch of q8_prefill_ws.cu reads
+// (tiles: the batch's scratch; the item's first pair M_TILES): code * scale rounded once,
+// as q8_kv_tiles writes the cached tokens'. The item's last token also zeroes the rest of
+// its tile, so no stale value (another call's) meets a masked score.
+__device__ __forceinline__ void append_to_tiles(const int* im, unsigned char* tiles, int kind,
+                                                int h, int i, int b, const unsigned* packed,
+                                                float d) {
+  const int D = im[M_D], n = im[M_N], pos = im[M_START] + i;
+  const int per_head = (im[M_START] + n + PF_TILE - 1) / PF_TILE;
+  unsigned char* tile =
+      tiles + ((long long)im[M_TILES] + (long long)h * per_head + pos / PF_TILE) * (4LL * PF_TILE * D) +
+      kind * (2 * PF_TILE * D);
+  const int t = pos % PF_TILE;
+  const bool bf16 = im[M_DT] == 2;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {  // 8 values each: dims 32 b + 8 j ..
+    const uint4 v = bf16 ? dequant8_16bit<true>(packed[2 * j], packed[2 * j + 1], d)
+                         : dequant8_16bit<false>(packed[2 * j], packed[2 * j + 1], d);
+    *reinterpret_cast<uint4*>(tile + tile_offset(t, 4 * b + j, D)) = v;
+  }
+  if (i == n - 1)
+    for (int u = t + 1; u < PF_TILE; ++u)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        *reinterpret_cast<uint4*>(tile + tile_offset(u, 4 * b + j, D)) = make_uint4(0, 0, 0, 0);
+}
+
 // One thread per 32-value block of one (item, kind, new token, kv head). The whole batch
-// in one launch: the item is found by binary search over the per-item block prefix.
+// in one launch: the item is found by binary search over the per-item thread prefix.
 extern "C" __global__ void q8_append(const int* __restrict__ meta, int nitems, int total,
                                      const int* __restrict__ ptab,
                                      const unsigned char* __restrict__ inbuf,
                                      signed char* __restrict__ codes,
-                                     float* __restrict__ scales, int page_code_bytes) {
+                                     float* __restrict__ scales, int page_code_bytes,
+                                     unsigned char* __restrict__ tiles) {
   int g = blockIdx.x * blockDim.x + threadIdx.x;
   if (g >= total) return;
   const int* im = meta + find_item(meta, nitems, M_QB, g) * META_STRIDE;
   const int D = im[M_D], NB = D >> 5, KVH = im[M_KVH], n = im[M_N];
+  // From 8 new tokens on, 8 consecutive tokens are adjacent threads (the octet fastest):
+  // their rows of a 16-bit tile are 128 contiguous bytes, written together. The host counts
+  // the item's threads alike (packing.append_threads); those past the last token return.
+  const int oc = n < 8 ? 1 : 8;
   int local = g - im[M_QB];
+  const int i_lo = local % oc;
+  local /= oc;
   const int b = local % NB;
   local /= NB;
   const int h = local % KVH;
   local /= KVH;
-  const int i = local % n;
-  const int kind = local / n;  // 0 = K, 1 = V
+  const int octets = (n + oc - 1) / oc;
+  const int i = (local % octets) * oc + i_lo;
+  const int kind = local / octets;  // 0 = K, 1 = V
+  if (i >= n) return;
   const int dt = im[M_DT];
   const unsigned char* src = inbuf + im[kind ? M_V : M_K];
   const long long e0 = ((long long)i * KVH + h) * D + b * 32;
@@ -126,6 +162,7 @@ extern "C" __global__ void q8_append(const int* __restrict__ meta, int nitems, i
   dst[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
   dst[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
   scales[page * (page_code_bytes >> 5) + row * NB + b] = d;
+  if (tiles != nullptr && im[M_TILES] >= 0) append_to_tiles(im, tiles, kind, h, i, b, packed, d);
 }
 
 // Tokens [start, start + L) of one layer -> float32 out[2][KVH][L][D] (K then V).

@@ -27,32 +27,22 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// Two floats -> one register of two 16-bit values (lo = a), round to nearest even.
-template <bool BF16>
-__device__ __forceinline__ unsigned pack2(float a, float b) {
-  unsigned r;
-  if (BF16)
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
-  else
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
-  return r;
-}
-
 // Running max and this thread's part of the sum, of rows g (lo) and g + 8 (hi).
 struct RowStats {
   float m_lo, m_hi, l_lo, l_hi;
 };
 
 // One K/V tile's scores s (NS n tiles of 8 tokens, first position pos0) -> the online
-// softmax: scaled to log2 units by qs, masked past each row's limit where `masked` (only
-// tiles that reach a limit), running max and sum updated, O rescaled (with VOTE, only when
-// some row's max grew), and P rounded to the 16-bit type as the A fragments of P V (k = 16
-// tokens = 2 n tiles of S). A row with nothing visible yet keeps max -inf and gets P = 0.
-template <bool BF16, bool VOTE, int NS, int NO>
-__device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO][4],
-                                               unsigned (&pa)[NS / 2][4], RowStats& st,
-                                               float qs, bool masked, int pos0, int c,
-                                               int lim_lo, int lim_hi) {
+// softmax, all but O's rescale: scaled to log2 units by qs, masked past each row's limit
+// where `masked` (only tiles that reach a limit), running max and sum updated, P rounded to
+// the 16-bit type as the A fragments of P V (k = 16 tokens = 2 n tiles of S). Returns in
+// al_lo / al_hi the factors O must be scaled by (rescale_rows) before this tile's P V is
+// added. A row with nothing visible yet keeps max -inf and gets P = 0.
+template <bool BF16, int NS>
+__device__ __forceinline__ void softmax_tile(float (&s)[NS][4], unsigned (&pa)[NS / 2][4],
+                                             RowStats& st, float qs, bool masked, int pos0,
+                                             int c, int lim_lo, int lim_hi, float& al_lo,
+                                             float& al_hi) {
   float mx_lo = NEG_INF, mx_hi = NEG_INF;
 #pragma unroll
   for (int j = 0; j < NS; ++j)
@@ -74,20 +64,12 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO]
   const float mn_lo = fmaxf(st.m_lo, mx_lo), mn_hi = fmaxf(st.m_hi, mx_hi);
   const float sub_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;  // exp2 of -inf - 0 is 0
   const float sub_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
-  const float al_lo = fast_exp2(st.m_lo - sub_lo), al_hi = fast_exp2(st.m_hi - sub_hi);
+  al_lo = fast_exp2(st.m_lo - sub_lo);
+  al_hi = fast_exp2(st.m_hi - sub_hi);
   st.m_lo = mn_lo;
   st.m_hi = mn_hi;
   st.l_lo *= al_lo;
   st.l_hi *= al_hi;
-  if (!VOTE || __any_sync(0xffffffffu, al_lo != 1.0f || al_hi != 1.0f)) {
-#pragma unroll
-    for (int j = 0; j < NO; ++j) {
-      o[j][0] *= al_lo;
-      o[j][1] *= al_lo;
-      o[j][2] *= al_hi;
-      o[j][3] *= al_hi;
-    }
-  }
 #pragma unroll
   for (int j = 0; j < NS; ++j) {
     const float p0 = fast_exp2(s[j][0] - sub_lo), p1 = fast_exp2(s[j][1] - sub_lo);
@@ -97,6 +79,31 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO]
     pa[j >> 1][(j & 1) * 2 + 0] = pack2<BF16>(p0, p1);
     pa[j >> 1][(j & 1) * 2 + 1] = pack2<BF16>(p2, p3);
   }
+}
+
+// O's rows g (lo) and g + 8 (hi) times the softmax's factors; with VOTE, only when some
+// row of the warp needs it (a max grew).
+template <bool VOTE, int NO>
+__device__ __forceinline__ void rescale_rows(float (&o)[NO][4], float al_lo, float al_hi) {
+  if (VOTE && !__any_sync(0xffffffffu, al_lo != 1.0f || al_hi != 1.0f)) return;
+#pragma unroll
+  for (int j = 0; j < NO; ++j) {
+    o[j][0] *= al_lo;
+    o[j][1] *= al_lo;
+    o[j][2] *= al_hi;
+    o[j][3] *= al_hi;
+  }
+}
+
+// softmax_tile, then O rescaled at once (P V of the tile comes after).
+template <bool BF16, bool VOTE, int NS, int NO>
+__device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO][4],
+                                               unsigned (&pa)[NS / 2][4], RowStats& st,
+                                               float qs, bool masked, int pos0, int c,
+                                               int lim_lo, int lim_hi) {
+  float al_lo, al_hi;
+  softmax_tile<BF16>(s, pa, st, qs, masked, pos0, c, lim_lo, lim_hi, al_lo, al_hi);
+  rescale_rows<VOTE>(o, al_lo, al_hi);
 }
 
 // O / sum of rows g and g + 8 to float32 `out` at row offsets qo_lo and qo_hi (elements),

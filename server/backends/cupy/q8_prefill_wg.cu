@@ -16,6 +16,7 @@
 // Rows and causal limits as q8_prefill.cu: row r = i * G + g sees [0, start + r / G].
 #include "q8_common.cuh"
 #include "q8_prefill_common.cuh"
+#include "q8_wgmma.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -45,8 +46,6 @@ constexpr int RAW_CODES = Kv::RAW_CODES;  // a raw stage: K codes, V codes, K sc
 constexpr int RAW_BYTES = Kv::RAW_BYTES;
 constexpr int SMEM_RAW = 2 * RAW_BYTES;
 static_assert(D == 64 || D == 128, "the wgmma prefill is written for head_dim 64 and 128");
-
-__WGMMA_WRAPPERS__
 
 // Byte k of x (already biased by 0x80) as the exact float of its int8 code.
 __device__ __forceinline__ float code_of(unsigned x, unsigned sel) {
@@ -100,43 +99,6 @@ __device__ __forceinline__ void dequant16(uint4 w, float s, uint4* out) {
   out[0] = make_uint4(r[0], r[1], r[2], r[3]);
   out[1] = make_uint4(r[4], r[5], r[6], r[7]);
 }
-// wgmma shared-memory descriptor, no swizzle: start, LBO (K-adjacent core matrices), SBO
-// (M/N-adjacent core matrices), all in 16-byte units.
-__device__ __forceinline__ unsigned long long smem_desc(unsigned addr, unsigned lbo,
-                                                        unsigned sbo) {
-  return (unsigned long long)((addr & 0x3FFFF) >> 4) |
-         ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32);
-}
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wg_wait0() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void reg_fence(float (&r)[N][4]) {  // keep accumulators in place
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(r[i][j])::"memory");
-}
-template <bool BF16>
-__device__ __forceinline__ void wgmma_s(float (&s)[NTILES_S][4], const unsigned* a,
-                                        unsigned long long desc, int acc) {
-  if (BF16) wgmma_n64_bf16(&s[0][0], a, desc, acc); else wgmma_n64_f16(&s[0][0], a, desc, acc);
-}
-template <bool BF16>
-__device__ __forceinline__ void wgmma_o(float (&o)[NTILES_O][4], const unsigned* a,
-                                        unsigned long long desc) {
-  float* d = &o[0][0];  // V is [token][dim]: an N-major B, transposed by wgmma
-  if (D == 128) {
-    if (BF16) wgmma_n128_bf16_t(d, a, desc, 1); else wgmma_n128_f16_t(d, a, desc, 1);
-  } else {
-    if (BF16) wgmma_n64_bf16_t(d, a, desc, 1); else wgmma_n64_f16_t(d, a, desc, 1);
-  }
-}
-
 template <bool BF16>
 __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems,
                                         const int* __restrict__ ptab,
@@ -247,7 +209,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
-      wgmma_o<BF16>(o, pa[kk], smem_desc(vbase + kk * 32 * D, 16 * D, 128));
+      wgmma_o<BF16, D>(o, pa[kk], smem_desc(vbase + kk * 32 * D, 16 * D, 128));
     wg_commit();
     if (!PF_PV_ASYNC) wg_wait0();
   }

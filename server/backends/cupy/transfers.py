@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,7 +39,13 @@ class Pinned:
 # (2026-11-30, benchmarks/pinned_outputs.py): a pool block costs 1.6 us to take and give
 # back, a copy 2.2 us at 64 KiB, 3.9 at 128 KiB, 14.4 at 512 KiB (a B = 64 float16 answer).
 FRESH_OUTPUT_BYTES = 128 << 10
-UPLOAD_CHUNK_BYTES = 4 << 20  # a deferred input copy crosses PCIe in pieces of this size
+# A deferred input copy crosses PCIe in pieces of this size, copied into the pinned buffer by
+# one thread per COPY_THREAD_BYTES of the call, UPLOAD_THREADS at most. On the H200 machine's
+# Xeon, 6 MiB copied in ~350 us by 4 threads and ~820 by 8 (`cd benchmarks && python3
+# prefill.py --host-phases --shapes 0+512`, 2026-11-30); larger copies need all 8.
+UPLOAD_CHUNK_BYTES = 1 << 20
+COPY_THREAD_BYTES = 3 << 19
+UPLOAD_THREADS = 8
 NARROW = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 
@@ -55,13 +62,37 @@ def grow(arr: cp.ndarray | None, size: int, dtype, zero: bool = False) -> cp.nda
     return cp.zeros(size, dtype) if zero else cp.empty(size, dtype)
 
 
+class Scratch:
+    """A growing device buffer (uint8) within a cap: the 16-bit K/V tiles of a prefill."""
+
+    def __init__(self) -> None:
+        self.buffer: cp.ndarray | None = None
+
+    def take(self, need: int, cap: int) -> int:
+        """Device address of at least ``need`` bytes (grown to twice the old size, within
+        ``cap``; the old buffer back to the current stream's pool first), or 0 where ``need``
+        passes ``cap`` or the device has no memory for it."""
+        if need > cap:
+            return 0
+        if self.buffer is None or self.buffer.size < need:
+            old = 0 if self.buffer is None else self.buffer.size
+            self.buffer = None
+            try:
+                self.buffer = cp.empty(min(max(need, 2 * old), cap), cp.uint8)
+            except cp.cuda.memory.OutOfMemoryError:
+                return 0
+        return self.buffer.data.ptr
+
+
 class Uploader:
     """Inputs to the device. A batch without pending copies goes in one H2D copy; a large
     one (packing left its q/k/v copies pending) sends its head (meta rows, page ids) first,
     then threads copy its q/k/v into the pinned buffer in chunks, and each chunk is sent as
-    it lands, so the copies and PCIe overlap. On the H200 machine's Xeon one thread copied
-    ~11 GB/s into pinned memory, eight ~29 GB/s, and PCIe from pinned memory ran ~52 GB/s
-    (2026-11-30, `cd benchmarks && python3 prefill.py --host-phases --shapes 0+2048`)."""
+    it lands, so the copies and PCIe overlap. On the H200 machine's Xeon the threads copy
+    17-29 GB/s into pinned memory and PCIe from pinned memory runs ~52 GB/s (2026-11-30,
+    `cd benchmarks && python3 prefill.py --host-phases`): the host copy, not PCIe, bounds a
+    large call. (Pinning the request's own memory in place instead, cudaHostRegister, H2D,
+    unregister, took 540-580 us for 6 MiB there: no faster than the copy.)"""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
@@ -82,14 +113,26 @@ class Uploader:
             for off, src in batch.pending
             for i in range(0, src.size, UPLOAD_CHUNK_BYTES)
         ]
+        limit = min(UPLOAD_THREADS, os.cpu_count() or 1)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), "q8kv-copy")
+            self._pool = ThreadPoolExecutor(limit, "q8kv-copy")
+        total = sum(src.size for _, src in chunks)
+        workers = max(1, min(limit, len(chunks), -(-total // COPY_THREAD_BYTES)))
         view = host.view
-        copies = [
-            self._pool.submit(np.copyto, view[off : off + src.size], src) for off, src in chunks
-        ]
-        for (off, src), done in zip(chunks, copies, strict=True):
-            done.result()  # numpy copies release the GIL: the threads run in parallel
+        landed = [threading.Event() for _ in chunks]
+
+        def copy_every(first: int) -> None:  # chunks first, first + workers, ...: in turn
+            for c in range(first, len(chunks), workers):
+                off, src = chunks[c]
+                np.copyto(view[off : off + src.size], src)  # releases the GIL
+                landed[c].set()
+
+        tasks = [self._pool.submit(copy_every, w) for w in range(workers)]
+        for c, (off, src) in enumerate(chunks):
+            while not landed[c].wait(0.05):
+                if tasks[c % workers].done():  # it failed before this chunk: its error
+                    tasks[c % workers].result()
+                    raise RuntimeError("an input copy thread stopped before its chunk")
             h2d(off, src.size)
         batch.pending = []
 

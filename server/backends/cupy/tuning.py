@@ -13,7 +13,7 @@ from typing import Any
 # Integer knob -> (least, greatest or None). The cp.async pipeline waits for all but
 # NSTAGES - 2 stages, so it needs two; 16 blocks of 128 threads fill an SM's 2048.
 _BOUNDS = {"max_splits": (1, None), "tc_minblocks": (1, 16), "tc_nstages": (2, None),
-           "tc_stage_bytes": (1, None)}  # fmt: skip
+           "tc_stage_bytes": (1, None), "prefill_scratch_bytes": (0, None)}  # fmt: skip
 
 
 def flag(knob: str) -> str:
@@ -34,6 +34,10 @@ class GpuTuning:
     tc_minblocks: int = 2
     tc_nstages: int = 2
     tc_stage_bytes: int = 32768  # code bytes per pipeline stage (STAGE_CODE_TARGET)
+    # Device scratch for a prefill launch's K/V dequantized to 16 bits (4 KiB a token at
+    # KVH = 8, D = 128: 512 MiB holds 128K tokens). A launch that needs more, or finds no
+    # free memory for it, runs on the kernel that dequantizes in its loop; 0: always.
+    prefill_scratch_bytes: int = 512 << 20
 
     def __post_init__(self) -> None:
         if not self.split_waves > 0:
