@@ -224,7 +224,8 @@ def test_stale_tiles_never_reach_an_output(rng):
             assert all(on_16bit_route(it) for it in items)
             if call:
                 assert pair.gpu._tiles.buffer is not None, "the first call used no tiles"
-                pair.gpu._tiles.buffer.fill(0xFF)  # NaN in float16 and bfloat16
+                with pair.gpu.stream:  # ordered before the next call's launches
+                    pair.gpu._tiles.buffer.fill(0xFF)  # NaN in float16 and bfloat16
             run_and_check(pair, items, pages)  # finite, and right
     finally:
         pair.close()
