@@ -262,33 +262,3 @@ def test_outputs_come_back_in_each_items_dtype() -> None:
     owned = transfers.split_outputs(outputs, items, narrow, True)
     reused = transfers.split_outputs(outputs, items, narrow, False)
     assert np.shares_memory(owned[0], narrow) and not np.shares_memory(reused[0], narrow)
-
-
-@pytest.mark.parametrize("n", [128, 129, 333, 512, 2048, 8192, 10_001])
-@pytest.mark.parametrize("token_bytes", [12288, 1536, 49152])
-def test_a_large_prefill_is_cut_into_at_least_two_whole_tile_chunks(n, token_bytes) -> None:
-    """chunked.py's chunks cover the n new tokens once, in order, at least two of them, each
-    in whole 64-token tiles but the last and about CHUNK_BYTES of input."""
-    bounds = planning.chunk_bounds(n, n * token_bytes)
-    assert bounds[0][0] == 0 and bounds[-1][1] == n and len(bounds) >= 2
-    assert all(b0[1] == b1[0] for b0, b1 in zip(bounds, bounds[1:], strict=False))
-    assert all(a < b and (b - a) % planning.CHUNK_ALIGN == 0 for a, b in bounds[:-1])
-    size = bounds[0][1] - bounds[0][0]
-    assert size * token_bytes <= max(planning.CHUNK_BYTES, n * token_bytes / 2) + 64 * token_bytes
-
-
-def random_sized(rng: np.random.Generator, lay: LayerLayout, n: int, dtype) -> AttendItem:
-    q, k, v = qkv(rng, n, lay, dtype)
-    return AttendItem(lay, 0.1, np.arange(-(-n // lay.tokens_per_page), dtype=np.int32), 0,
-                      q, k, v)  # fmt: skip
-
-
-def test_only_one_large_item_goes_in_chunks() -> None:
-    rng = np.random.default_rng(3)
-    lay = LayerLayout(32, 8, 128, tokens_per_page(65536, 8, 128))
-    big = random_sized(rng, lay, 512, np.float16)  # 6 MiB of q/k/v
-    assert planning.takes_chunks([big])
-    assert not planning.takes_chunks([big, big])
-    assert not planning.takes_chunks([random_sized(rng, lay, 127, np.float16)])
-    assert not planning.takes_chunks([random_sized(rng, lay, 256, np.float16)])  # 3 MiB
-

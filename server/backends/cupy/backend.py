@@ -21,16 +21,14 @@ import cupy as cp
 import ml_dtypes
 import numpy as np
 
-from q8kv.format import DEFAULT_PAGE_CODE_BYTES, QBLOCK
+from q8kv.format import DEFAULT_PAGE_CODE_BYTES, QBLOCK, LayerLayout
 
 from ..base import AttendItem, Backend, PackedItems
 from . import kernels
-from .chunked import ChunkedPrefill
 from .kernels import MAX_HEAD_DIM, AttnKernel
 from .meta import META
 from .packing import Batch, pack, pack_packed
-from .page_io import PageIO
-from .planning import DECODE, PREFILL_BF16, SplitPolicy, takes_chunks
+from .planning import DECODE, PREFILL_BF16, SplitPolicy
 from .transfers import (
     FRESH_OUTPUT_BYTES,
     NARROW,
@@ -45,7 +43,7 @@ from .transfers import (
 from .tuning import GpuTuning
 
 
-class CupyBackend(PageIO, Backend):
+class CupyBackend(Backend):
     name = "cupy"
     max_head_dim = MAX_HEAD_DIM
 
@@ -90,7 +88,6 @@ class CupyBackend(PageIO, Backend):
         self._counters: cp.ndarray | None = None
         self._tiles = Scratch()  # prefill K/V in 16-bit tiles (q8_prefill_ws.cu)
         self._uploader = Uploader()
-        self._chunked = ChunkedPrefill()  # a large single prefill, copies overlapping work
 
     # -- properties and helpers for the server --------------------------------------------
 
@@ -119,7 +116,6 @@ class CupyBackend(PageIO, Backend):
             self._host_in = Pinned()
             self._host_out = Pinned()
             self._tiles = Scratch()
-            self._chunked.close()
             self._uploader.close()
             cp.get_default_memory_pool().free_all_blocks()
             cp.get_default_pinned_memory_pool().free_all_blocks()
@@ -149,16 +145,12 @@ class CupyBackend(PageIO, Backend):
 
     # -- device work -----------------------------------------------------------------------
 
-    def _ensure(self, batch: Batch, own_out: bool = True) -> None:
-        """Device buffers for the batch's outputs (unless the caller gives its own) and
-        split partials; NaN-poisoned where tests ask."""
-        if own_out:
-            self._dev_out = grow(self._dev_out, max(batch.out_floats, 1), cp.float32)
+    def _ensure(self, batch: Batch) -> None:
+        self._dev_out = grow(self._dev_out, max(batch.out_floats, 1), cp.float32)
         self._part = grow(self._part, max(batch.part_floats, 1), cp.float32)
         self._counters = grow(self._counters, max(batch.counters, 1), cp.int32, zero=True)
         if self.poison_outputs:
-            if own_out:
-                self._dev_out.fill(np.nan)
+            self._dev_out.fill(np.nan)
             self._part.fill(np.nan)
 
     def upload(self, batch: Batch) -> None:
@@ -207,15 +199,12 @@ class CupyBackend(PageIO, Backend):
         with self._device, self._stream:  # a new buffer is this stream's in CuPy's pool
             return self._tiles.take(batch.tile_bytes, self.tuning.prefill_scratch_bytes)
 
-    def launch_attention(self, batch: Batch, out: cp.ndarray | None = None) -> None:
-        """The batch's attention launches; the outputs into ``out`` (float32, the batch's
-        out_floats) where given, else into the backend's own output buffer."""
+    def launch_attention(self, batch: Batch) -> None:
         with self._device, self._stream:
-            self._launch_attention(batch, out)
+            self._launch_attention(batch)
 
-    def _launch_attention(self, batch: Batch, out: cp.ndarray | None = None) -> None:
-        self._ensure(batch, own_out=out is None)
-        out = self._dev_out if out is None else out
+    def _launch_attention(self, batch: Batch) -> None:
+        self._ensure(batch)
         base = self._in_ptr(batch)
         part = self._part.data.ptr
         for ln in batch.launches:
@@ -227,7 +216,7 @@ class CupyBackend(PageIO, Backend):
                 self.codes,
                 self.scales,
                 np.int32(self.page_code_bytes),
-                out,
+                self._dev_out,
             )
             kern = ln.kernel
             if kern.tiles is not None and not batch.tiles_at:
@@ -241,7 +230,7 @@ class CupyBackend(PageIO, Backend):
                         (args[0], args[1], np.int32(ln.first_pair), *args[2:3], *args[4:7],
                          tiles),
                     )  # fmt: skip
-                args = (args[0], args[1], args[3], tiles, out)
+                args = (args[0], args[1], args[3], tiles, self._dev_out)
             if not kern.prefill:  # q8_attend: split partials and their counters too
                 # Partials: acc [units, GT, D] floats, then (max, sum) pairs [units, GT, 2].
                 ml_ptr = part + 4 * ln.units * kern.gt * ln.head_dim
@@ -269,20 +258,16 @@ class CupyBackend(PageIO, Backend):
         n = batch.out_floats
         if n:
             self._dev_narrow = grow(self._dev_narrow, n, cp.uint16)
-            self.narrow(0, n, dtype == ml_dtypes.bfloat16)
+            to_bf16 = np.int32(dtype == ml_dtypes.bfloat16)
+            # On the backend's stream, after the attention: the stream is non-blocking, so a
+            # launch on CuPy's default stream would not wait for the outputs it reads.
+            with self._stream:
+                self._narrow_k(
+                    (-(-n // 256),),
+                    (256,),
+                    (self._dev_out, self._dev_narrow, np.int64(n), to_bf16),
+                )
         return self._download(self._dev_narrow, 2 * n, dtype)
-
-    def narrow(self, first: int, count: int, bf16: bool) -> None:
-        """Outputs [first, first + count) of the float32 buffer to the 16-bit one, on the
-        backend's stream, after the attention: the stream is non-blocking, so a launch on
-        CuPy's default stream would not wait for the outputs it reads."""
-        with self._stream:
-            self._narrow_k(
-                (-(-count // 256),),
-                (256,),
-                (self._dev_out[first:], self._dev_narrow[first:], np.int64(count),
-                 np.int32(bf16)),
-            )  # fmt: skip
 
     def download(self, batch: Batch, items: Sequence[AttendItem]) -> list[np.ndarray]:
         """Every item's output in its ``out_dtype``: narrowed on the device when all share
@@ -317,20 +302,9 @@ class CupyBackend(PageIO, Backend):
         self.on_kernel("quantize_append", launches[0], elapsed(marks[0], marks[1]) / 1e3)
         self.on_kernel("attention", launches[1], elapsed(marks[1], marks[2]) / 1e3)
 
-    def report_chunks(self, launches: list[float], marks: list) -> None:
-        """Per-kernel metrics of a call run in chunks (chunked.py): launch seconds and the
-        events' device seconds, added up over the chunks."""
-        elapsed = cp.cuda.get_elapsed_time
-        appended = sum(elapsed(a, b) for a, b, _ in marks) / 1e3
-        self.on_kernel("quantize_append", launches[0], appended)
-        self.on_kernel("attention", launches[1], sum(elapsed(b, c) for _, b, c in marks) / 1e3)
-
     def append_and_attend(self, items: Sequence[AttendItem]) -> list[np.ndarray]:
         if not items:
             return []
-        if takes_chunks(items):  # one large prefill: its copies overlap its device work
-            with self._device:
-                return [self._chunked.run(self, items[0])]
         with self._device:
             batch = self.prepare(items)
             launches = self._run(batch)
@@ -359,3 +333,65 @@ class CupyBackend(PageIO, Backend):
                 out = out.copy()  # the pinned buffer is reused
         self._report(launches)
         return out
+
+    def dequantize_device(self, layout: LayerLayout, page_ids, start: int, end: int) -> cp.ndarray:
+        """K and V of tokens [start, end) as a device float32 array [2, KVH, end-start, D].
+
+        ``page_ids`` may be a numpy or a device int32 array. Runs on the backend's stream.
+        """
+        kvh, d = layout.num_kv_heads, layout.head_dim
+        length = max(0, end - start)
+        with self._device, self._stream:
+            ptab = cp.asarray(page_ids, dtype=cp.int32)
+            out = cp.empty((2, kvh, length, d), cp.float32)
+            total = 2 * kvh * length * (d // 16)
+            if total:
+                self._dequant_k(
+                    (-(-total // 256),),
+                    (256,),
+                    (
+                        ptab,
+                        np.int32(layout.tokens_per_page.bit_length() - 1),
+                        np.int32(kvh),
+                        np.int32(d),
+                        np.int32(start),
+                        np.int32(length),
+                        self.codes,
+                        self.scales,
+                        np.int32(self.page_code_bytes),
+                        out,
+                    ),
+                )
+        return out
+
+    def dequantize(
+        self, layout: LayerLayout, page_ids: np.ndarray, start: int, end: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        marks = self._marks
+        with self._device:
+            marks[0].record(self._stream)
+        started = time.perf_counter()
+        out = self.dequantize_device(layout, np.asarray(page_ids, dtype=np.int32), start, end)
+        launched = time.perf_counter()
+        with self._device:
+            marks[1].record(self._stream)
+            host = out.get(stream=self._stream)
+            # An empty read copies nothing and so does not wait for the stream.
+            marks[1].synchronize()
+        seconds = cp.cuda.get_elapsed_time(marks[0], marks[1]) / 1e3
+        self.on_kernel("dequantize", launched - started, seconds)
+        return np.ascontiguousarray(host[0]), np.ascontiguousarray(host[1])
+
+    def read_pages(self, page_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self._device, self._stream:
+            ids = cp.asarray(np.asarray(page_ids, dtype=np.int64))
+            return self.codes[ids].get(stream=self._stream), self.scales[ids].get(
+                stream=self._stream
+            )
+
+    def write_pages(self, page_ids: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> None:
+        with self._device, self._stream:
+            ids = cp.asarray(np.asarray(page_ids, dtype=np.int64))
+            self.codes[ids] = cp.asarray(np.asarray(codes, dtype=np.int8))
+            self.scales[ids] = cp.asarray(np.asarray(scales, dtype=np.float32))
+            self._stream.synchronize()

@@ -236,12 +236,10 @@ def pack(
     host_buffer: Callable[[int], np.ndarray],
     kernel_for: KernelFor,
     policy: SplitPolicy,
-    defer_copies: bool | None = None,
 ) -> Batch:
     """Pack ``items`` into the buffer ``host_buffer(nbytes)`` returns (uint8, at least
     nbytes) and plan the launches; ``kernel_for(head_dim, route)`` gives each launch's
-    kernel. The q/k/v copies are left to the uploader (``Batch.pending``) from DEFER_BYTES,
-    or as ``defer_copies`` says."""
+    kernel."""
     live = [j for j, it in enumerate(items) if it.n > 0]
     for j in live:
         check_layout(items[j].layout)
@@ -255,7 +253,7 @@ def pack(
     meta = host[: layout.meta_bytes].view(np.int32).reshape(len(order), META)
     meta[:] = 0
     big = sum(a.nbytes for qkv in arrays for a in qkv) >= DEFER_BYTES
-    pending: list | None = [] if (big if defer_copies is None else defer_copies) else None
+    pending: list | None = [] if big else None
     outputs, cur = write_rows(host, meta, items, order, arrays, layout, pending)
     rows = [items[j] for j in order]
     routes = [kind[j] for j in order]

@@ -13,8 +13,6 @@ Two attention kernels:
   Where the kernel would not fit the device's shared memory, the backend hands back
   ``q8_attend`` for the route and the items are planned as decode.
 
-Also: which calls go through the device in token chunks, and their chunks (chunked.py).
-
 Host arithmetic only: no CuPy.
 """
 
@@ -237,33 +235,3 @@ def plan_packed(
     units = tiles * nsplit
     columns = [(M_NSPLIT, nsplit), (M_CHUNK, chunk), (M_UNIT, np.cumsum(units) - units)]
     return Launch(kern, 0, count, int(units.sum()), lay.head_dim), count * tiles, columns
-
-
-# -- one large prefill in chunks (chunked.py) --------------------------------------------
-
-# A single item with at least this many input bytes goes in chunks of about CHUNK_BYTES
-# (at least two): at H = 32, KVH = 8, D = 128, float16, 512 tokens are 6 MiB.
-PIPELINE_BYTES = 4 << 20
-CHUNK_BYTES = 12 << 20
-CHUNK_ALIGN = 64  # tokens: whole K/V tiles of the prefill kernels
-
-
-def input_bytes(item: AttendItem) -> int:
-    return item.q.nbytes + item.k.nbytes + item.v.nbytes
-
-
-def takes_chunks(items: Sequence[AttendItem]) -> bool:
-    """Whether a call goes through the device in chunks: one item, large, of two chunks."""
-    return (
-        len(items) == 1
-        and items[0].n >= 2 * CHUNK_ALIGN
-        and input_bytes(items[0]) >= PIPELINE_BYTES
-    )
-
-
-def chunk_bounds(n: int, nbytes: int) -> list[tuple[int, int]]:
-    """[a, b) token ranges covering n new tokens (of ``nbytes`` input bytes): about
-    CHUNK_BYTES each, at least two, in whole CHUNK_ALIGN tokens but the last."""
-    count = max(2, -(-nbytes // CHUNK_BYTES))
-    size = max(CHUNK_ALIGN, -(-n // (count * CHUNK_ALIGN)) * CHUNK_ALIGN)
-    return [(a, min(n, a + size)) for a in range(0, n, size)]

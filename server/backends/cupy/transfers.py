@@ -8,8 +8,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
 import cupy as cp
 import ml_dtypes
@@ -85,16 +84,6 @@ class Scratch:
         return self.buffer.data.ptr
 
 
-@dataclass
-class Copies:
-    """A batch's q/k/v copies in flight on the uploader's threads: (offset, source) per
-    chunk, an event set as each lands, and the threads' tasks."""
-
-    chunks: list[tuple[int, np.ndarray]]
-    landed: list[threading.Event]
-    tasks: list[Future]
-
-
 class Uploader:
     """Inputs to the device. A batch without pending copies goes in one H2D copy; a large
     one (packing left its q/k/v copies pending) sends its head (meta rows, page ids) first,
@@ -109,21 +98,21 @@ class Uploader:
         self._pool: ThreadPoolExecutor | None = None
 
     def upload(self, batch: Batch, host: Pinned, dev: cp.ndarray, stream) -> None:
-        """Copy and send ``batch``'s inputs: ``send(start(...))``."""
-        self.send(self.start(batch, host), batch, host, dev, stream)
+        def h2d(offset: int, nbytes: int) -> None:
+            if nbytes:
+                (dev.data + offset).copy_from_host_async(
+                    ctypes.c_void_p(host.mem.ptr + offset), nbytes, stream
+                )
 
-    def start(self, batch: Batch, host: Pinned) -> Copies | None:
-        """Start the threads' copies of the batch's pending q/k/v into ``host`` (None: it
-        has none). The pool runs them in the order started: a later batch's copies follow
-        an earlier one's, and none waits for a ``send``."""
         if not batch.pending:
-            return None
+            h2d(0, batch.nbytes)
+            return
+        h2d(0, min(off for off, _ in batch.pending))
         chunks = [
             (off + i, src[i : i + UPLOAD_CHUNK_BYTES])
             for off, src in batch.pending
             for i in range(0, src.size, UPLOAD_CHUNK_BYTES)
         ]
-        batch.pending = []
         limit = min(UPLOAD_THREADS, os.cpu_count() or 1)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(limit, "q8kv-copy")
@@ -139,30 +128,13 @@ class Uploader:
                 landed[c].set()
 
         tasks = [self._pool.submit(copy_every, w) for w in range(workers)]
-        return Copies(chunks, landed, tasks)
-
-    def send(self, copies: Copies | None, batch: Batch, host: Pinned, dev: cp.ndarray,
-             stream) -> None:  # fmt: skip
-        """H2D on ``stream``: the batch's head (meta rows, page ids; all of it without
-        copies), then each copied chunk as it lands."""
-
-        def h2d(offset: int, nbytes: int) -> None:
-            if nbytes:
-                (dev.data + offset).copy_from_host_async(
-                    ctypes.c_void_p(host.mem.ptr + offset), nbytes, stream
-                )
-
-        if copies is None:
-            h2d(0, batch.nbytes)
-            return
-        h2d(0, min(off for off, _ in copies.chunks))
-        workers = len(copies.tasks)
-        for c, (off, src) in enumerate(copies.chunks):
-            while not copies.landed[c].wait(0.05):
-                if copies.tasks[c % workers].done():  # it failed before this chunk: its error
-                    copies.tasks[c % workers].result()
+        for c, (off, src) in enumerate(chunks):
+            while not landed[c].wait(0.05):
+                if tasks[c % workers].done():  # it failed before this chunk: its error
+                    tasks[c % workers].result()
                     raise RuntimeError("an input copy thread stopped before its chunk")
             h2d(off, src.size)
+        batch.pending = []
 
     def close(self) -> None:
         if self._pool is not None:
