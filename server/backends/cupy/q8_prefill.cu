@@ -114,7 +114,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   const int g = lane >> 2, c = lane & 3;  // mma group (row) and thread in group
   const PrefillUnit<BM> u(meta, nitems);  // (item, kv head, row tile)
   const int* im = u.im;
-  const int G = u.G, H = u.H, start = u.start, nrows = u.nrows, row0 = u.row0, kvh = u.kvh;
+  const int G = u.G, start = u.start, nrows = u.nrows, row0 = u.row0;
   const float qs = __int_as_float(im[M_SCALE]);  // softmax_scale * log2(e)
 
   unsigned char* raw = smem;
@@ -155,27 +155,16 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
 
   // -- q: the A fragments of rows g and g + 8, straight from the wire's 16-bit values -------
   const unsigned short* qg = reinterpret_cast<const unsigned short*>(inbuf + im[M_Q]);
-  auto q_elem = [&](int r) -> long long {  // first element of row r's q vector
-    const int rr = min(r, nrows - 1);      // pad rows repeat a real row (never written)
-    return ((long long)(rr / G) * H + kvh * G + rr % G) * D;
-  };
-  const long long qo_lo = q_elem(r_lo), qo_hi = q_elem(r_hi);
+  const long long qo_lo = u.q_offset(r_lo, D), qo_hi = u.q_offset(r_hi, D);
   unsigned qf[Q_IN_REGS ? KSTEPS : 1][4];
   unsigned short* qsm = half + SMEM_HALF / 2;  // [BM][HS] where q is not held in registers
   if (Q_IN_REGS) {
-#pragma unroll
-    for (int kk = 0; kk < (Q_IN_REGS ? KSTEPS : 1); ++kk) {
-      const int d0 = 16 * kk + 2 * c;
-      qf[kk][0] = *reinterpret_cast<const unsigned*>(qg + qo_lo + d0);
-      qf[kk][1] = *reinterpret_cast<const unsigned*>(qg + qo_hi + d0);
-      qf[kk][2] = *reinterpret_cast<const unsigned*>(qg + qo_lo + d0 + 8);
-      qf[kk][3] = *reinterpret_cast<const unsigned*>(qg + qo_hi + d0 + 8);
-    }
+    load_q_fragments(qg, qo_lo, qo_hi, c, qf);
   } else {
     for (int p = tid; p < BM * (D / 8); p += NT) {  // 16-byte pieces of q rows
       const int r = p / (D / 8), pc = p % (D / 8);
       *reinterpret_cast<uint4*>(qsm + r * HS + pc * 8) =
-          *reinterpret_cast<const uint4*>(qg + q_elem(row0 + r) + pc * 8);
+          *reinterpret_cast<const uint4*>(qg + u.q_offset(row0 + r, D) + pc * 8);
     }
   }
 

@@ -264,4 +264,27 @@ struct PrefillUnit {
   }
   // The last position row r sees (-1: a pad row past the item's, never written).
   __device__ __forceinline__ int limit(int r) const { return r < nrows ? start + r / G : -1; }
+  // First element of row r's q vector in the item's q [n, H, D]; a pad row reads the last
+  // real row (it is never written).
+  __device__ __forceinline__ long long q_offset(int r, int D) const {
+    const int rr = min(r, nrows - 1);
+    return ((long long)(rr / G) * H + kvh * G + rr % G) * D;
+  }
 };
+
+// q's A fragments of a warp's rows g and g + 8 (their first elements at qo_lo, qo_hi of
+// qg), straight from the wire's 16-bit values: mma.sync's m16n8k16 A layout, which wgmma's
+// register A repeats per warp. KSTEPS 16-dim steps.
+template <int KSTEPS>
+__device__ __forceinline__ void load_q_fragments(const unsigned short* qg, long long qo_lo,
+                                                 long long qo_hi, int c,
+                                                 unsigned (&qf)[KSTEPS][4]) {
+#pragma unroll
+  for (int kk = 0; kk < KSTEPS; ++kk) {
+    const int d0 = 16 * kk + 2 * c;
+    qf[kk][0] = *reinterpret_cast<const unsigned*>(qg + qo_lo + d0);
+    qf[kk][1] = *reinterpret_cast<const unsigned*>(qg + qo_hi + d0);
+    qf[kk][2] = *reinterpret_cast<const unsigned*>(qg + qo_lo + d0 + 8);
+    qf[kk][3] = *reinterpret_cast<const unsigned*>(qg + qo_hi + d0 + 8);
+  }
+}

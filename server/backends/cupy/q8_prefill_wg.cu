@@ -114,7 +114,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   const int wg = warp >> 2;  // warpgroup
   const PrefillUnit<BM> u(meta, nitems);  // (item, kv head, row tile)
   const int* im = u.im;
-  const int G = u.G, H = u.H, start = u.start, nrows = u.nrows, row0 = u.row0, kvh = u.kvh;
+  const int G = u.G, start = u.start, nrows = u.nrows, row0 = u.row0;
   const float qs = __int_as_float(im[M_SCALE]);  // softmax_scale * log2(e)
 
   unsigned char* raw = smem;
@@ -158,22 +158,11 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   };
 
-  // q: A fragments of rows g and g + 8 (the wgmma register A layout is mma.sync's per warp).
+  // q: A fragments of rows g and g + 8, as the wire sent them (registers: wgmma's A).
   const unsigned short* qg = reinterpret_cast<const unsigned short*>(inbuf + im[M_Q]);
-  auto q_elem = [&](int r) -> long long {
-    const int rr = min(r, nrows - 1);  // pad rows repeat a real row (never written)
-    return ((long long)(rr / G) * H + kvh * G + rr % G) * D;
-  };
-  const long long qo_lo = q_elem(r_lo), qo_hi = q_elem(r_hi);
+  const long long qo_lo = u.q_offset(r_lo, D), qo_hi = u.q_offset(r_hi, D);
   unsigned qf[KSTEPS][4];
-#pragma unroll
-  for (int kk = 0; kk < KSTEPS; ++kk) {
-    const int d0 = 16 * kk + 2 * c;
-    qf[kk][0] = *reinterpret_cast<const unsigned*>(qg + qo_lo + d0);
-    qf[kk][1] = *reinterpret_cast<const unsigned*>(qg + qo_hi + d0);
-    qf[kk][2] = *reinterpret_cast<const unsigned*>(qg + qo_lo + d0 + 8);
-    qf[kk][3] = *reinterpret_cast<const unsigned*>(qg + qo_hi + d0 + 8);
-  }
+  load_q_fragments(qg, qo_lo, qo_hi, c, qf);
 
   float o[NTILES_O][4];
 #pragma unroll

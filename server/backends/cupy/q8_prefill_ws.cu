@@ -145,29 +145,18 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
 
   const int g = lane >> 2, c = lane & 3, wg = warp >> 2;
-  const int G = u.G, H = u.H, start = u.start, nrows = u.nrows, row0 = u.row0, kvh = u.kvh;
+  const int G = u.G, start = u.start, nrows = u.nrows, row0 = u.row0;
   const float qs = __int_as_float(im[M_SCALE]);  // softmax_scale * log2(e)
   // Rows of this thread (g and g + 8 of its warp's 16) and of its warpgroup (64).
   const int r_lo = row0 + 16 * warp + g, r_hi = r_lo + 8;
   const int lim_lo = u.limit(r_lo), lim_hi = u.limit(r_hi);
   const int wg_min_lim = start + (row0 + 64 * wg) / G;
 
-  // q: A fragments of rows g and g + 8 (the wgmma register A layout is mma.sync's per warp).
+  // q: A fragments of rows g and g + 8, as the wire sent them (registers: wgmma's A).
   const unsigned short* qg = reinterpret_cast<const unsigned short*>(inbuf + im[M_Q]);
-  auto q_elem = [&](int r) -> long long {
-    const int rr = min(r, nrows - 1);  // pad rows repeat a real row (never written)
-    return ((long long)(rr / G) * H + kvh * G + rr % G) * D;
-  };
-  const long long qo_lo = q_elem(r_lo), qo_hi = q_elem(r_hi);
+  const long long qo_lo = u.q_offset(r_lo, D), qo_hi = u.q_offset(r_hi, D);
   unsigned qf[KSTEPS][4];
-#pragma unroll
-  for (int kk = 0; kk < KSTEPS; ++kk) {
-    const int d0 = 16 * kk + 2 * c;
-    qf[kk][0] = *reinterpret_cast<const unsigned*>(qg + qo_lo + d0);
-    qf[kk][1] = *reinterpret_cast<const unsigned*>(qg + qo_hi + d0);
-    qf[kk][2] = *reinterpret_cast<const unsigned*>(qg + qo_lo + d0 + 8);
-    qf[kk][3] = *reinterpret_cast<const unsigned*>(qg + qo_hi + d0 + 8);
-  }
+  load_q_fragments(qg, qo_lo, qo_hi, c, qf);
 
   float o[NTILES_O][4];
 #pragma unroll
