@@ -239,6 +239,49 @@ def variants(specs: list[str], shapes, reps, spin_cycles, rng) -> None:
         backend.close()
 
 
+def launch_parts(start: int, n: int, reps: int, spin_cycles: int, rng) -> None:
+    """Device time of each launch of one float16 call alone (CUDA events, each with its own
+    launch cost): the quantize-append, the cached tokens' 16-bit tiles (q8_kv_tiles, where
+    the kernel over tiles serves), the attention, and all of them, as device_us times them."""
+    backend, layout, ids = setup(start, n, rng)
+    it = item(layout, ids, start, n, rng, np.float16)
+    batch = backend.prepare([it], own_device_copy=True)
+    backend.launch_append(batch)  # takes the scratch (batch.tiles_at)
+    ln, stream = batch.launches[0], backend.stream
+    base = batch.dev.data.ptr
+    meta = np.uint64(base + ln.meta_row * 32 * 4)
+    tiles = np.uint64(batch.tiles_at)
+    page_args = (backend.codes, backend.scales, np.int32(backend.page_code_bytes))
+
+    def append(_i):
+        backend.launch_append(batch)
+
+    def cached_tiles(_i):
+        with stream:
+            ln.kernel.tiles((4 * ln.tile_pairs,), (256,), (
+                meta, np.int32(ln.nitems), np.int32(ln.first_pair),
+                np.uint64(base + batch.ptab_off), *page_args, tiles))  # fmt: skip
+
+    def attention(_i):
+        with stream:
+            ln.kernel.kernel((ln.units,), (ln.kernel.threads,), (
+                meta, np.int32(ln.nitems), np.uint64(base), tiles, backend._dev_out),
+                shared_mem=ln.kernel.smem)  # fmt: skip
+
+    def every(_i):
+        backend.launch_append(batch)
+        backend.launch_attention(batch)
+
+    parts = {"append": append, "attention": attention, "all": every}
+    if ln.kernel.tiles is None or not tiles:
+        parts.pop("attention")  # not the kernel over tiles: only the whole is timed
+    elif start:
+        parts["cached_tiles"] = cached_tiles
+    us = {k: round(time_cupy(f, stream, reps, spin_cycles, spin=True), 1) for k, f in parts.items()}
+    print(json.dumps({"launches_us": {"start": start, "n": n, **us}}), flush=True)
+    backend.close()
+
+
 def host_phases(start: int, n: int, rng, reps: int = 5) -> None:
     """Where the wall time of one packed call goes, and the host copy rates it rests on."""
     backend, layout, ids = setup(start, n, rng)
@@ -327,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[],
                     help="name=wg|sync:warps:bn[:DEFINE=V...]: kernel variants")  # fmt: skip
     ap.add_argument("--host-phases", action="store_true", help="the wall time's parts only")
+    ap.add_argument("--launches", action="store_true",
+                    help="device time of each launch of one call alone")  # fmt: skip
     args = ap.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split("+")) for s in args.shapes.split(",")]
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
@@ -339,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.host_phases:
         for start, n in shapes:
             host_phases(start, n, rng)
+        return 0
+    if args.launches:
+        for start, n in shapes:
+            launch_parts(start, n, args.reps, spin_cycles, rng)
         return 0
     rows = []
     for start, n in shapes:
