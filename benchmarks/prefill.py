@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -247,37 +245,26 @@ def launch_parts(start: int, n: int, reps: int, spin_cycles: int, rng) -> None:
     it = item(layout, ids, start, n, rng, np.float16)
     batch = backend.prepare([it], own_device_copy=True)
     backend.launch_append(batch)  # takes the scratch (batch.tiles_at)
-    ln, stream = batch.launches[0], backend.stream
-    base = batch.dev.data.ptr
-    meta = np.uint64(base + ln.meta_row * 32 * 4)
-    tiles = np.uint64(batch.tiles_at)
-    page_args = (backend.codes, backend.scales, np.int32(backend.page_code_bytes))
+    ln = batch.launches[0]
+    over_tiles = ln.kernel.tiles is not None and batch.tiles_at
 
-    def append(_i):
-        backend.launch_append(batch)
-
-    def cached_tiles(_i):
-        with stream:
-            ln.kernel.tiles((4 * ln.tile_pairs,), (256,), (
-                meta, np.int32(ln.nitems), np.int32(ln.first_pair),
-                np.uint64(base + batch.ptab_off), *page_args, tiles))  # fmt: skip
-
-    def attention(_i):
-        with stream:
-            ln.kernel.kernel((ln.units,), (ln.kernel.threads,), (
-                meta, np.int32(ln.nitems), np.uint64(base), tiles, backend._dev_out),
-                shared_mem=ln.kernel.smem)  # fmt: skip
+    def attention_alone(_i):  # without the cached tokens' tiles (written once above)
+        cached, ln.cached = ln.cached, False
+        backend.launch_attention(batch)
+        ln.cached = cached
 
     def every(_i):
         backend.launch_append(batch)
         backend.launch_attention(batch)
 
-    parts = {"append": append, "attention": attention, "all": every}
-    if ln.kernel.tiles is None or not tiles:
-        parts.pop("attention")  # not the kernel over tiles: only the whole is timed
-    elif start:
-        parts["cached_tiles"] = cached_tiles
-    us = {k: round(time_cupy(f, stream, reps, spin_cycles, spin=True), 1) for k, f in parts.items()}
+    parts = {"append": lambda _i: backend.launch_append(batch), "all": every}
+    if over_tiles:
+        backend.launch_attention(batch)  # the cached tokens' tiles, for attention_alone
+        parts["attention"] = attention_alone
+        if ln.cached:
+            parts["cached_tiles"] = lambda _i: backend.launch_cached_tiles(batch, ln)
+    us = {k: round(time_cupy(f, backend.stream, reps, spin_cycles, spin=True), 1)
+          for k, f in parts.items()}  # fmt: skip
     print(json.dumps({"launches_us": {"start": start, "n": n, **us}}), flush=True)
     backend.close()
 
@@ -290,16 +277,12 @@ def host_phases(start: int, n: int, rng, reps: int = 5) -> None:
                          it.q[None], it.k[None], it.v[None], np.dtype(np.float16))  # fmt: skip
     from q8kv.server.backends.cupy.packing import pack_packed
 
-    def phase(fn) -> float:
-        fn()
-        backend.stream.synchronize()
-        t = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
+    def phase(fn) -> float:  # to the end of its device work
+        def synced() -> None:
             fn()
             backend.stream.synchronize()
-            t.append(time.perf_counter() - t0)
-        return statistics.median(t) * 1e6
+
+        return wall_us(synced, reps)
 
     with backend._device:
         pol = backend._policy()

@@ -61,6 +61,15 @@ def test_the_head_dim_limit_reaches_the_kernel_as_a_define() -> None:
     assert "D <= MAX_HEAD_DIM" in kernels.source("q8_attention_tc.cu")
 
 
+def test_the_host_and_the_kernels_agree_on_the_16bit_tiles() -> None:
+    """The tile pairs the host plans and launches q8_kv_tiles for are the kernels' own: the
+    tokens per tile and the blocks per pair are written on both sides."""
+    source = kernels.source("q8_prefill_ws.cu")
+    assert f"#define PF_TILE {kernels.PREFILL_TILE} " in source
+    assert f"constexpr int TILE_PARTS = {kernels.TILE_PARTS};" in source
+    assert f"#define PF_TILE {kernels.PREFILL_TILE} " in kernels.source("q8_pages.cu")
+
+
 def test_past_d_128_the_q_digits_live_in_shared_memory() -> None:
     # In registers they spilled 388 bytes at D = 256 (tests/test_kernel_build.py checks).
     assert "-DQD_SMEM=0" in kernels.attention_options(128, GpuTuning())

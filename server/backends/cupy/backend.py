@@ -28,7 +28,7 @@ from . import kernels
 from .kernels import MAX_HEAD_DIM, AttnKernel
 from .meta import META
 from .packing import Batch, pack, pack_packed
-from .planning import DECODE, PREFILL_BF16, SplitPolicy
+from .planning import DECODE, PREFILL_BF16, Launch, SplitPolicy
 from .transfers import (
     FRESH_OUTPUT_BYTES,
     NARROW,
@@ -183,9 +183,7 @@ class CupyBackend(Backend):
                 np.int32(batch.q_blocks),
                 np.uint64(base + batch.ptab_off),
                 np.uint64(base),
-                self.codes,
-                self.scales,
-                np.int32(self.page_code_bytes),
+                *self._pool_args(),
                 np.uint64(batch.tiles_at),
             ),
         )
@@ -205,37 +203,42 @@ class CupyBackend(Backend):
 
     def _launch_attention(self, batch: Batch) -> None:
         self._ensure(batch)
-        base = self._in_ptr(batch)
         part = self._part.data.ptr
         for ln in batch.launches:
-            args = (
-                np.uint64(base + ln.meta_row * META * 4),
-                np.int32(ln.nitems),
-                np.uint64(base + batch.ptab_off),
-                np.uint64(base),
-                self.codes,
-                self.scales,
-                np.int32(self.page_code_bytes),
-                self._dev_out,
-            )
+            meta, inbuf, ptab = self._pointers(batch, ln)
+            nitems = np.int32(ln.nitems)
             kern = ln.kernel
             if kern.tiles is not None and not batch.tiles_at:
                 kern = kern.fallback  # no scratch: K/V dequantized in the kernel's loop
-            elif kern.tiles is not None:
-                tiles = np.uint64(batch.tiles_at)
-                if ln.cached:  # the tiles of tokens cached before the call (q8_kv_tiles)
-                    kern.tiles(
-                        (4 * ln.tile_pairs,),
-                        (256,),
-                        (args[0], args[1], np.int32(ln.first_pair), *args[2:3], *args[4:7],
-                         tiles),
-                    )  # fmt: skip
-                args = (args[0], args[1], args[3], tiles, self._dev_out)
+            if kern.tiles is not None:  # over the 16-bit tiles
+                if ln.cached:
+                    self.launch_cached_tiles(batch, ln)
+                args = (meta, nitems, inbuf, np.uint64(batch.tiles_at), self._dev_out)
+            else:
+                args = (meta, nitems, ptab, inbuf, *self._pool_args(), self._dev_out)
             if not kern.prefill:  # q8_attend: split partials and their counters too
                 # Partials: acc [units, GT, D] floats, then (max, sum) pairs [units, GT, 2].
                 ml_ptr = part + 4 * ln.units * kern.gt * ln.head_dim
                 args += (np.uint64(part), np.uint64(ml_ptr), self._counters)
             kern.kernel((ln.units,), (kern.threads,), args, shared_mem=kern.smem)
+
+    def launch_cached_tiles(self, batch: Batch, ln: Launch) -> None:
+        """q8_kv_tiles of a launch over 16-bit tiles: the tokens cached before the call, into
+        the batch's scratch (``launch_append`` took it and wrote the new tokens')."""
+        meta, _inbuf, ptab = self._pointers(batch, ln)
+        args = (meta, np.int32(ln.nitems), np.int32(ln.first_pair), ptab, *self._pool_args(),
+                np.uint64(batch.tiles_at))  # fmt: skip
+        with self._device, self._stream:
+            ln.kernel.tiles((kernels.TILE_PARTS * ln.tile_pairs,), (256,), args)
+
+    def _pointers(self, batch: Batch, ln: Launch) -> tuple[np.uint64, np.uint64, np.uint64]:
+        """Device addresses of the launch's meta rows, the input buffer and the page ids."""
+        base = self._in_ptr(batch)
+        return (np.uint64(base + ln.meta_row * META * 4), np.uint64(base),
+                np.uint64(base + batch.ptab_off))  # fmt: skip
+
+    def _pool_args(self) -> tuple:
+        return self.codes, self.scales, np.int32(self.page_code_bytes)
 
     def _download(self, dev: cp.ndarray | None, nbytes: int, dtype) -> tuple[np.ndarray, bool]:
         """One D2H copy of ``nbytes`` of ``dev`` and one synchronize: the bytes as

@@ -86,7 +86,8 @@ WGMMA_WARPGROUPS = 2
 PREFILL_WS = True
 WS_HEAD_DIMS = (128,)
 PREFILL_STAGES = 4
-PREFILL_TILE = 64  # tokens per K/V tile of both wgmma kernels
+PREFILL_TILE = 64  # tokens per K/V tile of both wgmma kernels (PF_TILE in q8_common.cuh)
+TILE_PARTS = 4  # q8_kv_tiles' blocks per tile pair (TILE_PARTS in q8_prefill_ws.cu)
 
 
 def source(name: str) -> str:

@@ -67,6 +67,15 @@ __device__ __forceinline__ int tile_offset(int t, int c8, int D) {
   return (t >> 3) * 16 * D + c8 * 128 + (t & 7) * 16;
 }
 #define PF_TILE 64  // tokens per tile (BN of q8_prefill_ws.cu)
+// An item's tile pairs in that scratch: from its first (M_TILES), kv head by kv head,
+// ceil((start + n) / PF_TILE) a head; pair (h, j) holds tokens [j PF_TILE, (j + 1) PF_TILE)
+// of kv head h.
+__device__ __forceinline__ int pairs_per_head(const int* im) {
+  return (im[M_START] + im[M_N] + PF_TILE - 1) / PF_TILE;
+}
+__device__ __forceinline__ long long tile_pair(const int* im, int h, int j) {
+  return (long long)im[M_TILES] + (long long)h * pairs_per_head(im) + j;
+}
 
 // Index of the last row r in [0, n) with meta[r * META_STRIDE + col] <= key (rows sorted).
 __device__ __forceinline__ int find_item(const int* meta, int n, int col, int key) {

@@ -34,10 +34,8 @@ __device__ __forceinline__ void append_to_tiles(const int* im, unsigned char* ti
                                                 int h, int i, int b, const unsigned* packed,
                                                 float d) {
   const int D = im[M_D], n = im[M_N], pos = im[M_START] + i;
-  const int per_head = (im[M_START] + n + PF_TILE - 1) / PF_TILE;
   unsigned char* tile =
-      tiles + ((long long)im[M_TILES] + (long long)h * per_head + pos / PF_TILE) * (4LL * PF_TILE * D) +
-      kind * (2 * PF_TILE * D);
+      tiles + tile_pair(im, h, pos / PF_TILE) * (4LL * PF_TILE * D) + kind * (2 * PF_TILE * D);
   const int t = pos % PF_TILE;
   const bool bf16 = im[M_DT] == 2;
 #pragma unroll

@@ -61,7 +61,7 @@ __device__ __forceinline__ void kv_tiles(const int* __restrict__ meta, int nitem
   const int pair = first_pair + blockIdx.x / TILE_PARTS, part = blockIdx.x % TILE_PARTS;
   const int* im = meta + find_item(meta, nitems, M_TILES, pair) * META_STRIDE;
   const int KVH = im[M_KVH], logT = im[M_LOGT], T = 1 << logT, start = im[M_START];
-  const int per_head = (start + im[M_N] + BN - 1) / BN;
+  const int per_head = pairs_per_head(im);
   const int local = pair - im[M_TILES];
   const int kvh = local / per_head, tile = local % per_head;
   constexpr int TOKENS = BN / TILE_PARTS;
@@ -130,7 +130,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   if (warp >= CONSUMER_WARPS) {  // the producer warpgroup: one lane issues every copy
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
     if (warp == CONSUMER_WARPS && lane == 0) {
-      const int per_head = (u.start + u.n + BN - 1) / BN;
+      const int per_head = (u.start + u.n + BN - 1) / BN;  // pairs_per_head, from registers
       const unsigned char* src =
           tiles + ((long long)im[M_TILES] + (long long)u.kvh * per_head) * PAIR;
       for (int j = 0; j < ntiles; ++j) {
