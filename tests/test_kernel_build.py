@@ -65,3 +65,26 @@ def test_the_sm90a_build_is_cached_privately(tmp_path, monkeypatch) -> None:
     private = loaded[-1][0]
     assert loaded[-1][1] == b"\x7fELF" and not blocked.is_dir()
     assert not Path(private).exists(), "the private temporary file stays"
+
+
+def test_same_code_tells_a_refactor_from_a_change(tmp_path, monkeypatch, capsys) -> None:
+    """``build_check --same-code-as DIR``: q8_pages.cu from a copy of these sources with a
+    comment moved compiles to the same cubin; with one constant changed it differs; a file
+    the other tree lacks is named, not compared."""
+    pages = kernels.source("q8_pages.cu")
+    monkeypatch.setattr(build_check, "builds", lambda: [
+        ("q8_pages.cu", pages, kernels._PAGES_OPTIONS),
+        ("q8_new.cu", pages, kernels._PAGES_OPTIONS)])  # fmt: skip
+    for src in kernels._SRC.glob("*.cu*"):
+        if src.name != "q8_pages.cu":
+            (tmp_path / src.name).write_text(src.read_text())
+    text = (kernels._SRC / "q8_pages.cu").read_text()
+    (tmp_path / "q8_pages.cu").write_text("// moved\n" + text)
+    assert build_check.same_code(tmp_path) == 0
+    assert "q8_pages.cu: the same cubin" in capsys.readouterr().out
+    changed = text.replace("amax_bits) / 127.0f", "amax_bits) / 126.0f")
+    assert changed != text
+    (tmp_path / "q8_pages.cu").write_text(changed)
+    assert build_check.same_code(tmp_path) == 1
+    out = capsys.readouterr().out
+    assert "q8_pages.cu: differs" in out and f"q8_new.cu: not in {tmp_path}" in out

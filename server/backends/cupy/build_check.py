@@ -4,13 +4,20 @@ spills. Needs CuPy's NVRTC bindings and the NVRTC library (``cupy-cuda12x`` and
 ``nvidia-cuda-nvrtc-cu12``, the ``kernels`` extra), not a driver or a device, so CI runs it.
 
     python -m q8kv.server.backends.cupy.build_check      # exit 1 on an error or a spill
+    python -m q8kv.server.backends.cupy.build_check --same-code-as DIR
+
+The second compiles every build from these sources and from DIR's .cu/.cuh files (another
+revision's: ``git show REV:server/backends/cupy/FILE > DIR/FILE``) and says which compile
+to the same cubin: a refactor of the kernels checked without a GPU (exit 1 if any differ).
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from q8kv.format import QBLOCK
 
@@ -31,6 +38,7 @@ class Build:
     spill_bytes: int = 0  # spill stores + spill loads
     stack_bytes: int = 0
     log: str = ""
+    cubin: bytes = b""
 
     @property
     def clean(self) -> bool:
@@ -74,7 +82,8 @@ def compile_one(name: str, source: str, options: tuple[str, ...]) -> Build:
     except Exception:  # noqa: BLE001 - the log says why
         ok = False
     log = nvrtc.getProgramLog(prog).replace("\x00", "").strip()
-    build = Build(name, ok, log=log)
+    build = Build(name, ok, log=log, cubin=nvrtc.getCUBIN(prog) if ok else b"")
+    nvrtc.destroyProgram(prog)
 
     def number(pattern: str) -> int:
         return sum(int(m) for m in re.findall(pattern, log))
@@ -86,7 +95,34 @@ def compile_one(name: str, source: str, options: tuple[str, ...]) -> Build:
     return build
 
 
+def same_code(other: Path) -> int:
+    """Each build's cubin from these sources against the same build from ``other``'s."""
+    differ = 0
+    for name, source, options in builds():
+        saved, kernels._SRC = kernels._SRC, other  # noqa: SLF001 - the other tree's files
+        try:
+            theirs = kernels.source(name.split()[0])
+        except FileNotFoundError:
+            theirs = None
+        finally:
+            kernels._SRC = saved  # noqa: SLF001
+        if theirs is None:
+            print(f"{name}: not in {other}")
+            continue
+        a, b = compile_one(name, source, options), compile_one(name, theirs, options)
+        same = a.ok and b.ok and a.cubin == b.cubin
+        differ += not same
+        print(f"{name}: {'the same cubin' if same else 'differs'}")
+    return 1 if differ else 0
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--same-code-as", type=Path, metavar="DIR",
+                    help="compare every build's cubin with DIR's sources'")  # fmt: skip
+    args = ap.parse_args()
+    if args.same_code_as is not None:
+        return same_code(args.same_code_as)
     results = [compile_one(*b) for b in builds()]
     width = max(len(r.name) for r in results)
     print(f"{'kernel build':<{width}}  {'regs':>5} {'smem':>6} {'spill':>6} {'stack':>6}")
