@@ -11,7 +11,7 @@ import pytest
 import torch
 from harness.geometry import GEOM, Geo
 from harness.sdpa import sdpa_over_cache
-from harness.server import ServerProcess
+from harness.server import ServerProcess, listening_socket
 from harness.tensors import normal, qkv, random_tensor
 from reference import attention_ref, rel_l2
 
@@ -59,6 +59,34 @@ def test_a_server_that_is_not_waited_for_can_be_waited_for_later(popen_calls):
         assert srv.stop() == 0
     [(_, log)] = popen_calls
     assert log.closed
+
+
+@pytest.mark.parametrize("lost", ["--port", "--metrics-port"])
+def test_a_picked_port_taken_before_the_server_binds_it_is_picked_again(
+    lost, popen_calls, monkeypatch
+):
+    """free_port() then the server's bind is a race: another process may take the port in
+    between. The harness starts again on new ports; a busy port the test itself names is
+    the test's failure, not retried."""
+    from harness import server as harness_server
+
+    with listening_socket() as taken:
+        busy = taken.getsockname()[1]
+        picks = iter([busy] if lost == "--port" else [])
+        real = harness_server.free_port
+        monkeypatch.setattr(harness_server, "free_port", lambda: next(picks, None) or real())
+        if lost == "--metrics-port":  # the gRPC port's pick first, then the metrics port's
+            picks = iter([real(), busy])
+        srv = ServerProcess()
+        try:
+            assert srv.proc.poll() is None and busy not in (srv.port, srv.metrics_port)
+        finally:
+            assert srv.stop() == 0
+        assert len(popen_calls) == 2 and popen_calls[0][0].returncode == 2
+        with pytest.raises(RuntimeError, match="in use"):
+            ServerProcess(lost, str(busy))
+        assert len(popen_calls) == 3, "a port the test named was tried again"
+    assert all(log.closed for _, log in popen_calls)
 
 
 def test_a_geometry_unpacks_as_keyword_arguments():

@@ -25,6 +25,9 @@ TEST_BACKEND = os.environ.get("Q8KV_TEST_BACKEND", "numpy")
 REPO = Path(__file__).resolve().parents[2]
 
 
+_START_ATTEMPTS = 3
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,6 +76,25 @@ class ServerProcess:
         start_timeout: float = 60.0,
     ) -> None:
         self.credentials = credentials
+        # The ports are picked free, then bound by the server a moment later: another
+        # process (an outgoing connection's ephemeral port) may take one in between. Such a
+        # start is tried again on new ports; any other failure is the test's.
+        for attempt in range(_START_ATTEMPTS):
+            self._spawn(args, env)
+            try:
+                if wait:
+                    self.wait_serving(start_timeout)
+                return
+            except RuntimeError:
+                lost = attempt + 1 < _START_ATTEMPTS and self._lost_a_picked_port(args)
+                self.kill()
+                if not lost:
+                    raise
+            except BaseException:
+                self.kill()
+                raise
+
+    def _spawn(self, args: Sequence[str], env: dict[str, str] | None) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.metrics_port, extra = _defaults(args)
@@ -92,12 +114,15 @@ class ServerProcess:
         except BaseException:
             self.log_file.close()
             raise
-        try:
-            if wait:
-                self.wait_serving(start_timeout)
-        except BaseException:
-            self.kill()
-            raise
+
+    def _lost_a_picked_port(self, args: Sequence[str]) -> bool:
+        """Whether the server exited because a port this harness picked was taken."""
+        flags = dict(_pairs(args))
+        picked = [] if "--port" in flags else [self.port]
+        if "--metrics-port" not in flags and self.metrics_port:
+            picked.append(self.metrics_port)
+        log = self.logs()
+        return "in use" in log and any(f"127.0.0.1:{port} " in log for port in picked)
 
     def channel(self) -> grpc.Channel:
         """A channel to the server: secure when it serves TLS."""
