@@ -7,9 +7,8 @@ against float64: a kernel experiment costs one GPU call, not a code change per v
         [--page-bytes 262144]
 
 A variant is NAME=minblocks:nstages:stage_bytes[:DEFINE=VALUE...][:waves=W][:warps=N]
-[:maxp=N][:cluster=N][@SRC_DIR] (waves: the split policy's --gpu-split-waves; warps: per
-block; maxp: page ids per split; cluster: --gpu-max-cluster, 1 for sources from before
-the cluster builds); with @SRC_DIR
+[:maxp=N][@SRC_DIR] (waves: the split policy's --gpu-split-waves; warps: per block; maxp:
+page ids per split); with @SRC_DIR
 its .cu/.cuh files come from that directory (e.g. a previous commit's, written there with
 `git show REV:server/backends/cupy/q8_attention_tc.cu`), so a change and its baseline are
 timed in the same run. Prints one JSON line per (variant, shape): median device time
@@ -45,13 +44,10 @@ def parse_variant(text: str) -> tuple[str, GpuTuning, tuple[str, ...], Path]:
     parts = spec.split(":")
     (tuning,) = parse_tunings(":".join(parts[:3]))
     # Lower-case settings are the host's, not defines: waves=W (the split policy's waves),
-    # warps=N (warps per block, kernels.NWARPS), maxp=N (page ids per split, kernels.MAXP),
-    # cluster=N (the most blocks per cluster).
+    # warps=N (warps per block, kernels.NWARPS), maxp=N (page ids per split, kernels.MAXP).
     host = dict(p.split("=", 1) for p in parts[3:] if p[:1].islower())
     if "waves" in host:
         tuning = dataclasses.replace(tuning, split_waves=float(host["waves"]))
-    if "cluster" in host:
-        tuning = dataclasses.replace(tuning, max_cluster=int(host["cluster"]))
     defines = tuple(f"-D{d}" for d in parts[3:] if not d[:1].islower())
     sizes = {"NWARPS": int(host.get("warps", NWARPS)), "MAXP": int(host.get("maxp", MAXP))}
     return name, tuning, defines, Path(src) if src else SOURCES, sizes

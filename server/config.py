@@ -77,7 +77,6 @@ class Config:
     gpu_tc_minblocks: int = 2
     gpu_tc_nstages: int = 2
     gpu_tc_stage_bytes: int = 32768
-    gpu_max_cluster: int = 8
     gpu_prefill_scratch_bytes: int = 512 * 1024 * 1024
 
 
@@ -143,11 +142,6 @@ _FLAGS: dict[str, tuple[object, str]] = {
     "gpu_tc_minblocks": (int, "cupy: attention blocks per SM the registers are capped for"),
     "gpu_tc_nstages": (int, "cupy: attention pipeline stages"),
     "gpu_tc_stage_bytes": (parse_size, "cupy: K/V code bytes per attention pipeline stage"),
-    "gpu_max_cluster": (
-        int,
-        "cupy: most blocks per thread block cluster merging a row tile's attention splits "
-        "(1, 2, 4 or 8; 1: splits merge through global memory only)",
-    ),
     "gpu_prefill_scratch_bytes": (
         parse_size,
         "cupy: device scratch for a prefill launch's K/V dequantized to 16 bits (a launch "

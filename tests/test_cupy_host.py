@@ -8,7 +8,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 from harness.kernel_plans import fake_kernel
-from harness.packed import packed_batch
 from harness.tensors import qkv
 
 from q8kv.format import LayerLayout, tokens_per_page
@@ -121,21 +120,17 @@ def check_row(host: np.ndarray, m: np.ndarray, item: AttendItem, ptab_off: int) 
     )
 
 
-def check_splits(m: np.ndarray, item: AttendItem, kern: kernels.AttnKernel) -> None:
+def check_splits(m: np.ndarray, item: AttendItem, tok: int) -> None:
     """The splits cover the sequence once, in whole stages, each with few enough pages for
-    the kernel's shared-memory page table; in a clustered launch they are whole clusters,
-    the last splits maybe empty (never a whole cluster of them)."""
+    the kernel's shared-memory page table."""
     length, nsplit, chunk = item.start + item.n, m[meta.M_NSPLIT], m[meta.M_CHUNK]
-    assert chunk % kern.tok == 0 and length <= nsplit * chunk
-    assert nsplit % kern.cluster == 0
-    assert (nsplit - kern.cluster) * chunk < length if kern.cluster > 1 else (
-        (nsplit - 1) * chunk < length)  # fmt: skip
+    assert chunk % tok == 0 and (nsplit - 1) * chunk < length <= nsplit * chunk
     assert -(-chunk // item.layout.tokens_per_page) + 1 <= kernels.MAXP
     assert m[meta.M_RT] == -(-item.n * item.layout.group // kernels.ROWS_PER_TILE)
 
 
 def check_prefixes(ln: planning.Launch, rows: np.ndarray, live: list[int],
-                   items: list[AttendItem], batch_counters: int) -> None:  # fmt: skip
+                   items: list[AttendItem]) -> None:  # fmt: skip
     """Within a launch, work units and split counters are prefix sums over its rows; a
     prefill launch has one unit per (kv head, row tile of the kernel's rows) and no splits,
     and a kernel over 16-bit tiles a tile pair per (kv head, tile of the item's length),
@@ -156,12 +151,9 @@ def check_prefixes(ln: planning.Launch, rows: np.ndarray, live: list[int],
             pairs += it.layout.num_kv_heads * -(-(it.start + it.n) // ln.kernel.tok)
             continue
         assert (m[meta.M_UNIT], m[meta.M_CNT], m[meta.M_TILES]) == (units, cnt, -1)
-        check_splits(m, it, ln.kernel)
         units += tiles * m[meta.M_NSPLIT]
         cnt += tiles
     assert ln.units == units
-    if not ln.kernel.prefill:  # a counter per row tile, per rank of a cluster
-        assert batch_counters >= cnt * ln.kernel.cluster
     assert ln.tile_pairs == pairs - ln.first_pair
     assert ln.cached == any(items[j].start > 0 for j in live[ln.meta_row : ln.meta_row + len(rows)])
 
@@ -182,14 +174,15 @@ def test_pack_lays_out_every_item_and_plans_one_launch_per_head_dim_and_kernel()
         meta = host[: len(live) * META * 4].view(np.int32).reshape(len(live), META)
         for row, j in enumerate(live):
             check_row(host, meta[row], items[j], batch.ptab_off)
+            if route_of(items[j]) == planning.DECODE:
+                check_splits(meta[row], items[j], fake_kernel(items[j].layout.head_dim).tok)
         launch_keys = sorted({(items[j].layout.head_dim, route_of(items[j])) for j in live})
         assert [(ln.head_dim, ln.kernel.prefill) for ln in batch.launches] == [
             (d, r != planning.DECODE) for d, r in launch_keys
         ]
         pairs = 0
         for ln in batch.launches:
-            rows = meta[ln.meta_row : ln.meta_row + ln.nitems]
-            check_prefixes(ln, rows, live, items, batch.counters)
+            check_prefixes(ln, meta[ln.meta_row : ln.meta_row + ln.nitems], live, items)
             if ln.tile_pairs:  # the batch's launches share one scratch, in turn
                 assert ln.first_pair == pairs
                 pairs += ln.tile_pairs
@@ -278,33 +271,3 @@ def test_outputs_come_back_in_each_items_dtype() -> None:
     owned = transfers.split_outputs(outputs, items, narrow, True)
     reused = transfers.split_outputs(outputs, items, narrow, False)
     assert np.shares_memory(owned[0], narrow) and not np.shares_memory(reused[0], narrow)
-
-
-@pytest.mark.parametrize(
-    ("batch", "length", "cluster", "nsplit"),
-    [(1, 1024, 8, 8), (1, 32768, 8, 32), (16, 16384, 2, 2), (64, 16384, 1, 1), (1, 16, 1, 1)],
-)
-def test_decode_splits_merge_in_clusters_of_whole_row_tiles(batch, length, cluster, nsplit):
-    """The decode shapes of benchmarks/kernels.py on an H200 (132 SMs, 2 blocks each):
-    a launch's splits go in clusters where every row tile has several, each tile's splits a
-    whole number of clusters (33 splits at 1 x 32,768 become 4 clusters of 8), and both
-    packings plan the same; without cluster builds (--gpu-max-cluster 1, before sm_90)
-    the plain kernel takes every launch."""
-    rng = np.random.default_rng(31)
-    layout = LayerLayout(32, 8, 128, tokens_per_page(65536, 8, 128))
-    starts = [length - 1] * batch
-    packed = packed_batch(rng, layout, 1 << 20, starts, 1, np.float16)
-    host = lambda nb: np.zeros(nb + 64, np.uint8)  # noqa: E731
-    for max_cluster in (8, 1):
-        policy = packing.SplitPolicy(132, 1.0, 48, max_cluster)
-        plan = packing.pack(packed.items(), host, fake_kernel, policy)
-        (ln,) = plan.launches
-        (same,) = packing.pack_packed(packed, host, fake_kernel, policy).launches
-        assert (same.kernel.cluster, same.units) == (ln.kernel.cluster, ln.units)
-        want = min(cluster, max_cluster)
-        assert ln.kernel.cluster == want
-        assert ln.units % want == 0
-        if want > 1:
-            assert ln.units == batch * 8 * nsplit
-            assert plan.counters == batch * 8 * want
-

@@ -70,8 +70,8 @@ def packed_both_ways(batch: PackedItems, policy: packing.SplitPolicy):
 
 
 def launches(batch: packing.Batch) -> list[tuple]:
-    return [(ln.meta_row, ln.nitems, ln.units, ln.head_dim, ln.kernel.tok, ln.kernel.cluster,
-             ln.tile_pairs) for ln in batch.launches]  # fmt: skip
+    return [(ln.meta_row, ln.nitems, ln.units, ln.head_dim, ln.kernel.tok, ln.tile_pairs)
+            for ln in batch.launches]  # fmt: skip
 
 
 @pytest.mark.parametrize(

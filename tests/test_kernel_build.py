@@ -16,11 +16,9 @@ def test_every_kernel_build_compiles_without_spills() -> None:
     results = [build_check.compile_one(*b) for b in build_check.builds()]
     names = [r.name for r in results]
     assert "q8_pages.cu" in names
-    attention = [n for n in names if n.startswith("q8_attention_tc.cu")]
-    plain = [n for n in attention if "CLUSTER" not in n]
-    assert len(plain) == kernels.MAX_HEAD_DIM // 32, "one attention build per head_dim"
-    # and its cluster builds' epilogues, of 2 and of 8 blocks
-    assert len(attention) == 3 * len(plain) and any(n.endswith("CLUSTER=8") for n in attention)
+    assert sum(n.startswith("q8_attention_tc.cu") for n in names) == kernels.MAX_HEAD_DIM // 32, (
+        "one attention build per head_dim"
+    )
     assert sum(n.startswith("q8_prefill.cu") for n in names) == kernels.MAX_HEAD_DIM // 32
     bad = [(r.name, r.ok, r.spill_bytes, r.stack_bytes) for r in results if not r.clean]
     assert not bad, f"kernel builds with errors or spills: {bad}"

@@ -123,23 +123,6 @@ def test_attention_with_other_tuning(tuning, rng):
         pair.close()
 
 
-@pytest.mark.parametrize("max_cluster", [1, 2, 4, 8])
-def test_splits_merge_in_thread_block_clusters(max_cluster, rng):
-    """With 23 to 48 splits per row tile, the splits of a tile merge through distributed
-    shared memory in clusters of up to --gpu-max-cluster blocks and then, several clusters
-    a tile, through global memory; results as exact as the merge through global memory
-    alone (max_cluster 1)."""
-    pair = Pair(4096, 8192, rng, GpuTuning(max_cluster=max_cluster))
-    try:
-        pair.gpu.split_waves = 4  # splits of one stage: 3,000 tokens is 24 of them
-        items, pages = case(pair, rng, 8, 2, 128, [3000, 4100, 9000], 1, np.float16)
-        (launch,) = pair.gpu.prepare(items).launches
-        assert launch.kernel.cluster == max_cluster
-        run_and_check(pair, items, pages)
-    finally:
-        pair.close()
-
-
 def test_a_pipeline_too_big_for_the_device_is_refused():
     with pytest.raises(ValueError, match="--gpu-tc-nstages 16"):
         CupyBackend(4, 4096, tuning=GpuTuning(tc_nstages=16))

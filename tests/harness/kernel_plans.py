@@ -16,14 +16,5 @@ def fake_kernel(head_dim: int, route: int = planning.DECODE) -> kernels.AttnKern
                                       tiles=object(), tile_bytes=pair_bytes)  # fmt: skip
         tok = kernels.prefill_tile_tokens(head_dim)
         return kernels.AttnKernel(None, tok, kernels.PREFILL_ROWS, 0, 2, prefill=True)
-    tuning = GpuTuning()
-    tok = kernels.tokens_per_stage(head_dim, tuning)
-    return _decode_kernel(tok, 1, kernels.cluster_sizes("90"))
-
-
-def _decode_kernel(tok: int, cluster: int, sizes: tuple[int, ...]) -> kernels.AttnKernel:
-    """q8_attend as on an H100/H200: its cluster builds on demand, as the backend's."""
-    return kernels.AttnKernel(
-        None, tok, kernels.ROWS_PER_TILE, 0, 2, cluster=cluster, cluster_sizes=sizes,
-        build_cluster=lambda size: _decode_kernel(tok, size, sizes),
-    )  # fmt: skip
+    tok = kernels.tokens_per_stage(head_dim, GpuTuning())
+    return kernels.AttnKernel(None, tok, kernels.ROWS_PER_TILE, 0, 2)

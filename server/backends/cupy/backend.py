@@ -130,8 +130,7 @@ class CupyBackend(Backend):
     # -- packing ---------------------------------------------------------------------------
 
     def _policy(self) -> SplitPolicy:
-        tuning = self.tuning
-        return SplitPolicy(self._sm_count, self.split_waves, tuning.max_splits, tuning.max_cluster)
+        return SplitPolicy(self._sm_count, self.split_waves, self.tuning.max_splits)
 
     def prepare(self, items: Sequence[AttendItem], own_device_copy: bool = False) -> Batch:
         """Pack ``items`` into the pinned host buffer and plan the launches."""

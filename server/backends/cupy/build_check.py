@@ -54,11 +54,6 @@ def builds(tuning: GpuTuning | None = None) -> list[tuple[str, str, tuple[str, .
     for head_dim in range(QBLOCK, kernels.MAX_HEAD_DIM + 1, QBLOCK):
         name = f"q8_attention_tc.cu D={head_dim}"
         out.append((name, attention, kernels.attention_options(head_dim, tuning)))
-        # The cluster builds (sm_90) differ in the epilogue: the smallest and the largest.
-        sizes = kernels.cluster_sizes("90")
-        for cluster in sorted({sizes[0], sizes[-1]}) if sizes else ():
-            options = kernels.attention_options(head_dim, tuning, cluster)
-            out.append((f"{name} CLUSTER={cluster}", attention, options))
     prefill = kernels.source("q8_prefill.cu")
     for head_dim in range(QBLOCK, kernels.MAX_HEAD_DIM + 1, QBLOCK):
         out.append((f"q8_prefill.cu D={head_dim}", prefill, kernels.prefill_options(head_dim)))

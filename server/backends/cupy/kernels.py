@@ -15,14 +15,13 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from q8kv.format import QBLOCK
 
-from .tuning import CLUSTER_SIZES, GpuTuning
+from .tuning import GpuTuning
 from .wgmma import wgmma_wrappers
 
 if TYPE_CHECKING:
@@ -57,18 +56,6 @@ class AttnKernel:
     tiles: Any = None
     tile_bytes: int = 0
     fallback: AttnKernel | None = None
-    # q8_attend's thread block clusters (sm_90): this build's blocks per cluster, the sizes
-    # the planner may ask for, and what compiles one on first use.
-    cluster: int = 1
-    cluster_sizes: tuple[int, ...] = ()
-    build_cluster: Callable[[int], AttnKernel] | None = None
-
-    def clustered(self, size: int) -> AttnKernel:
-        """The same kernel built for clusters of ``size`` blocks (one of cluster_sizes)."""
-        if size == self.cluster:
-            return self
-        assert self.build_cluster is not None and size in self.cluster_sizes, size
-        return self.build_cluster(size)
 
 
 # Experiments only (benchmarks/kernel_variants.py, decode_profile.py): extra -D options of
@@ -127,7 +114,7 @@ def attention_smem(head_dim: int, tuning: GpuTuning) -> int:
     return tuning.tc_nstages * stage
 
 
-def attention_options(head_dim: int, tuning: GpuTuning, cluster: int = 1) -> tuple[str, ...]:
+def attention_options(head_dim: int, tuning: GpuTuning) -> tuple[str, ...]:
     """NVRTC options of the attention kernel (its compile-time constants)."""
     return (
         "--std=c++17",
@@ -141,15 +128,8 @@ def attention_options(head_dim: int, tuning: GpuTuning, cluster: int = 1) -> tup
         f"-DMINBLOCKS={tuning.tc_minblocks if head_dim <= 128 else 1}",
         # Past D = 128 the q digits would spill from registers: shared memory holds them.
         f"-DQD_SMEM={int(head_dim > 128)}",
-        f"-DCLUSTER={cluster}",
         *EXTRA_DEFINES,
     )
-
-
-def cluster_sizes(cc: str) -> tuple[int, ...]:
-    """The attention kernel's cluster builds on a device of compute capability ``cc``:
-    thread block clusters are sm_90's."""
-    return CLUSTER_SIZES if int(cc) >= 90 else ()
 
 
 def prefill_tile_tokens(head_dim: int) -> int:
@@ -236,21 +216,19 @@ def pages_module(device_id: int) -> cp.RawModule:
     return mod
 
 
-def attention_kernel(
-    device_id: int, head_dim: int, tuning: GpuTuning, cluster: int = 1
-) -> AttnKernel:
-    """q8_attend for ``head_dim`` on ``device_id``, compiled once per tuning (and cluster
-    size: those builds on first use, ``AttnKernel.clustered``)."""
-    # split_waves, max_splits, max_cluster only steer the planning: they do not recompile.
+def attention_kernel(device_id: int, head_dim: int, tuning: GpuTuning) -> AttnKernel:
+    """q8_attend for ``head_dim`` on ``device_id``, compiled once per tuning."""
+    # split_waves and max_splits only steer the planning: they do not recompile.
     key = (device_id, head_dim, tuning.tc_minblocks, tuning.tc_nstages, tuning.tc_stage_bytes,
-           EXTRA_DEFINES, NWARPS, MAXP, cluster)  # fmt: skip
+           EXTRA_DEFINES, NWARPS, MAXP)  # fmt: skip
     kern = _ATTN_KERNELS.get(key)
     if kern is None:
         import cupy as cp
 
         with cp.cuda.Device(device_id):
-            options = attention_options(head_dim, tuning, cluster)
-            mod = cp.RawModule(code=source("q8_attention_tc.cu"), options=options)
+            mod = cp.RawModule(
+                code=source("q8_attention_tc.cu"), options=attention_options(head_dim, tuning)
+            )
             fn = mod.get_function("q8_attend")
             smem = attention_smem(head_dim, tuning)
             fn.max_dynamic_shared_size_bytes = smem
@@ -262,9 +240,6 @@ def attention_kernel(
                 _blocks_per_sm(fn, smem, NWARPS),
                 threads=32 * NWARPS,
                 max_pages=MAXP,
-                cluster=cluster,
-                cluster_sizes=cluster_sizes(compute_capability(device_id)),
-                build_cluster=lambda size: attention_kernel(device_id, head_dim, tuning, size),
             )
         _ATTN_KERNELS[key] = kern
     return kern

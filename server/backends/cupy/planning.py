@@ -72,12 +72,6 @@ class SplitPolicy:
     sm_count: int
     split_waves: float  # splits per launch aim at this many waves of resident blocks
     max_splits: int  # splits per row tile at most
-    max_cluster: int = 8  # blocks per thread block cluster at most (--gpu-max-cluster)
-
-
-def max_chunk_tokens(tok: int, tokens_per_page: int, max_pages: int) -> int:
-    """The most tokens of one split: whole stages whose page ids fit ``max_pages``."""
-    return max(tok, ((max_pages - 1) * tokens_per_page // tok) * tok)
 
 
 def split(
@@ -86,36 +80,11 @@ def split(
     """(splits, tokens per split) of one row tile's ``length`` tokens: about ``ideal`` each,
     a multiple of the stage, balanced, and few enough pages per split (``max_pages``) for
     shared memory."""
-    max_chunk = max_chunk_tokens(tok, tokens_per_page, max_pages)
+    max_chunk = max(tok, ((max_pages - 1) * tokens_per_page // tok) * tok)
     nsplit = min(max_splits, max(1, round(length / ideal)))
     nsplit = max(nsplit, -(-length // max_chunk))  # page ids must fit smem
     chunk = -(-math.ceil(length / nsplit) // tok) * tok  # balanced splits
     return -(-length // chunk), chunk
-
-
-def cluster_size(kern: AttnKernel, min_splits: int, max_cluster: int) -> int:
-    """Blocks per thread block cluster of a launch whose row tiles have at least
-    ``min_splits`` splits (1: none): of the kernel's cluster builds not above it or
-    ``max_cluster``, the one whose multiple is nearest to it, the larger on a tie (33 -> 8,
-    12 -> 4, 2 -> 2)."""
-    sizes = [c for c in kern.cluster_sizes if c <= min(min_splits, max_cluster)]
-    if not sizes:
-        return 1
-    return min(sizes, key=lambda c: (abs(round(min_splits / c) * c - min_splits), -c))
-
-
-def cluster_splits(
-    lens: np.ndarray, nsplit: np.ndarray, size: int, tok: int, max_chunk: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(splits, tokens per split) per row tile with the splits rounded to the nearest
-    multiple of the cluster ``size`` (at least one cluster; more where a split's page ids
-    would not fit): a cluster is all splits of one tile. Up to size - 1 trailing splits may
-    be empty (a chunk in whole stages can cover the tile in fewer)."""
-    groups = np.maximum(1, np.rint(nsplit / size)).astype(np.int64)
-    groups = np.maximum(groups, -(-lens // (max_chunk * size)))
-    chunk = -(-np.ceil(lens / (groups * size)).astype(np.int64) // tok) * tok
-    used = -(-lens // chunk)
-    return -(-used // size) * size, chunk
 
 
 def plan_launch(
@@ -136,21 +105,11 @@ def plan_launch(
     # Splits as short as one stage: at batch 1 the per-stage compute latency, not the
     # merge, dominates (4-stage minimum measured 21 us vs 16 us at 1 x 1024).
     ideal = max(tok, math.ceil(work / slots))
-    per_page = [it.layout.tokens_per_page for it in rows]
-    splits = [
-        split(n, ideal, tok, t, policy.max_splits, kern.max_pages)
-        for n, t in zip(lens, per_page, strict=True)
-    ]
-    size = cluster_size(kern, min(n for n, _ in splits), policy.max_cluster)
-    if size > 1:
-        kern = kern.clustered(size)
-        max_chunk = np.array([max_chunk_tokens(tok, t, kern.max_pages) for t in per_page])
-        nsplits, chunks = cluster_splits(
-            np.array(lens), np.array([n for n, _ in splits]), size, tok, max_chunk
-        )
-        splits = list(zip(nsplits.tolist(), chunks.tolist(), strict=True))
     units = cnt = 0
-    for r, (nsplit, chunk) in enumerate(splits):
+    for r, it in enumerate(rows):
+        nsplit, chunk = split(
+            lens[r], ideal, tok, it.layout.tokens_per_page, policy.max_splits, kern.max_pages
+        )
         m = meta[r]
         m[M_RT] = row_tiles[r]
         m[M_NSPLIT], m[M_CHUNK] = nsplit, chunk
@@ -158,8 +117,7 @@ def plan_launch(
         units += tiles[r] * nsplit
         cnt += tiles[r]
     head_dim = rows[0].layout.head_dim
-    # A cluster's blocks count their merges per rank.
-    return Launch(kern, first_row, len(rows), units, head_dim), cnt * size
+    return Launch(kern, first_row, len(rows), units, head_dim), cnt
 
 
 def plan_prefill(
@@ -256,7 +214,7 @@ def plan_packed(
     # The ufuncs' reduce, not .sum() or .max(): their Python wrappers cost more here.
     slots = policy.sm_count * kern.blocks_per_sm * policy.split_waves
     ideal = max(tok, math.ceil(tiles * (int(np.add.reduce(starts)) + count * n) / slots))
-    max_chunk = max_chunk_tokens(tok, t, kern.max_pages)
+    max_chunk = max(tok, ((kern.max_pages - 1) * t // tok) * tok)
     top = int(np.maximum.reduce(starts)) + n  # the longest row's length
     # One split each where split() gives that to the longest row (so to every row): its
     # round(top / ideal) <= 1, exactly 2 * top < 3 * ideal (1.5 rounds to 2), or
@@ -274,11 +232,6 @@ def plan_packed(
     nsplit = np.maximum(nsplit, -(-lens // max_chunk))
     chunk = -(-np.ceil(lens / nsplit).astype(np.int64) // tok) * tok
     nsplit = -(-lens // chunk)
-    size = cluster_size(kern, int(np.minimum.reduce(nsplit)), policy.max_cluster)
-    if size > 1:
-        kern = kern.clustered(size)
-        nsplit, chunk = cluster_splits(lens, nsplit, size, tok, np.int64(max_chunk))
     units = tiles * nsplit
     columns = [(M_NSPLIT, nsplit), (M_CHUNK, chunk), (M_UNIT, np.cumsum(units) - units)]
-    launch = Launch(kern, 0, count, int(units.sum()), lay.head_dim)
-    return launch, count * tiles * size, columns
+    return Launch(kern, 0, count, int(units.sum()), lay.head_dim), count * tiles, columns

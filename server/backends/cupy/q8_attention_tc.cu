@@ -45,19 +45,6 @@
 #ifndef MAXP  // page ids of one split held in shared memory (the host passes kernels.MAXP)
 #define MAXP 1024
 #endif
-// CLUSTER > 1 (sm_90): blocks of CLUSTER consecutive units form a thread block cluster, all
-// splits of one row tile (the host makes every nsplit a multiple of CLUSTER), and merge
-// their partials through distributed shared memory: no global partials, fence and counter
-// for a tile of CLUSTER splits, and CLUSTER times fewer partials merged through global
-// memory past that.
-#ifndef CLUSTER
-#define CLUSTER 1
-#endif
-#if CLUSTER > 1
-#define CLUSTER_DIMS __cluster_dims__(CLUSTER, 1, 1)
-#else
-#define CLUSTER_DIMS
-#endif
 #define NEG_INF __int_as_float(0xff800000)
 
 constexpr int D = HEAD_DIM;
@@ -81,9 +68,7 @@ constexpr int STAGE_BYTES = STAGE_CODE_BYTES + 2 * TOK * NB * 4;
 static_assert(D % 32 == 0 && D <= MAX_HEAD_DIM, "head_dim not supported");
 static_assert(GT == 8, "the tensor-core kernel serves 8 rows per tile");
 static_assert(NT >= PIECES, "head_dim too large for the copy mapping");
-// Reduction scratch in the stage buffers: the warps' partials, then the block's (CLUSTER).
-static_assert((NWARPS + 1) * GT * (D + 2) * 4 <= NSTAGES * STAGE_BYTES,
-              "reduction scratch too big");
+static_assert(NWARPS * GT * (D + 2) * 4 <= NSTAGES * STAGE_BYTES, "reduction scratch too big");
 
 // Diagnostics (benchmarks/kernel_variants.py): STAGING_ONLY runs the copies alone,
 // COMPUTE_ONLY the math on zero-filled stages (no global reads).
@@ -190,69 +175,7 @@ __device__ __forceinline__ void load_q_row(const unsigned char* qb, long long e,
       }
 }
 
-#if CLUSTER > 1
-// Both halves of a cluster barrier: every thread of every block of the cluster arrives
-// (its shared-memory writes released) before any goes on (acquiring the others').
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n"
-               ::: "memory");
-}
-// The shared-memory address saddr of this block mapped to the same offset in block `rank`
-// of the cluster.
-__device__ __forceinline__ unsigned cluster_addr(unsigned saddr, unsigned rank) {
-  unsigned r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(saddr), "r"(rank));
-  return r;
-}
-__device__ __forceinline__ float4 ld_cluster4(unsigned addr) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ float2 ld_cluster2(unsigned addr) {
-  float2 v;
-  asm volatile("ld.shared::cluster.v2.f32 {%0,%1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr));
-  return v;
-}
-#endif
-
-// Online merge of `count` partials (16-byte accumulators and (max, sum) pairs, loaded CH at
-// once) into A, M, L: partial s of entry v at acc(s), ml(s).
-template <int CH, typename AccAt, typename MlAt>
-__device__ __forceinline__ void merge_partials(int count, AccAt acc_at, MlAt ml_at, float4& A,
-                                               float& M, float& L) {
-  for (int s0 = 0; s0 < count; s0 += CH) {
-    float2 ml[CH];
-    float4 x[CH];
-#pragma unroll
-    for (int k = 0; k < CH; ++k) {
-      const int s = s0 + k;
-      ml[k] = make_float2(NEG_INF, 0.0f);
-      x[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (s < count) {
-        ml[k] = ml_at(s);
-        x[k] = acc_at(s);
-      }
-    }
-    float Mc = M;
-#pragma unroll
-    for (int k = 0; k < CH; ++k) Mc = fmaxf(Mc, ml[k].x);
-    const float a = sexp2(M, Mc);  // 0 while nothing is summed yet
-    M = Mc;
-    L *= a;
-    A = make_float4(A.x * a, A.y * a, A.z * a, A.w * a);
-#pragma unroll
-    for (int k = 0; k < CH; ++k) {
-      const float e = sexp2(ml[k].x, Mc);
-      L = fmaf(ml[k].y, e, L);
-      A = make_float4(fmaf(x[k].x, e, A.x), fmaf(x[k].y, e, A.y), fmaf(x[k].z, e, A.z),
-                      fmaf(x[k].w, e, A.w));
-    }
-  }
-}
-
-extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(NT, MINBLOCKS) q8_attend(
+extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
     const int* __restrict__ meta, int nitems, const int* __restrict__ ptab,
     const unsigned char* __restrict__ inbuf, const signed char* __restrict__ codes,
     const float* __restrict__ scales, int page_code_bytes, float* __restrict__ out,
@@ -606,27 +529,12 @@ extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(NT, MINBLOCKS) q8_atte
   }
   __syncthreads();
 
-  const bool single = nsplit == 1;  // never with CLUSTER > 1 (nsplit is a multiple of it)
+  const bool single = nsplit == 1;
   // Only the tile's real rows are combined, written and merged (a decode step with a group
   // of 4 fills 4 of the 8).
   const int rows_here = min(GT, nrows - row0);
   const int H_ = H;
   float* outp = out + im[M_OUT];
-  auto write_out = [&](int r, int d, float4 A, float L) {
-    const int row = row0 + r;
-    const int i = row / G, head = kvh * G + row % G;
-    const float inv = 1.0f / L;
-    *reinterpret_cast<float4*>(outp + ((long long)i * H_ + head) * D + d) =
-        make_float4(A.x * inv, A.y * inv, A.z * inv, A.w * inv);
-  };
-  auto write_part = [&](int u, int r, int d, float4 A, float M, float L) {
-    *reinterpret_cast<float4*>(part + ((long long)u * GT + r) * D + d) = A;
-    if (d == 0) *reinterpret_cast<float2*>(part_ml + ((long long)u * GT + r) * 2) =
-        make_float2(M, L);
-  };
-  // The block's partial [GT][D] and (max, sum) [GT][2] in shared memory (CLUSTER > 1).
-  float* bpart = redml + NWARPS * GT * 2;
-  float* bml = bpart + GT * D;
   // Each thread combines 4 adjacent dims of a row across the warps (16-byte accesses).
   constexpr int DV = D / 4;
   for (int v = tid; v < rows_here * DV; v += NT) {
@@ -645,71 +553,76 @@ extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(NT, MINBLOCKS) q8_atte
                       fmaf(x.w, e, A.w));
     }
     if (single) {
-      write_out(r, d, A, L);
-    } else if (CLUSTER > 1) {
-      *reinterpret_cast<float4*>(bpart + r * D + d) = A;
-      if (d == 0) *reinterpret_cast<float2*>(bml + 2 * r) = make_float2(M, L);
+      const int row = row0 + r;
+      const int i = row / G, head = kvh * G + row % G;
+      const float inv = 1.0f / L;
+      *reinterpret_cast<float4*>(outp + ((long long)i * H_ + head) * D + d) =
+          make_float4(A.x * inv, A.y * inv, A.z * inv, A.w * inv);
     } else {
-      write_part(unit, r, d, A, M, L);
+      *reinterpret_cast<float4*>(part + ((long long)unit * GT + r) * D + d) = A;
+      if (d == 0) {
+        part_ml[((long long)unit * GT + r) * 2] = M;
+        part_ml[((long long)unit * GT + r) * 2 + 1] = L;
+      }
     }
   }
   if (single) return;
 
-  // What the last block to finish merges through global memory: partials [0, parts) of the
-  // row tile, `stride` units apart from the tile's first unit, entries [v_lo, v_hi).
-  int parts = nsplit, stride = 1, v_lo = 0, v_hi = rows_here * DV;
-  int* counter = counters + im[M_CNT] + rest;
-#if CLUSTER > 1
-  cluster_sync();  // every block's partial is in its shared memory
-  // Rank r of the cluster merges a CLUSTER-th of the entries over the cluster's blocks.
-  const int rank = split % CLUSTER;  // units of a tile are consecutive, clusters aligned
-  constexpr int PER = (GT * DV + CLUSTER - 1) / CLUSTER;
-  parts = nsplit / CLUSTER;
-  stride = CLUSTER;
-  v_lo = rank * PER;
-  v_hi = min(v_lo + PER, v_hi);
-  counter = counters + (im[M_CNT] + rest) * CLUSTER + rank;
-  const unsigned bpart_u = (unsigned)__cvta_generic_to_shared(bpart);
-  const unsigned bml_u = (unsigned)__cvta_generic_to_shared(bml);
-  for (int v = v_lo + tid; v < v_hi; v += NT) {
-    const int r = v / DV, d = 4 * (v - r * DV);
-    float M = NEG_INF, L = 0.0f;
-    float4 A = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    merge_partials<CLUSTER>(
-        CLUSTER, [&](int q) { return ld_cluster4(cluster_addr(bpart_u + 4 * (r * D + d), q)); },
-        [&](int q) { return ld_cluster2(cluster_addr(bml_u + 8 * r, q)); }, A, M, L);
-    if (parts == 1) write_out(r, d, A, L);
-    else write_part(unit - rank, r, d, A, M, L);  // the cluster's partial: its first unit's
-  }
-  cluster_sync();  // no block leaves while another reads its shared memory
-  if (parts == 1) return;
-#endif
-
-  // The last to finish of the row tile's blocks (CLUSTER > 1: of its blocks of one rank)
-  // merges all partials. (Cooperative groups' grid barrier pattern: the block's writes are
-  // ordered before thread 0's fence by the barrier; thread 0's fence after the count orders
-  // the reads below after the others'.)
+  // The last split of this row tile to finish merges all of them. (Cooperative groups'
+  // grid barrier pattern: the block's writes are ordered before thread 0's fence by the
+  // barrier; thread 0's fence after the count orders the reads below after the others'.)
   __syncthreads();
+  int* counter = counters + im[M_CNT] + rest;
   if (tid == 0) {
     __threadfence();
-    last_s = atomicAdd(counter, 1) == parts - 1;
+    last_s = atomicAdd(counter, 1) == nsplit - 1;
     if (last_s) __threadfence();
   }
   __syncthreads();
   if (!last_s) return;
-  // Each thread merges 4 adjacent dims of a row over the partials in one pass: 8 partials'
-  // (max, sum) and outputs loaded at once (16-byte loads), then an online rescale per 8.
+  // Each thread merges 4 adjacent dims of a row over the splits in one pass: CH splits'
+  // (max, sum) and outputs loaded at once (16-byte loads), then an online rescale per chunk.
+  constexpr int CH = 8;
   const int ufirst = unit - split;
   const float4* pbase = reinterpret_cast<const float4*>(part) + (long long)ufirst * GT * DV;
   const float2* mlbase = reinterpret_cast<const float2*>(part_ml) + (long long)ufirst * GT;
-  for (int v = v_lo + tid; v < v_hi; v += NT) {
-    const int r = v / DV, d = 4 * (v - r * DV);
-    float M = NEG_INF, L = 0.0f;
+  for (int v = tid; v < rows_here * DV; v += NT) {
+    const int r = v / DV;
+    float Mrun = NEG_INF, L = 0.0f;
     float4 A = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    merge_partials<8>(
-        parts, [&](int s) { return __ldcg(pbase + (long long)s * stride * GT * DV + v); },
-        [&](int s) { return __ldcg(mlbase + (long long)s * stride * GT + r); }, A, M, L);
-    write_out(r, d, A, L);
+    for (int s0 = 0; s0 < nsplit; s0 += CH) {
+      float2 ml[CH];
+      float4 x[CH];
+#pragma unroll
+      for (int k = 0; k < CH; ++k) {
+        const int s = s0 + k;
+        ml[k] = make_float2(NEG_INF, 0.0f);
+        x[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (s < nsplit) {
+          ml[k] = __ldcg(mlbase + (long long)s * GT + r);
+          x[k] = __ldcg(pbase + (long long)s * GT * DV + v);
+        }
+      }
+      float Mc = Mrun;
+#pragma unroll
+      for (int k = 0; k < CH; ++k) Mc = fmaxf(Mc, ml[k].x);
+      const float a = sexp2(Mrun, Mc);  // 0 while nothing is summed yet
+      Mrun = Mc;
+      L *= a;
+      A = make_float4(A.x * a, A.y * a, A.z * a, A.w * a);
+#pragma unroll
+      for (int k = 0; k < CH; ++k) {
+        const float e = sexp2(ml[k].x, Mc);
+        L = fmaf(ml[k].y, e, L);
+        A = make_float4(fmaf(x[k].x, e, A.x), fmaf(x[k].y, e, A.y), fmaf(x[k].z, e, A.z),
+                        fmaf(x[k].w, e, A.w));
+      }
+    }
+    const float inv = 1.0f / L;
+    const int row = row0 + r, d = 4 * (v - r * DV);
+    const int i = row / G, head = kvh * G + row % G;
+    *reinterpret_cast<float4*>(outp + ((long long)i * H_ + head) * D + d) =
+        make_float4(A.x * inv, A.y * inv, A.z * inv, A.w * inv);
   }
   if (tid == 0) *counter = 0;  // ready for the next launch
 }

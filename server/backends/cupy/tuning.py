@@ -13,10 +13,7 @@ from typing import Any
 # Integer knob -> (least, greatest or None). The cp.async pipeline waits for all but
 # NSTAGES - 2 stages, so it needs two; 16 blocks of 128 threads fill an SM's 2048.
 _BOUNDS = {"max_splits": (1, None), "tc_minblocks": (1, 16), "tc_nstages": (2, None),
-           "tc_stage_bytes": (1, None), "prefill_scratch_bytes": (0, None),
-           "max_cluster": (1, 8)}  # fmt: skip
-# Thread block clusters of the attention kernel: 8 blocks is the portable most.
-CLUSTER_SIZES = (2, 4, 8)
+           "tc_stage_bytes": (1, None), "prefill_scratch_bytes": (0, None)}  # fmt: skip
 
 
 def flag(knob: str) -> str:
@@ -37,9 +34,6 @@ class GpuTuning:
     tc_minblocks: int = 2
     tc_nstages: int = 2
     tc_stage_bytes: int = 32768  # code bytes per pipeline stage (STAGE_CODE_TARGET)
-    # Splits of a row tile merge through distributed shared memory in clusters of up to
-    # this many blocks (sm_90; CLUSTER in q8_attention_tc.cu): 1, 2, 4 or 8, 1 never.
-    max_cluster: int = 8
     # Device scratch for a prefill launch's K/V dequantized to 16 bits (4 KiB a token at
     # KVH = 8, D = 128: 512 MiB holds 128K tokens). A launch that needs more, or finds no
     # free memory for it, runs on the kernel that dequantizes in its loop; 0: always.
@@ -53,9 +47,6 @@ class GpuTuning:
             if value < least or (most is not None and value > most):
                 expected = f">= {least}" if most is None else f"{least}..{most}"
                 raise ValueError(f"{flag(knob)}: expected {expected}, got {value}")
-        if self.max_cluster not in (1, *CLUSTER_SIZES):
-            expected = "1, 2, 4 or 8"
-            raise ValueError(f"{flag('max_cluster')}: expected {expected}, got {self.max_cluster}")
 
     @classmethod
     def from_config(cls, config: Any) -> GpuTuning:
