@@ -49,21 +49,15 @@ def roundf(y: np.ndarray) -> np.ndarray:
     return rounded
 
 
-# Below this many values one reduction beats the folds (a decode step's k/v: 2,048 values,
-# 10 us against 13 us); above it the folds win, by 2x from 100k values.
-_FOLD_FROM = 4096
-
-
 def _absmax(blocks: np.ndarray) -> np.ndarray:
-    """max |x| over the last axis (a power of two long), as halves folded together: the
-    same values as np.max(axis=-1) (max is exact), a few times faster on short rows."""
-    folded = np.abs(blocks)
-    if folded.size < _FOLD_FROM:
-        return np.maximum.reduce(folded, axis=-1)  # .max(axis=-1) without its wrapper
-    while folded.shape[-1] > 1:
-        half = folded.shape[-1] // 2
-        folded = np.maximum(folded[..., :half], folded[..., half:])
-    return folded[..., 0]
+    """max |x| over the last axis: the same values as np.max(axis=-1) (max is exact), taken
+    over the bits as int32. Non-negative floats order like their bits (NaN's above +Inf, so
+    a NaN still comes out NaN), and numpy's integer reduction over a short last axis is 2-3x
+    faster than its float one (which checks every element for NaN): 2-vCPU dev VM, 284 vs
+    168 us for a packed step's 131k values, 15 vs 5.5 us for a decode step's 2k."""
+    magnitude = np.abs(blocks)
+    bits = np.maximum.reduce(magnitude.view(np.int32), axis=-1)
+    return bits.view(np.float32)
 
 
 def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
