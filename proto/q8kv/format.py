@@ -42,28 +42,26 @@ def roundf(y: np.ndarray) -> np.ndarray:
     half-to-even and move the exact ties away from zero instead.
     """
     rounded = np.rint(y)
-    # y - rint(y) is exact for |y| < 2**23 (and 0 above, where y is an integer already).
-    tie = np.abs(y - rounded) == np.float32(0.5)
-    if tie.any():  # rare; np.where over every value costs ~10x a plain ufunc pass
+    # y - rint(y) is exact for |y| < 2**23 (and 0 above, where y is an integer already), at
+    # most 0.5: a tie exists iff its largest magnitude is 0.5. One reduction finds that (no
+    # boolean array and .any(): 1.4x faster on a packed step's codes); NaN compares false.
+    off = y - rounded
+    np.abs(off, out=off)
+    if off.size and np.maximum.reduce(off, axis=None) == np.float32(0.5):
+        tie = off == np.float32(0.5)  # rare; np.where over every value costs ~10x a pass
         rounded[tie] = np.trunc(y[tie]) + np.sign(y[tie])
     return rounded
 
 
-# Below this many values one reduction beats the folds (a decode step's k/v: 2,048 values,
-# 10 us against 13 us); above it the folds win, by 2x from 100k values.
-_FOLD_FROM = 4096
-
-
 def _absmax(blocks: np.ndarray) -> np.ndarray:
-    """max |x| over the last axis (a power of two long), as halves folded together: the
-    same values as np.max(axis=-1) (max is exact), a few times faster on short rows."""
-    folded = np.abs(blocks)
-    if folded.size < _FOLD_FROM:
-        return np.maximum.reduce(folded, axis=-1)  # .max(axis=-1) without its wrapper
-    while folded.shape[-1] > 1:
-        half = folded.shape[-1] // 2
-        folded = np.maximum(folded[..., :half], folded[..., half:])
-    return folded[..., 0]
+    """max |x| over the last axis: the same values as np.max(axis=-1) (max is exact), taken
+    over the bits as int32. Non-negative floats order like their bits (NaN's above +Inf, so
+    a NaN still comes out NaN), and numpy's integer reduction over a short last axis is 2-3x
+    faster than its float one (which checks every element for NaN): 2-vCPU dev VM, 284 vs
+    168 us for a packed step's 131k values, 15 vs 5.5 us for a decode step's 2k."""
+    magnitude = np.abs(blocks)
+    bits = np.maximum.reduce(magnitude.view(np.int32), axis=-1)
+    return bits.view(np.float32)
 
 
 def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
