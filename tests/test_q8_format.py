@@ -143,6 +143,18 @@ def test_ties_round_half_away_from_zero(unit: float) -> None:
     assert spot[F32(0.50000006)] == 1 and spot[F32(1.4999999)] == 1
 
 
+def test_roundf_rounds_ties_away_from_zero_beside_a_nan() -> None:
+    """A NaN among the values (roundf finds ties with one reduction, which a NaN poisons)
+    leaves every other value rounded as C roundf: the ties away from zero."""
+    rng = np.random.default_rng(7)
+    y = (rng.integers(-100, 100, 64) + 0.5).astype(np.float32)
+    y[rng.integers(64)] = np.nan
+    got = q8.roundf(y)
+    finite = ~np.isnan(y)
+    np.testing.assert_array_equal(got[finite], roundf_ref(y[finite]))
+    assert np.isnan(got[~finite]).all()
+
+
 def test_roundf_function() -> None:
     """q8.roundf is C roundf on float32, where the naive float32 formulas fail."""
     y = np.array(

@@ -44,10 +44,12 @@ def roundf(y: np.ndarray) -> np.ndarray:
     rounded = np.rint(y)
     # y - rint(y) is exact for |y| < 2**23 (and 0 above, where y is an integer already), at
     # most 0.5: a tie exists iff its largest magnitude is 0.5. One reduction finds that (no
-    # boolean array and .any(): 1.4x faster on a packed step's codes); NaN compares false.
+    # boolean array and .any(): 1.4x faster on a packed step's codes); a NaN in y makes the
+    # reduction NaN, and then each value is looked at.
     off = y - rounded
     np.abs(off, out=off)
-    if off.size and np.maximum.reduce(off, axis=None) == np.float32(0.5):
+    largest = np.maximum.reduce(off, axis=None) if off.size else np.float32(0)
+    if largest == np.float32(0.5) or largest != largest:  # a tie, or a NaN hiding one
         tie = off == np.float32(0.5)  # rare; np.where over every value costs ~10x a pass
         rounded[tie] = np.trunc(y[tie]) + np.sign(y[tie])
     return rounded
