@@ -307,8 +307,13 @@ def host_phases(start: int, n: int, rng, reps: int = 5) -> None:
     dst = np.empty(nbytes, np.uint8)
     t_d2h_pageable = phase(lambda: dev.data.copy_to_host_async(dst.ctypes.data, nbytes,
                                                                backend.stream))  # fmt: skip
-    t_d2h_fresh = phase(lambda: dev.data.copy_to_host_async(np.empty(nbytes, np.uint8).ctypes.data,
-                                                            nbytes, backend.stream))  # fmt: skip
+
+    def d2h_fresh() -> None:  # into new pageable memory, held until the copy is done
+        fresh = np.empty(nbytes, np.uint8)
+        dev.data.copy_to_host_async(fresh.ctypes.data, nbytes, backend.stream)
+        backend.stream.synchronize()
+
+    t_d2h_fresh = phase(d2h_fresh)
 
     def pin_in_place() -> None:  # the alternative to a copy: pin the source, then H2D
         cp.cuda.runtime.hostRegister(src.ctypes.data, inb, 0)
