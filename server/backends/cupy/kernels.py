@@ -56,6 +56,7 @@ class AttnKernel:
     tiles: Any = None
     tile_bytes: int = 0
     fallback: AttnKernel | None = None
+    module: Any = None  # its cupy.RawModule (diagnostics read its globals: decode_trace.py)
 
 
 # Experiments only (benchmarks/kernel_variants.py, decode_profile.py): extra -D options of
@@ -240,6 +241,7 @@ def attention_kernel(device_id: int, head_dim: int, tuning: GpuTuning) -> AttnKe
                 _blocks_per_sm(fn, smem, NWARPS),
                 threads=32 * NWARPS,
                 max_pages=MAXP,
+                module=mod,
             )
         _ATTN_KERNELS[key] = kern
     return kern

@@ -83,6 +83,46 @@ static_assert(NWARPS * GT * (D + 2) * 4 <= NSTAGES * STAGE_BYTES, "reduction scr
 #ifndef EXIT_AT
 #define EXIT_AT 0
 #endif
+// TRACE (diagnostics, benchmarks/decode_trace.py): thread 0 of each of the first
+// TRACE_BLOCKS blocks stamps its timeline into q8_trace[block][16]: 0 the global timer at
+// its start (ns), 1 its SM, 2-12 clock64 at its steps (start, page ids, q digits, stages 0,
+// 1, 2 and the last landed, loop done, partials written, counter taken, end), 13 whether it
+// merged, 14 the global timer at its end, 15 its stages.
+#ifndef TRACE
+#define TRACE 0
+#endif
+#define TRACE_BLOCKS 4096
+#if TRACE
+__device__ unsigned long long q8_trace[TRACE_BLOCKS * 16];
+#define TRACE_AT(slot, value)                                                  \
+  do {                                                                         \
+    if (threadIdx.x == 0 && blockIdx.x < TRACE_BLOCKS)                         \
+      q8_trace[blockIdx.x * 16 + (slot)] = (unsigned long long)(value);        \
+  } while (0)
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ unsigned sm_id() {
+  unsigned s;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
+  return s;
+}
+#define TRACE_END(merged)          \
+  do {                             \
+    TRACE_AT(12, clock64());       \
+    TRACE_AT(13, (merged));        \
+    TRACE_AT(14, global_ns());     \
+  } while (0)
+#else
+#define TRACE_AT(slot, value) \
+  do {                        \
+  } while (0)
+#define TRACE_END(merged) \
+  do {                    \
+  } while (0)
+#endif
 // 16 (or 4) bytes global -> shared at a shared-space address; n = 0 copies nothing and
 // zero-fills (diagnostics: COMPUTE_ONLY never reads global memory).
 __device__ __forceinline__ void cp_async16n(unsigned dst, const void* src, int n) {
@@ -190,6 +230,11 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
 #endif
 
   if (EXIT_AT == 1) return;
+#if TRACE
+  TRACE_AT(0, global_ns());
+  TRACE_AT(1, sm_id());
+  TRACE_AT(2, clock64());
+#endif
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c = lane & 3;  // mma group (row / column) and thread in group
   const int unit = blockIdx.x;
@@ -214,6 +259,7 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   for (int j = tid; j < np; j += NT) pages_s[j] = pt[pfirst + j];
 
   __syncthreads();
+  TRACE_AT(3, clock64());
 
   const int nst = pos1 > pos0 ? (pos1 - pos0 + TOK - 1) / TOK : 0;
 
@@ -375,9 +421,12 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
     }
 #endif
   }
+  TRACE_AT(4, clock64());
+  TRACE_AT(15, nst);
   for (int st = 0; st < nst; ++st) {
     cp_wait<NSTAGES - 2>();
     __syncthreads();  // stage st landed for all; stage st-1's buffer is free to refill
+    if (TRACE && (st < 3 || st == nst - 1)) TRACE_AT(st < 3 ? 5 + st : 8, clock64());
     if (st + NSTAGES - 1 < nst) issue(st + NSTAGES - 1);
     cp_commit();
     const int sofs = (st % NSTAGES) * STAGE_BYTES;
@@ -497,6 +546,7 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   }
   cp_wait<0>();
   __syncthreads();  // stage buffers are reused as reduction scratch below
+  TRACE_AT(9, clock64());
   if (EXIT_AT == 3) {  // keep the math alive: a sum no input produces decides a store
     float keep = l + m;
 #pragma unroll
@@ -566,12 +616,16 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
       }
     }
   }
-  if (single) return;
+  if (single) {
+    TRACE_END(0);
+    return;
+  }
 
   // The last split of this row tile to finish merges all of them. (Cooperative groups'
   // grid barrier pattern: the block's writes are ordered before thread 0's fence by the
   // barrier; thread 0's fence after the count orders the reads below after the others'.)
   __syncthreads();
+  TRACE_AT(10, clock64());
   int* counter = counters + im[M_CNT] + rest;
   if (tid == 0) {
     __threadfence();
@@ -579,7 +633,11 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
     if (last_s) __threadfence();
   }
   __syncthreads();
-  if (!last_s) return;
+  TRACE_AT(11, clock64());
+  if (!last_s) {
+    TRACE_END(0);
+    return;
+  }
   // Each thread merges 4 adjacent dims of a row over the splits in one pass: CH splits'
   // (max, sum) and outputs loaded at once (16-byte loads), then an online rescale per chunk.
   constexpr int CH = 8;
@@ -625,4 +683,5 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
         make_float4(A.x * inv, A.y * inv, A.z * inv, A.w * inv);
   }
   if (tid == 0) *counter = 0;  // ready for the next launch
+  TRACE_END(1);
 }
