@@ -36,6 +36,14 @@ def test_the_check_catches_a_spill_and_a_compile_error() -> None:
     assert not broken.ok and not broken.clean
 
 
+def test_the_timeline_build_compiles() -> None:
+    """benchmarks/decode_trace.py's TRACE=1 build of the attention kernel (diagnostics: the
+    backend never makes it) compiles, without spills."""
+    options = (*kernels.attention_options(128, GpuTuning()), "-DTRACE=1")
+    traced = build_check.compile_one("trace", kernels.source("q8_attention_tc.cu"), options)
+    assert traced.clean, traced.log
+
+
 def test_the_sm90a_build_is_cached_privately(tmp_path, monkeypatch) -> None:
     """The wgmma kernel's cubin (built by NVRTC, not CuPy) lands in CuPy's cache directory
     and is reused from there; where that cannot be written, a private temporary file is
