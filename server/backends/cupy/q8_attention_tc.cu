@@ -195,24 +195,44 @@ __device__ __forceinline__ unsigned pack4(int a, int b, int c, int d) {
 }
 
 // Row values of thread (g, c)'s A fragments: dims 32b + 16h + 4c + [0, 4) of the element
-// range starting at e, from an input of dtype DT (0 float32, 1 float16, 2 bfloat16).
+// range starting at e, from an input of dtype DT (0 float32, 1 float16, 2 bfloat16): first
+// loaded as raw bits (one 16- or 8-byte load per 4 values; the caller aligns q to 16 bytes),
+// so the loads can be issued long before the values are used, then converted.
 template <int DT, int NB_>
-__device__ __forceinline__ void load_q_row(const unsigned char* qb, long long e, int c,
-                                           float (&qv)[NB_][2][4]) {
+__device__ __forceinline__ void load_q_raw(const unsigned char* qb, long long e, int c,
+                                           uint4 (&raw)[NB_][2]) {
 #pragma unroll
   for (int b = 0; b < NB_; ++b)
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const long long k = e + 32 * b + 16 * h + 4 * c + j;
-        if (DT == 0) {
-          qv[b][h][j] = reinterpret_cast<const float*>(qb)[k];
-        } else {
-          const unsigned short x = reinterpret_cast<const unsigned short*>(qb)[k];
-          qv[b][h][j] = DT == 1 ? f16_to_f32(x) : bf16_to_f32(x);
-        }
+    for (int h = 0; h < 2; ++h) {
+      const long long k = e + 32 * b + 16 * h + 4 * c;
+      if (DT == 0) {
+        raw[b][h] = *reinterpret_cast<const uint4*>(qb + 4 * k);
+      } else {
+        const uint2 x = *reinterpret_cast<const uint2*>(qb + 2 * k);
+        raw[b][h] = make_uint4(x.x, x.y, 0u, 0u);
       }
+    }
+}
+template <int DT, int NB_>
+__device__ __forceinline__ void q_values(const uint4 (&raw)[NB_][2], float (&qv)[NB_][2][4]) {
+#pragma unroll
+  for (int b = 0; b < NB_; ++b)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint4 r = raw[b][h];
+      if (DT == 0) {
+        qv[b][h][0] = __uint_as_float(r.x);
+        qv[b][h][1] = __uint_as_float(r.y);
+        qv[b][h][2] = __uint_as_float(r.z);
+        qv[b][h][3] = __uint_as_float(r.w);
+      } else {
+        const unsigned short x[4] = {(unsigned short)(r.x & 0xffffu), (unsigned short)(r.x >> 16),
+                                     (unsigned short)(r.y & 0xffffu), (unsigned short)(r.y >> 16)};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) qv[b][h][j] = DT == 1 ? f16_to_f32(x[j]) : bf16_to_f32(x[j]);
+      }
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
@@ -252,7 +272,24 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   const int pos1 = min(pos0 + chunk, range_end);
   const int T = 1 << logT;
 
-  // Page ids of [pos0, pos1) first, so every cp.async below is independent of them.
+  // q's row first (raw bits; converted to digits after the first stages' copies are
+  // issued), so its loads overlap the page ids' and the copies'. Row g of the tile (pad
+  // rows repeat the last row; they are not written) and its causal limit.
+  const int dt = im[M_DT];
+  const int lim = start + min(row0 + g, last_row) / G;
+  uint4 qraw[NB][2];
+  {
+    const int row = min(row0 + g, last_row);
+    const int head = kvh * G + row % G;
+    const long long e = ((long long)(row / G) * H + head) * D;
+    const unsigned char* qb = inbuf + im[M_Q];
+    // One branch on the dtype for the whole row, so its loads issue back to back.
+    if (dt == 0) load_q_raw<0>(qb, e, c, qraw);
+    else if (dt == 1) load_q_raw<1>(qb, e, c, qraw);
+    else load_q_raw<2>(qb, e, c, qraw);
+  }
+
+  // Page ids of [pos0, pos1), so every cp.async below is independent of them.
   const int pfirst = pos0 >> logT;
   const int np = pos1 > pos0 ? ((pos1 - 1) >> logT) - pfirst + 1 : 0;
   const int* pt = ptab + im[M_PT];
@@ -356,26 +393,17 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
     if (s < nst) issue(s);
     cp_commit();
   }
-  // (q's loads and digits overlap the first stages' copies.)
-  // Row g of the tile (pad rows repeat the last row; they are not written): its causal
-  // limit, and q as three int8 digits per value with one scale per row. Thread (g, c) holds
-  // the A fragment of row g: dims 32b + 4c + [0, 4) and 32b + 16 + 4c + [0, 4).
+  // (q's digits overlap the first stages' copies.) q as three int8 digits per value with
+  // one scale per row. Thread (g, c) holds the A fragment of row g: dims 32b + 4c + [0, 4)
+  // and 32b + 16 + 4c + [0, 4).
   unsigned qd[NB][3][2];  // with QD_SMEM, live only in the prologue (the loop reads qd_s)
   float qsc;
-  int lim;
   {
     const float qs = __int_as_float(im[M_SCALE]);
-    const int dt = im[M_DT];
-    const unsigned char* qb = inbuf + im[M_Q];
-    const int row = min(row0 + g, last_row);
-    const int i = row / G, head = kvh * G + row % G;
-    lim = start + i;
-    const long long e = ((long long)i * H + head) * D;
     float qv[NB][2][4];
-    // One branch on the dtype for the whole row, so its loads issue back to back.
-    if (dt == 0) load_q_row<0>(qb, e, c, qv);
-    else if (dt == 1) load_q_row<1>(qb, e, c, qv);
-    else load_q_row<2>(qb, e, c, qv);
+    if (dt == 0) q_values<0>(qraw, qv);
+    else if (dt == 1) q_values<1>(qraw, qv);
+    else q_values<2>(qraw, qv);
     float amax = 0.0f;
 #pragma unroll
     for (int b = 0; b < NB; ++b)
