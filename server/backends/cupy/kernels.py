@@ -32,8 +32,6 @@ MAX_HEAD_DIM = 256  # the attention kernel keeps a head's q slice in registers
 NWARPS = 4
 MAXP = 1024  # page ids per split held in shared memory (MAXP in q8_attention_tc.cu)
 ROWS_PER_TILE = 8  # GT of q8_attention_tc.cu: the N of both tensor-core products
-# q8_attend's counters per row tile of a launch: its blocks done, and its next chunk.
-COUNTERS_PER_TILE = 2
 _SMEM_PER_SM = 228 * 1024
 # CuPy appends -ftz=true to every compile, so q8_pages.cu handles subnormals itself; IEEE
 # division and no FMA contraction keep the codes bit-exact.

@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from ..base import AttendItem, LayerLayout
-from .kernels import COUNTERS_PER_TILE, PREFILL_ROWS, AttnKernel
+from .kernels import PREFILL_ROWS, AttnKernel
 from .meta import M_CHUNK, M_CNT, M_NSPLIT, M_RT, M_TILES, M_UNIT
 
 # Routes: the kernel an item runs on. 0: q8_attend; 1, 2: q8_prefill in float16, bfloat16.
@@ -117,7 +117,7 @@ def plan_launch(
         units += tiles[r] * nsplit
         cnt += tiles[r]
     head_dim = rows[0].layout.head_dim
-    return Launch(kern, first_row, len(rows), units, head_dim), cnt * COUNTERS_PER_TILE
+    return Launch(kern, first_row, len(rows), units, head_dim), cnt
 
 
 def plan_prefill(
@@ -225,7 +225,7 @@ def plan_packed(
         chunk //= tok
         chunk *= tok
         launch = Launch(kern, 0, count, count * tiles, lay.head_dim)
-        return launch, count * tiles * COUNTERS_PER_TILE, [(M_CHUNK, chunk)]
+        return launch, count * tiles, [(M_CHUNK, chunk)]
     lens = starts + n
     # split(), vectorized: np.rint rounds half to even, as Python's round().
     nsplit = np.minimum(policy.max_splits, np.maximum(1, np.rint(lens / ideal))).astype(np.int64)
@@ -234,5 +234,4 @@ def plan_packed(
     nsplit = -(-lens // chunk)
     units = tiles * nsplit
     columns = [(M_NSPLIT, nsplit), (M_CHUNK, chunk), (M_UNIT, np.cumsum(units) - units)]
-    launch = Launch(kern, 0, count, int(units.sum()), lay.head_dim)
-    return launch, count * tiles * COUNTERS_PER_TILE, columns
+    return Launch(kern, 0, count, int(units.sum()), lay.head_dim), count * tiles, columns

@@ -45,14 +45,6 @@
 #ifndef MAXP  // page ids of one split held in shared memory (the host passes kernels.MAXP)
 #define MAXP 1024
 #endif
-// DYNAMIC: the splits of a row tile whose page ids all fit in shared memory take its stages
-// from a counter as they go, instead of a fixed range each. The blocks of a wave run at
-// different speeds (decode_trace.py: up to 17% apart at 16 x 16,384), and a tile's merge
-// waits for its slowest split; so a faster block takes more stages. 0: fixed ranges.
-#ifndef DYNAMIC
-#define DYNAMIC 1
-#endif
-constexpr int STAGE_RING = 16;  // stages' chunks the block knows ahead (DYNAMIC)
 #define NEG_INF __int_as_float(0xff800000)
 
 constexpr int D = HEAD_DIM;
@@ -77,7 +69,6 @@ static_assert(D % 32 == 0 && D <= MAX_HEAD_DIM, "head_dim not supported");
 static_assert(GT == 8, "the tensor-core kernel serves 8 rows per tile");
 static_assert(NT >= PIECES, "head_dim too large for the copy mapping");
 static_assert(NWARPS * GT * (D + 2) * 4 <= NSTAGES * STAGE_BYTES, "reduction scratch too big");
-static_assert(NSTAGES < STAGE_RING, "DYNAMIC: stages' chunks known ahead past the ring");
 
 // Diagnostics (benchmarks/kernel_variants.py): STAGING_ONLY runs the copies alone,
 // COMPUTE_ONLY the math on zero-filled stages (no global reads).
@@ -252,7 +243,6 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int pages_s[MAXP];
   __shared__ int last_s;
-  __shared__ int chunk_s[STAGE_RING];  // DYNAMIC: stage st's chunk of TOK tokens
 #if QD_SMEM
   // The tile's q digits, the same for every warp: [b][digit][lane] as (h0, h1) pairs, read
   // back per tile (conflict-free) so they hold no registers across the pipeline loop.
@@ -278,13 +268,9 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   const int nrows = n * G, row0 = rt * GT;
   const int last_row = min(row0 + GT, nrows) - 1;
   const int range_end = start + last_row / G + 1;  // exclusive, for the tile's last row
+  const int pos0 = split * chunk;
+  const int pos1 = min(pos0 + chunk, range_end);
   const int T = 1 << logT;
-  // Per row tile: the count of its blocks done (the merge) and its next chunk (DYNAMIC).
-  int* const tile_counters = counters + 2 * (im[M_CNT] + rest);
-  const bool dyn = DYNAMIC && nsplit > 1 && ((range_end - 1) >> logT) < MAXP;
-  // The tokens this block may read: its split's, or the whole tile's when it takes stages.
-  const int pos0 = dyn ? 0 : split * chunk;
-  const int pos1 = dyn ? range_end : min(pos0 + chunk, range_end);
 
   // q's row first (raw bits; converted to digits after the first stages' copies are
   // issued), so its loads overlap the page ids' and the copies'. Row g of the tile (pad
@@ -303,17 +289,6 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
     else load_q_raw<2>(qb, e, c, qraw);
   }
 
-  // DYNAMIC: the chunks of the first NSTAGES stages, and the next one on its way (each
-  // chunk is taken an iteration before it is needed, so no thread waits for the counter).
-  int next_chunk = 0;
-  if (dyn && tid == 0) {
-    int first[NSTAGES];
-#pragma unroll
-    for (int s = 0; s < NSTAGES; ++s) first[s] = atomicAdd(tile_counters + 1, 1);
-#pragma unroll
-    for (int s = 0; s < NSTAGES; ++s) chunk_s[s] = first[s];
-    next_chunk = atomicAdd(tile_counters + 1, 1);
-  }
   // Page ids of [pos0, pos1), so every cp.async below is independent of them.
   const int pfirst = pos0 >> logT;
   const int np = pos1 > pos0 ? ((pos1 - 1) >> logT) - pfirst + 1 : 0;
@@ -322,11 +297,8 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
 
   __syncthreads();
   TRACE_AT(3, clock64());
-  // First token of stage st (pos1 or past it: no such stage). With DYNAMIC, stage st's
-  // chunk is in chunk_s from a barrier before stage st - NSTAGES + 1 is waited for.
-  auto stage_base = [&](int st) -> int {
-    return dyn ? chunk_s[st & (STAGE_RING - 1)] * TOK : pos0 + st * TOK;
-  };
+
+  const int nst = pos1 > pos0 ? (pos1 - pos0 + TOK - 1) / TOK : 0;
 
   // Each thread copies one fixed 16-byte piece of TOK / (NT / PIECES) tokens, K and V, so
   // the page lookup and address math are shared by both kinds. The copies are branch-free:
@@ -364,7 +336,7 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   };
   auto issue = [&](int st) {
     const unsigned so = (unsigned)((st % NSTAGES) * STAGE_BYTES);
-    const int base = stage_base(st);
+    const int base = pos0 + st * TOK;
 #pragma unroll
     for (int j = 0; j < PASSES; ++j) {
       const int t = my_t + j * TSTEP;
@@ -418,7 +390,7 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
 
 #pragma unroll
   for (int s = 0; s < NSTAGES - 1; ++s) {
-    if (stage_base(s) < pos1) issue(s);
+    if (s < nst) issue(s);
     cp_commit();
   }
   // (q's digits overlap the first stages' copies.) q as three int8 digits per value with
@@ -478,19 +450,13 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
 #endif
   }
   TRACE_AT(4, clock64());
-  int st = 0;
-  for (;; ++st) {
-    const int sbase = stage_base(st);
-    if (sbase >= pos1) break;  // block-uniform: no stage st
+  TRACE_AT(15, nst);
+  for (int st = 0; st < nst; ++st) {
     cp_wait<NSTAGES - 2>();
     __syncthreads();  // stage st landed for all; stage st-1's buffer is free to refill
-    if (TRACE) TRACE_AT(st < 3 ? 5 + st : 8, clock64());
-    if (stage_base(st + NSTAGES - 1) < pos1) issue(st + NSTAGES - 1);
+    if (TRACE && (st < 3 || st == nst - 1)) TRACE_AT(st < 3 ? 5 + st : 8, clock64());
+    if (st + NSTAGES - 1 < nst) issue(st + NSTAGES - 1);
     cp_commit();
-    if (dyn && tid == 0) {  // published by the next iteration's barrier
-      chunk_s[(st + NSTAGES) & (STAGE_RING - 1)] = next_chunk;
-      next_chunk = atomicAdd(tile_counters + 1, 1);
-    }
     const int sofs = (st % NSTAGES) * STAGE_BYTES;
     const unsigned char* sb = smem + sofs;
     const float* ks = reinterpret_cast<const float*>(sb + STAGE_CODE_BYTES);
@@ -499,7 +465,7 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
 #pragma unroll
     for (int u = 0; u < U; u += FUSE) {
       const int t0 = (warp * U + u) * 16;  // first token of this warp's tile in the stage
-      const int base = sbase + t0;
+      const int base = pos0 + st * TOK + t0;
       if (base >= pos1) break;  // warp-uniform: nothing left in this split
       // S = Q K^T for FUSE x 16 tokens: tokens t0 + 8j + 2c + {0, 1} of row g in
       // sc[j][0..1]. (Tokens past the split are zero-filled in the stage and masked below.)
@@ -609,7 +575,6 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   cp_wait<0>();
   __syncthreads();  // stage buffers are reused as reduction scratch below
   TRACE_AT(9, clock64());
-  TRACE_AT(15, st);
   if (EXIT_AT == 3) {  // keep the math alive: a sum no input produces decides a store
     float keep = l + m;
 #pragma unroll
@@ -689,7 +654,7 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   // barrier; thread 0's fence after the count orders the reads below after the others'.)
   __syncthreads();
   TRACE_AT(10, clock64());
-  int* counter = tile_counters;
+  int* counter = counters + im[M_CNT] + rest;
   if (tid == 0) {
     __threadfence();
     last_s = atomicAdd(counter, 1) == nsplit - 1;
@@ -745,9 +710,6 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
     *reinterpret_cast<float4*>(outp + ((long long)i * H_ + head) * D + d) =
         make_float4(A.x * inv, A.y * inv, A.z * inv, A.w * inv);
   }
-  if (tid == 0) {  // ready for the next launch: every other block of the tile is done
-    counter[0] = 0;
-    counter[1] = 0;
-  }
+  if (tid == 0) *counter = 0;  // ready for the next launch
   TRACE_END(1);
 }

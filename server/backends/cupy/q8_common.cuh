@@ -20,7 +20,7 @@
 #define M_CHUNK 14   // tokens per split
 #define M_RT 15      // row tiles per kv head
 #define M_G 16       // query heads per kv head
-#define M_CNT 17     // first row tile of the item in its launch's counters (2 per tile)
+#define M_CNT 17     // first split counter of the item (within its launch)
 #define M_QB 18      // first quantization block of the item (append launch)
 #define M_D 19       // head_dim
 #define M_TILES 20   // first 16-bit K/V tile pair of the item (q8_prefill_ws.cu's scratch)
