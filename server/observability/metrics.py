@@ -20,6 +20,7 @@ from q8kv import format as q8
 
 from ..backends.base import Backend
 from ..cache import SessionStore
+from ..config import Config
 from ..engine import EngineObserver
 
 SAMPLE_TOKENS = 64  # tokens of one appended item that the quantization-error sample reads
@@ -57,7 +58,10 @@ def _version() -> str:
 
 class Metrics:
     def __init__(
-        self, store: SessionStore, backend: Backend, quant_error_sample_rate: float = 0.001
+        self,
+        store: SessionStore,
+        backend: Backend,
+        quant_error_sample_rate: float = Config.quant_error_sample_rate,  # the flag's default
     ) -> None:
         self.registry = CollectorRegistry()
         self.quant_error_sample_rate = quant_error_sample_rate
