@@ -180,12 +180,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
     // Every warpgroup runs every tile (a branch around wgmma would serialize them); a tile
     // past all of a warpgroup's rows is masked away whole.
     float s[NTILES_S][4];
-    reg_fence(s);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < KSTEPS; ++kk)
-      wgmma_s<BF16>(s, qf[kk], smem_desc(kbase + kk * 256, 128, 16 * D), kk > 0);
-    wg_commit();
+    issue_scores<BF16, D>(s, qf, kbase);
     dequant(tile + 1);  // overlaps S = Q K^T (and P V of the tile before) on the tensor cores
     wg_wait0();
     reg_fence(s);
@@ -194,12 +189,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
     unsigned pa[NTILES_S / 2][4];
     online_softmax<BF16, true>(s, o, pa, st, qs, pos0 + BN - 1 > wg_min_lim, pos0, c, lim_lo,
                                lim_hi);
-    reg_fence(o);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)
-      wgmma_o<BF16, D>(o, pa[kk], smem_desc(vbase + kk * 32 * D, 16 * D, 128));
-    wg_commit();
+    issue_pv<BF16, D>(o, pa, vbase);
     if (!PF_PV_ASYNC) wg_wait0();
   }
   wg_wait0();

@@ -168,23 +168,11 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   float al_lo, al_hi;
 
   auto wait_full = [&](int j) { mbar_wait(full0 + 8 * (j % PF_STAGES), (j / PF_STAGES) & 1); };
-  auto scores = [&](int j, float (&s)[NTILES_S][4]) {  // S_j = Q K_j^T, one commit group
-    const unsigned kbase = sbase + (j % PF_STAGES) * PAIR;
-    reg_fence(s);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < KSTEPS; ++kk)
-      wgmma_s<BF16>(s, qf[kk], smem_desc(kbase + kk * 256, 128, 16 * D), kk > 0);
-    wg_commit();
+  auto scores = [&](int j, float (&s)[NTILES_S][4]) {  // S_j = Q K_j^T
+    issue_scores<BF16, D>(s, qf, sbase + (j % PF_STAGES) * PAIR);
   };
-  auto pv = [&](int j, const unsigned (&p)[BN / 16][4]) {  // O += P_j V_j, one commit group
-    const unsigned vbase = sbase + (j % PF_STAGES) * PAIR + HALF_TILE;
-    reg_fence(o);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)
-      wgmma_o<BF16, D>(o, p[kk], smem_desc(vbase + kk * 32 * D, 16 * D, 128));
-    wg_commit();
+  auto pv = [&](int j, const unsigned (&p)[BN / 16][4]) {  // O += P_j V_j
+    issue_pv<BF16, D>(o, p, sbase + (j % PF_STAGES) * PAIR + HALF_TILE);
   };
   // Tile j >= 1: S_j, then P_{j-1} V_{j-1} (prev) running while the softmax of S_j makes
   // P_j (next); O rescaled once P V is done, and the stage of j - 1 handed back.

@@ -48,6 +48,30 @@ __device__ __forceinline__ void wgmma_o(float (&o)[D / 8][4], const unsigned* a,
     if (BF16) wgmma_n64_bf16_t(d, a, desc, 1); else wgmma_n64_f16_t(d, a, desc, 1);
   }
 }
+// S = Q K^T of one 64-token K tile at shared address `kbase` (the canonical no-swizzle
+// layout, [token][dim]), q's A fragments in registers: one commit group.
+template <bool BF16, int D, int KSTEPS>
+__device__ __forceinline__ void issue_scores(float (&s)[8][4], const unsigned (&qf)[KSTEPS][4],
+                                             unsigned kbase) {
+  reg_fence(s);
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < KSTEPS; ++kk)
+    wgmma_s<BF16>(s, qf[kk], smem_desc(kbase + kk * 256, 128, 16 * D), kk > 0);
+  wg_commit();
+}
+// O += P V of one 64-token V tile at shared address `vbase`, P's A fragments in registers
+// (16 tokens each): one commit group.
+template <bool BF16, int D, int PSTEPS>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 8][4], const unsigned (&p)[PSTEPS][4],
+                                         unsigned vbase) {
+  reg_fence(o);
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < PSTEPS; ++kk)
+    wgmma_o<BF16, D>(o, p[kk], smem_desc(vbase + kk * 32 * D, 16 * D, 128));
+  wg_commit();
+}
 
 // mbarriers (shared::cta addresses) and 1D bulk copies (the TMA unit, no tensor map).
 __device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
