@@ -4,7 +4,8 @@ way to the device is measured here for a few sizes:
 
 - a copy into pinned memory (numpy's copyto and libc's memmove, 1 to 8 threads; against
   the same copy into pageable memory, to see whether a pinned destination costs);
-- the driver's H2D from pageable memory, and from pinned memory (PCIe);
+- the driver's H2D from pageable memory, and from pinned memory (PCIe); the D2H back into
+  pageable memory (reused, or fresh as a new answer's) and into pinned memory;
 - pinning the bytes in place: cudaHostRegister, H2D, cudaHostUnregister;
 - a kernel reading the pageable bytes itself, where the device can
   (cudaDevAttrPageableMemoryAccess: HMM).
@@ -66,6 +67,7 @@ def split_copy(pool: ThreadPoolExecutor, threads: int, dst: np.ndarray, src: np.
 
 
 def measure(nbytes: int, reps: int, pool: ThreadPoolExecutor) -> list[dict]:
+    """Every route for ``nbytes``, each printed as a JSON line as it is measured."""
     rows: list[dict] = []
 
     def row(what: str, us: float, **extra) -> None:
@@ -92,6 +94,13 @@ def measure(nbytes: int, reps: int, pool: ThreadPoolExecutor) -> list[dict]:
 
     row("H2D from pageable", median_us(lambda: h2d(src), reps))
     row("H2D from pinned", median_us(lambda: h2d(pinned), reps))
+
+    def d2h(host: np.ndarray) -> None:
+        dev.data.copy_to_host(host.ctypes.data, nbytes)
+
+    row("D2H to pageable", median_us(lambda: d2h(pageable), reps))
+    row("D2H to fresh pageable", median_us(lambda: d2h(np.empty(nbytes, np.uint8)), reps))
+    row("D2H to pinned", median_us(lambda: d2h(pinned), reps))
 
     def pin_in_place() -> None:
         cp.cuda.runtime.hostRegister(src.ctypes.data, nbytes, 0)

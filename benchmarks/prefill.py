@@ -31,10 +31,12 @@ import argparse
 import datetime as dt
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import cupy as cp
+import host_copies
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -270,7 +272,8 @@ def launch_parts(start: int, n: int, reps: int, spin_cycles: int, rng) -> None:
 
 
 def host_phases(start: int, n: int, rng, reps: int = 5) -> None:
-    """Where the wall time of one packed call goes, and the host copy rates it rests on."""
+    """Where the wall time of one packed call goes, and the host's copy routes it rests on
+    (``host_copies.measure`` at the size of its inputs)."""
     backend, layout, ids = setup(start, n, rng)
     it = item(layout, ids, start, n, rng, np.float16)
     packed = PackedItems(layout, np.array([it.softmax_scale]), [ids], np.array([start]),
@@ -296,56 +299,14 @@ def host_phases(start: int, n: int, rng, reps: int = 5) -> None:
         t_copy_out = phase(lambda: backend._host_out.view[: nbytes].copy())
     total = phase(lambda: backend.attend_packed(packed))
     inb = sum(a.nbytes for a in (it.q, it.k, it.v))
-    src = np.concatenate([a.reshape(-1).view(np.uint8) for a in (it.q, it.k, it.v)])
-    pinned = backend._host_in.get(inb)
-    t_memcpy = phase(lambda: np.copyto(pinned[:inb], src))
-    dev = cp.empty(inb, cp.uint8)
-    t_h2d_pageable = phase(lambda: dev.data.copy_from_host_async(src.ctypes.data, inb,
-                                                                 backend.stream))  # fmt: skip
-    t_h2d_pinned = phase(lambda: dev.data.copy_from_host_async(pinned.ctypes.data, inb,
-                                                               backend.stream))  # fmt: skip
-    dst = np.empty(nbytes, np.uint8)
-    t_d2h_pageable = phase(lambda: dev.data.copy_to_host_async(dst.ctypes.data, nbytes,
-                                                               backend.stream))  # fmt: skip
-
-    def d2h_fresh() -> None:  # into new pageable memory, held until the copy is done
-        fresh = np.empty(nbytes, np.uint8)
-        dev.data.copy_to_host_async(fresh.ctypes.data, nbytes, backend.stream)
-        backend.stream.synchronize()
-
-    t_d2h_fresh = phase(d2h_fresh)
-
-    def pin_in_place() -> None:  # the alternative to a copy: pin the source, then H2D
-        cp.cuda.runtime.hostRegister(src.ctypes.data, inb, 0)
-        dev.data.copy_from_host_async(src.ctypes.data, inb, backend.stream)
-        backend.stream.synchronize()
-        cp.cuda.runtime.hostUnregister(src.ctypes.data)
-
-    t_pin_in_place = phase(pin_in_place)
-    from concurrent.futures import ThreadPoolExecutor
-
-    def threaded_copy(workers: int) -> float:
-        pool = ThreadPoolExecutor(workers)
-        step = -(-inb // workers)
-
-        def part(i: int) -> None:
-            np.copyto(pinned[i * step : min(inb, (i + 1) * step)],
-                      src[i * step : min(inb, (i + 1) * step)])  # fmt: skip
-
-        us = phase(lambda: list(pool.map(part, range(workers))))
-        pool.shutdown()
-        return us
-
-    threads = {f"memcpy_to_pinned_{w}_threads": threaded_copy(w) for w in (2, 4, 8)}
-    print(json.dumps(threads))
     print(json.dumps({"host_phases_us": {
         "start": start, "n": n, "in_mb": inb / 2**20, "out_mb": nbytes / 2**20,
         "pack": t_pack, "upload_append_attend": t_run, "narrow_d2h": t_down,
-        "copy_out": t_copy_out, "attend_packed_total": total, "memcpy_to_pinned": t_memcpy,
-        "h2d_pageable": t_h2d_pageable, "h2d_pinned": t_h2d_pinned,
-        "d2h_pageable_reused": t_d2h_pageable, "d2h_pageable_fresh": t_d2h_fresh,
-        "register_h2d_unregister": t_pin_in_place}}), flush=True)
+        "copy_out": t_copy_out, "attend_packed_total": total}}), flush=True)
     backend.close()
+    # The routes those rest on, at the size of the call's inputs (host_copies.py's rows).
+    with ThreadPoolExecutor(max(host_copies.THREADS)) as pool:
+        host_copies.measure(inb, reps, pool)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,8 +41,9 @@ class Pinned:
 FRESH_OUTPUT_BYTES = 128 << 10
 # A deferred input copy crosses PCIe in pieces of this size, copied into the pinned buffer by
 # one thread per COPY_THREAD_BYTES of the call, UPLOAD_THREADS at most. On the H200 machine's
-# Xeon, 6 MiB copied in ~350 us by 4 threads and ~820 by 8 (`cd benchmarks && python3
-# prefill.py --host-phases --shapes 0+512`, 2026-11-30); larger copies need all 8.
+# Xeon, 6 MiB copied in 317 us by 4 threads and 522 by 8, 96 MiB in 4.4 ms by 4 and 1.8 ms
+# by 8 (`python3 benchmarks/host_copies.py`, host_copies-h200.json, 2026-11-30); in a call,
+# 12 or 16 threads were slower than 8 (docs/design.md, "Prefill on the GPU").
 UPLOAD_CHUNK_BYTES = 1 << 20
 COPY_THREAD_BYTES = 3 << 19
 UPLOAD_THREADS = 8
@@ -89,10 +90,10 @@ class Uploader:
     one (packing left its q/k/v copies pending) sends its head (meta rows, page ids) first,
     then threads copy its q/k/v into the pinned buffer in chunks, and each chunk is sent as
     it lands, so the copies and PCIe overlap. On the H200 machine's Xeon the threads copy
-    17-29 GB/s into pinned memory and PCIe from pinned memory runs ~52 GB/s (2026-11-30,
-    `cd benchmarks && python3 prefill.py --host-phases`): the host copy, not PCIe, bounds a
-    large call. (Pinning the request's own memory in place instead, cudaHostRegister, H2D,
-    unregister, took 540-580 us for 6 MiB there: no faster than the copy.)"""
+    20 GB/s (6 MiB) to 57 GB/s (96 MiB) into pinned memory, less while PCIe reads it, and
+    PCIe from pinned memory runs 48-55 GB/s: the host copy, not PCIe, bounds a call. Pinning
+    the request's own memory in place instead (cudaHostRegister, H2D, unregister) took 601 us
+    for 6 MiB: no faster than the copy (`python3 benchmarks/host_copies.py`, 2026-11-30)."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
