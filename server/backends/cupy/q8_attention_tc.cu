@@ -276,12 +276,12 @@ extern "C" __global__ void __launch_bounds__(NT, MINBLOCKS) q8_attend(
   // issued), so its loads overlap the page ids' and the copies'. Row g of the tile (pad
   // rows repeat the last row; they are not written) and its causal limit.
   const int dt = im[M_DT];
-  const int lim = start + min(row0 + g, last_row) / G;
+  const int qrow = min(row0 + g, last_row);
+  const int lim = start + qrow / G;
   uint4 qraw[NB][2];
   {
-    const int row = min(row0 + g, last_row);
-    const int head = kvh * G + row % G;
-    const long long e = ((long long)(row / G) * H + head) * D;
+    const int head = kvh * G + qrow % G;
+    const long long e = ((long long)(qrow / G) * H + head) * D;
     const unsigned char* qb = inbuf + im[M_Q];
     // One branch on the dtype for the whole row, so its loads issue back to back.
     if (dt == 0) load_q_raw<0>(qb, e, c, qraw);
