@@ -94,6 +94,7 @@ static_assert(NWARPS * GT * (D + 2) * 4 <= NSTAGES * STAGE_BYTES, "reduction scr
 #define TRACE_BLOCKS 4096
 #if TRACE
 __device__ unsigned long long q8_trace[TRACE_BLOCKS * 16];
+__device__ int q8_trace_blocks = TRACE_BLOCKS;  // for the host (CuPy gives no global's size)
 #define TRACE_AT(slot, value)                                                  \
   do {                                                                         \
     if (threadIdx.x == 0 && blockIdx.x < TRACE_BLOCKS)                         \
