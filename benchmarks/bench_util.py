@@ -51,10 +51,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def median_us(fn, reps: int) -> float:
-    """Median wall microseconds of ``reps`` calls of ``fn()``."""
+def median_us(fn, reps: int, pause: float = 0.0) -> float:
+    """Median wall microseconds of ``reps`` calls of ``fn()``; with ``pause``, the thread
+    sleeps that many seconds before each call, untimed (as a server waits between calls)."""
     times = []
     for _ in range(reps):
+        if pause:
+            time.sleep(pause)
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)

@@ -17,6 +17,11 @@ with metrics off/on and auth off/on, run in alternating rounds so drift hits all
 Drain and the decode guard are always on, so "bare" includes them.
 
     .venv/bin/python benchmarks/handler_breakdown.py [--backend numpy] [--length 16] [--front]
+        [--pause-us 500]
+
+``--pause-us``: each timed call sleeps that long first, as a server's thread waits between
+calls; the same code then runs up to 2-3x slower than back to back (the caches it used are
+cold), which is what a call in the server pays (server_cpu.py --stages).
 """
 
 from __future__ import annotations
@@ -54,10 +59,21 @@ class _Context:
         return 30.0
 
 
+# Seconds each timed call is preceded by, asleep (--pause-us): a server waits for its next
+# call, and the same code then runs slower than in a tight loop.
+PAUSE = 0.0
+
+
+def _median_us(fn, iters: int) -> float:
+    return median_us(fn, iters, PAUSE)
+
+
 async def _median_us_async(fn, iters: int, after: Callable[[], object] | None = None) -> float:
     """``after`` runs untimed after each call."""
     times = []
     for _ in range(iters):
+        if PAUSE:
+            time.sleep(PAUSE)
         started = time.perf_counter()
         await fn()
         times.append(time.perf_counter() - started)
@@ -119,9 +135,9 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
 
     # The backend rewrites the same slot each time: the cache length stays --length.
     figures = {
-        "decode + checks": median_us(lambda: decode_items(step.items), args.iters),
-        "backend append+attend": median_us(lambda: backend.append_and_attend([item]), args.iters),
-        "encode output": median_us(
+        "decode + checks": _median_us(lambda: decode_items(step.items), args.iters),
+        "backend append+attend": _median_us(lambda: backend.append_and_attend([item]), args.iters),
+        "encode output": _median_us(
             lambda: b"".join(attend_response(decoded, [(out, args.length + 1)])), args.iters
         ),
         "handler, inline": await _median_us_async(handler, args.iters),
@@ -201,16 +217,16 @@ async def packed(args, service: KVCacheService, engine, rng) -> dict[str, float]
     iters = max(20, args.iters // 10)
     # The backend rewrites the same slots each time: the caches stay at --length tokens.
     figures = {
-        "decode_batch": median_us(lambda: decode_batch(request), iters),
-        "backend, per item": median_us(lambda: backend.append_and_attend(items), iters),
-        "backend attend_packed": median_us(lambda: backend.attend_packed(whole), iters),
+        "decode_batch": _median_us(lambda: decode_batch(request), iters),
+        "backend, per item": _median_us(lambda: backend.append_and_attend(items), iters),
+        "backend attend_packed": _median_us(lambda: backend.attend_packed(whole), iters),
         "engine attend_batch": await _median_us_async(
             lambda: engine.attend_batch(batch), iters, rewind
         ),
-        "encode output": median_us(
+        "encode output": _median_us(
             lambda: b"".join(attend_batch_response(out, list(range(b)))), iters
         ),
-        "encode output as a message": median_us(lambda: message_bytes(out, b), iters),
+        "encode output as a message": _median_us(lambda: message_bytes(out, b), iters),
         "handler": await _median_us_async(
             lambda: service.AttendBatch(request, _Context()), iters, rewind
         ),
@@ -326,7 +342,15 @@ def main() -> None:
     )
     parser.add_argument("--front-rounds", type=int, default=5)
     parser.add_argument("--front-iters", type=int, default=300, help="calls per round")
+    parser.add_argument(
+        "--pause-us",
+        type=float,
+        default=0.0,
+        help="sleep this long before each timed call, untimed (a server's wait between calls)",
+    )
     args = parser.parse_args()
+    global PAUSE
+    PAUSE = args.pause_us / 1e6
     figures = asyncio.run(run(args))
     if args.front:
         figures.update(front(args))

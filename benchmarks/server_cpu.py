@@ -135,10 +135,13 @@ def main() -> int:
     for name, figures in result.items():
         print(f"  {name:>5}: " + ", ".join(f"{k} {v:,.1f}" for k, v in figures.items()))
     if stages:
-        print("the server's pieces of a q8kv call (wall us over every call: median, mean):")
+        print("the server's pieces of a q8kv call (us over every call: wall median, wall mean,"
+              " the thread's CPU median where the piece never awaits):")  # fmt: skip
         for name, stage in sorted(stages.items(), key=lambda kv: -kv[1]["median_us"]):
+            cpu = stage.get("cpu_median_us")
+            shown = "" if cpu is None else f"{cpu:,.1f}"
             print(f"  {name:>20}: {stage['median_us']:8,.1f} {stage['mean_us']:8,.1f}"
-                  f"  ({stage['count']} calls)")  # fmt: skip
+                  f" {shown:>8}  ({stage['count']} calls)")  # fmt: skip
     return 0
 
 

@@ -2,8 +2,11 @@
 with wrappers around them, and on SIGUSR1 writes each piece's median and mean microseconds
 and count to the file Q8KV_BENCH_STAGES names (JSON; the mean counts for pieces that run in
 some calls only, such as a quantization-error sample). Wall time, on the event loop: a piece
-that awaits (``engine``, ``handler``) includes whatever the loop ran meanwhile. Changes
-nothing unless Q8KV_BENCH_STAGES is set.
+that awaits (``engine``, ``handler``) includes whatever the loop ran meanwhile. A piece that
+does not await also gets its thread's CPU time (``cpu_median_us``): equal to its wall time,
+the piece ran the whole time (no lock or GIL waits), so a piece slower here than in a loop
+in one process (handler_breakdown.py) runs slower on the CPU itself. Changes nothing unless
+Q8KV_BENCH_STAGES is set.
 
 The pieces: ``decode_batch`` (parse checks, finiteness), ``engine`` (Engine.attend_batch)
 and within it ``prepare_packed`` (per-session checks, length moves) and ``attend_packed``
@@ -29,15 +32,17 @@ if STAGES_FILE:
     from q8kv.server.rpc import servicer
 
     _TIMES: dict[str, list[float]] = {}
+    _CPU: dict[str, list[float]] = {}  # the thread's CPU seconds of the pieces that never await
 
     def _timed(name, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 _TIMES.setdefault(name, []).append(time.perf_counter() - started)
+                _CPU.setdefault(name, []).append(time.thread_time() - cpu)
 
         return timed
 
@@ -83,6 +88,8 @@ if STAGES_FILE:
             }
             for name, times in _TIMES.items()
         }
+        for name, cpu in _CPU.items():
+            medians[name]["cpu_median_us"] = statistics.median(cpu) * 1e6
         with open(STAGES_FILE, "w") as f:
             json.dump(medians, f)
 
