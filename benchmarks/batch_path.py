@@ -31,7 +31,13 @@ Geometry: H=32, KVH=8, D=128, one layer, float16 on the wire, n=1 (a decode step
    same drift of a shared host's speed; ``--single-only`` runs just this part.
 
 The servers run as subprocesses and the client here, in one asyncio loop: on a small machine
-the three share the cores, as the issue's measurements did. ``--profile FILE`` records the
+the three share the cores, as the issue's measurements did. The client calls q8kv's decode
+RPCs as it calls the echo, with raw bytes both ways (each request serialized once, before the
+clock; an answer parsed and checked only when its size is not the first answer's): the two
+clients do the same work per call, so a ratio compares the servers (the stream baseline of
+step 4 still builds messages). (A client that builds
+and parses messages per call spent ~200 us more CPU per B = 64 call on the H200 host,
+``server_cpu.py``'s client_cpu_us before.) ``--profile FILE`` records the
 server with py-spy (raw collapsed stacks) during the in-flight run at ``--profile-at``
 (B=64, 2 in flight), and prints the functions with the most samples of their own
 (``--profile-idle``: idle samples too, per thread). ``--canned-backend`` (numpy backend
@@ -152,6 +158,13 @@ def item_request(sid: str, rng) -> pb.AppendAndAttendRequest:
     return pb.AppendAndAttendRequest(items=[item])
 
 
+def check_single(reply: pb.AppendAndAttendResponse) -> None:
+    """One decode step's answer: one result of [1, H, D]."""
+    shapes = [list(r.output.shape) for r in reply.results]
+    if shapes != [[1, H, D]]:
+        raise SystemExit(f"single item: unexpected reply shapes {shapes}")
+
+
 def item_response_bytes(length: int) -> int:
     result = pb.AttendResult(output=wire.encode(np.ones((1, H, D), DTYPE)), length=length + 1)
     return pb.AppendAndAttendResponse(results=[result]).ByteSize()
@@ -258,6 +271,23 @@ class Bench:
         self.echo_channel = grpc.aio.insecure_channel(echo.address, options=CHANNEL_OPTIONS)
         self.profile: dict | None = None
 
+    def raw_call(
+        self, method: str, response: type, check: Callable[[object], None], metadata=None
+    ) -> Callable[[bytes], Awaitable[None]]:
+        """q8kv's ``method`` with raw bytes both ways, as the echo is called: ``once(payload)``
+        sends the serialized request; an answer whose size differs from the first answer's
+        is parsed and passed to ``check`` (which raises on a wrong one), as the first is."""
+        call = self.channel.unary_unary(f"/q8kv.v1.KVCacheService/{method}")
+        known: set[int] = set()
+
+        async def once(payload: bytes) -> None:
+            reply = await call(payload, timeout=TIMEOUT, metadata=metadata)
+            if len(reply) not in known:
+                check(response.FromString(reply))
+                known.add(len(reply))
+
+        return once
+
     def echo_call(self, name: str, payload: bytes) -> Callable[[int], Awaitable]:
         call = self.echo_channel.unary_unary(self.echo.path(name))  # raw bytes both ways
 
@@ -307,15 +337,19 @@ class Bench:
         requests = [batch_request(self.ids[g * b : (g + 1) * b], self.rng) for g in range(groups)]
         name = f"B{b}"
         request_bytes = requests[0].ByteSize()
-        payload = requests[0].SerializeToString()
+        payloads = [r.SerializeToString() for r in requests]
         max_calls = self.args.max_growth * groups  # each session grows by <= --max-growth
 
-        async def q8kv(i: int) -> None:
-            reply = await self.stub.AttendBatch(requests[i % groups], timeout=TIMEOUT)
+        def check(reply) -> None:
             if len(reply.lengths) != b or list(reply.output.shape) != [b, 1, H, D]:
                 raise SystemExit(f"B={b}: unexpected reply shape {reply.output.shape}")
 
-        echo = self.echo_call(name, payload)
+        attend = self.raw_call("AttendBatch", pb.AttendBatchResponse, check)
+
+        async def q8kv(i: int) -> None:
+            await attend(payloads[i % groups])
+
+        echo = self.echo_call(name, payloads[0])
         row: dict = {
             "B": b,
             "groups": groups,
@@ -365,13 +399,18 @@ class Bench:
         """--orchestrators tasks, one session each, one decode item per call."""
         ids = self.ids[: self.args.orchestrators]
         requests = [item_request(sid, self.rng) for sid in ids]
+        payloads = [r.SerializeToString() for r in requests]
+        attends = [
+            self.raw_call("AppendAndAttend", pb.AppendAndAttendResponse, check_single,
+                          (("x-session-id", sid),))  # fmt: skip
+            for sid in ids
+        ]
         calls = [0] * len(ids)
         deadline = 0.0
 
         async def unary(o: int) -> None:
-            metadata = (("x-session-id", ids[o]),)
             while time.monotonic() < deadline and calls[o] < self.args.max_growth:
-                await self.stub.AppendAndAttend(requests[o], timeout=TIMEOUT, metadata=metadata)
+                await attends[o](payloads[o])
                 calls[o] += 1
 
         async def stream(o: int) -> None:
@@ -433,15 +472,19 @@ class Bench:
         )
         await self.stub.AppendAndAttend(prefill, timeout=TIMEOUT, metadata=metadata)
         request = item_request(sid, self.rng)
+        payload = request.SerializeToString()
+        attend = self.raw_call(
+            "AppendAndAttend", pb.AppendAndAttendResponse, check_single, metadata
+        )
         truncate = pb.TruncateSessionRequest(session_id=sid, length=short)
 
         async def step(_: int) -> None:
-            await self.stub.AppendAndAttend(request, timeout=TIMEOUT, metadata=metadata)
+            await attend(payload)
 
         async def rewind() -> None:
             await self.stub.TruncateSession(truncate, timeout=TIMEOUT, metadata=metadata)
 
-        echo = self.echo_call("single", request.SerializeToString())
+        echo = self.echo_call("single", payload)
         for _ in range(50):  # warm-up
             await step(0)
             await rewind()

@@ -89,9 +89,14 @@ async def measure(args, server: ServerProcess, echo: EchoProcess) -> dict:
         ids.append(created.session.session_id)
     request = batch_request(ids, np.random.default_rng(0))
     payload, echo_call = request.SerializeToString(), echo_channel.unary_unary(echo.path("B"))
+    # Raw bytes both ways, as the echo is called: both clients do the same work per call.
+    attend = channel.unary_unary("/q8kv.v1.KVCacheService/AttendBatch")
+    reply = pb.AttendBatchResponse.FromString(await attend(payload))
+    if list(reply.output.shape) != [args.batch, 1, H, D]:
+        raise SystemExit(f"unexpected reply shape {list(reply.output.shape)}")
 
     async def q8kv() -> None:
-        await stub.AttendBatch(request)
+        await attend(payload)
 
     async def bare() -> None:
         await echo_call(payload)
