@@ -33,11 +33,10 @@ Geometry: H=32, KVH=8, D=128, one layer, float16 on the wire, n=1 (a decode step
 The servers run as subprocesses and the client here, in one asyncio loop: on a small machine
 the three share the cores, as the issue's measurements did. The client calls q8kv's decode
 RPCs as it calls the echo, with raw bytes both ways (each request serialized once, before the
-clock; an answer parsed and checked only when its size is not the first answer's): the two
-clients do the same work per call, so a ratio compares the servers (the stream baseline of
-step 4 still builds messages). (A client that builds
-and parses messages per call spent ~200 us more CPU per B = 64 call on the H200 host,
-``server_cpu.py``'s client_cpu_us before.) ``--profile FILE`` records the
+clock; an answer parsed and checked only when its size is new): the two clients do the same
+work per call, so a ratio compares the servers (the stream baseline of step 4 still builds
+messages). A client that built and parsed messages spent ~200 us more CPU per B = 64 call
+on the H200 host (``server_cpu.py``'s client_cpu_us). ``--profile FILE`` records the
 server with py-spy (raw collapsed stacks) during the in-flight run at ``--profile-at``
 (B=64, 2 in flight), and prints the functions with the most samples of their own
 (``--profile-idle``: idle samples too, per thread). ``--canned-backend`` (numpy backend
