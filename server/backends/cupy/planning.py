@@ -120,6 +120,13 @@ def plan_launch(
     return Launch(kern, first_row, len(rows), units, head_dim), cnt
 
 
+def tile_pairs(starts, n: int, tok: int, kv_heads: int):
+    """An item's 16-bit K/V tile pairs in a prefill batch's scratch: ceil((start + n) / tok)
+    per kv head (``pairs_per_head`` in q8_common.cuh counts the same on the device); for an
+    int start or, elementwise, an int64 array of them."""
+    return (starts + (n + tok - 1)) // tok * kv_heads
+
+
 def plan_prefill(
     rows: Sequence[AttendItem],
     meta: np.ndarray,
@@ -137,7 +144,7 @@ def plan_prefill(
         units += it.layout.num_kv_heads * row_tiles
         if kern.tiles is not None:
             meta[r, M_TILES] = pairs
-            pairs += it.layout.num_kv_heads * -(-(it.start + it.n) // kern.tok)
+            pairs += tile_pairs(it.start, it.n, kern.tok, it.layout.num_kv_heads)
     launch = Launch(kern, first_row, len(rows), units, rows[0].layout.head_dim)
     launch.first_pair, launch.tile_pairs = first_pair, pairs - first_pair
     launch.cached = any(it.start > 0 for it in rows)
@@ -206,7 +213,7 @@ def plan_packed(
         launch = Launch(kern, 0, count, count * tiles, lay.head_dim)
         if kern.tiles is None:
             return launch, 0, []
-        pairs = (starts + (n + kern.tok - 1)) // kern.tok * lay.num_kv_heads
+        pairs = tile_pairs(starts, n, kern.tok, lay.num_kv_heads)
         launch.tile_pairs = int(np.add.reduce(pairs))
         launch.cached = int(np.maximum.reduce(starts)) > 0
         return launch, 0, [(M_TILES, np.cumsum(pairs) - pairs)]
