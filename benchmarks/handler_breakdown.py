@@ -20,8 +20,8 @@ Drain and the decode guard are always on, so "bare" includes them.
         [--pause-us 500]
 
 ``--pause-us``: each timed call sleeps that long first, as a server's thread waits between
-calls; the same code then runs up to 2-3x slower than back to back (the caches it used are
-cold), which is what a call in the server pays (server_cpu.py --stages).
+calls; the same code then runs up to 2-3x slower than back to back (most likely, the caches
+it used went cold), which is what a call in the server pays (server_cpu.py --stages).
 """
 
 from __future__ import annotations
