@@ -36,7 +36,8 @@ RPCs as it calls the echo, with raw bytes both ways (each request serialized onc
 clock; an answer parsed and checked only when its size is new): the two clients do the same
 work per call, so a ratio compares the servers (the stream baseline of step 4 still builds
 messages). A client that built and parsed messages spent ~200 us more CPU per B = 64 call
-on the H200 host (``server_cpu.py``'s client_cpu_us). ``--profile FILE`` records the
+on the H200 host (``server_cpu.py --backend cupy --batch 64``'s client_cpu_us, docs/design.md).
+``--profile FILE`` records the
 server with py-spy (raw collapsed stacks) during the in-flight run at ``--profile-at``
 (B=64, 2 in flight), and prints the functions with the most samples of their own
 (``--profile-idle``: idle samples too, per thread). ``--canned-backend`` (numpy backend
@@ -73,6 +74,7 @@ from bench_util import (
     ServerProcess,
     card_slug,
     machine,
+    q8kv_method,
     server_hooks,
     write_json,
 )
@@ -276,7 +278,7 @@ class Bench:
         """q8kv's ``method`` with raw bytes both ways, as the echo is called: ``once(payload)``
         sends the serialized request; an answer whose size differs from the first answer's
         is parsed and passed to ``check`` (which raises on a wrong one), as the first is."""
-        call = self.channel.unary_unary(f"/q8kv.v1.KVCacheService/{method}")
+        call = self.channel.unary_unary(q8kv_method(method))
         known: set[int] = set()
 
         async def once(payload: bytes) -> None:

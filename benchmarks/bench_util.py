@@ -25,7 +25,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from q8kv.v1 import kvcache_pb2
+
 REPO = Path(__file__).resolve().parent.parent
+Q8KV_SERVICE = kvcache_pb2.DESCRIPTOR.services_by_name["KVCacheService"].full_name
+
+
+def q8kv_method(name: str) -> str:
+    """A q8kv RPC's path, for calls with raw bytes both ways (as the echo is called)."""
+    return f"/{Q8KV_SERVICE}/{name}"
 ECHO_SERVICE = "q8kv.bench.Echo"
 MAX_MESSAGE = 512 * 1024 * 1024  # the q8kv server's default --max-message-bytes
 CHANNEL_OPTIONS = [

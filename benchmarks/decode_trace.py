@@ -68,7 +68,7 @@ def trace_once(
         events_us = cp.cuda.get_elapsed_time(start, stop) * 1e3
         traced.append(trace[: min(launch.units, len(trace))].get().astype(np.int64))
     backend.close()
-    out = timeline(traced[0], batch, length, sets, events_us)
+    out = timeline(traced[-1], batch, length, sets, events_us)  # the launch events_us timed
     out.update(balance(traced))
     return out
 
@@ -118,7 +118,9 @@ def balance(traced: list[np.ndarray]) -> dict:
     """How evenly the blocks of a launch end, over several launches of the same plan: the
     spread of the split ends within each row tile (the tile's merge waits for its slowest
     split), and whether the same SMs are slow every time (the correlation, across launches,
-    of each SM's mean block end). Tiles are counted by their merging blocks (one each)."""
+    of each SM's mean block end). Tiles are counted by their merging blocks (one each); a
+    plan's sessions all have one length (kernels.py's shapes), so every tile has as many
+    splits."""
     spreads, tile_ends, per_sm = [], [], []
     for rows in traced:
         ends = (rows[:, 14] - rows[:, 0].min()) / 1e3

@@ -31,7 +31,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from batch_path import KVH, D, H, batch_request, batch_response_bytes  # noqa: E402
-from bench_util import CHANNEL_OPTIONS, EchoProcess, ServerProcess, server_hooks  # noqa: E402
+from bench_util import (  # noqa: E402
+    CHANNEL_OPTIONS,
+    EchoProcess,
+    ServerProcess,
+    q8kv_method,
+    server_hooks,
+)
 
 from q8kv.v1 import kvcache_pb2 as pb  # noqa: E402
 from q8kv.v1 import kvcache_pb2_grpc as pb_grpc  # noqa: E402
@@ -90,7 +96,7 @@ async def measure(args, server: ServerProcess, echo: EchoProcess) -> dict:
     request = batch_request(ids, np.random.default_rng(0))
     payload, echo_call = request.SerializeToString(), echo_channel.unary_unary(echo.path("B"))
     # Raw bytes both ways, as the echo is called: both clients do the same work per call.
-    attend = channel.unary_unary("/q8kv.v1.KVCacheService/AttendBatch")
+    attend = channel.unary_unary(q8kv_method("AttendBatch"))
     reply = pb.AttendBatchResponse.FromString(await attend(payload))
     if list(reply.output.shape) != [args.batch, 1, H, D]:
         raise SystemExit(f"unexpected reply shape {list(reply.output.shape)}")

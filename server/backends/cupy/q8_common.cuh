@@ -70,8 +70,11 @@ __device__ __forceinline__ int tile_offset(int t, int c8, int D) {
 // An item's tile pairs in that scratch: from its first (M_TILES), kv head by kv head,
 // ceil((start + n) / PF_TILE) a head; pair (h, j) holds tokens [j PF_TILE, (j + 1) PF_TILE)
 // of kv head h.
+__device__ __forceinline__ int pairs_per_head(int start, int n) {
+  return (start + n + PF_TILE - 1) / PF_TILE;
+}
 __device__ __forceinline__ int pairs_per_head(const int* im) {
-  return (im[M_START] + im[M_N] + PF_TILE - 1) / PF_TILE;
+  return pairs_per_head(im[M_START], im[M_N]);
 }
 __device__ __forceinline__ long long tile_pair(const int* im, int h, int j) {
   return (long long)im[M_TILES] + (long long)h * pairs_per_head(im) + j;

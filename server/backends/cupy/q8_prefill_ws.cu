@@ -130,7 +130,7 @@ __device__ __forceinline__ void prefill(const int* __restrict__ meta, int nitems
   if (warp >= CONSUMER_WARPS) {  // the producer warpgroup: one lane issues every copy
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
     if (warp == CONSUMER_WARPS && lane == 0) {
-      const int per_head = (u.start + u.n + BN - 1) / BN;  // pairs_per_head, from registers
+      const int per_head = pairs_per_head(u.start, u.n);  // from registers, not the meta row
       const unsigned char* src =
           tiles + ((long long)im[M_TILES] + (long long)u.kvh * per_head) * PAIR;
       for (int j = 0; j < ntiles; ++j) {
