@@ -113,6 +113,22 @@ def test_bounded_run_is_exact_and_reports_every_field(start_server, streaming):
         assert c.list_sessions() == []
 
 
+def test_a_run_that_ends_on_a_finished_sequence_leaves_its_sessions_to_the_scrape(start_server):
+    """The budget ends exactly on a finished sequence (2 prefill calls + 6 x 2 decode calls):
+    no reset empties the sessions after it, so the end-of-load scrape sees them (and the
+    duration-bounded runs above cannot end on empty sessions whose reset no call followed)."""
+    server = start_server()
+    result = loadtest(
+        server.address, *GEOMETRY, "--requests", "14", "--concurrency", "1", "--batch", "2",
+        "--metrics-url", server.metrics_url, "--output", "json",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["count"] == 14 and report["errors"] == 0
+    assert report["server"]["cache_bytes"] > 0
+    assert report["server"]["compression_ratio"] == pytest.approx(128 / 36)
+
+
 @pytest.mark.parametrize(
     ("flags", "parts"),
     [([], 1), (["--streaming"], 1), (["--max-message-bytes", "64KiB"], 8)],

@@ -92,15 +92,23 @@ class MicroBatch:
         dirty = False  # the sessions hold a finished or failed sequence: reset first
         while True:
             try:
+                admitted = resetting = False
                 if dirty:
+                    # The next sequence's first call is admitted before the reset empties
+                    # the sessions: a run whose budget ends here leaves them as its last call
+                    # did (the end-of-load scrape counts them) and resets nothing after it.
+                    await self._admit()
+                    admitted = resetting = True
                     await self.reset()
-                    dirty = False
+                    dirty = resetting = False
                 dirty = True
-                await self._sequence(skip_prefill)
+                await self._sequence(skip_prefill, admitted)
                 backoff = BACKOFF_FIRST
             except StopRun:
                 return
             except (CallFailed, Q8KVError) as exc:
+                if resetting:  # the reset failed: the call it was admitted for never went
+                    self.shared.refund()
                 error = exc.error if isinstance(exc, CallFailed) else exc
                 if error.request_id is None:  # the stream itself may be broken
                     await self.owner.close_stream()
@@ -111,13 +119,21 @@ class MicroBatch:
                 backoff = min(2 * backoff, BACKOFF_MAX)
             skip_prefill = False
 
-    async def _sequence(self, skip_prefill: bool) -> None:
+    async def _sequence(self, skip_prefill: bool, admitted: bool = False) -> None:
+        """The sequence's calls; ``admitted``: its first call's budget is taken already."""
+        calls = []
         if self.spec.prefill and not skip_prefill:
-            for layer in range(self.spec.layers):
-                await self._call("prefill", layer, self.spec.prefill)
-        for _ in range(self.spec.steps):
-            for layer in range(self.spec.layers):
-                await self._call("decode", layer, 1)
+            calls += [("prefill", layer, self.spec.prefill) for layer in range(self.spec.layers)]
+        calls += [("decode", layer, 1) for _ in range(self.spec.steps)
+                  for layer in range(self.spec.layers)]  # fmt: skip
+        for i, (kind, layer, n) in enumerate(calls):
+            await self._call(kind, layer, n, admitted=admitted and i == 0)
+
+    async def _admit(self) -> None:
+        """One timed call's turn: its slot of the open-loop schedule and its budget."""
+        await self.shared.pace()
+        if not self.shared.take():
+            raise StopRun
 
     def _tensors(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """q [B, n, H, D], k and v [B, n, KVH, D] for the micro-batch's B sessions."""
@@ -155,12 +171,12 @@ class MicroBatch:
                 f"stream: no answer within --timeout {self.spec.timeout:g}s",
             ) from None
 
-    async def _call(self, kind: str, layer: int, n: int, timed: bool = True) -> None:
+    async def _call(
+        self, kind: str, layer: int, n: int, timed: bool = True, admitted: bool = False
+    ) -> None:
         shared = self.shared
-        if timed:
-            await shared.pace()
-            if not shared.take():
-                raise StopRun
+        if timed and not admitted:
+            await self._admit()
         tensors = self._tensors(n)
         started = time.perf_counter()
         try:

@@ -4,14 +4,16 @@ Each orchestrator owns ``in_flight`` micro-batches of ``batch`` sessions each. A
 batch's sequence is: prefill ``prefill`` tokens (one call per layer, its sessions as the
 call's items, or with ``packed`` as one AttendBatch), then ``steps`` decode steps, each one
 call per layer with one token per session; then the sessions are truncated to 0 and the
-next sequence starts. The calls of one micro-batch are sequential (a layer's output feeds
-the next layer in a real model); an orchestrator's micro-batches run at once (a runner
-overlaps one micro-batch's attention with the rest of the layer for another), and
-``concurrency`` orchestrators run at once. Closed loop: each micro-batch calls again as
-soon as its call returns. Open loop: calls start on a fixed schedule (``rate`` per second)
-shared by all; a call whose slot comes while every micro-batch is busy starts late, and is
-counted. A packed call larger than ``max_message_bytes`` is split by the client into calls
-that fit (and still counts as one call).
+next sequence starts (the truncation waits until that sequence's first call is admitted: a
+run that ends between sequences leaves the sessions as its last call did). The calls of one
+micro-batch are sequential (a layer's output feeds the next layer in a real model); an
+orchestrator's micro-batches run at once (a runner overlaps one micro-batch's attention
+with the rest of the layer for another), and ``concurrency`` orchestrators run at once.
+Closed loop: each micro-batch calls again as soon as its call returns. Open loop: calls
+start on a fixed schedule (``rate`` per second) shared by all; a call whose slot comes
+while every micro-batch is busy starts late, and is counted. A packed call larger than
+``max_message_bytes`` is split by the client into calls that fit (and still counts as one
+call).
 
 A failed call changes nothing on the server (all or none; a split packed call may have
 applied its first parts), and after a client-side timeout or a broken stream the client

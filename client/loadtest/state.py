@@ -109,6 +109,10 @@ class Shared:
         self.issued += 1
         return True
 
+    def refund(self) -> None:
+        """Give back a call's budget that ``take`` granted but no call used."""
+        self.issued -= 1
+
     async def pace(self) -> None:
         """Open loop: wait for the next slot of the shared schedule."""
         if self.spec.rate is None:
