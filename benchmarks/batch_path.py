@@ -43,6 +43,8 @@ server with py-spy (raw collapsed stacks) during the in-flight run at ``--profil
 (``--profile-idle``: idle samples too, per thread). ``--canned-backend`` (numpy backend
 only) answers every call with zeros at once (benchmarks/server_hooks/canned_backend.py):
 what is left is the front end, the engine's bookkeeping and the transport.
+``--idle-spinners`` keeps every CPU busy with a SCHED_IDLE loop while the run lasts
+(bench_util.idle_spinners): a host whose idle CPUs never halt, for comparison.
 
     .venv/bin/python benchmarks/batch_path.py [--backend numpy] [--quick] [--out benchmarks/results]
 """
@@ -73,6 +75,7 @@ from bench_util import (
     EchoProcess,
     ServerProcess,
     card_slug,
+    idle_spinners,
     machine,
     q8kv_method,
     server_hooks,
@@ -763,6 +766,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile-at", default="64,2", help="B,in-flight of the run --profile records [64,2]"
     )
+    p.add_argument(
+        "--idle-spinners",
+        action="store_true",
+        help="a SCHED_IDLE busy loop on every CPU during the run: idle CPUs never halt",
+    )
     p.add_argument("--quick", action="store_true", help="B 1,8,64, 1 s runs, fewer latency calls")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     p.add_argument("--tag", help="appended to the file name: batch_path-<card>-<tag>.json")
@@ -796,7 +804,7 @@ def main(argv: list[str] | None = None) -> None:
     started, load_before = time.monotonic(), os.getloadavg()
     with server_hooks(canned=args.canned_backend):
         server = ServerProcess(server_flags, name="q8kv-batch")
-    with server, EchoProcess(responses) as echo:
+    with idle_spinners(args.idle_spinners), server, EchoProcess(responses) as echo:
         result = asyncio.run(measure(args, server, echo, session_ids(count)))
         info = server.build_info()
     backend, device = info.get("backend", args.backend), info.get("device", "unknown")

@@ -53,6 +53,34 @@ def stop_process(proc: subprocess.Popen, seconds: float) -> None:
             proc.wait()
 
 
+# A CPU-bound loop for idle_spinners: pinned to one CPU, at the lowest scheduling class.
+_SPIN = (
+    "import os, sys\n"
+    "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+    "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+    "while True:\n"
+    "    pass\n"
+)
+
+
+@contextlib.contextmanager
+def idle_spinners(enabled: bool = True):
+    """While the block runs, one busy loop per CPU at SCHED_IDLE (Linux): a CPU with
+    nothing to do spins instead of halting, so a VM's vCPU keeps its core, and its caches,
+    between calls; any other thread preempts a loop at once. What a host tuned for latency
+    (guest halt-polling, ``idle=poll``) gives, for comparing against it."""
+    if not enabled:
+        yield
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    procs = [subprocess.Popen([sys.executable, "-c", _SPIN, str(cpu)]) for cpu in cpus]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            stop_process(proc, 2.0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
