@@ -162,6 +162,16 @@ def item_request(sid: str, rng) -> pb.AppendAndAttendRequest:
     return pb.AppendAndAttendRequest(items=[item])
 
 
+def batch_check(b: int) -> Callable[[pb.AttendBatchResponse], None]:
+    """The check of one AttendBatch answer for b sessions: b lengths, output [b, 1, H, D]."""
+
+    def check(reply: pb.AttendBatchResponse) -> None:
+        if len(reply.lengths) != b or list(reply.output.shape) != [b, 1, H, D]:
+            raise SystemExit(f"B={b}: unexpected reply shape {list(reply.output.shape)}")
+
+    return check
+
+
 def check_single(reply: pb.AppendAndAttendResponse) -> None:
     """One decode step's answer: one result of [1, H, D]."""
     shapes = [list(r.output.shape) for r in reply.results]
@@ -344,11 +354,7 @@ class Bench:
         payloads = [r.SerializeToString() for r in requests]
         max_calls = self.args.max_growth * groups  # each session grows by <= --max-growth
 
-        def check(reply) -> None:
-            if len(reply.lengths) != b or list(reply.output.shape) != [b, 1, H, D]:
-                raise SystemExit(f"B={b}: unexpected reply shape {reply.output.shape}")
-
-        attend = self.raw_call("AttendBatch", pb.AttendBatchResponse, check)
+        attend = self.raw_call("AttendBatch", pb.AttendBatchResponse, batch_check(b))
 
         async def q8kv(i: int) -> None:
             await attend(payloads[i % groups])
@@ -405,8 +411,12 @@ class Bench:
         requests = [item_request(sid, self.rng) for sid in ids]
         payloads = [r.SerializeToString() for r in requests]
         attends = [
-            self.raw_call("AppendAndAttend", pb.AppendAndAttendResponse, check_single,
-                          (("x-session-id", sid),))  # fmt: skip
+            self.raw_call(
+                "AppendAndAttend",
+                pb.AppendAndAttendResponse,
+                check_single,
+                (("x-session-id", sid),),
+            )
             for sid in ids
         ]
         calls = [0] * len(ids)

@@ -29,17 +29,17 @@ from q8kv.v1 import kvcache_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 Q8KV_SERVICE = kvcache_pb2.DESCRIPTOR.services_by_name["KVCacheService"].full_name
-
-
-def q8kv_method(name: str) -> str:
-    """A q8kv RPC's path, for calls with raw bytes both ways (as the echo is called)."""
-    return f"/{Q8KV_SERVICE}/{name}"
 ECHO_SERVICE = "q8kv.bench.Echo"
 MAX_MESSAGE = 512 * 1024 * 1024  # the q8kv server's default --max-message-bytes
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
 ]
+
+
+def q8kv_method(name: str) -> str:
+    """A q8kv RPC's path, for calls with raw bytes both ways (as the echo is called)."""
+    return f"/{Q8KV_SERVICE}/{name}"
 
 
 def stop_process(proc: subprocess.Popen, seconds: float) -> None:
@@ -87,13 +87,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def median_us(fn, reps: int, pause: float = 0.0) -> float:
-    """Median wall microseconds of ``reps`` calls of ``fn()``; with ``pause``, the thread
-    sleeps that many seconds before each call, untimed (as a server waits between calls)."""
+def pause(seconds: float, spin: bool = False) -> None:
+    """Wait ``seconds`` before a timed call, as a server waits for its next one: asleep, or
+    with ``spin`` busy on the CPU (which then never idles)."""
+    if spin:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+    elif seconds:
+        time.sleep(seconds)
+
+
+def median_us(fn, reps: int, wait: float = 0.0, spin: bool = False) -> float:
+    """Median wall microseconds of ``reps`` calls of ``fn()``; with ``wait``, each call
+    is preceded by ``pause(wait, spin)``, untimed (as a server waits between calls)."""
     times = []
     for _ in range(reps):
-        if pause:
-            time.sleep(pause)
+        pause(wait, spin)
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)

@@ -32,6 +32,12 @@ STEPS = {  # slot -> what the block had done when it stamped it
 }  # fmt: skip
 
 
+def stats_us(us: np.ndarray, *keys: str) -> dict:
+    """``keys`` (of min, p50, max) of microsecond values, rounded to 0.01 us."""
+    pick = {"min": np.min, "p50": np.median, "max": np.max}
+    return {k: round(float(pick[k](us)), 2) for k in keys}
+
+
 def trace_rows(launch) -> cp.ndarray:
     """The kernel's q8_trace global as a [TRACE_BLOCKS, 16] uint64 array."""
     module = launch.kernel.module
@@ -84,9 +90,7 @@ def timeline(rows: np.ndarray, batch: int, length: int, sets: int, events_us: fl
     ghz = float(np.median(span_ticks[span_ns > 0] / span_ns[span_ns > 0]))
 
     def stats(values_ns: np.ndarray) -> dict:
-        us = values_ns / 1e3
-        return {"min": round(float(us.min()), 2), "p50": round(float(np.median(us)), 2),
-                "max": round(float(us.max()), 2)}  # fmt: skip
+        return stats_us(values_ns / 1e3, "min", "p50", "max")
 
     out = {"batch": batch, "seq_len": length, "sets": sets, "blocks": len(rows),
            "stages": int(np.median(rows[:, 15])), "events_us_one_launch": round(events_us, 2),
@@ -135,14 +139,8 @@ def balance(traced: list[np.ndarray]) -> dict:
     out: dict = {"launches": len(traced)}
     if spreads:
         spread, last = np.concatenate(spreads), np.concatenate(tile_ends)
-        out["split ends within a tile: spread"] = {
-            "p50": round(float(np.median(spread)), 2),
-            "max": round(float(spread.max()), 2),
-        }
-        out["tile ends (slowest split)"] = {
-            "min": round(float(last.min()), 2),
-            "max": round(float(last.max()), 2),
-        }
+        out["split ends within a tile: spread"] = stats_us(spread, "p50", "max")
+        out["tile ends (slowest split)"] = stats_us(last, "min", "max")
     width = min(len(s) for s in per_sm)
     seen = np.all([s[:width] > 0 for s in per_sm], axis=0)
     if len(per_sm) > 1 and seen.sum() > 2:

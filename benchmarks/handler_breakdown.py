@@ -17,11 +17,12 @@ with metrics off/on and auth off/on, run in alternating rounds so drift hits all
 Drain and the decode guard are always on, so "bare" includes them.
 
     .venv/bin/python benchmarks/handler_breakdown.py [--backend numpy] [--length 16] [--front]
-        [--pause-us 500]
+        [--pause-us 500 [--pause-spin]]
 
 ``--pause-us``: each timed call sleeps that long first, as a server's thread waits between
 calls; the same code then runs up to 2-3x slower than back to back (most likely, the caches
 it used went cold), which is what a call in the server pays (server_cpu.py --stages).
+``--pause-spin`` waits on the CPU instead of asleep, so the CPU never idles in between.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from collections.abc import Callable
 
 import grpc
 import numpy as np
-from bench_util import ServerProcess, median_us
+from bench_util import ServerProcess, median_us, pause
 
 from q8kv import wire
 from q8kv.server.app import build_engine
@@ -59,21 +60,21 @@ class _Context:
         return 30.0
 
 
-# Seconds each timed call is preceded by, asleep (--pause-us): a server waits for its next
-# call, and the same code then runs slower than in a tight loop.
+# Seconds each timed call is preceded by (--pause-us), asleep or spinning (--pause-spin): a
+# server waits for its next call, and the same code then runs slower than in a tight loop.
 PAUSE = 0.0
+SPIN = False
 
 
 def _median_us(fn, iters: int) -> float:
-    return median_us(fn, iters, PAUSE)
+    return median_us(fn, iters, PAUSE, SPIN)
 
 
 async def _median_us_async(fn, iters: int, after: Callable[[], object] | None = None) -> float:
     """``after`` runs untimed after each call."""
     times = []
     for _ in range(iters):
-        if PAUSE:
-            time.sleep(PAUSE)
+        pause(PAUSE, SPIN)
         started = time.perf_counter()
         await fn()
         times.append(time.perf_counter() - started)
@@ -348,9 +349,12 @@ def main() -> None:
         default=0.0,
         help="sleep this long before each timed call, untimed (a server's wait between calls)",
     )
+    parser.add_argument(
+        "--pause-spin", action="store_true", help="--pause-us busy on the CPU, not asleep"
+    )
     args = parser.parse_args()
-    global PAUSE
-    PAUSE = args.pause_us / 1e6
+    global PAUSE, SPIN
+    PAUSE, SPIN = args.pause_us / 1e6, args.pause_spin
     figures = asyncio.run(run(args))
     if args.front:
         figures.update(front(args))

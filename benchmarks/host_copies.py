@@ -130,9 +130,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
-    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     dev_id = cp.cuda.Device().id
+    props = cp.cuda.runtime.getDeviceProperties(dev_id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     access = {
         "pageable_memory_access": cp.cuda.runtime.deviceGetAttribute(PAGEABLE_ACCESS, dev_id),
         "uses_host_page_tables": cp.cuda.runtime.deviceGetAttribute(

@@ -30,7 +30,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch_path import KVH, D, H, batch_request, batch_response_bytes  # noqa: E402
+from batch_path import KVH, D, H, batch_check, batch_request, batch_response_bytes  # noqa: E402
 from bench_util import (  # noqa: E402
     CHANNEL_OPTIONS,
     EchoProcess,
@@ -97,9 +97,7 @@ async def measure(args, server: ServerProcess, echo: EchoProcess) -> dict:
     payload, echo_call = request.SerializeToString(), echo_channel.unary_unary(echo.path("B"))
     # Raw bytes both ways, as the echo is called: both clients do the same work per call.
     attend = channel.unary_unary(q8kv_method("AttendBatch"))
-    reply = pb.AttendBatchResponse.FromString(await attend(payload))
-    if list(reply.output.shape) != [args.batch, 1, H, D]:
-        raise SystemExit(f"unexpected reply shape {list(reply.output.shape)}")
+    batch_check(args.batch)(pb.AttendBatchResponse.FromString(await attend(payload)))
 
     async def q8kv() -> None:
         await attend(payload)

@@ -92,23 +92,15 @@ class MicroBatch:
         dirty = False  # the sessions hold a finished or failed sequence: reset first
         while True:
             try:
-                admitted = resetting = False
+                admitted = dirty
                 if dirty:
-                    # The next sequence's first call is admitted before the reset empties
-                    # the sessions: a run whose budget ends here leaves them as its last call
-                    # did (the end-of-load scrape counts them) and resets nothing after it.
-                    await self._admit()
-                    admitted = resetting = True
-                    await self.reset()
-                    dirty = resetting = False
+                    await self._admitted_reset()
                 dirty = True
                 await self._sequence(skip_prefill, admitted)
                 backoff = BACKOFF_FIRST
             except StopRun:
                 return
             except (CallFailed, Q8KVError) as exc:
-                if resetting:  # the reset failed: the call it was admitted for never went
-                    self.shared.refund()
                 error = exc.error if isinstance(exc, CallFailed) else exc
                 if error.request_id is None:  # the stream itself may be broken
                     await self.owner.close_stream()
@@ -118,6 +110,18 @@ class MicroBatch:
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, BACKOFF_MAX)
             skip_prefill = False
+
+    async def _admitted_reset(self) -> None:
+        """The next sequence's first call admitted, then the sessions emptied: a run whose
+        budget ends here leaves them as its last call did (the end-of-load scrape counts
+        them) and resets nothing after it. A failed reset gives the budget back: the call
+        it was admitted for never went."""
+        await self._admit()
+        try:
+            await self.reset()
+        except (CallFailed, Q8KVError):
+            self.shared.refund()
+            raise
 
     async def _sequence(self, skip_prefill: bool, admitted: bool = False) -> None:
         """The sequence's calls; ``admitted``: its first call's budget is taken already."""
